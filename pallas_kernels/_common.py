@@ -1,0 +1,31 @@
+"""Helpers shared by every Pallas kernel in this package (lowering choice, interpret mode, block math)."""
+
+from __future__ import annotations
+
+import jax
+
+
+def default_interpret() -> bool:
+    """Pallas GPU kernels run in interpret mode when there is no GPU (CPU tests, CI)."""
+    return jax.default_backend() != "gpu"
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    return default_interpret() if interpret is None else bool(interpret)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Triton block shapes must be powers of two."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def triton_compiler_params(num_warps: int = 4, num_stages: int = 2):
+    """Selects the Pallas Triton lowering (deprecated upstream in 0.11, but the one that runs on Ampere/Ada
+    and in interpret mode)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
