@@ -1,11 +1,492 @@
-"""Attention: causal, grouped-query, sliding window, logit softcap, packed segments."""
+"""Attention: causal, grouped-query, sliding window, logit softcap, packed segments.
+
+Flash attention (FlashAttention-2, Dao 2023) in Pallas with the Triton lowering. The forward keeps a running
+max and sum per query row (online softmax, section 3.1) in f32 and saves the output and the log-sum-exp.
+The backward is the paper's split (section 3.2 / algorithm 2): one kernel per kv block that loops over the
+query blocks (dK, dV), one per query block that loops over the kv blocks (dQ), with
+delta = rowsum(dO * O) computed first. Scores are kept in log2 units so the kernels use exp2.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import cdiv, next_power_of_2, resolve_interpret, triton_compiler_params
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBlocks:
+    """Tile sizes and Triton launch settings (powers of two, at least 16 for the dots).
+
+    Forward: a program owns ``block_q`` query rows and walks ``block_k`` keys at a time. The dK/dV kernel
+    owns ``block_k_dkv`` keys and walks ``block_q_dkv`` queries; the dQ kernel owns ``block_q_dq`` queries
+    and walks ``block_k_dq`` keys. Blocks larger than the (power-of-two rounded) sequence are shrunk to fit.
+    """
+
+    block_q: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    block_q_dkv: int = 64
+    block_k_dkv: int = 128
+    block_q_dq: int = 128
+    block_k_dq: int = 64
+    num_warps_bwd: int = 8
+    num_stages_bwd: int = 2
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("block_") and (value < 16 or value & (value - 1)):
+                raise ValueError(f"{f.name}={value} must be a power of two >= 16")
+            if f.name.startswith("num_") and value < 1:
+                raise ValueError(f"{f.name}={value} must be >= 1")
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> AttentionBlocks:
+        """Hopper defaults. A 256-wide head doubles the registers each row of a tile needs (the f32
+        accumulators of the forward and of dK/dV live in registers), so its tiles are halved."""
+        if next_power_of_2(head_dim) >= 256:
+            return cls(
+                block_q=64,
+                block_k=64,
+                num_warps=8,
+                num_stages=2,
+                block_q_dkv=32,
+                block_k_dkv=64,
+                block_q_dq=64,
+                block_k_dq=32,
+                num_warps_bwd=8,
+                num_stages_bwd=2,
+            )
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels need that is known at trace time."""
+
+    causal: bool
+    window: int | None
+    softcap: float | None
+    scale: float
+    q_len: int  # real (unpadded) lengths
+    kv_len: int
+    groups: int  # query heads per kv head
+    has_segments: bool
+    blocks: AttentionBlocks
+    interpret: bool
+
+    @property
+    def offset(self) -> int:
+        """Queries are the last q_len keys: query i sits at key position i + offset."""
+        return self.kv_len - self.q_len
+
+
+def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+    """[m, k] @ [k, n] with f32 accumulation; transposes are folded into the dot."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _scores(q, k, st: _Static):
+    """q [m, d], k [n, d] -> (scores in log2 units [m, n], tanh of the softcap or None)."""
+    raw = _dot(q, k, trans_b=True)
+    if st.softcap is None:
+        return raw * (st.scale * _LOG2E), None
+    t = jnp.tanh(raw * (st.scale / st.softcap))
+    return t * (st.softcap * _LOG2E), t
+
+
+def _mask(q_start, k_start, bq: int, bk: int, qseg, kseg, st: _Static):
+    """Boolean [bq, bk] visibility of keys k_start.. from queries q_start.. (None if all visible)."""
+    rows = q_start + st.offset + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    cols = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    conds = []
+    if st.causal:
+        conds.append(cols <= rows)
+    if st.window is not None:
+        conds.append(rows - cols < st.window)
+    if st.kv_len % bk:
+        conds.append(cols < st.kv_len)  # padded keys
+    if qseg is not None:
+        conds.append(qseg[:, None] == kseg[None, :])
+    if not conds:
+        return None
+    return functools.reduce(jnp.logical_and, conds)
+
+
+def _kv_block_range(q_start, bq: int, bk: int, num_k: int, st: _Static):
+    """[lo, hi) of the kv blocks that queries q_start..q_start+bq-1 can see: bounds from the block index,
+    so fully masked blocks are never visited."""
+    first = q_start + st.offset
+    lo = 0
+    if st.window is not None:
+        lo = lax.div(jnp.maximum(first - st.window + 1, 0), bk)
+    hi = num_k
+    if st.causal:
+        hi = jnp.minimum(num_k, lax.div(first + bq - 1, bk) + 1)
+    return lo, hi
+
+
+def _q_block_range(k_start, bq: int, bk: int, num_q: int, st: _Static):
+    """[lo, hi) of the query blocks that can see keys k_start..k_start+bk-1."""
+    lo = 0
+    if st.causal:
+        lo = lax.div(jnp.maximum(k_start - st.offset, 0), bq)
+    hi = num_q
+    if st.window is not None:
+        last = k_start + bk - 1 + st.window - 1 - st.offset  # last query row that sees the block
+        hi = jnp.minimum(num_q, lax.div(jnp.maximum(last + 1, 0) + bq - 1, bq))
+    return lo, hi
+
+
+def _split_refs(refs, n_in: int, has_segments: bool):
+    """(inputs, (qseg_ref, kseg_ref) or (None, None), outputs) from a kernel's flat ref list."""
+    ins, rest = refs[:n_in], refs[n_in:]
+    if has_segments:
+        return ins, rest[:2], rest[2:]
+    return ins, (None, None), rest
+
+
+def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
+    (q_ref, k_ref, v_ref), (qseg_ref, kseg_ref), (o_ref, lse_ref) = _split_refs(refs, 3, st.has_segments)
+    q_start = (num_q - 1 - pl.program_id(0)) * bq  # longest rows first (see the index maps)
+    q = q_ref[...]
+    qseg = None if qseg_ref is None else qseg_ref[...]
+
+    def body(kb, carry):
+        acc, m, l = carry
+        k_start = kb * bk
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        s, _ = _scores(q, k, st)
+        kseg = None if kseg_ref is None else kseg_ref[pl.ds(k_start, bk)]
+        mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st)
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    lo, hi = _kv_block_range(q_start, bq, bk, cdiv(st.kv_len, bk), st)
+    init = (
+        jnp.zeros((bq, q.shape[1]), jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    # Every real row sees its own key, so l > 0 there; l == 0 only on padding rows whose blocks were all
+    # skipped. Their lse is made huge so the backward's exp2(s - lse) is 0 instead of NaN.
+    empty = l == 0.0
+    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, -MASK_VALUE, m + jnp.log2(jnp.where(empty, 1.0, l)))
+
+
+def _probs_and_dscores(q, k, v, do, lse, delta, mask, st: _Static):
+    """Recomputes P [m, n] and returns (P, dS) with dS the gradient w.r.t. the unscaled, uncapped scores
+    divided by ``scale`` (the caller multiplies the final dQ, dK by it once)."""
+    s, t = _scores(q, k, st)
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    p = jnp.exp2(s - lse[:, None])
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    if t is not None:
+        ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
+    return p, ds
+
+
+def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
+    ins, (qseg_ref, kseg_ref), (dk_ref, dv_ref) = _split_refs(refs, 6, st.has_segments)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    k_start = pl.program_id(0) * bk
+    k = k_ref[...]
+    v = v_ref[...]
+    kseg = None if kseg_ref is None else kseg_ref[...]
+    lo, hi = _q_block_range(k_start, bq, bk, cdiv(st.q_len, bq), st)
+
+    def group_body(g, carry):
+        # The query heads of one group share these keys: their dK, dV are summed here, in registers.
+        def body(qb, carry):
+            dk, dv = carry
+            q_start = qb * bq
+            rows = pl.ds(q_start, bq)
+            q = q_ref[rows, g, :]
+            do = do_ref[rows, g, :]
+            qseg = None if qseg_ref is None else qseg_ref[rows]
+            mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st)
+            p, ds = _probs_and_dscores(q, k, v, do, lse_ref[g, rows], delta_ref[g, rows], mask, st)
+            dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+            dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        return lax.fori_loop(lo, hi, body, carry)
+
+    zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
+    dk, dv = lax.fori_loop(0, st.groups, group_body, (zeros, zeros))
+    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
+    ins, (qseg_ref, kseg_ref), (dq_ref,) = _split_refs(refs, 6, st.has_segments)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    q_start = (num_q - 1 - pl.program_id(0)) * bq
+    q = q_ref[...]
+    do = do_ref[...]
+    lse = lse_ref[...]
+    delta = delta_ref[...]
+    qseg = None if qseg_ref is None else qseg_ref[...]
+
+    def body(kb, dq):
+        k_start = kb * bk
+        cols = pl.ds(k_start, bk)
+        k = k_ref[cols, :]
+        kseg = None if kseg_ref is None else kseg_ref[cols]
+        mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st)
+        _, ds = _probs_and_dscores(q, k, v_ref[cols, :], do, lse, delta, mask, st)
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    lo, hi = _kv_block_range(q_start, bq, bk, cdiv(st.kv_len, bk), st)
+    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+
+
+def _forward(q, k, v, segs, st: _Static):
+    """Padded q [B, Tp, Hq, D], k, v [B, Sp, Hk, D] -> (out [B, Tp, Hq, D], lse [B, Hq, Tp] f32, log2)."""
+    b, tp, hq, d = q.shape
+    sp = k.shape[1]
+    bq, bk, g = st.blocks.block_q, st.blocks.block_k, st.groups
+    nq = tp // bq
+    q_map = lambda i, bi, h: (bi, nq - 1 - i, h, 0)  # noqa: E731
+    kv_map = lambda i, bi, h: (bi, 0, h // g, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), q_map),
+        pl.BlockSpec((None, sp, None, d), kv_map),
+        pl.BlockSpec((None, sp, None, d), kv_map),
+    ]
+    if st.has_segments:
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, h: (bi, nq - 1 - i)),
+            pl.BlockSpec((None, sp), lambda i, bi, h: (bi, 0)),
+        ]
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, st=st, bq=bq, bk=bk, num_q=nq),
+        grid=(nq, b, hq),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, bq, None, d), q_map),
+            pl.BlockSpec((None, None, bq), lambda i, bi, h: (bi, h, nq - 1 - i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, hq, tp), jnp.float32),
+        ],
+        compiler_params=triton_compiler_params(st.blocks.num_warps, st.blocks.num_stages),
+        interpret=st.interpret,
+        name="flash_attention_fwd",
+    )(q, k, v, *segs)
+
+
+def _backward_dkv(q, k, v, do, lse, delta, segs, st: _Static):
+    """dK, dV [B, Sp, Hk, D]: one program per (kv block, batch, kv head), summing over its query heads."""
+    b, tp, _, d = q.shape
+    sp, hk = k.shape[1], k.shape[2]
+    bq, bk, g = st.blocks.block_q_dkv, st.blocks.block_k_dkv, st.groups
+    group_map = lambda j, bi, h: (bi, 0, h, 0)  # noqa: E731  (a block of g heads: heads h*g .. h*g+g-1)
+    kv_map = lambda j, bi, h: (bi, j, h, 0)  # noqa: E731
+    row_map = lambda j, bi, h: (bi, h, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, tp, g, d), group_map),
+        pl.BlockSpec((None, bk, None, d), kv_map),
+        pl.BlockSpec((None, bk, None, d), kv_map),
+        pl.BlockSpec((None, tp, g, d), group_map),
+        pl.BlockSpec((None, g, tp), row_map),
+        pl.BlockSpec((None, g, tp), row_map),
+    ]
+    if st.has_segments:
+        in_specs += [
+            pl.BlockSpec((None, tp), lambda j, bi, h: (bi, 0)),
+            pl.BlockSpec((None, bk), lambda j, bi, h: (bi, j)),
+        ]
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
+        grid=(sp // bk, b, hk),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, bk, None, d), kv_map)] * 2,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=triton_compiler_params(st.blocks.num_warps_bwd, st.blocks.num_stages_bwd),
+        interpret=st.interpret,
+        name="flash_attention_bwd_dkv",
+    )(q, k, v, do, lse, delta, *segs)
+
+
+def _backward_dq(q, k, v, do, lse, delta, segs, st: _Static):
+    """dQ [B, Tp, Hq, D]: one program per (query block, batch, query head)."""
+    b, tp, hq, d = q.shape
+    sp = k.shape[1]
+    bq, bk, g = st.blocks.block_q_dq, st.blocks.block_k_dq, st.groups
+    nq = tp // bq
+    q_map = lambda i, bi, h: (bi, nq - 1 - i, h, 0)  # noqa: E731
+    kv_map = lambda i, bi, h: (bi, 0, h // g, 0)  # noqa: E731
+    row_map = lambda i, bi, h: (bi, h, nq - 1 - i)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, bq, None, d), q_map),
+        pl.BlockSpec((None, sp, None, d), kv_map),
+        pl.BlockSpec((None, sp, None, d), kv_map),
+        pl.BlockSpec((None, bq, None, d), q_map),
+        pl.BlockSpec((None, None, bq), row_map),
+        pl.BlockSpec((None, None, bq), row_map),
+    ]
+    if st.has_segments:
+        in_specs += [
+            pl.BlockSpec((None, bq), lambda i, bi, h: (bi, nq - 1 - i)),
+            pl.BlockSpec((None, sp), lambda i, bi, h: (bi, 0)),
+        ]
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, st=st, bq=bq, bk=bk, num_q=nq),
+        grid=(nq, b, hq),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, bq, None, d), q_map),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=triton_compiler_params(st.blocks.num_warps_bwd, st.blocks.num_stages_bwd),
+        interpret=st.interpret,
+        name="flash_attention_bwd_dq",
+    )(q, k, v, do, lse, delta, *segs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, segs, st: _Static):
+    return _forward(q, k, v, segs, st)[0]
+
+
+def _flash_fwd(q, k, v, segs, st: _Static):
+    out, lse = _forward(q, k, v, segs, st)
+    return out, (q, k, v, segs, out, lse)
+
+
+def _flash_bwd(st: _Static, res, do):
+    q, k, v, segs, out, lse = res
+    # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij (FlashAttention-2, eq. in section 3.2), computed once
+    # per row here rather than in each kv block; XLA fuses it into one pass over O and dO.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    dk, dv = _backward_dkv(q, k, v, do, lse, delta, segs, st)
+    dq = _backward_dq(q, k, v, do, lse, delta, segs, st)
+    return dq, dk, dv, jax.tree.map(lambda _: None, segs)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _fit_blocks(blocks: AttentionBlocks, q_len: int, kv_len: int) -> AttentionBlocks:
+    """Shrinks blocks longer than the sequence (rounded up to a power of two, at least 16)."""
+    q_cap, k_cap = max(16, next_power_of_2(q_len)), max(16, next_power_of_2(kv_len))
+    return dataclasses.replace(
+        blocks,
+        **{
+            f.name: min(getattr(blocks, f.name), q_cap if f.name.startswith("block_q") else k_cap)
+            for f in dataclasses.fields(blocks)
+            if f.name.startswith("block_")
+        },
+    )
+
+
+def _pad_to(x: jax.Array, length: int, width: int | None = None) -> jax.Array:
+    """Zero-pads axis 1 to ``length`` and (for 4-d x) the last axis to ``width``."""
+    pads = [(0, 0)] * x.ndim
+    pads[1] = (0, length - x.shape[1])
+    if width is not None:
+        pads[-1] = (0, width - x.shape[-1])
+    return x if all(p == (0, 0) for p in pads) else jnp.pad(x, pads)
+
+
+def _validate(q, k, v, segment_ids, sliding_window, softcap) -> None:
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(
+            f"expected q [B, T, Hq, hd], k and v [B, S, Hk, hd]: {q.shape=} {k.shape=} {v.shape=}"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"batch and head dim of q and k differ: {q.shape=} {k.shape=}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape=} {k.shape=}: query heads must be a multiple of key/value heads")
+    if q.shape[1] > k.shape[1]:
+        raise ValueError(f"{q.shape=} {k.shape=}: more queries than keys is not supported")
+    if not 16 <= q.shape[3] <= 256:
+        raise ValueError(f"head dim {q.shape[3]} must be in [16, 256]")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise TypeError(f"q, k, v must share one of f32/bf16/f16: {q.dtype=} {k.dtype=} {v.dtype=}")
+    if segment_ids is not None and segment_ids.shape != (k.shape[0], k.shape[1]):
+        raise ValueError(f"{segment_ids.shape=} must be [B, S] = {(k.shape[0], k.shape[1])}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"{sliding_window=} must be >= 1")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"{softcap=} must be > 0")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    block: AttentionBlocks | None = None,
+) -> jax.Array:
+    """Flash attention with the semantics of ``attention_reference``.
+
+    q: [B, T, Hq, hd], k and v: [B, S, Hk, hd] (Hq % Hk == 0, T <= S; K/V are shared by groups of Hq // Hk
+    query heads without being repeated), segment_ids: [B, S] int or None. Returns [B, T, Hq, hd] in q.dtype.
+    Differentiable in q, k, v (Pallas backward). ``block`` defaults to ``AttentionBlocks.for_head_dim(hd)``.
+    """
+    _validate(q, k, v, segment_ids, sliding_window, softcap)
+    b, t, hq, d = q.shape
+    s, hk = k.shape[1], k.shape[2]
+    blocks = _fit_blocks(block or AttentionBlocks.for_head_dim(d), t, s)
+    tp = cdiv(t, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)) * max(
+        blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq
+    )
+    sp = cdiv(s, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)) * max(
+        blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq
+    )
+    st = _Static(
+        causal=causal,
+        window=sliding_window,
+        softcap=None if softcap is None else float(softcap),
+        scale=float(d**-0.5 if scale is None else scale),
+        q_len=t,
+        kv_len=s,
+        groups=hq // hk,
+        has_segments=segment_ids is not None,
+        blocks=blocks,
+        interpret=resolve_interpret(interpret),
+    )
+    # Zero head-dim padding changes no score and no output column; zero query/key padding is masked (keys)
+    # or gets a zero cotangent (queries, through the final slice).
+    width = max(16, next_power_of_2(d))
+    segs = ()
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+        segs = (_pad_to(segment_ids[:, s - t :], tp), _pad_to(segment_ids, sp))
+    out = _flash(_pad_to(q, tp, width), _pad_to(k, sp, width), _pad_to(v, sp, width), segs, st)
+    return out[:, :t, :, :d]
 
 
 def attention_mask(
