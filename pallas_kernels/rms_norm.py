@@ -64,14 +64,18 @@ class RmsNormBlock:
 
 
 def _row_tile(row0, block_rows, n_rows, block_d, d):
+    """Index vectors and masks of a [block_rows, block_d] tile; the padded lanes run past d, which static
+    slices reject, so tiles are addressed with index vectors."""
     rows = row0 + jnp.arange(block_rows)
+    cols = jnp.arange(block_d)
     row_ok = rows < n_rows
-    mask = row_ok[:, None] & (jnp.arange(block_d) < d)[None, :]
-    return (pl.ds(row0, block_rows), pl.ds(0, block_d)), row_ok, mask
+    mask = row_ok[:, None] & (cols < d)[None, :]
+    return (rows[:, None], cols[None, :]), rows, row_ok, mask
 
 
 def _load_weight(w_ref, block_d, d, weight_offset):
-    w = plgpu.load(w_ref.at[pl.ds(0, block_d)], mask=jnp.arange(block_d) < d, other=0.0)
+    cols = jnp.arange(block_d)
+    w = plgpu.load(w_ref.at[cols], mask=cols < d, other=0.0)
     return w.astype(jnp.float32) + weight_offset
 
 
@@ -81,7 +85,7 @@ def _fwd_kernel(*refs, n_rows, d, block_rows, block_d, eps, weight_offset, has_r
     else:
         x_ref, w_ref, y_ref, rstd_ref = refs
     row0 = pl.program_id(0) * block_rows
-    idx, row_ok, mask = _row_tile(row0, block_rows, n_rows, block_d, d)
+    idx, rows, row_ok, mask = _row_tile(row0, block_rows, n_rows, block_d, d)
     x = plgpu.load(x_ref.at[idx], mask=mask, other=0.0)
     if has_residual:
         # Added in the input dtype, as the reference does: the sum is rounded before it is normalised.
@@ -92,7 +96,7 @@ def _fwd_kernel(*refs, n_rows, d, block_rows, block_d, eps, weight_offset, has_r
     w = _load_weight(w_ref, block_d, d, weight_offset)
     y = x * rstd[:, None] * w[None, :]
     plgpu.store(y_ref.at[idx], y.astype(y_ref.dtype), mask=mask)
-    plgpu.store(rstd_ref.at[pl.ds(row0, block_rows)], rstd, mask=row_ok)
+    plgpu.store(rstd_ref.at[rows], rstd, mask=row_ok)
 
 
 def _bwd_kernel(*refs, n_rows, d, block_rows, block_d, steps, weight_offset, has_residual):
@@ -105,10 +109,10 @@ def _bwd_kernel(*refs, n_rows, d, block_rows, block_d, steps, weight_offset, has
 
     def body(step, dw_acc):
         row0 = (pid * steps + step) * block_rows
-        idx, row_ok, mask = _row_tile(row0, block_rows, n_rows, block_d, d)
+        idx, rows, row_ok, mask = _row_tile(row0, block_rows, n_rows, block_d, d)
         x = plgpu.load(x_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
         dy = plgpu.load(dy_ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
-        rstd = plgpu.load(rstd_ref.at[pl.ds(row0, block_rows)], mask=row_ok, other=0.0)
+        rstd = plgpu.load(rstd_ref.at[rows], mask=row_ok, other=0.0)
         x_hat = x * rstd[:, None]
         wdy = dy * w[None, :]
         # d/dx of x * rstd(x): the rstd term projects out the component of w*dy along x_hat.
@@ -122,7 +126,8 @@ def _bwd_kernel(*refs, n_rows, d, block_rows, block_d, steps, weight_offset, has
         return dw_acc + jnp.sum(dy * x_hat, axis=0)
 
     dw = lax.fori_loop(0, steps, body, jnp.zeros((block_d,), jnp.float32))
-    plgpu.store(dw_ref.at[pid, pl.ds(0, block_d)], dw, mask=jnp.arange(block_d) < d)
+    cols = jnp.arange(block_d)
+    plgpu.store(dw_ref.at[pid, cols], dw, mask=cols < d)
 
 
 def _forward(x2, r2, weight, eps, weight_offset, interpret, block):
