@@ -1,0 +1,1 @@
+"""Hugging Face <-> jaxsloth: safetensors weights, configs, PEFT adapters, merged export."""

@@ -1,0 +1,307 @@
+"""Hugging Face model directory <-> jaxsloth (ModelConfig + stacked param pytree).
+
+Loading reads ``config.json`` and the safetensors weights (single file or sharded with an index) one tensor at a
+time from memory maps into preallocated stacked host arrays, so the checkpoint is never held twice; with
+``load_in_4bit`` each projection is quantized to NF4 as it is read, so the full-precision model never exists whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from converters.safetensors_io import SafetensorsFile, save_file
+from jaxsloth.models.config import ModelConfig, config_from_hf_dict
+from jaxsloth.models.decoder import linear_shapes
+
+# Keys some checkpoints carry that hold no weights of ours (buffers older transformers saved).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSlot:
+    """Where one HF tensor goes: a path in the param tree, a layer index (or None), and a row range for fused
+    checkpoint tensors (Phi-3's qkv_proj and gate_up_proj are split into our separate projections)."""
+
+    path: tuple[str, ...]
+    layer: int | None
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None
+
+
+def load_config(model_dir: str | os.PathLike) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {Path(model_dir)} (expected {path})")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    try:
+        return config_from_hf_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _norm_names(config: ModelConfig) -> dict[str, str]:
+    if config.post_norms:  # Gemma 2: post_attention_layernorm is a real post-norm; the MLP has its own pre-norm
+        return {
+            "input_layernorm": "attn_norm",
+            "post_attention_layernorm": "attn_post_norm",
+            "pre_feedforward_layernorm": "mlp_norm",
+            "post_feedforward_layernorm": "mlp_post_norm",
+        }
+    return {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+
+
+def hf_layout(config: ModelConfig) -> dict[str, list[TensorSlot]]:
+    """Every HF tensor name this config's checkpoint holds -> the slot(s) it fills."""
+    D, V = config.hidden_size, config.vocab_size
+    out: dict[str, list[TensorSlot]] = {
+        "model.embed_tokens.weight": [TensorSlot(("embed",), None, (V, D))],
+        "model.norm.weight": [TensorSlot(("final_norm",), None, (D,))],
+    }
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = [TensorSlot(("lm_head",), None, (V, D))]
+    shapes = linear_shapes(config)
+    for i in range(config.num_layers):
+        pre = f"model.layers.{i}."
+        for hf, ours in _norm_names(config).items():
+            out[pre + hf + ".weight"] = [TensorSlot(("layers", ours), i, (D,))]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if config.fused_qkv and name != "o_proj":
+                continue
+            out[f"{pre}self_attn.{name}.weight"] = [TensorSlot(("layers", name, "weight"), i, shapes[name])]
+            if config.qkv_bias and name != "o_proj":
+                out[f"{pre}self_attn.{name}.bias"] = [TensorSlot(("layers", name, "bias"), i, shapes[name][:1])]
+        if config.fused_qkv:
+            nq, nk = shapes["q_proj"][0], shapes["k_proj"][0]
+            bounds = {"q_proj": (0, nq), "k_proj": (nq, nq + nk), "v_proj": (nq + nk, nq + 2 * nk)}
+            out[f"{pre}self_attn.qkv_proj.weight"] = [
+                TensorSlot(("layers", n, "weight"), i, shapes[n], bounds[n]) for n in ("q_proj", "k_proj", "v_proj")
+            ]
+            f = config.intermediate_size
+            out[f"{pre}mlp.gate_up_proj.weight"] = [
+                TensorSlot(("layers", "gate_proj", "weight"), i, shapes["gate_proj"], (0, f)),
+                TensorSlot(("layers", "up_proj", "weight"), i, shapes["up_proj"], (f, 2 * f)),
+            ]
+        else:
+            for name in ("gate_proj", "up_proj"):
+                out[f"{pre}mlp.{name}.weight"] = [TensorSlot(("layers", name, "weight"), i, shapes[name])]
+        out[f"{pre}mlp.down_proj.weight"] = [TensorSlot(("layers", "down_proj", "weight"), i, shapes["down_proj"])]
+    return out
+
+
+def _fused_shape(slots: list[TensorSlot]) -> tuple[int, ...]:
+    if slots[0].rows is None:
+        return slots[0].shape
+    return (slots[-1].rows[1], *slots[0].shape[1:])
+
+
+def checkpoint_files(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (single file or sharded index)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {k: model_dir / v for k, v in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise FileNotFoundError(f"checkpoint shard missing: {shard} (listed in {index})")
+        return files
+    if single.is_file():
+        return dict.fromkeys(SafetensorsFile(single).keys(), single)
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+class CheckpointReader:
+    """Opens each shard once and hands out tensors by HF name."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.files = checkpoint_files(model_dir)
+        self._open: dict[Path, SafetensorsFile] = {}
+
+    def file_of(self, key: str) -> SafetensorsFile:
+        path = self.files[key]
+        if path not in self._open:
+            self._open[path] = SafetensorsFile(path)
+        f = self._open[path]
+        if key not in f:
+            raise ValueError(f"{path}: tensor {key!r} listed in the index is not in the file")
+        return f
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.file_of(key)[key]
+
+    def keys(self):
+        return self.files.keys()
+
+
+def _check_keys(found, expected, model_dir, allow_extra=()) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(
+        k for k in set(found) - set(expected) if not k.endswith(_IGNORED_SUFFIXES) and k not in allow_extra
+    )
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected keys ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+            )
+        raise ValueError(f"checkpoint in {model_dir} does not match its config.json: " + "; ".join(parts))
+
+
+def _np_dtype(dtype) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype).name)
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def iter_layer_tensors(reader: CheckpointReader, layout: dict[str, list[TensorSlot]], model_dir) -> Iterator:
+    """Yields (slot, numpy tensor) for every slot, reading each HF tensor once and validating its shape."""
+    for key, slots in layout.items():
+        f = reader.file_of(key)
+        expected = _fused_shape(slots)
+        found = f.shape(key)
+        if tuple(found) != tuple(expected):
+            raise ValueError(f"{f.path}: tensor {key!r} has shape {tuple(found)}, config.json implies {expected}")
+        t = f[key]
+        for slot in slots:
+            yield slot, (t if slot.rows is None else t[slot.rows[0] : slot.rows[1]])
+
+
+def load_params(
+    model_dir: str | os.PathLike,
+    config: ModelConfig | None = None,
+    *,
+    dtype=jnp.bfloat16,
+    quantize: Callable[[tuple[str, ...], np.ndarray], object] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Reads the weights of ``model_dir`` into the stacked param tree (host numpy, then one device_put per leaf).
+
+    quantize(path, weight [out, in]) -> a quantized per-layer weight (NF4Weight) for projections, or None to keep it;
+    quantized layers are stacked with ``jaxsloth.quant.stack_nf4``.
+    """
+    config = config or load_config(model_dir)
+    layout = hf_layout(config)
+    reader = CheckpointReader(model_dir)
+    allow = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    _check_keys(reader.keys(), layout.keys(), model_dir, allow_extra=allow)
+    np_dtype = _np_dtype(dtype)
+    params: dict = {}
+    quantized: dict[tuple[str, ...], list] = {}
+    total = len(layout)
+    for n, (slot, t) in enumerate(iter_layer_tensors(reader, layout, model_dir)):
+        is_proj = slot.path[-1] == "weight"
+        q = quantize(slot.path, np.asarray(t)) if (quantize is not None and is_proj) else None
+        if q is not None:
+            quantized.setdefault(slot.path, [None] * config.num_layers)[slot.layer] = q
+        elif slot.layer is None:
+            _set(params, slot.path, np.asarray(t).astype(np_dtype))
+        else:
+            try:
+                buf = _get(params, slot.path)
+            except KeyError:
+                buf = np.empty((config.num_layers, *slot.shape), np_dtype)
+                _set(params, slot.path, buf)
+            buf[slot.layer] = t
+        if progress is not None:
+            progress(n + 1, total)
+    if quantized:
+        from jaxsloth.quant import stack_nf4
+
+        for path, per_layer in quantized.items():
+            _set(params, path, stack_nf4(per_layer))
+    return config, jax.tree.map(jnp.asarray, params)
+
+
+def load_hf_model(model_dir: str | os.PathLike, *, dtype=jnp.bfloat16, quantize=None, progress=None):
+    """model_dir -> (ModelConfig, params). See ``load_params``."""
+    config = load_config(model_dir)
+    return load_params(model_dir, config, dtype=dtype, quantize=quantize, progress=progress)
+
+
+def to_hf_state_dict(params, config: ModelConfig, dtype=None) -> dict[str, np.ndarray]:
+    """Inverse of loading: HF tensor name -> numpy array (fused tensors re-fused, layers unstacked)."""
+
+    def host(x, layer):
+        if not isinstance(x, jax.Array | np.ndarray):  # an NF4Weight: exported dequantized
+            from jaxsloth.quant import dequantize_nf4
+
+            x = dequantize_nf4(jax.tree.map(lambda a: a[layer], x), dtype or jnp.bfloat16)
+            return np.asarray(x)
+        a = x if layer is None else x[layer]
+        a = np.asarray(a)
+        return a if dtype is None else a.astype(_np_dtype(dtype))
+
+    out = {}
+    for key, slots in hf_layout(config).items():
+        parts = [host(_get(params, s.path), s.layer) for s in slots]
+        out[key] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+    return out
+
+
+def _torch_dtype_name(a: np.ndarray) -> str:
+    return {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(a.dtype.name, "float32")
+
+
+def save_hf_model(
+    params, config: ModelConfig, out_dir: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """Writes config.json + safetensors (sharded with an index above ``max_shard_bytes``) that transformers loads.
+
+    NF4 weights are dequantized to ``dtype`` (default bf16). Files are written atomically.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = to_hf_state_dict(params, config, dtype)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], out_dir / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out_dir / name)
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(a.nbytes for a in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    hf = json.loads(config.hf_config) if config.hf_config else {}
+    hf.pop("quantization_config", None)
+    hf["dtype"] = _torch_dtype_name(next(iter(state.values())))
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+    return out_dir

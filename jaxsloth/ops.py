@@ -1,0 +1,187 @@
+"""The one dispatch point: every op the model calls goes through here, and here alone picks the Pallas kernel or
+the plain-jnp reference (or cuDNN for attention) per the active profile. Model code never imports a kernel."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+# op -> implementation name -> (module, function). Pallas modules are imported lazily, on first use.
+_IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
+    "rms_norm": {
+        "reference": ("pallas_kernels.rms_norm", "rms_norm_reference"),
+        "pallas": ("pallas_kernels.rms_norm", "rms_norm"),
+    },
+    "rope": {
+        "reference": ("pallas_kernels.rope", "rope_reference"),
+        "pallas": ("pallas_kernels.rope", "rope"),
+    },
+    "swiglu": {
+        "reference": ("pallas_kernels.glu", "swiglu_reference"),
+        "pallas": ("pallas_kernels.glu", "swiglu"),
+    },
+    "geglu": {
+        "reference": ("pallas_kernels.glu", "geglu_reference"),
+        "pallas": ("pallas_kernels.glu", "geglu"),
+    },
+    "attention": {
+        "reference": ("pallas_kernels.attention", "attention_reference"),
+        "pallas": ("pallas_kernels.attention", "attention"),
+        "cudnn": ("jaxsloth.ops", "_cudnn_attention"),
+    },
+    "cross_entropy": {
+        "reference": ("pallas_kernels.cross_entropy", "cross_entropy_reference"),
+        "pallas": ("pallas_kernels.cross_entropy", "cross_entropy"),
+    },
+    "nf4_matmul": {
+        "reference": ("pallas_kernels.nf4_matmul", "nf4_matmul_reference"),
+        "pallas": ("pallas_kernels.nf4_matmul", "nf4_matmul"),
+    },
+}
+OPS = tuple(_IMPLEMENTATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """Which implementation each op uses; hashable, so it is a static argument of jitted functions.
+
+    ``interpret`` runs Pallas kernels in interpret mode (CPU tests). ``blocks`` holds per-op block configs
+    (op name -> frozen block dataclass) for kernels that take one.
+    """
+
+    rms_norm: str = "reference"
+    rope: str = "reference"
+    glu: str = "reference"
+    attention: str = "reference"
+    cross_entropy: str = "reference"
+    nf4_matmul: str = "reference"
+    interpret: bool | None = None
+    blocks: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self):
+        for op, names in (("glu", ("swiglu", "geglu")),) + tuple(
+            (o, (o,)) for o in OPS if o not in ("swiglu", "geglu")
+        ):
+            choice = getattr(self, op)
+            for name in names:
+                if choice not in _IMPLEMENTATIONS[name]:
+                    raise ValueError(
+                        f"unknown implementation {choice!r} for op {op!r}; "
+                        f"choose one of {sorted(_IMPLEMENTATIONS[name])}"
+                    )
+
+    @classmethod
+    def all(cls, impl: str, **overrides) -> KernelChoice:
+        """Every op on ``impl`` ("reference" or "pallas"), with per-op overrides."""
+        fields = {f: impl for f in ("rms_norm", "rope", "glu", "attention", "cross_entropy", "nf4_matmul")}
+        return cls(**{**fields, **overrides})
+
+
+def _cudnn_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, softcap=None, scale=None):
+    """cuDNN flash attention (Hopper's fastest for plain causal GQA). No softcap, no segment ids."""
+    if softcap is not None or segment_ids is not None:
+        raise ValueError("cuDNN attention supports neither softcap nor segment ids; use the pallas implementation")
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=causal, local_window_size=window, implementation="cudnn"
+    )
+
+
+def _resolve(op: str, impl: str) -> Callable:
+    module, name = _IMPLEMENTATIONS[op][impl]
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """The model's ops, bound to a KernelChoice."""
+
+    kernels: KernelChoice = KernelChoice()
+
+    def _call(self, op: str, impl: str, *args, **kwargs):
+        fn = _resolve(op, impl)
+        if impl == "pallas":
+            kwargs["interpret"] = self.kernels.interpret
+            block = dict(self.kernels.blocks).get(op)
+            if block is not None:
+                kwargs["block"] = block
+        return fn(*args, **kwargs)
+
+    def rms_norm(self, x, weight, residual=None, *, eps: float, weight_offset: float = 0.0):
+        """x: [..., D]; returns y, or (y, x + residual) when residual is given."""
+        return self._call("rms_norm", self.kernels.rms_norm, x, weight, residual, eps=eps, weight_offset=weight_offset)
+
+    def rope(self, q, k, positions, inv_freq, *, attention_scaling: float = 1.0):
+        """q: [B, T, Hq, hd], k: [B, T, Hk, hd], positions: [B, T]."""
+        return self._call("rope", self.kernels.rope, q, k, positions, inv_freq, attention_scaling=attention_scaling)
+
+    def glu(self, gate, up, *, activation: str):
+        """silu(gate) * up for activation "silu", gelu_tanh(gate) * up for "gelu_tanh"."""
+        op = "swiglu" if activation == "silu" else "geglu"
+        return self._call(op, self.kernels.glu, gate, up)
+
+    def attention(self, q, k, v, *, segment_ids=None, causal=True, sliding_window=None, softcap=None, scale=None):
+        """q: [B, T, Hq, hd], k, v: [B, S, Hk, hd] -> [B, T, Hq, hd]."""
+        impl = self.kernels.attention
+        if impl == "cudnn" and (softcap is not None or segment_ids is not None):
+            impl = "pallas"  # cuDNN cannot express these; the Pallas kernel can.
+        return self._call(
+            "attention",
+            impl,
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            causal=causal,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            scale=scale,
+        )
+
+    def cross_entropy(self, hidden, head, targets, *, softcap=None):
+        """hidden: [N, D], head: [V, D], targets: [N] -> (loss_sum, count)."""
+        return self._call("cross_entropy", self.kernels.cross_entropy, hidden, head, targets, softcap=softcap)
+
+    def linear(self, x, weight, bias=None, lora=None, lora_scale: float = 0.0, lora_x=None):
+        """y = x @ W^T (+ bias) + lora_scale * (lora_x @ A^T) @ B^T.
+
+        x: [..., in]; weight: [out, in] array or a quantized NF4Weight; lora: {"a": [r, in], "b": [out, r]} or None;
+        lora_x: the LoRA branch's input when it differs from x (dropout), else x.
+        """
+        if not isinstance(weight, jax.Array):  # a quantized NF4Weight pytree
+            y = self._nf4_linear(x, weight, lora, lora_scale, lora_x)
+        else:
+            y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+            if lora is not None:
+                y = y + _lora_delta(x if lora_x is None else lora_x, lora, lora_scale).astype(y.dtype)
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
+        return y
+
+    def _nf4_linear(self, x, weight, lora, lora_scale, lora_x):
+        fused_lora = lora is not None and lora_x is None
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        kwargs = {
+            "shape": weight.shape,
+            "blocksize": weight.blocksize,
+            "double_quant": weight.double_quant,
+        }
+        args = (x2, weight.packed, weight.absmax, weight.nested_absmax, weight.offset)
+        if fused_lora:
+            y = self._call("nf4_matmul", self.kernels.nf4_matmul, *args, lora["a"], lora["b"], lora_scale, **kwargs)
+        else:
+            y = self._call("nf4_matmul", self.kernels.nf4_matmul, *args, **kwargs)
+            if lora is not None:
+                y = y + _lora_delta(lora_x.reshape(x2.shape), lora, lora_scale).astype(y.dtype)
+        return y.reshape(*lead, -1)
+
+
+def _lora_delta(x, lora, scale):
+    a, b = lora["a"], lora["b"]
+    u = jnp.einsum("...i,ri->...r", x.astype(a.dtype), a)
+    return scale * jnp.einsum("...r,or->...o", u, b)

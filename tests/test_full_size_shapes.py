@@ -1,0 +1,34 @@
+"""Full-size architectures build under jax.eval_shape (no weights allocated) with the published counts."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxsloth.models import count_params, init_params
+from jaxsloth.models.presets import PRESETS, PUBLISHED_PARAM_COUNTS, preset
+
+
+def _hf_count(name):
+    """Independent count: transformers' own model on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(PRESETS[name])
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_param_count_matches_published(name):
+    config = preset(name)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.bfloat16))
+    assert count_params(shapes) == PUBLISHED_PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize("name", ["llama3.1-8b", "gemma2-9b", "phi3-mini"])
+def test_param_count_matches_transformers(name):
+    config = preset(name)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.bfloat16))
+    assert count_params(shapes) == _hf_count(name)
