@@ -123,8 +123,7 @@ def test_sharegpt_aliases_match_messages():
     tok = make_tokenizer()
     names = {"system": "system", "user": "human", "assistant": "gpt"}
     sharegpt = [
-        {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in row["messages"]]}
-        for row in CHAT
+        {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in row["messages"]]} for row in CHAT
     ]
     reference = tokenize_dataset(CHAT, tok)
     for fmt in ("auto", "sharegpt", "messages"):
@@ -202,9 +201,7 @@ def test_token_id_beyond_vocab():
     maxes = [int(e.input_ids.max()) for e in tokenize_dataset(ALPACA, tok).examples]
     vocab = max(maxes)
     row = next(i for i, m in enumerate(maxes) if m >= vocab)
-    with pytest.raises(
-        ValueError, match=f"row {row}: token id {maxes[row]} >= the model's vocab_size {vocab}"
-    ):
+    with pytest.raises(ValueError, match=f"row {row}: token id {maxes[row]} >= the model's vocab_size {vocab}"):
         tokenize_dataset(ALPACA, tok, vocab_size=vocab)
     tokenize_dataset(ALPACA, tok, vocab_size=len(tok))
 

@@ -5,12 +5,17 @@ import json
 import numpy as np
 import pytest
 
-from jaxsloth.data import BatchLoader, Example, TokenizedDataset, plan_rows, tokenize_dataset
+from jaxsloth.data import IGNORE_INDEX, BatchLoader, Example, TokenizedDataset, plan_rows, tokenize_dataset
+from pallas_kernels.cross_entropy import IGNORE_INDEX as LOSS_IGNORE_INDEX
 from tests.test_data_formats import ANSWERS, CHAT
 from tests.test_data_tokenizer import make_tokenizer
 
 SEQ = 37
 PAD = 0
+
+
+def test_ignore_index_matches_the_loss():
+    assert IGNORE_INDEX == LOSS_IGNORE_INDEX == -100
 
 
 def random_dataset(n: int, seed: int, max_len: int = SEQ) -> TokenizedDataset:
@@ -54,9 +59,7 @@ def segments(batch) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, .
         np.testing.assert_array_equal(batch["positions"][b, used:], 0)
         for s in range(1, k + 1):
             idx = np.flatnonzero(seg == s)
-            out.append(
-                tuple(tuple(batch[key][b, idx].tolist()) for key in ("tokens", "targets", "positions"))
-            )
+            out.append(tuple(tuple(batch[key][b, idx].tolist()) for key in ("tokens", "targets", "positions")))
     return out
 
 
@@ -76,10 +79,7 @@ def test_epoch_holds_every_example_once_with_exact_targets(pack):
         if not pack:
             assert batch["segment_ids"].max() <= 1
     found = [s for batch in batches for s in segments(batch)]
-    expected = [
-        (tuple(e.input_ids.tolist()), tuple(reference_targets(e)), tuple(range(len(e))))
-        for e in data.examples
-    ]
+    expected = [(tuple(e.input_ids.tolist()), tuple(reference_targets(e)), tuple(range(len(e)))) for e in data.examples]
     # Equal multisets: no example lost, split across rows, shifted into another, or given foreign targets.
     assert sorted(found) == sorted(expected)
     assert all(s[1][-1] == -100 for s in found)

@@ -39,10 +39,11 @@ from jaxsloth.data.formats import FORMATS, detect_format
 from jaxsloth.data.loader import BatchLoader
 from jaxsloth.data.packing import build_batch, plan_rows
 from jaxsloth.data.sources import load_records
-from jaxsloth.data.tokenization import Example, TokenizedDataset, tokenize_dataset
+from jaxsloth.data.tokenization import IGNORE_INDEX, Example, TokenizedDataset, tokenize_dataset
 
 __all__ = [
     "FORMATS",
+    "IGNORE_INDEX",
     "BatchLoader",
     "Example",
     "TokenizedDataset",

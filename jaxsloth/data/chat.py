@@ -53,9 +53,7 @@ def encode_chat(
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def _assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
@@ -79,9 +77,7 @@ def _assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], text: 
             shared = len(os.path.commonprefix([prompt, upto]))
             start = upto.find(message["content"].strip(), shared)
             if start < 0:
-                raise ValueError(
-                    f"assistant turn {i} ({message['content'][:40]!r}...) not found in its rendering"
-                )
+                raise ValueError(f"assistant turn {i} ({message['content'][:40]!r}...) not found in its rendering")
         end = len(upto)
         # The separator a template puts after the end-of-turn token is layout, not part of the answer.
         while end > start and upto[end - 1].isspace():

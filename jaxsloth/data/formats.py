@@ -44,9 +44,7 @@ def resolve_format(format: str, first_row: Mapping[str, Any]) -> str:
         return detect_format(first_row)
     name = _ALIASES.get(format, format)
     if name not in FORMATS:
-        raise ValueError(
-            f"unknown dataset format {format!r}; expected 'auto', one of {FORMATS} or {sorted(_ALIASES)}"
-        )
+        raise ValueError(f"unknown dataset format {format!r}; expected 'auto', one of {FORMATS} or {sorted(_ALIASES)}")
     return name
 
 
@@ -110,14 +108,10 @@ def chat_messages(row: Mapping[str, Any], index: int) -> list[dict[str, str]]:
         if content is None:
             raise ValueError(f"row {index}: {key}[{j}] is missing field 'content' (or sharegpt 'value')")
         if not isinstance(content, str):
-            raise TypeError(
-                f"row {index}: {key}[{j}] content must be a string, got a {type(content).__name__}"
-            )
+            raise TypeError(f"row {index}: {key}[{j}] content must be a string, got a {type(content).__name__}")
         canonical = _ROLES.get(str(role).lower())
         if canonical is None:
-            raise ValueError(
-                f"row {index}: {key}[{j}] has unknown role {role!r}; known roles: {sorted(_ROLES)}"
-            )
+            raise ValueError(f"row {index}: {key}[{j}] has unknown role {role!r}; known roles: {sorted(_ROLES)}")
         messages.append({"role": canonical, "content": content})
     return messages
 

@@ -83,9 +83,7 @@ class BatchLoader:
             raise ValueError(f"loader state is missing {sorted(missing)}")
         for key, value in self._fingerprint().items():
             if key in state and int(state[key]) != value:
-                raise ValueError(
-                    f"loader state has {key}={int(state[key])} but this loader has {key}={value}"
-                )
+                raise ValueError(f"loader state has {key}={int(state[key])} but this loader has {key}={value}")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
     def _fingerprint(self) -> dict[str, int]:

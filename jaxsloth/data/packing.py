@@ -4,13 +4,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxsloth.data.tokenization import Example
-from pallas_kernels.cross_entropy import IGNORE_INDEX
+from jaxsloth.data.tokenization import IGNORE_INDEX, Example
 
 
-def plan_rows(
-    lengths: np.ndarray, order: np.ndarray, seq_len: int, *, pack: bool, window: int = 16
-) -> list[list[int]]:
+def plan_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int, *, pack: bool, window: int = 16) -> list[list[int]]:
     """Assign examples to rows of `seq_len` tokens, deterministically.
 
     lengths: [num_examples] token counts; order: the example indices in the order to place them.

@@ -38,9 +38,7 @@ def load_records(source: str | os.PathLike | Iterable[Mapping[str, Any]]) -> lis
         rows = list(source)
         name = type(source).__name__
     else:
-        raise TypeError(
-            f"cannot read records from a {type(source).__name__}; give a path, a list or a Dataset"
-        )
+        raise TypeError(f"cannot read records from a {type(source).__name__}; give a path, a list or a Dataset")
     if not rows:
         raise ValueError(f"dataset is empty: {name}")
     records = []
