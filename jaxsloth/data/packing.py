@@ -16,9 +16,9 @@ def plan_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int, *, pack: boo
     row is closed. The window bounds the cost (O(n * window)) and keeps rows near the shuffled order.
     Returns rows of example indices, each with total length <= seq_len.
     """
-    too_long = [int(i) for i in order if lengths[i] > seq_len]
-    if too_long:
-        i = too_long[0]
+    too_long = np.flatnonzero(lengths[order] > seq_len)
+    if too_long.size:
+        i = int(order[too_long[0]])
         raise ValueError(
             f"example {i} has {int(lengths[i])} tokens > seq_len {seq_len}; tokenize with a smaller "
             "max_seq_length or use a longer seq_len"
