@@ -41,7 +41,8 @@ class AttentionBlocks:
     block_k_dkv: int = 128
     block_q_dq: int = 128
     block_k_dq: int = 64
-    num_warps_bwd: int = 8
+    num_warps_dkv: int = 8
+    num_warps_dq: int = 8
     num_stages_bwd: int = 2
 
     def __post_init__(self):
@@ -60,13 +61,14 @@ class AttentionBlocks:
             return cls(
                 block_q=64,
                 block_k=64,
-                num_warps=8,
+                num_warps=4,
                 num_stages=2,
                 block_q_dkv=32,
                 block_k_dkv=64,
                 block_q_dq=64,
                 block_k_dq=32,
-                num_warps_bwd=8,
+                num_warps_dkv=8,
+                num_warps_dq=4,
                 num_stages_bwd=2,
             )
         return cls()
@@ -104,7 +106,9 @@ def _scores(q, k, st: _Static):
     raw = _dot(q, k, trans_b=True)
     if st.softcap is None:
         return raw * (st.scale * _LOG2E), None
-    t = jnp.tanh(raw * (st.scale / st.softcap))
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): one exp2 and a division instead of libdevice's longer tanhf;
+    # saturates correctly at both ends (exp2 -> inf gives 1, exp2 -> 0 gives -1).
+    t = 1.0 - 2.0 / (jnp.exp2(raw * (2.0 * _LOG2E * st.scale / st.softcap)) + 1.0)
     return t * (st.softcap * _LOG2E), t
 
 
@@ -126,29 +130,58 @@ def _mask(q_start, k_start, bq: int, bk: int, qseg, kseg, st: _Static):
     return functools.reduce(jnp.logical_and, conds)
 
 
-def _kv_block_range(q_start, bq: int, bk: int, num_k: int, st: _Static):
-    """[lo, hi) of the kv blocks that queries q_start..q_start+bq-1 can see: bounds from the block index,
-    so fully masked blocks are never visited."""
+def _clamp(x, lo, hi):
+    return jnp.minimum(jnp.maximum(x, lo), hi)
+
+
+def _kv_block_range(q_start, bq: int, bk: int, st: _Static):
+    """Blocks of keys seen by queries q_start..q_start+bq-1, from the block index (fully masked blocks are
+    never visited): (lo, m1, m2, hi) with [m1, m2) the blocks that need no mask (none with segments)."""
     first = q_start + st.offset
-    lo = 0
+    num_k = cdiv(st.kv_len, bk)
+    lo, hi = 0, num_k
+    full_lo, full_hi = 0, st.kv_len // bk  # the last block is partly padding unless kv_len % bk == 0
     if st.window is not None:
         lo = lax.div(jnp.maximum(first - st.window + 1, 0), bk)
-    hi = num_k
+        # i - j < window for every pair iff kb * bk >= last row - window + 1
+        full_lo = lax.div(jnp.maximum(first + bq - st.window, 0) + bk - 1, bk)
     if st.causal:
         hi = jnp.minimum(num_k, lax.div(first + bq - 1, bk) + 1)
-    return lo, hi
+        full_hi = jnp.minimum(full_hi, lax.div(first + 1, bk))  # whole block at or before the first row
+    return _split(lo, hi, full_lo, full_hi, st)
 
 
-def _q_block_range(k_start, bq: int, bk: int, num_q: int, st: _Static):
-    """[lo, hi) of the query blocks that can see keys k_start..k_start+bk-1."""
-    lo = 0
+def _q_block_range(k_start, bq: int, bk: int, st: _Static):
+    """Blocks of queries that see keys k_start..k_start+bk-1: (lo, m1, m2, hi) as in ``_kv_block_range``."""
+    num_q = cdiv(st.q_len, bq)
+    lo, hi = 0, num_q
+    full_lo, full_hi = 0, num_q
     if st.causal:
         lo = lax.div(jnp.maximum(k_start - st.offset, 0), bq)
-    hi = num_q
+        # every row of the block at or after the last key
+        full_lo = lax.div(jnp.maximum(k_start + bk - 1 - st.offset, 0) + bq - 1, bq)
     if st.window is not None:
         last = k_start + bk - 1 + st.window - 1 - st.offset  # last query row that sees the block
         hi = jnp.minimum(num_q, lax.div(jnp.maximum(last + 1, 0) + bq - 1, bq))
-    return lo, hi
+        full_hi = lax.div(jnp.maximum(k_start + st.window - st.offset, 0), bq)
+    if st.kv_len % bk:
+        full_hi = jnp.where(k_start + bk > st.kv_len, 0, full_hi)  # this block holds padded keys
+    return _split(lo, hi, full_lo, full_hi, st)
+
+
+def _split(lo, hi, full_lo, full_hi, st: _Static):
+    if st.has_segments:
+        return lo, hi, hi, hi
+    m1 = _clamp(full_lo, lo, hi)
+    return lo, m1, _clamp(full_hi, m1, hi), hi
+
+
+def _masked_loops(bounds, body, carry):
+    """Runs ``body(i, carry, masked)`` over [lo, m1) and [m2, hi) with masking and over [m1, m2) without."""
+    lo, m1, m2, hi = bounds
+    carry = lax.fori_loop(lo, m1, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(m1, m2, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(m2, hi, functools.partial(body, masked=True), carry)
 
 
 def _split_refs(refs, n_in: int, has_segments: bool):
@@ -165,14 +198,14 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
     q = q_ref[...]
     qseg = None if qseg_ref is None else qseg_ref[...]
 
-    def body(kb, carry):
+    def body(kb, carry, masked):
         acc, m, l = carry
         k_start = kb * bk
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         s, _ = _scores(q, k, st)
         kseg = None if kseg_ref is None else kseg_ref[pl.ds(k_start, bk)]
-        mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st)
+        mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
@@ -182,13 +215,12 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    lo, hi = _kv_block_range(q_start, bq, bk, cdiv(st.kv_len, bk), st)
     init = (
         jnp.zeros((bq, q.shape[1]), jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    acc, m, l = _masked_loops(_kv_block_range(q_start, bq, bk, st), body, init)
     # Every real row sees its own key, so l > 0 there; l == 0 only on padding rows whose blocks were all
     # skipped. Their lse is made huge so the backward's exp2(s - lse) is 0 instead of NaN.
     empty = l == 0.0
@@ -217,24 +249,24 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
     k = k_ref[...]
     v = v_ref[...]
     kseg = None if kseg_ref is None else kseg_ref[...]
-    lo, hi = _q_block_range(k_start, bq, bk, cdiv(st.q_len, bq), st)
+    bounds = _q_block_range(k_start, bq, bk, st)
 
     def group_body(g, carry):
         # The query heads of one group share these keys: their dK, dV are summed here, in registers.
-        def body(qb, carry):
+        def body(qb, carry, masked):
             dk, dv = carry
             q_start = qb * bq
             rows = pl.ds(q_start, bq)
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
             qseg = None if qseg_ref is None else qseg_ref[rows]
-            mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st)
+            mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
             p, ds = _probs_and_dscores(q, k, v, do, lse_ref[g, rows], delta_ref[g, rows], mask, st)
             dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
             dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
             return dk, dv
 
-        return lax.fori_loop(lo, hi, body, carry)
+        return _masked_loops(bounds, body, carry)
 
     zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
     dk, dv = lax.fori_loop(0, st.groups, group_body, (zeros, zeros))
@@ -252,17 +284,16 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
     delta = delta_ref[...]
     qseg = None if qseg_ref is None else qseg_ref[...]
 
-    def body(kb, dq):
+    def body(kb, dq, masked):
         k_start = kb * bk
         cols = pl.ds(k_start, bk)
         k = k_ref[cols, :]
         kseg = None if kseg_ref is None else kseg_ref[cols]
-        mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st)
+        mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
         _, ds = _probs_and_dscores(q, k, v_ref[cols, :], do, lse, delta, mask, st)
         return dq + _dot(ds.astype(k.dtype), k)
 
-    lo, hi = _kv_block_range(q_start, bq, bk, cdiv(st.kv_len, bk), st)
-    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq = _masked_loops(_kv_block_range(q_start, bq, bk, st), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -273,7 +304,7 @@ def _forward(q, k, v, segs, st: _Static):
     bq, bk, g = st.blocks.block_q, st.blocks.block_k, st.groups
     nq = tp // bq
     q_map = lambda i, bi, h: (bi, nq - 1 - i, h, 0)  # noqa: E731
-    kv_map = lambda i, bi, h: (bi, 0, h // g, 0)  # noqa: E731
+    kv_map = lambda i, bi, h: (bi, 0, lax.div(h, g), 0)  # noqa: E731
     in_specs = [
         pl.BlockSpec((None, bq, None, d), q_map),
         pl.BlockSpec((None, sp, None, d), kv_map),
@@ -329,7 +360,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, st: _Static):
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, bk, None, d), kv_map)] * 2,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=triton_compiler_params(st.blocks.num_warps_bwd, st.blocks.num_stages_bwd),
+        compiler_params=triton_compiler_params(st.blocks.num_warps_dkv, st.blocks.num_stages_bwd),
         interpret=st.interpret,
         name="flash_attention_bwd_dkv",
     )(q, k, v, do, lse, delta, *segs)
@@ -342,7 +373,7 @@ def _backward_dq(q, k, v, do, lse, delta, segs, st: _Static):
     bq, bk, g = st.blocks.block_q_dq, st.blocks.block_k_dq, st.groups
     nq = tp // bq
     q_map = lambda i, bi, h: (bi, nq - 1 - i, h, 0)  # noqa: E731
-    kv_map = lambda i, bi, h: (bi, 0, h // g, 0)  # noqa: E731
+    kv_map = lambda i, bi, h: (bi, 0, lax.div(h, g), 0)  # noqa: E731
     row_map = lambda i, bi, h: (bi, h, nq - 1 - i)  # noqa: E731
     in_specs = [
         pl.BlockSpec((None, bq, None, d), q_map),
@@ -363,7 +394,7 @@ def _backward_dq(q, k, v, do, lse, delta, segs, st: _Static):
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bq, None, d), q_map),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=triton_compiler_params(st.blocks.num_warps_bwd, st.blocks.num_stages_bwd),
+        compiler_params=triton_compiler_params(st.blocks.num_warps_dq, st.blocks.num_stages_bwd),
         interpret=st.interpret,
         name="flash_attention_bwd_dq",
     )(q, k, v, do, lse, delta, *segs)
