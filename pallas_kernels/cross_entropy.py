@@ -139,9 +139,7 @@ def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, pick_ref, *, n, v, d, n_pad, c
     pick_ref[out] = picked
 
 
-def _dlogits_kernel(
-    h_ref, w_ref, t_ref, lse_ref, g_ref, start_ref, dz_ref, *, n, v, d, width, cfg: _Config, precision
-):
+def _dlogits_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, start_ref, dz_ref, *, n, v, d, width, cfg: _Config, precision):
     """dz for vocab columns [start, start + width) of every token, stored as [N, width]."""
     bn, bv = cfg.block_n, cfg.block_v
     i, j = _tile_ids(cdiv(n, bn), cdiv(width, bv), cfg.group_n)
@@ -172,9 +170,7 @@ def _forward_lse(hidden, head, targets, cfg: _Config):
     (n, d), v = hidden.shape, head.shape[0]
     bn, bv = cfg.block_n, cfg.block_v
     n_pad, n_tiles_v = cdiv(n, bn) * bn, cdiv(v, bv)
-    kernel = functools.partial(
-        _forward_kernel, n=n, v=v, d=d, n_pad=n_pad, cfg=cfg, precision=_precision(hidden.dtype)
-    )
+    kernel = functools.partial(_forward_kernel, n=n, v=v, d=d, n_pad=n_pad, cfg=cfg, precision=_precision(hidden.dtype))
     part = jax.ShapeDtypeStruct((n_tiles_v * n_pad,), jnp.float32)
     lse_parts, pick_parts = pl.pallas_call(
         kernel,
@@ -192,9 +188,7 @@ def _forward_lse(hidden, head, targets, cfg: _Config):
 def _dlogits(hidden, head, targets, lse, g, start, width: int, cfg: _Config):
     """dz [N, width] in hidden.dtype for vocab columns [start, start + width); start: [1] int32."""
     (n, d), v = hidden.shape, head.shape[0]
-    kernel = functools.partial(
-        _dlogits_kernel, n=n, v=v, d=d, width=width, cfg=cfg, precision=_precision(hidden.dtype)
-    )
+    kernel = functools.partial(_dlogits_kernel, n=n, v=v, d=d, width=width, cfg=cfg, precision=_precision(hidden.dtype))
     return pl.pallas_call(
         kernel,
         grid=(cdiv(n, cfg.block_n) * cdiv(width, cfg.block_v),),
@@ -237,9 +231,7 @@ def _cross_entropy_bwd(cfg: _Config, residuals, cotangents):
         dh = dh + jnp.dot(dz, w, precision=precision, preferred_element_type=jnp.float32)
         if cfg.head_grad:
             # cuBLAS accumulates a bf16 GEMM in f32; asking for the head dtype avoids an f32 [chunk, D] temp.
-            dw_chunk = jnp.einsum(
-                "nv,nd->vd", dz, hidden, precision=precision, preferred_element_type=head.dtype
-            )
+            dw_chunk = jnp.einsum("nv,nd->vd", dz, hidden, precision=precision, preferred_element_type=head.dtype)
             dw = lax.dynamic_update_slice_in_dim(dw, dw_chunk, start, axis=0)
         return dh, dw
 
@@ -253,6 +245,8 @@ def _cross_entropy_bwd(cfg: _Config, residuals, cotangents):
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+# Jitted so eager callers (and interpret mode) compile once per static config instead of dispatching op by op.
+_cross_entropy_jit = jax.jit(_cross_entropy, static_argnums=3)
 
 
 def cross_entropy(
@@ -303,7 +297,7 @@ def cross_entropy(
         group_n=blocks.group_n,
         chunk_v=blocks.chunk_v,
     )
-    return _cross_entropy(hidden, head, targets.astype(jnp.int32), cfg)
+    return _cross_entropy_jit(hidden, head, targets.astype(jnp.int32), cfg)
 
 
 def cross_entropy_reference(
