@@ -182,6 +182,7 @@ class Ops:
 
 
 def _lora_delta(x, lora, scale):
-    a, b = lora["a"], lora["b"]
-    u = jnp.einsum("...i,ri->...r", x.astype(a.dtype), a)
+    # LoRA master weights stay f32 for the optimizer; the matmuls run in the activations' (compute) dtype.
+    a, b = lora["a"].astype(x.dtype), lora["b"].astype(x.dtype)
+    u = jnp.einsum("...i,ri->...r", x, a)
     return scale * jnp.einsum("...r,or->...o", u, b)

@@ -1,0 +1,124 @@
+"""LoRA / rsLoRA adapters: the trainable pytree beside the frozen params.
+
+Layout follows PEFT so export is a rename: for a projection W [out, in], A [r, in] (``lora_A.weight``) and
+B [out, r] (``lora_B.weight``); the layer computes ``x @ W^T + scale * (dropout(x) @ A^T) @ B^T`` with
+scale = alpha / r, or alpha / sqrt(r) for rsLoRA. Stacked per layer like the params: A [L, r, in], B [L, out, r].
+
+Trainable tree::
+
+    {"layers": {name: {"a", "b"}}, "embed": [V, D] (optional), "lm_head": [V, D] (optional)}
+
+Embeddings and LM head, when trained (continued pretraining), are full copies, like PEFT's ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxsloth.models.config import ModelConfig
+from jaxsloth.models.decoder import LINEARS, LoraRuntime, linear_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """r: rank; alpha: scaling numerator; dropout on the LoRA input; target_modules: projection names.
+
+    use_rslora: scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r. train_embeddings / train_lm_head:
+    also train full copies of those (continued pretraining), at ``embedding_lr`` when set.
+    """
+
+    r: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LINEARS
+    use_rslora: bool = False
+    train_embeddings: bool = False
+    train_lm_head: bool = False
+    embedding_lr: float | None = None
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        unknown = set(self.target_modules) - set(LINEARS)
+        if unknown:
+            raise ValueError(f"unknown target_modules {sorted(unknown)}; choose from {list(LINEARS)}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def runtime(self) -> LoraRuntime:
+        return LoraRuntime(scale=self.scale, dropout=self.dropout)
+
+
+def init_lora(config: ModelConfig, lora: LoraConfig, key: jax.Array, params=None, dtype=jnp.float32) -> dict:
+    """PEFT's initialisation: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
+
+    ``params`` is needed only when embeddings / LM head are trained (their copies start from the frozen values).
+    """
+    shapes = linear_shapes(config)
+    layers = {}
+    keys = jax.random.split(key, len(lora.target_modules))
+    for k, name in zip(keys, lora.target_modules, strict=True):
+        out, inp = shapes[name]
+        bound = 1.0 / math.sqrt(inp)
+        a = jax.random.uniform(k, (config.num_layers, lora.r, inp), jnp.float32, -bound, bound).astype(dtype)
+        layers[name] = {"a": a, "b": jnp.zeros((config.num_layers, out, lora.r), dtype)}
+    tree: dict = {"layers": layers}
+    if lora.train_embeddings or lora.train_lm_head:
+        if params is None:
+            raise ValueError("training embeddings or the LM head needs the params to copy them from")
+        if lora.train_embeddings:
+            tree["embed"] = jnp.asarray(params["embed"], dtype)
+        if lora.train_lm_head:
+            if config.tie_word_embeddings:
+                raise ValueError("train_lm_head with tied embeddings: set train_embeddings instead")
+            tree["lm_head"] = jnp.asarray(params["lm_head"], dtype)
+    return tree
+
+
+def with_trainable(params: dict, trainable: dict) -> tuple[dict, dict]:
+    """(params with trained embed / lm_head copies swapped in, the LoRA tree for the decoder)."""
+    overrides = {k: trainable[k] for k in ("embed", "lm_head") if k in trainable}
+    return ({**params, **overrides} if overrides else params), {"layers": trainable["layers"]}
+
+
+def lora_delta(ab: dict, scale: float) -> jax.Array:
+    """scale * B @ A: the change LoRA makes to W, [..., out, in] in f32."""
+    return scale * jnp.einsum("...or,...ri->...oi", ab["b"].astype(jnp.float32), ab["a"].astype(jnp.float32))
+
+
+def merge(params: dict, trainable: dict, lora: LoraConfig, dtype=None) -> dict:
+    """W + scale * B @ A for every adapted projection (NF4 weights are dequantized first); embed / lm_head copies
+    replace the frozen ones. Returns dense params in ``dtype`` (default: each weight's own dtype, bf16 for NF4)."""
+    from jaxsloth.quant import dequantize_nf4
+
+    params, lora_tree = with_trainable(params, trainable)
+    layers = dict(params["layers"])
+    for name, ab in lora_tree["layers"].items():
+        w = layers[name]["weight"]
+        dense = w if isinstance(w, jax.Array) else dequantize_nf4(w, dtype or jnp.bfloat16)
+        merged = (dense.astype(jnp.float32) + lora_delta(ab, lora.scale)).astype(dtype or dense.dtype)
+        layers[name] = {**layers[name], "weight": merged}
+    return {**params, "layers": layers}
+
+
+def unmerge(params: dict, trainable: dict, lora: LoraConfig) -> dict:
+    """Inverse of ``merge`` for dense weights: W - scale * B @ A (up to rounding in low precision)."""
+    layers = dict(params["layers"])
+    for name, ab in trainable["layers"].items():
+        w = layers[name]["weight"]
+        layers[name] = {**layers[name], "weight": (w.astype(jnp.float32) - lora_delta(ab, lora.scale)).astype(w.dtype)}
+    return {**params, "layers": layers}
+
+
+def count_trainable(trainable: dict) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))

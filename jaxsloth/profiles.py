@@ -1,0 +1,111 @@
+"""GPU profiles: one frozen choice of dtype, kernels, block sizes, remat and chunking per device kind.
+
+The training step is built and jitted from (model config, train config, profile). Every field can be overridden:
+``profile_for_device(remat="offload")`` or ``dataclasses.replace(profile, ...)``. Kernel choices on Hopper follow the
+measurements in BENCHMARKS.md (a kernel becomes a default only where it beat the best XLA path on the H200).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxsloth.models.decoder import REMAT_POLICIES
+from jaxsloth.ops import KernelChoice, Ops
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """name: profile name; compute_dtype: activations and frozen weights; kernels: implementation per op;
+    remat: per-layer policy (none / dots / full / offload); micro_batch: default sequences per micro-batch;
+    mlp_chunk: tokens per MLP tile for long sequences (None = whole sequence)."""
+
+    name: str
+    compute_dtype: str = "bfloat16"
+    kernels: KernelChoice = KernelChoice()
+    remat: str = "full"
+    micro_batch: int = 2
+    mlp_chunk: int | None = None
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"unsupported compute_dtype {self.compute_dtype!r}")
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def ops(self) -> Ops:
+        return Ops(self.kernels)
+
+    def replace(self, **overrides) -> Profile:
+        kernel_fields = {f.name for f in dataclasses.fields(KernelChoice)}
+        kernels = {k: overrides.pop(k) for k in list(overrides) if k in kernel_fields}
+        if kernels:
+            overrides["kernels"] = dataclasses.replace(self.kernels, **kernels)
+        return dataclasses.replace(self, **overrides)
+
+
+# Hopper: cuDNN attention where it applies (causal GQA; the Pallas kernel covers softcap and segments through the
+# dispatch point's fallback), Pallas for the fused ops that measured faster than XLA on the H200 (BENCHMARKS.md).
+_HOPPER = KernelChoice(
+    rms_norm="pallas", rope="pallas", glu="pallas", attention="cudnn", cross_entropy="pallas", nf4_matmul="pallas"
+)
+# Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there.
+_AMPERE = KernelChoice.all("pallas")
+
+PROFILES: dict[str, Profile] = {
+    "h200": Profile("h200", kernels=_HOPPER, remat="full", micro_batch=2),
+    "h100": Profile("h100", kernels=_HOPPER, remat="full", micro_batch=2),
+    "a100": Profile("a100", kernels=_AMPERE, remat="full", micro_batch=2),
+    "ada": Profile("ada", kernels=_AMPERE, remat="full", micro_batch=1),
+    "ampere": Profile("ampere", kernels=_AMPERE, remat="full", micro_batch=1),
+    "t4": Profile("t4", compute_dtype="float16", kernels=KernelChoice(), remat="full", micro_batch=1),
+    "cpu": Profile("cpu", compute_dtype="float32", kernels=KernelChoice(), remat="none", micro_batch=1),
+}
+
+# (substring of device_kind, lowercase) -> profile name; first match wins.
+_DEVICE_KINDS = (
+    ("h200", "h200"),
+    ("h100", "h100"),
+    ("h800", "h100"),
+    ("gh200", "h200"),
+    ("a100", "a100"),
+    ("a800", "a100"),
+    ("l4", "ada"),
+    ("l40", "ada"),
+    ("4090", "ada"),
+    ("4080", "ada"),
+    ("ada", "ada"),
+    ("3090", "ampere"),
+    ("3080", "ampere"),
+    ("a10", "ampere"),
+    ("a6000", "ampere"),
+    ("t4", "t4"),
+)
+
+
+def profile_name_for(device_kind: str, platform: str = "gpu") -> str:
+    if platform == "cpu":
+        return "cpu"
+    kind = device_kind.lower()
+    for needle, name in _DEVICE_KINDS:
+        if needle in kind:
+            return name
+    return "ampere"  # an unknown NVIDIA GPU: the Triton kernels run on every architecture since Ampere
+
+
+def profile_for_device(device=None, name: str | None = None, **overrides) -> Profile:
+    """The profile for ``device`` (default: jax.devices()[0]) or by ``name``, with field overrides
+    (any Profile or KernelChoice field, e.g. ``remat="offload"``, ``attention="pallas"``)."""
+    if name is None:
+        device = device or jax.devices()[0]
+        name = profile_name_for(device.device_kind, device.platform)
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[name].replace(**overrides)

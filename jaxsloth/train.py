@@ -1,0 +1,172 @@
+"""The training step: value_and_grad over the LoRA tree only, gradient accumulation inside the jitted step,
+optax AdamW with warmup + schedule, global-norm clipping and a weight-decay mask.
+
+Loss = (sum of token losses over every micro-batch) / (number of counted tokens over every micro-batch), so
+accumulation gives exactly the large-batch loss. A non-finite loss or gradient never reaches the weights: the step
+keeps the old state and reports ``finite=False``; the host loop stops (naming the step) or skips, per TrainConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsloth.lora import LoraConfig, with_trainable
+from jaxsloth.models.config import ModelConfig
+from jaxsloth.models.decoder import loss_sum_and_count
+from jaxsloth.profiles import Profile
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """learning_rate: peak; schedule: cosine / linear / constant (after linear warmup over warmup_steps);
+    total_steps: schedule length; grad_accum: micro-batches per step; on_nonfinite: "stop" or "skip"."""
+
+    learning_rate: float = 2e-4
+    warmup_steps: int = 0
+    total_steps: int = 100
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_accum: int = 1
+    on_nonfinite: str = "stop"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine, linear or constant")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+
+
+def learning_rate_schedule(tc: TrainConfig, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup from 0, then cosine / linear decay to 0 at total_steps, or constant (as HF Trainer)."""
+    peak = tc.learning_rate if peak is None else peak
+    warm = max(tc.warmup_steps, 0)
+    rest = max(tc.total_steps - warm, 1)
+    if tc.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, rest)
+    elif tc.schedule == "linear":
+        decay = optax.linear_schedule(peak, 0.0, rest)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm])
+
+
+def _decay_mask(tree):
+    """Weight decay on matrices (LoRA A/B, trained embedding copies), never on vectors."""
+    return jax.tree.map(lambda x: x.ndim >= 2, tree)
+
+
+def make_optimizer(tc: TrainConfig, lora: LoraConfig, trainable: dict) -> optax.GradientTransformation:
+    def adamw(peak):
+        return optax.adamw(
+            learning_rate_schedule(tc, peak),
+            b1=tc.adam_b1,
+            b2=tc.adam_b2,
+            eps=tc.adam_eps,
+            weight_decay=tc.weight_decay,
+            mask=_decay_mask,
+        )
+
+    if lora.embedding_lr is not None and any(k in trainable for k in ("embed", "lm_head")):
+        labels = {k: ("embedding" if k in ("embed", "lm_head") else "lora") for k in trainable}
+        inner = optax.multi_transform({"lora": adamw(None), "embedding": adamw(lora.embedding_lr)}, labels)
+    else:
+        inner = adamw(None)
+    if tc.max_grad_norm is None:
+        return inner
+    return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), inner)
+
+
+def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile) -> Callable:
+    """(trainable, params, micro_batch, key) -> (loss_sum, count)."""
+    ops = profile.ops
+
+    def loss_fn(trainable, params, batch, key):
+        p, lora_tree = with_trainable(params, trainable)
+        return loss_sum_and_count(
+            p,
+            batch,
+            config=config,
+            ops=ops,
+            lora=lora_tree,
+            lora_rt=lora.runtime,
+            remat=profile.remat,
+            dropout_key=key if lora.dropout > 0 else None,
+            compute_dtype=profile.dtype,
+        )
+
+    return loss_fn
+
+
+def make_train_step(
+    config: ModelConfig, lora: LoraConfig, tc: TrainConfig, profile: Profile, optimizer: optax.GradientTransformation
+) -> Callable:
+    """Returns jitted ``step(trainable, opt_state, params, batch, key) -> (trainable, opt_state, metrics)``.
+
+    batch: dict of [grad_accum * micro_batch, seq] int32 arrays (tokens, targets, positions, segment_ids).
+    trainable and opt_state are donated. Compiles once per (shapes, profile).
+    """
+    grad_fn = jax.value_and_grad(make_loss_fn(config, lora, profile), has_aux=True)
+
+    def step(trainable, opt_state, params, batch, key):
+        n = tc.grad_accum
+        micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+        keys = jax.random.split(key, n)
+
+        def accumulate(carry, xs):
+            g_sum, l_sum, c_sum = carry
+            (l, c), g = grad_fn(trainable, params, *xs)
+            g_sum = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g)
+            return (g_sum, l_sum + l, c_sum + c), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (g_sum, l_sum, count), _ = jax.lax.scan(accumulate, init, (micro, keys))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, trainable)
+        loss = l_sum / denom
+        updates, new_opt = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
+        return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient became NaN/Inf; the message names the step."""
+
+
+class StepDoesNotFitError(MemoryError):
+    """XLA ran out of device memory compiling or running the step; the message says what to change."""
+
+
+def explain_oom(err: Exception, *, batch: int, seq_len: int, profile: Profile) -> StepDoesNotFitError:
+    return StepDoesNotFitError(
+        f"the training step does not fit in device memory (batch={batch} sequences of seq_len={seq_len} tokens, "
+        f"profile {profile.name!r}: remat={profile.remat!r}, kernels={profile.kernels}). Try, in order: "
+        "remat='full' or 'offload', a smaller micro-batch with more grad_accum, load_in_4bit=True, "
+        f"a shorter max_seq_length. XLA said: {str(err).splitlines()[0][:300]}"
+    )
+
+
+def is_oom(err: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err)
