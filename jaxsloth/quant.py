@@ -311,13 +311,13 @@ def nf4_to_bnb_tensors(w: NF4Weight) -> dict[str, np.ndarray]:
     if w.lead_shape:
         raise ValueError(f"nf4_to_bnb_tensors takes one layer; this weight has leading axes {w.lead_shape}")
     out = {
-        "weight": np.asarray(w.packed).reshape(-1, 1),
-        "weight.absmax": np.asarray(w.absmax),
+        "weight": np.array(w.packed).reshape(-1, 1),
+        "weight.absmax": np.array(w.absmax),
         "weight.quant_map": NF4_CODE.copy(),
     }
     state = {"quant_type": "nf4", "blocksize": w.blocksize, "dtype": w.dtype, "shape": list(w.shape)}
     if w.double_quant:
-        out["weight.nested_absmax"] = np.asarray(w.nested_absmax)
+        out["weight.nested_absmax"] = np.array(w.nested_absmax)
         out["weight.nested_quant_map"] = dynamic_code_map().copy()
         state.update(
             nested_blocksize=NESTED_BLOCKSIZE,
