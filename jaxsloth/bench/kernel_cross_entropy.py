@@ -3,8 +3,10 @@
 Shapes: Llama-3.1-8B head (D=4096, V=128256), bf16, 4096 and 16384 tokens, with and without the head
 gradient. Per measurement: forward and forward+backward median time, model TFLOP/s (2NDV forward, 2NDV
 per gradient), compiled temporary memory (``memory_analysis().temp_size_in_bytes``) and, on GPU, the rise
-of ``peak_bytes_in_use`` over the bytes in use before the first call. Each measurement runs in its own
-process so the peak counter starts fresh. Correctness (max abs error against the reference) is checked
+of ``peak_bytes_in_use`` over the bytes in use before the first call (temporaries plus the gradient
+outputs: ``output_bytes_fwd_bwd`` says how much of it is outputs). Each measurement runs in its own
+process so the peak counter starts fresh (one run of the full table is ~8 processes, each compiling;
+split it with ``--tokens 4096`` / ``--tokens 16384`` if a time limit is tight). Correctness (max abs error against the reference) is checked
 after the peak is read and before timing.
 
     python -m jaxsloth.bench.kernel_cross_entropy --out ce.jsonl            # the full table
@@ -142,6 +144,7 @@ def measure(case: Case, iters: int, check: bool = True) -> dict:
         "temp_bytes_fwd": fwd.memory_analysis().temp_size_in_bytes,
         "temp_bytes_fwd_bwd": temp_fwd_bwd,
         "temp_gib_fwd_bwd": temp_fwd_bwd / 2**30,
+        "output_bytes_fwd_bwd": fwd_bwd.memory_analysis().output_size_in_bytes,
         "peak_delta_bytes_fwd_bwd": peak_delta,
         "blocks": dataclasses.asdict(case.blocks) if case.impl == "pallas" else None,
         "iters": iters,
@@ -162,7 +165,15 @@ def _block_argv(blocks: CrossEntropyBlocks) -> list[str]:
 def _run_isolated(case: Case, argv_common: list[str]) -> list[dict]:
     """One measurement in a fresh process (fresh peak-memory counter); a crash becomes an error row."""
     only = f"{case.impl}:{case.n}:{int(case.head_grad)}"
-    cmd = [sys.executable, "-m", __name__, "--only", only, *argv_common, *_block_argv(case.blocks)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxsloth.bench.kernel_cross_entropy",
+        "--only",
+        only,
+        *argv_common,
+        *_block_argv(case.blocks),
+    ]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
