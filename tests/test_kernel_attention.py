@@ -1,0 +1,175 @@
+"""attention Pallas kernel: output and dq/dk/dv against jax.vjp of attention_reference.
+
+CPU cases run in interpret mode with 16-wide blocks, so T in {17, 40} spans several blocks: the online
+softmax across blocks, the skipped (fully masked) blocks, the unmasked interior loops and the padded tail
+are all exercised. The reference runs in f32 on the (rounded) inputs, so low-precision cases measure the
+kernel's own rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels.attention import AttentionBlocks, attention, attention_reference
+from tests.tolerances import assert_close, dtype_kind
+
+SMALL = AttentionBlocks(
+    block_q=16,
+    block_k=16,
+    num_warps=4,
+    num_stages=1,
+    block_q_dkv=16,
+    block_k_dkv=32,
+    block_q_dq=32,
+    block_k_dq=16,
+)
+
+
+def _segments(key, b: int, t: int) -> jax.Array:
+    """Random packing: sorted ids, a boundary every ~6 tokens, at least two segments per row."""
+    starts = jax.random.bernoulli(key, 0.15, (b, t)).at[:, t // 2].set(True)
+    return jnp.cumsum(starts, axis=1).astype(jnp.int32)
+
+
+def _inputs(b, t, hq, hk, d, dtype, seed, segments):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q, k, v, do = (
+        jax.random.normal(key, (b, t, h, d), jnp.float32).astype(dtype) for key, h in zip(keys[:4], (hq, hk, hk, hq))
+    )
+    return q, k, v, do, (_segments(keys[4], b, t) if segments else None)
+
+
+def _check(
+    *,
+    b=1,
+    t=40,
+    hq=2,
+    hk=2,
+    d=64,
+    dtype=jnp.float32,
+    segments=False,
+    seed=0,
+    interpret=True,
+    block=SMALL,
+    **kw,
+):
+    q, k, v, do, segment_ids = _inputs(b, t, hq, hk, d, dtype, seed, segments)
+    kw["segment_ids"] = segment_ids
+
+    def kernel(q, k, v):
+        return attention(q, k, v, interpret=interpret, block=block, **kw)
+
+    def reference(q, k, v):
+        return attention_reference(q, k, v, **kw)
+
+    out, vjp = jax.vjp(kernel, q, k, v)
+    grads = vjp(do)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    with jax.default_matmul_precision("highest"):  # XLA:GPU would otherwise use TF32 for f32 dots
+        ref_out, ref_vjp = jax.vjp(reference, *f32[:3])
+        ref_grads = ref_vjp(f32[3])
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, ref_out, dtype_kind(dtype), err_msg="out")
+    for got, want, x, name in zip(grads, ref_grads, (q, k, v), ("dq", "dk", "dv")):
+        assert got.dtype == x.dtype and got.shape == x.shape, name
+        assert_close(got, want, dtype_kind(dtype, grad=True), err_msg=name)
+
+
+CASES = {
+    "causal": dict(t=40),
+    "gqa": dict(hq=4, hk=2),
+    "mqa": dict(t=17, hq=4, hk=1),
+    "window": dict(sliding_window=7),
+    "window_not_causal": dict(sliding_window=9, causal=False),
+    "softcap": dict(softcap=2.0, d=80),
+    "segments": dict(segments=True, b=2),
+    "not_causal": dict(causal=False, t=17, d=80),
+    "scale": dict(scale=0.3, t=17),
+    "all": dict(t=40, d=80, hq=4, hk=2, sliding_window=11, softcap=3.0, segments=True),
+    "all_bf16": dict(t=17, hq=4, hk=2, sliding_window=5, softcap=3.0, segments=True, dtype=jnp.bfloat16),
+    "causal_bf16": dict(t=40, hq=4, hk=1, dtype=jnp.bfloat16),
+    "causal_f16": dict(t=17, d=80, dtype=jnp.float16),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name):
+    _check(seed=len(name), **CASES[name])
+
+
+def test_default_blocks():
+    # The Hopper defaults shrink to the sequence: one block per program, no inner-loop steps skipped.
+    _check(t=17, hq=4, hk=2, d=64, block=None, sliding_window=6)
+
+
+def test_fewer_queries_than_keys():
+    # Queries are the last T keys (decode-style suffix): the causal diagonal is offset by S - T.
+    keys = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(keys[0], (1, 9, 2, 64))
+    k, v = (jax.random.normal(key, (1, 40, 1, 64)) for key in keys[1:3])
+    do = jax.random.normal(keys[3], q.shape)
+    kw = dict(sliding_window=13)
+    out, vjp = jax.vjp(lambda *a: attention(*a, block=SMALL, **kw), q, k, v)
+    ref_out, ref_vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), q, k, v)
+    assert_close(out, ref_out, "f32")
+    for got, want in zip(vjp(do), ref_vjp(do)):
+        assert_close(got, want, "f32_grad")
+
+
+def test_under_jit_and_grad():
+    q, k, v, _, segment_ids = _inputs(1, 17, 2, 1, 64, jnp.float32, seed=9, segments=True)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, segment_ids=segment_ids, softcap=4.0)))
+
+    got = jax.jit(jax.grad(lambda *a: loss(attention, *a), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(lambda *a: loss(attention_reference, *a), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(got, want):
+        assert_close(a, b, "f32_grad")
+
+
+def test_rejects_bad_inputs():
+    q, k = jnp.ones((1, 8, 3, 64)), jnp.ones((1, 8, 2, 64))
+    with pytest.raises(ValueError, match="multiple"):
+        attention(q, k, k)
+    q = jnp.ones((1, 8, 4, 64))
+    with pytest.raises(ValueError, match="segment_ids"):
+        attention(q, k, k, segment_ids=jnp.zeros((1, 7), jnp.int32))
+    with pytest.raises(ValueError, match="sliding_window"):
+        attention(q, k, k, sliding_window=0)
+    with pytest.raises(TypeError, match="dtype"):
+        attention(q.astype(jnp.bfloat16), k, k)
+    with pytest.raises(ValueError, match="block_k"):
+        AttentionBlocks(block_k=48)
+
+
+def test_benchmark_smoke(tmp_path):
+    import json
+
+    from jaxsloth.bench.kernel_attention import main
+
+    out = tmp_path / "attn.jsonl"
+    main(["--smoke", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all("error" not in r for r in rows), rows
+    assert {r["impl"] for r in rows} >= {"pallas", "xla_reference"}
+    assert all(r["max_err"] < 0.1 for r in rows if r["impl"] == "pallas")
+
+
+GPU_CASES = {
+    # Llama-3.1-8B attention: 32 q / 8 kv heads, d128, causal.
+    "llama8b_d128": dict(b=1, t=2048, hq=32, hk=8, d=128),
+    # Gemma-2-9B: 16 q / 8 kv heads, d256, softcap 50, window (smaller than T here).
+    "gemma2_d256": dict(b=1, t=2048, hq=16, hk=8, d=256, softcap=50.0, sliding_window=1024),
+    "packed_d128": dict(b=2, t=2048, hq=8, hk=2, d=128, segments=True),
+    "ragged_d80": dict(b=1, t=1000, hq=4, hk=4, d=80, sliding_window=300),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_gpu_matches_reference(name, dtype):
+    _check(dtype=dtype, interpret=False, block=None, seed=1, **GPU_CASES[name])
