@@ -1,0 +1,192 @@
+"""Micro-benchmark: the fused NF4 dequant-matmul + LoRA kernel against XLA's jitted dequantize-then-matmul
+(``nf4_matmul_reference``) and against the plain 16-bit LoRA linear of the same shape (x @ W^T with W
+already dequantized to bf16, plus the LoRA term, in XLA): Llama-3.1-8B projections, r=16, bf16.
+
+Per measurement: forward and forward+backward (dx, dA, dB) median time, TFLOP/s (2MNK + LoRA forward;
+twice the base for forward+backward), XLA's peak temporary memory of the jitted forward and
+forward+backward (``compile().memory_analysis().temp_size_in_bytes``) and the max abs error of output and
+gradients against the reference, checked before timing. The NF4 arrays are random bytes (speed does not
+depend on their values) in double-quant layout.
+
+    python -m jaxsloth.bench.kernel_nf4_matmul --out nf4.jsonl            # the table
+    python -m jaxsloth.bench.kernel_nf4_matmul --out sweep.jsonl --sweep  # launch configurations, Pallas only
+    python -m jaxsloth.bench.kernel_nf4_matmul --out smoke.jsonl --smoke  # tiny, CPU (interpret mode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.nf4_matmul import NF4MatmulBlock, nf4_dequantize_reference, nf4_matmul, nf4_matmul_reference
+
+# (name, in K, out N) of the Llama-3.1-8B projections.
+SHAPES_8B = (
+    ("q", 4096, 4096),
+    ("k_v", 4096, 1024),
+    ("o", 4096, 4096),
+    ("gate_up", 4096, 14336),
+    ("down", 14336, 4096),
+)
+SWEEP = (
+    NF4MatmulBlock(),
+    NF4MatmulBlock(block_n=256, num_warps=8),
+    NF4MatmulBlock(block_m=64, block_n=128, num_warps=4),
+    NF4MatmulBlock(block_m=256, block_n=128, num_warps=8),
+    NF4MatmulBlock(block_k=256, num_stages=4),
+    NF4MatmulBlock(lookup="gather"),
+    NF4MatmulBlock(fuse_lora_a=False),
+    NF4MatmulBlock(bwd_block_n=32, bwd_block_k=256),
+    NF4MatmulBlock(bwd_block_m=64, bwd_block_n=64, bwd_block_k=128, bwd_num_warps=4),
+)
+
+
+def _median_ms(fn, args, iters: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _inputs(m: int, k: int, n: int, r: int, dtype):
+    rng = np.random.default_rng(0)
+    nblocks = n * k // 64
+    nf4 = dict(
+        packed=jnp.asarray(rng.integers(0, 256, n * k // 2, dtype=np.uint8)),
+        absmax=jnp.asarray(rng.integers(0, 256, nblocks, dtype=np.uint8)),
+        nested_absmax=jnp.asarray(rng.uniform(0.01, 0.02, -(-nblocks // 256)).astype(np.float32)),
+        offset=jnp.asarray(np.float32(0.03)),
+    )
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
+    a = (0.02 * jax.random.normal(keys[1], (r, k), jnp.float32)).astype(dtype)
+    b = (0.02 * jax.random.normal(keys[2], (n, r), jnp.float32)).astype(dtype)
+    dy = jax.random.normal(keys[3], (m, n), jnp.float32).astype(dtype)
+    return nf4, x, a, b, dy
+
+
+def _op(impl: str, nf4: dict, shape, dtype, block: NF4MatmulBlock, interpret):
+    arrays = (nf4["packed"], nf4["absmax"], nf4["nested_absmax"], nf4["offset"])
+    kw = dict(shape=shape, double_quant=True)
+    if impl == "pallas":
+        return lambda x, a, b: nf4_matmul(x, *arrays, a, b, 2.0, **kw, interpret=interpret, block=block)
+    if impl == "xla_dequant_matmul":
+        return lambda x, a, b: nf4_matmul_reference(x, *arrays, a, b, 2.0, **kw)
+    w16 = jax.jit(lambda: nf4_dequantize_reference(*arrays, **kw, dtype=dtype))()
+
+    def lora_linear(x, a, b):
+        y = jnp.dot(x, w16.T, preferred_element_type=jnp.float32)
+        u = jnp.dot(x, a.T, preferred_element_type=jnp.float32).astype(x.dtype)
+        return (y + 2.0 * jnp.dot(u, b.T, preferred_element_type=jnp.float32)).astype(x.dtype)
+
+    return lora_linear
+
+
+def _fns(op):
+    def fwd_bwd(x, a, b, dy):
+        y, vjp = jax.vjp(op, x, a, b)
+        return y, vjp(dy)
+
+    return jax.jit(lambda x, a, b, dy: op(x, a, b)), jax.jit(fwd_bwd)
+
+
+def _temp_bytes(fn, args) -> int | None:
+    stats = fn.lower(*args).compile().memory_analysis()
+    return None if stats is None else int(stats.temp_size_in_bytes)
+
+
+def measure(impl, name, m, k, n, r, dtype, iters, block=NF4MatmulBlock(), interpret=None) -> dict:
+    dtype = jnp.dtype(dtype)
+    nf4, x, a, b, dy = _inputs(m, k, n, r, dtype)
+    args = (x, a, b, dy)
+    fwd, fwd_bwd = _fns(_op(impl, nf4, (n, k), dtype, block, interpret))
+    got = jax.block_until_ready(fwd_bwd(*args))
+    want = _fns(_op("xla_dequant_matmul", nf4, (n, k), dtype, block, interpret))[1](*args)
+    max_err = max(
+        float(jnp.max(jnp.abs(p.astype(jnp.float32) - q.astype(jnp.float32))))
+        for p, q in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    )
+    fwd_ms = _median_ms(fwd, args, iters)
+    fwd_bwd_ms = _median_ms(fwd_bwd, args, iters)
+    lora_flops = 2 * m * r * (k + n)
+    fwd_flops = 2 * m * n * k + lora_flops
+    # Backward: dx (2MNK + LoRA) and dA, dB (2 M r (K + N)).
+    fwd_bwd_flops = fwd_flops + 2 * m * n * k + 2 * lora_flops
+    return {
+        "op": "nf4_matmul",
+        "impl": impl,
+        "proj": name,
+        "shape": f"M{m}xK{k}xN{n}xr{r}",
+        "dtype": dtype.name,
+        "fwd_ms": fwd_ms,
+        "fwd_bwd_ms": fwd_bwd_ms,
+        "gbps_or_tflops": fwd_bwd_flops / fwd_bwd_ms * 1e-9,
+        "unit": "TFLOP/s fwd+bwd",
+        "fwd_tflops": fwd_flops / fwd_ms * 1e-9,
+        "fwd_temp_bytes": _temp_bytes(fwd, args),
+        "fwd_bwd_temp_bytes": _temp_bytes(fwd_bwd, args),
+        "max_err": max_err,
+        "block": dataclasses.asdict(block) if impl == "pallas" else None,
+        "iters": iters,
+        "jax": jax.__version__,
+        "device_kind": jax.devices()[0].device_kind,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="JSON lines file (default: stdout only)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations (CPU check)")
+    parser.add_argument("--sweep", action="store_true", help="time the SWEEP launch configurations")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--proj", nargs="+", default=[s[0] for s in SHAPES_8B])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    impls = ("pallas", "xla_dequant_matmul", "bf16_lora_xla")
+    shapes = [s for s in SHAPES_8B if s[0] in args.proj]
+    if args.smoke:
+        jobs = [(impl, "smoke", 37, 192, 200, 8, "bfloat16", 2) for impl in impls]
+    elif args.sweep:
+        jobs = [
+            ("pallas", name, m, k, n, args.rank, args.dtype, args.iters, block)
+            for m in args.tokens
+            for name, k, n in shapes
+            for block in SWEEP
+        ]
+    else:
+        jobs = [
+            (impl, name, m, k, n, args.rank, args.dtype, args.iters)
+            for m in args.tokens
+            for name, k, n in shapes
+            for impl in impls
+        ]
+
+    # One line per measurement as soon as it exists, so a run cut short keeps what it measured.
+    out = open(args.out, "w") if args.out else None
+    try:
+        for job in jobs:
+            line = json.dumps(measure(*job))
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+    finally:
+        if out:
+            out.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The fused NF4 dequant-matmul + LoRA kernel against its jnp reference: forward and the gradients of x,
+lora_a and lora_b, in interpret mode on CPU and compiled on a GPU (marked)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsloth.quant import quantize_nf4
+from pallas_kernels.nf4_matmul import NF4MatmulBlock, nf4_matmul, nf4_matmul_reference
+from tests.tolerances import assert_close, dtype_kind
+
+# Small tiles so the odd shapes below span several tiles with ragged M and N edges.
+SMALL = NF4MatmulBlock(block_m=16, block_n=64, block_k=128, bwd_block_m=16, bwd_block_n=64, bwd_block_k=128)
+SMALL_GATHER_UNFUSED = NF4MatmulBlock(
+    block_m=32,
+    block_n=32,
+    block_k=64,
+    bwd_block_m=32,
+    bwd_block_n=32,
+    bwd_block_k=64,
+    lookup="gather",
+    fuse_lora_a=False,
+)
+
+
+def _case(m, k, n, r, dtype, double_quant, seed):
+    rng = np.random.default_rng(seed)
+    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=double_quant)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+    lora = None
+    if r:
+        lora = (
+            jnp.asarray(rng.standard_normal((r, k)) * 0.1, dtype),
+            jnp.asarray(rng.standard_normal((n, r)) * 0.1, dtype),
+        )
+    dy = jnp.asarray(rng.standard_normal((m, n)), dtype)
+    return q, x, lora, dy
+
+
+def _check(m, k, n, r, dtype, double_quant, block, interpret, seed=0):
+    q, x, lora, dy = _case(m, k, n, r, dtype, double_quant, seed)
+    kw = dict(shape=q.shape, double_quant=double_quant)
+
+    def kernel(x, a=None, b=None):
+        return nf4_matmul(
+            x, q.packed, q.absmax, q.nested_absmax, q.offset, a, b, 0.75, **kw, interpret=interpret, block=block
+        )
+
+    def reference(x, a=None, b=None):
+        return nf4_matmul_reference(x, q.packed, q.absmax, q.nested_absmax, q.offset, a, b, 0.75, **kw)
+
+    primals = (x, *(lora or ()))
+    y, vjp = jax.vjp(kernel, *primals)
+    y_ref, vjp_ref = jax.vjp(reference, *primals)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    assert_close(y, y_ref, dtype_kind(dtype))
+    for name, g, g_ref in zip(("dx", "dlora_a", "dlora_b"), vjp(dy), vjp_ref(dy)):
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
+        assert_close(g, g_ref, dtype_kind(dtype, grad=True), err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "m,k,n,r,dtype,double_quant,block",
+    [
+        (37, 192, 200, 8, jnp.float32, True, SMALL),
+        (37, 320, 200, 16, jnp.bfloat16, True, SMALL_GATHER_UNFUSED),
+        (37, 192, 200, 8, jnp.bfloat16, False, SMALL),
+        (20, 128, 72, 0, jnp.float32, False, SMALL_GATHER_UNFUSED),
+    ],
+)
+def test_matches_reference_interpret(m, k, n, r, dtype, double_quant, block):
+    _check(m, k, n, r, dtype, double_quant, block, interpret=True)
+
+
+def test_leading_axes_and_fallback():
+    rng = np.random.default_rng(1)
+    # K = 96 is not a multiple of 64: quant blocks straddle rows, so the public function uses the reference.
+    for k in (128, 96):
+        q = quantize_nf4(rng.standard_normal((24, k)).astype(np.float32), double_quant=True)
+        x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
+        args = (x, q.packed, q.absmax, q.nested_absmax, q.offset)
+        kw = dict(shape=q.shape, double_quant=True)
+        y = nf4_matmul(*args, **kw, interpret=True, block=SMALL)
+        assert y.shape == (2, 3, 24)
+        assert_close(y, nf4_matmul_reference(*args, **kw), "f32")
+
+
+def test_bad_operands_raise():
+    q = quantize_nf4(np.ones((8, 64), np.float32), double_quant=False)
+    x = jnp.ones((4, 64), jnp.float32)
+    with pytest.raises(ValueError, match="in-features"):
+        nf4_matmul(x[:, :32], q.packed, q.absmax, None, None, shape=q.shape, double_quant=False)
+    with pytest.raises(ValueError, match="absmax"):
+        nf4_matmul(x, q.packed, q.absmax, None, None, shape=q.shape, double_quant=True)
+    with pytest.raises(ValueError, match="LoRA shapes"):
+        a, b = jnp.ones((4, 64)), jnp.ones((4, 8))
+        nf4_matmul(x, q.packed, q.absmax, None, None, a, b, shape=q.shape, double_quant=False)
+    with pytest.raises(ValueError, match="block_k"):
+        NF4MatmulBlock(block_k=32)
+
+
+def test_lowers_to_triton_on_cpu(monkeypatch):
+    """Lowers both kernels to Triton IR for an H100 without a GPU, so an op the Triton lowering lacks fails
+    in CI rather than on the GPU machine."""
+    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+    for double_quant, block in ((True, NF4MatmulBlock()), (False, SMALL_GATHER_UNFUSED)):
+        q, x, (a, b), dy = _case(64, 256, 128, 16, jnp.bfloat16, double_quant, seed=2)
+
+        def f(x, a, b, dy, q=q, double_quant=double_quant, block=block):
+            def g(x, a, b):
+                return nf4_matmul(
+                    x, q.packed, q.absmax, q.nested_absmax, q.offset, a, b, 2.0,
+                    shape=q.shape, double_quant=double_quant, interpret=False, block=block,
+                )  # fmt: skip
+
+            return jax.vjp(g, x, a, b)[1](dy)
+
+        text = jax.jit(f).trace(x, a, b, dy).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m,k,n,r,dtype,double_quant,block",
+    [
+        (37, 192, 200, 8, jnp.float32, True, SMALL),
+        (37, 320, 200, 16, jnp.bfloat16, True, SMALL_GATHER_UNFUSED),
+        (300, 1024, 520, 16, jnp.bfloat16, True, NF4MatmulBlock()),
+        (300, 1024, 520, 16, jnp.bfloat16, False, NF4MatmulBlock(lookup="gather")),
+        (129, 4096, 1024, 0, jnp.bfloat16, True, NF4MatmulBlock()),
+    ],
+)
+def test_matches_reference_gpu(m, k, n, r, dtype, double_quant, block):
+    _check(m, k, n, r, dtype, double_quant, block, interpret=False)
+
+
+def test_benchmark_smoke(tmp_path):
+    from jaxsloth.bench.kernel_nf4_matmul import main
+
+    out = tmp_path / "nf4.jsonl"
+    main(["--smoke", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines and all('"op": "nf4_matmul"' in line for line in lines)
