@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxsloth.bench import kernel_glu
 from pallas_kernels.glu import GluBlock, geglu, geglu_reference, swiglu, swiglu_reference
 from tests.tolerances import assert_close, dtype_kind
 
@@ -55,3 +58,10 @@ def test_gpu_8b_shape(op):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_gpu_dtypes(op, dtype):
     _check(op, (2, 333, 14336), dtype, seed=2, interpret=False)
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    kernel_glu.main(["--smoke", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(row["max_err"] < 1e-4 and row["fwd_ms"] > 0 for row in rows)

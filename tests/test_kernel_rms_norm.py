@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxsloth.bench import kernel_rms_norm
 from pallas_kernels.rms_norm import RmsNormBlock, rms_norm, rms_norm_reference
 from tests.tolerances import assert_close, dtype_kind
 
@@ -97,3 +100,10 @@ def test_gpu_8b_shapes(shape, weight_offset, residual):
 @pytest.mark.gpu
 def test_gpu_f32():
     _check((333, 4096), jnp.float32, 0.0, True, seed=6, interpret=False)
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    kernel_rms_norm.main(["--smoke", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(row["max_err"] < 1e-4 and row["fwd_ms"] > 0 for row in rows)

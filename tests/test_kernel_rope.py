@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxsloth.bench import kernel_rope
 from pallas_kernels.rope import RopeBlock, rope, rope_reference
 from tests.tolerances import assert_close, dtype_kind
 
@@ -119,3 +122,10 @@ def test_gpu_8b_shape():
 )
 def test_gpu_head_dims(hd, rot, dtype):
     _check(2, 333, 16, 8, hd, rot, dtype, 1.2, seed=hd, interpret=False)
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    kernel_rope.main(["--smoke", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and all(row["max_err"] < 1e-4 and row["fwd_ms"] > 0 for row in rows)
