@@ -13,8 +13,8 @@ from pallas_kernels.glu import GluBlock, geglu, geglu_reference, swiglu, swiglu_
 from tests.tolerances import assert_close, dtype_kind
 
 _OPS = {"swiglu": (swiglu, swiglu_reference), "geglu": (geglu, geglu_reference)}
-# Several programs per launch and a masked tail (6300 elements is no multiple of 1024 or 512).
-_SMALL = GluBlock(block=1024, num_warps=4, bwd_block=512, bwd_num_warps=4)
+# Several programs along both axes with masked edges: 21 rows and 300 features in 4 x 128 / 8 x 64 tiles.
+_SMALL = GluBlock(block_rows=4, block_cols=128, num_warps=4, bwd_block_rows=8, bwd_block_cols=64, bwd_num_warps=4)
 
 
 def _check(op, shape, dtype, seed, interpret, block=None):
@@ -44,7 +44,7 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="same shape"):
         swiglu(jnp.ones((2, 300)), jnp.ones((2, 301)))
     with pytest.raises(ValueError, match="power of two"):
-        GluBlock(block=1000)
+        GluBlock(block_cols=1000)
 
 
 @pytest.mark.gpu

@@ -28,12 +28,12 @@ HBM_GBPS = 4300.0
 OPS = {"swiglu": (swiglu, swiglu_reference), "geglu": (geglu, geglu_reference)}
 SWEEP = (
     GluBlock(),
-    GluBlock(block=1024, num_warps=4, bwd_block=1024, bwd_num_warps=4),
-    GluBlock(block=2048, num_warps=4, bwd_block=2048, bwd_num_warps=4),
-    GluBlock(block=4096, num_warps=8, bwd_block=4096, bwd_num_warps=4),
-    GluBlock(block=8192, num_warps=8, bwd_block=8192, bwd_num_warps=8),
-    GluBlock(block=8192, num_warps=16, bwd_block=8192, bwd_num_warps=16),
-    GluBlock(block=16384, num_warps=16, bwd_block=2048, bwd_num_warps=8),
+    GluBlock(block_rows=1, block_cols=2048, num_warps=4, bwd_block_rows=1, bwd_block_cols=2048, bwd_num_warps=4),
+    GluBlock(block_rows=1, block_cols=1024, num_warps=4, bwd_block_rows=1, bwd_block_cols=1024, bwd_num_warps=4),
+    GluBlock(block_rows=4, block_cols=2048, num_warps=8, bwd_block_rows=2, bwd_block_cols=2048, bwd_num_warps=4),
+    GluBlock(block_rows=1, block_cols=4096, num_warps=8, bwd_block_rows=1, bwd_block_cols=4096, bwd_num_warps=8),
+    GluBlock(block_rows=4, block_cols=2048, num_warps=16, bwd_block_rows=4, bwd_block_cols=2048, bwd_num_warps=16),
+    GluBlock(block_rows=8, block_cols=1024, num_warps=8, bwd_block_rows=8, bwd_block_cols=512, bwd_num_warps=8),
 )
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.smoke:
-        small = GluBlock(block=512, num_warps=4, bwd_block=512, bwd_num_warps=4)
+        small = GluBlock(block_rows=4, block_cols=128, bwd_block_rows=2, bwd_block_cols=256)
         rows = [measure(op, impl, 7, 300, "float32", 3, small) for op in OPS for impl in ("pallas", "xla_reference")]
     elif args.sweep:
         rows = [
