@@ -8,6 +8,8 @@ kernel's own rounding.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -58,18 +60,19 @@ def _check(
     q, k, v, do, segment_ids = _inputs(b, t, hq, hk, d, dtype, seed, segments)
     kw["segment_ids"] = segment_ids
 
-    def kernel(q, k, v):
-        return attention(q, k, v, interpret=interpret, block=block, **kw)
+    @jax.jit
+    def kernel(q, k, v, do):
+        out, vjp = jax.vjp(lambda *a: attention(*a, interpret=interpret, block=block, **kw), q, k, v)
+        return out, vjp(do)
 
-    def reference(q, k, v):
-        return attention_reference(q, k, v, **kw)
+    @jax.jit
+    def reference(q, k, v, do):
+        out, vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), q, k, v)
+        return out, vjp(do)
 
-    out, vjp = jax.vjp(kernel, q, k, v)
-    grads = vjp(do)
-    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    out, grads = kernel(q, k, v, do)
     with jax.default_matmul_precision("highest"):  # XLA:GPU would otherwise use TF32 for f32 dots
-        ref_out, ref_vjp = jax.vjp(reference, *f32[:3])
-        ref_grads = ref_vjp(f32[3])
+        ref_out, ref_grads = reference(*(x.astype(jnp.float32) for x in (q, k, v, do)))
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(out, ref_out, dtype_kind(dtype), err_msg="out")
     for got, want, x, name in zip(grads, ref_grads, (q, k, v), ("dq", "dk", "dv")):
@@ -78,19 +81,16 @@ def _check(
 
 
 CASES = {
-    "causal": dict(t=40),
-    "gqa": dict(hq=4, hk=2),
-    "mqa": dict(t=17, hq=4, hk=1),
+    "causal_gqa": dict(t=40, hq=4, hk=2),
+    "causal_mqa_bf16": dict(t=40, hq=4, hk=1, dtype=jnp.bfloat16),
+    "causal_f16": dict(t=17, d=80, dtype=jnp.float16),
     "window": dict(sliding_window=7),
     "window_not_causal": dict(sliding_window=9, causal=False),
     "softcap": dict(softcap=2.0, d=80),
     "segments": dict(segments=True, b=2),
-    "not_causal": dict(causal=False, t=17, d=80),
-    "scale": dict(scale=0.3, t=17),
+    "not_causal_scaled": dict(causal=False, t=17, d=80, scale=0.3),
     "all": dict(t=40, d=80, hq=4, hk=2, sliding_window=11, softcap=3.0, segments=True),
     "all_bf16": dict(t=17, hq=4, hk=2, sliding_window=5, softcap=3.0, segments=True, dtype=jnp.bfloat16),
-    "causal_bf16": dict(t=40, hq=4, hk=1, dtype=jnp.bfloat16),
-    "causal_f16": dict(t=17, d=80, dtype=jnp.float16),
 }
 
 
@@ -104,27 +104,18 @@ def test_default_blocks():
     _check(t=17, hq=4, hk=2, d=64, block=None, sliding_window=6)
 
 
-def test_fewer_queries_than_keys():
-    # Queries are the last T keys (decode-style suffix): the causal diagonal is offset by S - T.
+def test_under_jit_and_grad_with_fewer_queries_than_keys():
+    # Queries are the last T of S keys: the causal diagonal and the window are offset by S - T, and the
+    # query segment ids are the last T of the [B, S] ids.
     keys = jax.random.split(jax.random.key(5), 4)
     q = jax.random.normal(keys[0], (1, 9, 2, 64))
     k, v = (jax.random.normal(key, (1, 40, 1, 64)) for key in keys[1:3])
-    do = jax.random.normal(keys[3], q.shape)
-    kw = dict(sliding_window=13)
-    out, vjp = jax.vjp(lambda *a: attention(*a, block=SMALL, **kw), q, k, v)
-    ref_out, ref_vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), q, k, v)
-    assert_close(out, ref_out, "f32")
-    for got, want in zip(vjp(do), ref_vjp(do)):
-        assert_close(got, want, "f32_grad")
-
-
-def test_under_jit_and_grad():
-    q, k, v, _, segment_ids = _inputs(1, 17, 2, 1, 64, jnp.float32, seed=9, segments=True)
+    kw = dict(segment_ids=_segments(keys[3], 1, 40), sliding_window=13, softcap=4.0)
 
     def loss(fn, q, k, v):
-        return jnp.sum(jnp.sin(fn(q, k, v, segment_ids=segment_ids, softcap=4.0)))
+        return jnp.sum(jnp.sin(fn(q, k, v, **kw)))
 
-    got = jax.jit(jax.grad(lambda *a: loss(attention, *a), argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.grad(lambda *a: loss(functools.partial(attention, block=SMALL), *a), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(lambda *a: loss(attention_reference, *a), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(got, want):
         assert_close(a, b, "f32_grad")
