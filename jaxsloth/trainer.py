@@ -1,0 +1,178 @@
+"""The host training loop: batches in, jitted steps, metrics out, checkpoints, resume, non-finite and OOM handling.
+
+``fit`` is what ``jaxsloth.train`` and the CLI call. Metrics go to callbacks (progress bar, JSONL, TensorBoard);
+checkpoints hold everything needed to continue with exactly the losses an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsloth.checkpoint import Checkpointer, array_to_key, key_to_array
+from jaxsloth.lora import LoraConfig
+from jaxsloth.models.config import ModelConfig
+from jaxsloth.profiles import Profile
+from jaxsloth.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    explain_oom,
+    is_oom,
+    make_optimizer,
+    make_train_step,
+)
+
+log = logging.getLogger("jaxsloth")
+Callback = Callable[[dict], None]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    trainable: dict
+    opt_state: object
+    step: int
+    history: list[dict]
+    interrupted: bool = False
+
+
+def validate_batch(batch: dict[str, np.ndarray], vocab_size: int, step: int) -> None:
+    """JAX clamps out-of-range gathers silently: catch bad token ids before they train garbage."""
+    for key in ("tokens", "targets"):
+        if key not in batch:
+            raise ValueError(f"batch for step {step} has no {key!r} array (keys: {sorted(batch)})")
+    tokens = batch["tokens"]
+    hi, lo = int(tokens.max()), int(tokens.min())
+    if hi >= vocab_size or lo < 0:
+        bad = hi if hi >= vocab_size else lo
+        row = int(np.argwhere(tokens == bad)[0][0])
+        raise ValueError(f"step {step}: token id {bad} in batch row {row} is outside the vocabulary [0, {vocab_size})")
+    t = batch["targets"]
+    if int(t.max()) >= vocab_size or int(t[t != -100].min(initial=0)) < 0:
+        raise ValueError(f"step {step}: a target id is outside the vocabulary [0, {vocab_size}) and is not -100")
+
+
+def _device_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def fit(
+    config: ModelConfig,
+    params: dict,
+    trainable: dict,
+    loader: Iterator[dict[str, np.ndarray]],
+    *,
+    lora: LoraConfig,
+    train_config: TrainConfig,
+    profile: Profile,
+    checkpoint_dir: str | None = None,
+    save_every: int = 0,
+    keep: int = 3,
+    resume: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Trains ``trainable`` for train_config.total_steps steps over batches from ``loader``.
+
+    loader yields dicts of [grad_accum * micro_batch, seq] int32 arrays (see jaxsloth.data) and, to resume at the
+    same batch, has state_dict()/load_state_dict(). With ``checkpoint_dir``: resumes from its latest checkpoint
+    (when ``resume``), saves every ``save_every`` steps, at the end, and on Ctrl-C before re-raising.
+    """
+    tc = train_config
+    # The step donates its state buffers; copy (LoRA is small) so the caller's arrays stay valid.
+    trainable = jax.tree.map(jnp.copy, trainable)
+    optimizer = make_optimizer(tc, lora, trainable)
+    opt_state = optimizer.init(trainable)
+    key = jax.random.key(tc.seed)
+    step = 0
+    ckpt = Checkpointer(checkpoint_dir, keep=keep) if checkpoint_dir else None
+    if ckpt is not None and resume and ckpt.latest_step() is not None:
+        abstract = {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)}
+        state, meta = ckpt.restore(ckpt.latest_step(), abstract)
+        trainable, opt_state, key = state["trainable"], state["opt_state"], array_to_key(state["key"])
+        step = int(meta["step"])
+        if meta.get("data") is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(meta["data"])
+        log.info("resumed from %s at step %d", ckpt.directory, step)
+
+    saved_at = step
+
+    def save():
+        nonlocal saved_at
+        if ckpt is None or step == saved_at:
+            return
+        saved_at = step
+        data = loader.state_dict() if hasattr(loader, "state_dict") else None
+        ckpt.save(
+            step,
+            {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)},
+            {"step": step, "data": data},
+        )
+
+    step_fn = make_train_step(config, lora, tc, profile, optimizer)
+    history: list[dict] = []
+    interrupted = False
+    try:
+        while step < tc.total_steps:
+            try:
+                batch = next(loader)
+            except StopIteration:
+                log.info("data exhausted after %d steps", step)
+                break
+            validate_batch(batch, config.vocab_size, step + 1)
+            n_seq, seq_len = batch["tokens"].shape
+            if n_seq % tc.grad_accum:
+                raise ValueError(
+                    f"batch of {n_seq} sequences does not split into grad_accum={tc.grad_accum} micro-batches"
+                )
+            key, sub = jax.random.split(key)
+            t0 = time.perf_counter()
+            try:
+                trainable, opt_state, m = step_fn(trainable, opt_state, params, jax.tree.map(jnp.asarray, batch), sub)
+                m = jax.device_get(m)
+            except Exception as e:  # XLA reports OOM as a generic runtime error
+                if is_oom(e):
+                    raise explain_oom(e, batch=n_seq, seq_len=seq_len, profile=profile) from e
+                raise
+            step += 1
+            dt = time.perf_counter() - t0
+            record = {
+                "step": step,
+                "loss": float(m["loss"]),
+                "grad_norm": float(m["grad_norm"]),
+                "tokens": int(m["tokens"]),
+                "seq_tokens": n_seq * seq_len,
+                "step_time_s": dt,
+                "tokens_per_s": n_seq * seq_len / dt,
+                "peak_gib": _device_memory_gib(),
+                "total_steps": tc.total_steps,
+            }
+            if not bool(m["finite"]):
+                if tc.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"loss became {record['loss']} (grad norm {record['grad_norm']}) at step {step}; the update "
+                        "was not applied. Lower the learning rate, check the data, or set on_nonfinite='skip'."
+                    )
+                log.warning("step %d: non-finite loss %s, update skipped", step, record["loss"])
+                record["skipped"] = True
+            history.append(record)
+            for cb in callbacks:
+                cb(record)
+            if ckpt is not None and save_every and step % save_every == 0:
+                save()
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted at step %d; saving a checkpoint", step)
+    finally:
+        if ckpt is not None:
+            save()  # at the end, on Ctrl-C and on any crash: nothing trained is lost
+            ckpt.close()
+    if interrupted:
+        raise KeyboardInterrupt
+    return TrainResult(trainable, opt_state, step, history)
