@@ -165,7 +165,9 @@ def _q_block_range(k_start, bq: int, bk: int, st: _Static):
         hi = jnp.minimum(num_q, lax.div(jnp.maximum(last + 1, 0) + bq - 1, bq))
         full_hi = lax.div(jnp.maximum(k_start + st.window - st.offset, 0), bq)
     if st.kv_len % bk:
-        full_hi = jnp.where(k_start + bk > st.kv_len, 0, full_hi)  # this block holds padded keys
+        # The block holding padded keys (index kv_len // bk) is masked throughout. Integer arithmetic: a
+        # jnp.where on these scalars fails in the Triton lowering (i1/i32 operand mismatch).
+        full_hi = full_hi * _clamp(st.kv_len // bk - lax.div(k_start, bk), 0, 1)
     return _split(lo, hi, full_lo, full_hi, st)
 
 
@@ -447,9 +449,7 @@ def _pad_to(x: jax.Array, length: int, width: int | None = None) -> jax.Array:
 
 def _validate(q, k, v, segment_ids, sliding_window, softcap) -> None:
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(
-            f"expected q [B, T, Hq, hd], k and v [B, S, Hk, hd]: {q.shape=} {k.shape=} {v.shape=}"
-        )
+        raise ValueError(f"expected q [B, T, Hq, hd], k and v [B, S, Hk, hd]: {q.shape=} {k.shape=} {v.shape=}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"batch and head dim of q and k differ: {q.shape=} {k.shape=}")
     if q.shape[2] % k.shape[2]:

@@ -149,6 +149,35 @@ def test_benchmark_smoke(tmp_path):
     assert all(r["max_err"] < 0.1 for r in rows if r["impl"] == "pallas")
 
 
+@pytest.mark.parametrize(
+    "d, dtype, kw",
+    [
+        (128, jnp.bfloat16, dict()),
+        (256, jnp.bfloat16, dict(softcap=50.0, sliding_window=1024)),
+        (80, jnp.float32, dict(segments=True, causal=False, sliding_window=300)),
+    ],
+)
+def test_lowers_to_triton_on_cpu(monkeypatch, d, dtype, kw):
+    """Lowers the three kernels (forward, dK/dV, dQ) to Triton IR for an H200 without a GPU, so an op or
+    an indexing form the Triton lowering lacks fails in CI rather than on the GPU machine."""
+    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
+    kw = dict(kw)
+    b, t, hq, hk = 2, 1000, 8, 2
+    segment_ids = jax.ShapeDtypeStruct((b, t), jnp.int32) if kw.pop("segments", False) else None
+    q = jax.ShapeDtypeStruct((b, t, hq, d), dtype)
+    k = jax.ShapeDtypeStruct((b, t, hk, d), dtype)
+
+    def f(q, k, v, do, segment_ids):
+        def g(q, k, v):
+            return attention(q, k, v, segment_ids=segment_ids, interpret=False, **kw)
+
+        return jax.vjp(g, q, k, v)[1](do)
+
+    text = jax.jit(f).trace(q, k, k, q, segment_ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3
+
+
 GPU_CASES = {
     # Llama-3.1-8B attention: 32 q / 8 kv heads, d128, causal.
     "llama8b_d128": dict(b=1, t=2048, hq=32, hk=8, d=128),
