@@ -194,6 +194,45 @@ def iter_layer_tensors(reader: CheckpointReader, layout: dict[str, list[TensorSl
             yield slot, (t if slot.rows is None else t[slot.rows[0] : slot.rows[1]])
 
 
+_BNB_SUFFIXES = (
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+)
+
+
+def is_bnb_4bit(config: ModelConfig) -> bool:
+    """A pre-quantized ``*-bnb-4bit`` checkpoint (config.json's quantization_config says so)."""
+    q = (json.loads(config.hf_config) if config.hf_config else {}).get("quantization_config") or {}
+    return q.get("quant_method") == "bitsandbytes" and bool(q.get("load_in_4bit") or q.get("_load_in_4bit"))
+
+
+def _bnb_group(reader: CheckpointReader, key: str) -> dict[str, np.ndarray]:
+    """The tensors of one bnb-4bit linear, keyed relative to its prefix (weight, weight.absmax, ...)."""
+    prefix = key[: -len("weight")]
+    return {k[len(prefix) :]: np.asarray(reader[k]) for k in reader.keys() if k == key or k.startswith(key + ".")}
+
+
+def _load_bnb_projection(reader, key, slots):
+    """Pre-quantized projection -> [(slot, NF4Weight)]; fused Phi-3 tensors are split by rows, bit-exactly."""
+    from jaxsloth.quant import nf4_from_bnb_tensors, split_nf4_rows
+
+    try:
+        w = nf4_from_bnb_tensors(_bnb_group(reader, key))
+    except ValueError as e:
+        raise ValueError(f"{reader.files[key]}: {key}: {e}") from None
+    expected = _fused_shape(slots)
+    if tuple(w.shape) != tuple(expected):
+        raise ValueError(
+            f"{reader.files[key]}: tensor {key!r} has shape {tuple(w.shape)}, config.json implies {expected}"
+        )
+    if slots[0].rows is None:
+        return [(slots[0], w)]
+    return [(s, split_nf4_rows(w, *s.rows)) for s in slots]
+
+
 def load_params(
     model_dir: str | os.PathLike,
     config: ModelConfig | None = None,
@@ -210,15 +249,29 @@ def load_params(
     config = config or load_config(model_dir)
     layout = hf_layout(config)
     reader = CheckpointReader(model_dir)
-    allow = ("lm_head.weight",) if config.tie_word_embeddings else ()
-    _check_keys(reader.keys(), layout.keys(), model_dir, allow_extra=allow)
+    allow = ["lm_head.weight"] if config.tie_word_embeddings else []
+    prequantized = {}
+    if is_bnb_4bit(config):
+        prequantized = {k: v for k, v in layout.items() if v[0].path[-1] == "weight" and v[0].path[0] == "layers"}
+        allow += [k + sfx for k in prequantized for sfx in _BNB_SUFFIXES]
+        layout = {k: v for k, v in layout.items() if k not in prequantized}
+    _check_keys(reader.keys(), list(layout) + list(prequantized), model_dir, allow_extra=set(allow))
     np_dtype = _np_dtype(dtype)
     params: dict = {}
     quantized: dict[tuple[str, ...], list] = {}
-    total = len(layout)
-    for n, (slot, t) in enumerate(iter_layer_tensors(reader, layout, model_dir)):
+    total = len(layout) + len(prequantized)
+
+    def tensors():
+        yield from iter_layer_tensors(reader, layout, model_dir)
+        for key, slots in prequantized.items():
+            yield from _load_bnb_projection(reader, key, slots)
+
+    for n, (slot, t) in enumerate(tensors()):
         is_proj = slot.path[-1] == "weight"
-        q = quantize(slot.path, np.asarray(t)) if (quantize is not None and is_proj) else None
+        if not isinstance(t, np.ndarray):  # already an NF4Weight
+            q = t
+        else:
+            q = quantize(slot.path, np.asarray(t)) if (quantize is not None and is_proj) else None
         if q is not None:
             quantized.setdefault(slot.path, [None] * config.num_layers)[slot.layer] = q
         elif slot.layer is None:
@@ -240,9 +293,30 @@ def load_params(
     return config, jax.tree.map(jnp.asarray, params)
 
 
-def load_hf_model(model_dir: str | os.PathLike, *, dtype=jnp.bfloat16, quantize=None, progress=None):
-    """model_dir -> (ModelConfig, params). See ``load_params``."""
+def load_hf_model(
+    model_dir: str | os.PathLike,
+    *,
+    dtype=jnp.bfloat16,
+    load_in_4bit: bool = False,
+    double_quant: bool = True,
+    progress=None,
+):
+    """model_dir -> (ModelConfig, params).
+
+    load_in_4bit: quantize every projection to bitsandbytes NF4 as it is read (in ``dtype`` first, as transformers
+    does before bitsandbytes quantizes), so the full-precision model never sits in memory whole. Pre-quantized
+    ``*-bnb-4bit`` checkpoints load as NF4 whatever this flag says.
+    """
     config = load_config(model_dir)
+    quantize = None
+    if load_in_4bit:
+        from jaxsloth.quant import quantize_nf4
+
+        np_dtype = _np_dtype(dtype)
+
+        def quantize(path, w):
+            return quantize_nf4(w.astype(np_dtype), double_quant=double_quant)
+
     return load_params(model_dir, config, dtype=dtype, quantize=quantize, progress=progress)
 
 

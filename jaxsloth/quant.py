@@ -184,6 +184,36 @@ def quantize_nf4(w, *, double_quant: bool = True, blocksize: int = 64) -> NF4Wei
     return jax.tree_util.tree_map(lambda a: a.reshape(*lead, *a.shape[1:]), stacked)
 
 
+def split_nf4_rows(w: NF4Weight, start: int, stop: int) -> NF4Weight:
+    """Rows [start, stop) of a single NF4 weight, exactly (Phi-3's fused qkv / gate_up split on load).
+
+    Needs row boundaries on 64-weight blocks (true for every real model). The nested (256-block) level does not
+    split along rows, so the slice keeps the double-quantized absmax in its dequantized f32 form: the same values,
+    0.5 bit per weight more for these projections.
+    """
+    out_f, in_f = w.shape
+    if not 0 <= start < stop <= out_f or (start * in_f) % w.blocksize or (stop * in_f) % w.blocksize:
+        raise ValueError(
+            f"cannot split rows [{start}, {stop}) of an NF4 weight of shape {w.shape}: "
+            f"row boundaries must fall on {w.blocksize}-weight blocks"
+        )
+    absmax = np.asarray(w.absmax)
+    if w.double_quant:
+        nested = np.repeat(np.asarray(w.nested_absmax, np.float32), NESTED_BLOCKSIZE)[: absmax.size]
+        absmax = dynamic_code_map()[absmax.astype(np.int64)] * nested + np.float32(np.asarray(w.offset))
+    b0, b1 = start * in_f // w.blocksize, stop * in_f // w.blocksize
+    return NF4Weight(
+        packed=jnp.asarray(np.asarray(w.packed)[start * in_f // 2 : stop * in_f // 2]),
+        absmax=jnp.asarray(absmax[b0:b1].astype(np.float32)),
+        nested_absmax=None,
+        offset=None,
+        shape=(stop - start, in_f),
+        blocksize=w.blocksize,
+        double_quant=False,
+        dtype=w.dtype,
+    )
+
+
 def dequantize_nf4(w: NF4Weight, dtype=jnp.bfloat16) -> jax.Array:
     """NF4Weight -> [..., out, in] in dtype (code * absmax in f32, then cast, as bnb does)."""
     return nf4_dequantize_reference(
