@@ -112,10 +112,12 @@ def _scores(q, k, st: _Static):
     return t * (st.softcap * _LOG2E), t
 
 
-def _mask(q_start, k_start, bq: int, bk: int, qseg, kseg, st: _Static):
-    """Boolean [bq, bk] visibility of keys k_start.. from queries q_start.. (None if all visible)."""
-    rows = q_start + st.offset + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    cols = k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+def _mask(q_start, k_start, bq: int, bk: int, qseg, kseg, st: _Static, kv_major: bool = False):
+    """Boolean [bq, bk] visibility of keys k_start.. from queries q_start.. (None if all visible);
+    [bk, bq] when ``kv_major``."""
+    shape, q_axis = ((bk, bq), 1) if kv_major else ((bq, bk), 0)
+    rows = q_start + st.offset + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    cols = k_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
     conds = []
     if st.causal:
         conds.append(cols <= rows)
@@ -124,7 +126,7 @@ def _mask(q_start, k_start, bq: int, bk: int, qseg, kseg, st: _Static):
     if st.kv_len % bk:
         conds.append(cols < st.kv_len)  # padded keys
     if qseg is not None:
-        conds.append(qseg[:, None] == kseg[None, :])
+        conds.append(kseg[:, None] == qseg[None, :] if kv_major else qseg[:, None] == kseg[None, :])
     if not conds:
         return None
     return functools.reduce(jnp.logical_and, conds)
@@ -230,15 +232,22 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
     lse_ref[...] = jnp.where(empty, -MASK_VALUE, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
-def _probs_and_dscores(q, k, v, do, lse, delta, mask, st: _Static):
-    """Recomputes P [m, n] and returns (P, dS) with dS the gradient w.r.t. the unscaled, uncapped scores
-    divided by ``scale`` (the caller multiplies the final dQ, dK by it once)."""
-    s, t = _scores(q, k, st)
+def _probs_and_dscores(q, k, v, do, lse, delta, mask, st: _Static, kv_major: bool = False):
+    """Recomputes P [bq, bk] and returns (P, dS) with dS the gradient w.r.t. the unscaled, uncapped scores
+    divided by ``scale`` (the caller multiplies the final dQ, dK by it once). With ``kv_major`` both are
+    computed transposed, [bk, bq], straight from K Q^T, so the dK/dV dots need no register transposes."""
+    if kv_major:
+        s, t = _scores(k, q, st)
+        lse, delta = lse[None, :], delta[None, :]
+        dp = _dot(v, do, trans_b=True)
+    else:
+        s, t = _scores(q, k, st)
+        lse, delta = lse[:, None], delta[:, None]
+        dp = _dot(do, v, trans_b=True)
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
-    p = jnp.exp2(s - lse[:, None])
-    dp = _dot(do, v, trans_b=True)
-    ds = p * (dp - delta[:, None])
+    p = jnp.exp2(s - lse)
+    ds = p * (dp - delta)
     if t is not None:
         ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
     return p, ds
@@ -262,10 +271,11 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
             qseg = None if qseg_ref is None else qseg_ref[rows]
-            mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
-            p, ds = _probs_and_dscores(q, k, v, do, lse_ref[g, rows], delta_ref[g, rows], mask, st)
-            dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-            dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+            mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st, kv_major=True) if masked else None
+            lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+            p_t, ds_t = _probs_and_dscores(q, k, v, do, lse, delta, mask, st, kv_major=True)
+            dv = dv + _dot(p_t.astype(do.dtype), do)
+            dk = dk + _dot(ds_t.astype(q.dtype), q)
             return dk, dv
 
         return _masked_loops(bounds, body, carry)
