@@ -54,10 +54,27 @@ class AttentionBlocks:
                 raise ValueError(f"{f.name}={value} must be >= 1")
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> AttentionBlocks:
-        """Hopper defaults. A 256-wide head doubles the registers each row of a tile needs (the f32
-        accumulators of the forward and of dK/dV live in registers), so its tiles are halved."""
-        if next_power_of_2(head_dim) >= 256:
+    def for_head_dim(cls, head_dim: int, dtype=jnp.bfloat16) -> AttentionBlocks:
+        """Hopper defaults, by bytes per tile row (padded head dim x itemsize). 256-byte rows (bf16 d128)
+        take the FlashAttention-2 tiles; 512-byte rows (bf16 d256, f32 d128) double the registers per row
+        (the f32 accumulators of the forward and of dK/dV) and the shared memory of each pipelined K/V
+        tile, so those tiles are halved; 1 KiB rows (f32 d256) halve them again to stay under 227 KiB."""
+        row_bytes = next_power_of_2(head_dim) * jnp.dtype(dtype).itemsize
+        if row_bytes > 512:
+            return cls(
+                block_q=32,
+                block_k=32,
+                num_warps=4,
+                num_stages=2,
+                block_q_dkv=16,
+                block_k_dkv=32,
+                block_q_dq=32,
+                block_k_dq=16,
+                num_warps_dkv=4,
+                num_warps_dq=4,
+                num_stages_bwd=2,
+            )
+        if row_bytes > 256:
             return cls(
                 block_q=64,
                 block_k=64,
@@ -495,12 +512,13 @@ def attention(
 
     q: [B, T, Hq, hd], k and v: [B, S, Hk, hd] (Hq % Hk == 0, T <= S; K/V are shared by groups of Hq // Hk
     query heads without being repeated), segment_ids: [B, S] int or None. Returns [B, T, Hq, hd] in q.dtype.
-    Differentiable in q, k, v (Pallas backward). ``block`` defaults to ``AttentionBlocks.for_head_dim(hd)``.
+    Differentiable in q, k, v (Pallas backward). ``block`` defaults to
+    ``AttentionBlocks.for_head_dim(hd, q.dtype)``.
     """
     _validate(q, k, v, segment_ids, sliding_window, softcap)
     b, t, hq, d = q.shape
     s, hk = k.shape[1], k.shape[2]
-    blocks = _fit_blocks(block or AttentionBlocks.for_head_dim(d), t, s)
+    blocks = _fit_blocks(block or AttentionBlocks.for_head_dim(d, q.dtype), t, s)
     tp = cdiv(t, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)) * max(
         blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq
     )
