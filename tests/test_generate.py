@@ -1,0 +1,144 @@
+"""KV-cache generation against transformers' generate, sampling semantics, stop tokens, compile reuse."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from converters.hf import load_hf_model
+from jaxsloth import generate as gen
+from jaxsloth.lora import LoraConfig, init_lora, with_trainable
+from tests.tiny_models import SLIDING_WINDOW, hf_model, saved_model
+from tests.tolerances import assert_close
+
+LENGTHS = (5, 13, 2)  # a batch of different lengths; 13 + new tokens runs past the sliding window (7)
+NEW = 9
+
+
+def _prompts(config, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, config.vocab_size, n).tolist() for n in LENGTHS]
+
+
+def _hf_greedy(model, prompts, max_new_tokens):
+    """transformers' greedy generate on the left-padded batch, EOS disabled; new tokens per row."""
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return out[:, width:].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "qwen2"])
+def test_greedy_matches_transformers(family):
+    path = saved_model(family)
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    prompts = _prompts(config)
+    assert max(LENGTHS) + NEW > SLIDING_WINDOW
+    ours = gen.generate(params, config, prompts, max_new_tokens=NEW)
+    assert ours == _hf_greedy(hf_model(path), prompts, NEW)
+
+
+def test_greedy_with_lora_matches_one_prompt_at_a_time_full_forward():
+    """With an adapter, each new token is the argmax of the full (uncached) forward over prompt + tokens so far."""
+    from jaxsloth.models import forward
+
+    config, params = load_hf_model(saved_model("phi3"), dtype=jnp.float32)
+    lora_cfg = LoraConfig(r=4, alpha=8.0)
+    trainable = init_lora(config, lora_cfg, jax.random.key(0))
+    trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), trainable)
+    params, lora = with_trainable(params, trainable)
+    prompts = _prompts(config, seed=1)
+    ours = gen.generate(params, config, prompts, max_new_tokens=5, lora=lora, lora_rt=lora_cfg.runtime)
+    for prompt, new in zip(prompts, ours, strict=True):
+        seq = list(prompt)
+        for _ in range(5):
+            logits = forward(params, jnp.asarray([seq]), config=config, lora=lora, lora_rt=lora_cfg.runtime)
+            seq.append(int(jnp.argmax(logits[0, -1])))
+        assert new == seq[len(prompt) :]
+
+
+def test_stop_token_stops_and_is_included():
+    config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32)
+    prompts = _prompts(config)
+    free = gen.generate(params, config, prompts, max_new_tokens=NEW)
+    stop = free[0][3]
+    stopped = gen.generate(params, config, prompts, max_new_tokens=NEW, stop_tokens=[stop])
+    for row, full in zip(stopped, free, strict=True):
+        expected = full[: full.index(stop) + 1] if stop in full else full
+        assert row == expected
+    assert stopped[0][-1] == stop and len(stopped[0]) <= 4
+
+
+def test_sampling_reproducible_and_seed_dependent():
+    config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
+    prompts = _prompts(config)
+    kw = dict(max_new_tokens=NEW, temperature=1.5, top_k=20, top_p=0.95)
+    a = gen.generate(params, config, prompts, seed=3, **kw)
+    assert a == gen.generate(params, config, prompts, seed=3, **kw)
+    assert a != gen.generate(params, config, prompts, seed=4, **kw)
+    assert all(len(row) == NEW for row in a)
+
+
+def test_sample_logits_respects_top_k_and_top_p():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 50)) * 3, jnp.float32)
+    k = 5
+    allowed = np.argsort(-np.asarray(logits), axis=-1)[:, :k]
+    sample = jax.jit(gen.sample_logits)
+    seen = np.stack([sample(logits, jax.random.key(s), 2.0, k, 1.0) for s in range(200)], axis=1)
+    for row in range(4):
+        assert set(seen[row]) <= set(allowed[row])
+        assert len(set(seen[row])) == k  # a high temperature reaches every allowed token
+    # top_p: only the smallest prefix of the ranked tokens whose probability reaches p.
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    order = np.argsort(-probs, axis=-1)
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    p = 0.6
+    seen = np.stack([sample(logits, jax.random.key(s), 1.0, 50, p) for s in range(200)], axis=1)
+    for row in range(4):
+        n_keep = int(np.searchsorted(np.cumsum(ranked[row]), p)) + 1
+        assert set(seen[row]) <= set(order[row, :n_keep])
+    greedy = sample(logits, jax.random.key(0), 0.0, 50, 1.0)
+    np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), axis=-1))
+
+
+def test_compiles_once_per_bucket():
+    config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32)
+    rng = np.random.default_rng(5)
+    gen.generate(params, config, [rng.integers(3, 100, 9).tolist()], max_new_tokens=3)
+    size = gen._generate_padded._cache_size()
+    gen.generate(params, config, [rng.integers(3, 100, 12).tolist()], max_new_tokens=6, temperature=0.7, seed=1)
+    gen.generate(params, config, [rng.integers(3, 100, 16).tolist()], max_new_tokens=8, top_k=3, stop_tokens=[5])
+    assert gen._generate_padded._cache_size() == size
+
+
+def test_cached_attention_equals_reference_on_the_last_queries():
+    """Queries at the end of a left-padded cache see what attention_reference shows the same rows, unpadded."""
+    from pallas_kernels.attention import attention_reference
+
+    rng = np.random.default_rng(7)
+    b, s, hq, hk, d, t = 2, 11, 6, 2, 16, 3
+    q = jnp.asarray(rng.normal(size=(b, t, hq, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, s, hk, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, s, hk, d)), jnp.float32)
+    pads = jnp.asarray([0, 4])
+    kw = dict(sliding_window=5, softcap=4.0, scale=0.3)
+    out = gen.cached_attention(q, k, v, s - t, pads, **kw)
+    for row in range(b):
+        p = int(pads[row])
+        ref = attention_reference(q[row : row + 1], k[row : row + 1, p:], v[row : row + 1, p:], **kw)
+        assert_close(out[row], ref[0], "f32")
