@@ -108,6 +108,7 @@ def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile) -> Cal
             remat=profile.remat,
             dropout_key=key if lora.dropout > 0 else None,
             compute_dtype=profile.dtype,
+            head_grad="embed" in trainable or "lm_head" in trainable,
         )
 
     return loss_fn

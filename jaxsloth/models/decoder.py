@@ -285,7 +285,7 @@ def forward(params, tokens, *, config: ModelConfig, **kwargs):
     return logits_from_hidden(params, forward_hidden(params, tokens, config=config, **kwargs), config)
 
 
-def loss_sum_and_count(params, batch, *, config: ModelConfig, ops: Ops = Ops(), **kwargs):
+def loss_sum_and_count(params, batch, *, config: ModelConfig, ops: Ops = Ops(), head_grad: bool = True, **kwargs):
     """batch: tokens, targets (next-token labels, -100 = no loss), optional positions and segment_ids, all [B, T].
 
     Returns (sum of token losses, number of counted tokens); the fused LM-head loss never builds the logits when the
@@ -306,4 +306,5 @@ def loss_sum_and_count(params, batch, *, config: ModelConfig, ops: Ops = Ops(), 
         head,
         batch["targets"].reshape(-1),
         softcap=config.final_logit_softcap,
+        head_grad=head_grad,
     )

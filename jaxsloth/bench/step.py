@@ -1,0 +1,150 @@
+"""End-to-end training-step benchmark on a full-size architecture with random weights (PERF.md's workload).
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python -m jaxsloth.bench.step --arch llama3.1-8b --quant nf4 \\
+        --batch 2 --seq 2048 --profile h200 --out step.jsonl
+
+LoRA r=16, alpha=16 on q,k,v,o,gate,up,down, no dropout; AdamW on LoRA only; random token ids with labels = inputs.
+Reports the median step time after warm-up, tokens/s and the peak of device.memory_stats()["peak_bytes_in_use"].
+Speed and memory do not depend on the weight values, so NF4 weights are random bytes (no quantization pass).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxsloth.bench.timing import environment, median_ms, peak_gib  # noqa: E402
+from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
+from jaxsloth.models.decoder import init_params, linear_shapes  # noqa: E402
+from jaxsloth.models.presets import preset  # noqa: E402
+from jaxsloth.profiles import profile_for_device  # noqa: E402
+from jaxsloth.quant import NF4Weight  # noqa: E402
+from jaxsloth.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
+
+
+def random_nf4(key, layers: int, out_f: int, in_f: int, blocksize: int = 64) -> NF4Weight:
+    """Random NF4 bytes with the double-quantized layout of a real [layers, out, in] weight."""
+    n = out_f * in_f
+    nblocks = math.ceil(n / blocksize)
+    k1, k2, k3 = jax.random.split(key, 3)
+    return NF4Weight(
+        packed=jax.random.randint(k1, (layers, n // 2), 0, 256, jnp.int32).astype(jnp.uint8),
+        absmax=jax.random.randint(k2, (layers, nblocks), 0, 256, jnp.int32).astype(jnp.uint8),
+        nested_absmax=0.01 + 0.01 * jax.random.uniform(k3, (layers, math.ceil(nblocks / 256)), jnp.float32),
+        offset=jnp.full((layers,), 0.02, jnp.float32),
+        shape=(out_f, in_f),
+        blocksize=blocksize,
+        double_quant=True,
+        dtype="bfloat16",
+    )
+
+
+def build_params(config, quant: str, dtype, key):
+    if quant == "bf16":
+        return jax.jit(lambda k: init_params(config, k, dtype))(key)
+    # Non-projection params (embeddings, norms) at full precision; projections as random NF4.
+    shapes = jax.eval_shape(lambda: init_params(config, key, dtype))
+    keys = iter(jax.random.split(key, 64))
+    params = {
+        "embed": (0.02 * jax.random.normal(next(keys), shapes["embed"].shape, jnp.float32)).astype(dtype),
+        "final_norm": jnp.ones(shapes["final_norm"].shape, dtype),
+        "layers": {n: jnp.ones(shapes["layers"][n].shape, dtype) for n in shapes["layers"] if n.endswith("norm")},
+    }
+    if "lm_head" in shapes:
+        params["lm_head"] = (0.02 * jax.random.normal(next(keys), shapes["lm_head"].shape, jnp.float32)).astype(dtype)
+    for name, (o, i) in linear_shapes(config).items():
+        params["layers"][name] = {"weight": random_nf4(next(keys), config.num_layers, o, i)}
+        if config.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
+            params["layers"][name]["bias"] = jnp.zeros((config.num_layers, o), dtype)
+    return params
+
+
+def run(args) -> dict:
+    config = preset(args.arch)
+    overrides = {k: v for k, v in (("remat", args.remat), ("attention", args.attention)) if v}
+    if args.kernels == "reference":
+        overrides.update(
+            rms_norm="reference", rope="reference", glu="reference", cross_entropy="reference", nf4_matmul="reference"
+        )
+        overrides.setdefault("attention", "cudnn")
+    for op_impl in args.op or ():
+        op, impl = op_impl.split("=")
+        overrides[op] = impl
+    profile = profile_for_device(name=args.profile, **overrides)
+    lora = LoraConfig(r=16, alpha=16.0)
+    tc = TrainConfig(learning_rate=2e-4, total_steps=10_000, grad_accum=args.grad_accum)
+    t0 = time.perf_counter()
+    params = build_params(config, args.quant, profile.dtype, jax.random.key(0))
+    trainable = init_lora(config, lora, jax.random.key(1))
+    optimizer = make_optimizer(tc, lora, trainable)
+    opt_state = optimizer.init(trainable)
+    step = make_train_step(config, lora, tc, profile, optimizer)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch * args.grad_accum, args.seq))
+    targets = np.concatenate([ids[:, 1:], np.full((ids.shape[0], 1), -100)], axis=1)
+    batch = {"tokens": jnp.asarray(ids, jnp.int32), "targets": jnp.asarray(targets, jnp.int32)}
+    jax.block_until_ready(params)
+    setup_s = time.perf_counter() - t0
+    state = {"t": trainable, "o": opt_state}
+
+    def one(key):
+        state["t"], state["o"], m = step(state["t"], state["o"], params, batch, key)
+        return m["loss"]
+
+    t0 = time.perf_counter()
+    loss0 = float(one(jax.random.key(2)))
+    compile_s = time.perf_counter() - t0
+    ms = median_ms(lambda: one(jax.random.key(3)), (), iters=args.steps, warmup=2)
+    tokens = args.batch * args.grad_accum * args.seq
+    return {
+        "system": "jaxsloth",
+        "workload": f"{args.arch}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
+        "tokens_per_s": tokens / (ms / 1e3),
+        "step_ms": ms,
+        "peak_gib": peak_gib(),
+        "compile_s": compile_s,
+        "setup_s": setup_s,
+        "first_loss": loss0,
+        "profile": profile.name,
+        "remat": profile.remat,
+        "kernels": {
+            k: getattr(profile.kernels, k)
+            for k in ("rms_norm", "rope", "glu", "attention", "cross_entropy", "nf4_matmul")
+        },
+        **environment(),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="llama3.1-8b")
+    p.add_argument("--quant", choices=("nf4", "bf16"), default="nf4")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--profile", default=None, help="profile name (default: from the device)")
+    p.add_argument("--kernels", choices=("profile", "reference"), default="profile")
+    p.add_argument("--op", action="append", help="per-op override, e.g. --op attention=pallas")
+    p.add_argument("--remat", default=None)
+    p.add_argument("--attention", default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rec = run(args)
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

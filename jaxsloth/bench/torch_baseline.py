@@ -1,0 +1,124 @@
+"""The PyTorch baselines of PERF.md, measured by the same rules as jaxsloth's step (needs the `bench` extra).
+
+    python -m jaxsloth.bench.torch_baseline --arch llama3.1-8b --system hf-peft --out step.jsonl
+    python -m jaxsloth.bench.torch_baseline --arch llama3.1-8b --system hf-peft-bnb --out step.jsonl
+
+hf-peft: transformers + PEFT LoRA in bf16, SDPA attention, gradient checkpointing. hf-peft-bnb: the same with the
+frozen projections in bitsandbytes NF4 (double quant, bf16 compute), as QLoRA. Random weights built on the GPU from
+the architecture's config; LoRA r=16, alpha=16 on q,k,v,o,gate,up,down; AdamW on LoRA; labels = inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+
+from jaxsloth.models.presets import PRESETS
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _quantize_linears(model, torch, bnb):
+    """Replaces every targeted nn.Linear by a bitsandbytes Linear4bit (NF4, double quant), as from_pretrained with
+    a BitsAndBytesConfig does, but from the in-memory random model (no checkpoint on disk needed)."""
+    for _, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name in TARGETS:
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="cpu",
+                )
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                q = q.cuda()
+                setattr(module, child_name, q)
+                del child
+    torch.cuda.empty_cache()
+
+
+def run(args) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = dict(PRESETS[args.arch])
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=args.attn)
+    if args.system == "hf-peft-bnb":
+        import bitsandbytes as bnb
+        from peft import prepare_model_for_kbit_training
+
+        _quantize_linears(model, torch, bnb)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=not args.no_checkpointing)
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    model.config.use_cache = False
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    ms = 1e3 * statistics.median(times)
+    tokens = args.batch * args.seq
+    kind = "qlora" if args.system == "hf-peft-bnb" else "lora"
+    return {
+        "system": args.system + ("" if not args.no_checkpointing else "-nockpt"),
+        "workload": f"{args.arch}-{kind}-b{args.batch}-s{args.seq}",
+        "tokens_per_s": tokens / (ms / 1e3),
+        "step_ms": ms,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python"] + sys.argv),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="llama3.1-8b", choices=sorted(PRESETS))
+    p.add_argument("--system", choices=("hf-peft", "hf-peft-bnb"), default="hf-peft")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rec = run(args)
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
