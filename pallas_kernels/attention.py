@@ -103,6 +103,7 @@ class _Static:
     kv_len: int
     groups: int  # query heads per kv head
     has_segments: bool
+    fast_tanh: bool  # softcap tanh through exp2 (inputs below f32 precision)
     blocks: AttentionBlocks
     interpret: bool
 
@@ -123,9 +124,13 @@ def _scores(q, k, st: _Static):
     raw = _dot(q, k, trans_b=True)
     if st.softcap is None:
         return raw * (st.scale * _LOG2E), None
-    # tanh(x) = 1 - 2 / (exp(2x) + 1): one exp2 and a division instead of libdevice's longer tanhf;
-    # saturates correctly at both ends (exp2 -> inf gives 1, exp2 -> 0 gives -1).
-    t = 1.0 - 2.0 / (jnp.exp2(raw * (2.0 * _LOG2E * st.scale / st.softcap)) + 1.0)
+    if st.fast_tanh:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): one exp2 and a division instead of libdevice's longer tanhf;
+        # saturates correctly at both ends. Near 0 it loses ~1e-7 absolute to cancellation: far below
+        # bf16/f16 rounding, but visible at f32 tolerances, so f32 inputs keep the exact tanh.
+        t = 1.0 - 2.0 / (jnp.exp2(raw * (2.0 * _LOG2E * st.scale / st.softcap)) + 1.0)
+    else:
+        t = jnp.tanh(raw * (st.scale / st.softcap))
     return t * (st.softcap * _LOG2E), t
 
 
@@ -534,6 +539,7 @@ def attention(
         kv_len=s,
         groups=hq // hk,
         has_segments=segment_ids is not None,
+        fast_tanh=q.dtype != jnp.float32,
         blocks=blocks,
         interpret=resolve_interpret(interpret),
     )

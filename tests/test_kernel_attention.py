@@ -154,7 +154,7 @@ def test_benchmark_smoke(tmp_path):
     [
         (128, jnp.bfloat16, dict()),
         (256, jnp.bfloat16, dict(softcap=50.0, sliding_window=1024)),
-        (80, jnp.float32, dict(segments=True, causal=False, sliding_window=300)),
+        (80, jnp.float32, dict(segments=True, causal=False, sliding_window=300, softcap=30.0)),
     ],
 )
 def test_lowers_to_triton_on_cpu(monkeypatch, d, dtype, kw):
