@@ -51,10 +51,13 @@ class Profile:
         return dataclasses.replace(self, **overrides)
 
 
-# Hopper: cuDNN attention where it applies (causal GQA; the Pallas kernel covers softcap and segments through the
-# dispatch point's fallback), Pallas for the fused ops that measured faster than XLA on the H200 (BENCHMARKS.md).
+# Hopper, from the H200 measurements in BENCHMARKS.md: cuDNN attention where it applies (causal GQA; the Pallas
+# kernel covers softcap and segments through the dispatch point's fallback); Pallas RMSNorm and RoPE (faster
+# forward+backward than XLA); the fused Pallas loss (same time as XLA's full-logits loss, 1/20 of its memory);
+# XLA for SwiGLU (its fused elementwise backward beat the kernel) and for NF4 (dequantize-then-matmul measured 3x
+# faster than the first fused Triton kernel).
 _HOPPER = KernelChoice(
-    rms_norm="pallas", rope="pallas", glu="pallas", attention="cudnn", cross_entropy="pallas", nf4_matmul="pallas"
+    rms_norm="pallas", rope="pallas", glu="reference", attention="cudnn", cross_entropy="pallas", nf4_matmul="reference"
 )
 # Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there.
 _AMPERE = KernelChoice.all("pallas")
