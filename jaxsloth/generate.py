@@ -286,6 +286,19 @@ def _generate_padded(
     return out, counts
 
 
+def left_pad(prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> (tokens [B, P] int32 left-padded with 0, pads [B]: the first prompt slot of each row), B and P
+    rounded up to buckets. Filler rows beyond the prompts hold one token 0."""
+    b = _bucket(len(prompt_ids), least=1)
+    p = _bucket(max(len(ids) for ids in prompt_ids))
+    tokens = np.zeros((b, p), np.int32)
+    pads = np.full(b, p - 1, np.int32)
+    for i, ids in enumerate(prompt_ids):
+        pads[i] = p - len(ids)
+        tokens[i, pads[i] :] = ids
+    return tokens, pads
+
+
 def generate(
     params,
     config: ModelConfig,
@@ -333,13 +346,8 @@ def generate(
         stop_mask[t] = True
 
     n = len(prompt_ids)
-    b = _bucket(n, least=1)
-    p = _bucket(max(len(ids) for ids in prompt_ids))
-    tokens = np.zeros((b, p), np.int32)
-    pads = np.full(b, p - 1, np.int32)  # filler rows: one token, results dropped
-    for i, ids in enumerate(prompt_ids):
-        pads[i] = p - len(ids)
-        tokens[i, pads[i] :] = ids
+    tokens, pads = left_pad(prompt_ids)
+    b = tokens.shape[0]
     out, counts = _generate_padded(
         params,
         None if lora is None else lora["layers"],

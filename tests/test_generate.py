@@ -9,6 +9,8 @@ import torch
 from converters.hf import load_hf_model
 from jaxsloth import generate as gen
 from jaxsloth.lora import LoraConfig, init_lora, with_trainable
+from jaxsloth.models.decoder import LoraRuntime
+from jaxsloth.ops import KernelChoice, Ops
 from tests.tiny_models import SLIDING_WINDOW, hf_model, saved_model
 from tests.tolerances import assert_close
 
@@ -50,6 +52,52 @@ def test_greedy_matches_transformers(family):
     assert max(LENGTHS) + NEW > SLIDING_WINDOW
     ours = gen.generate(params, config, prompts, max_new_tokens=NEW)
     assert ours == _hf_greedy(hf_model(path), prompts, NEW)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_cached_step_logits_match_transformers(family):
+    """The logits behind every generated token (prefill, then each cached decode step), not only their argmax:
+    tiny random models repeat tokens, which could hide a wrong cache or window mask."""
+    path = saved_model(family)
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    prompts = _prompts(config, seed=2)
+    model = hf_model(path)
+    width = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            min_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    hf_logits = np.stack([x.float().numpy() for x in out.logits], axis=1)  # [B, NEW, V]
+    new_tokens = out.sequences[:, width:].numpy()
+
+    tokens, pads = gen.left_pad(prompts)
+    b, p = tokens.shape
+    kw = dict(config=config, ops=Ops(), lora_rt=LoraRuntime(), compute_dtype=None)
+    logits, ks, vs = jax.jit(lambda t, pd: gen._prefill(params, None, t, pd, **kw))(tokens, pads)
+    shape = (config.num_layers, b, p + NEW, config.num_kv_heads, config.head_dim)
+    cache_k = jnp.zeros(shape).at[:, :, :p].set(ks)
+    cache_v = jnp.zeros(shape).at[:, :, :p].set(vs)
+    step = jax.jit(lambda tok, s, ck, cv: gen._decode_step(params, None, tok, s, jnp.asarray(pads), ck, cv, **kw))
+    ours = [logits]
+    for n in range(NEW - 1):
+        token = np.zeros(b, np.int32)
+        token[: len(prompts)] = new_tokens[:, n]
+        logits, cache_k, cache_v = step(token, p + n, cache_k, cache_v)
+        ours.append(logits)
+    assert_close(np.stack(ours, axis=1)[: len(prompts)], hf_logits, "f32_logits")
 
 
 def test_greedy_with_lora_matches_full_forward():
@@ -140,3 +188,32 @@ def test_cached_attention_equals_reference_on_the_last_queries():
         p = int(pads[row])
         ref = attention_reference(q[row : row + 1], k[row : row + 1, p:], v[row : row + 1, p:], **kw)
         assert_close(out[row], ref[0], "f32")
+
+
+def test_pallas_kernels_interpret_qlora_greedy_equals_reference():
+    """The profile's Pallas kernels (interpret mode on CPU) on an NF4 base: decode shapes (one token per row) and
+    the prefill's padded segments run through every kernel and give the reference path's tokens."""
+    config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32, load_in_4bit=True)
+    prompts = _prompts(config, seed=4)
+    ref = gen.generate(params, config, prompts, max_new_tokens=5)
+    ops = Ops(KernelChoice.all("pallas", interpret=True))
+    assert gen.generate(params, config, prompts, max_new_tokens=5, ops=ops) == ref
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_gpu_profile_generation(family):
+    """On the GPU with the device's profile kernels (Triton/cuDNN): f32 at highest matmul precision gives the
+    reference path's greedy tokens; the profile's bf16 runs and fills max_new_tokens."""
+    from jaxsloth.profiles import profile_for_device
+
+    profile = profile_for_device()
+    config, params = load_hf_model(saved_model(family), dtype=jnp.float32)
+    prompts = _prompts(config, seed=5)
+    with jax.default_matmul_precision("highest"):
+        ref = gen.generate(params, config, prompts, max_new_tokens=NEW)
+        ours = gen.generate(params, config, prompts, max_new_tokens=NEW, ops=profile.ops)
+    assert ours == ref
+    _, params16 = load_hf_model(saved_model(family), dtype=profile.dtype)
+    out = gen.generate(params16, config, prompts, max_new_tokens=NEW, ops=profile.ops, compute_dtype=profile.dtype)
+    assert [len(r) for r in out] == [NEW] * len(prompts)
