@@ -217,3 +217,39 @@ def test_gpu_profile_generation(family):
     _, params16 = load_hf_model(saved_model(family), dtype=profile.dtype)
     out = gen.generate(params16, config, prompts, max_new_tokens=NEW, ops=profile.ops, compute_dtype=profile.dtype)
     assert [len(r) for r in out] == [NEW] * len(prompts)
+
+
+class _CharTokenizer:
+    """Letters a..z <-> ids 3..28; id 2 is EOS (the tiny models' eos_token_id)."""
+
+    eos_token_id = 2
+
+    def __call__(self, text):
+        return {"input_ids": [3 + ord(c) - ord("a") for c in text]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(ord("a") + i - 3) if 3 <= i < 29 else ("" if skip_special_tokens else f"<{i}>") for i in ids)
+
+
+def test_generate_text_uses_adapter_profile_and_eos():
+    import jaxsloth
+    from jaxsloth.profiles import profile_for_device
+
+    config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
+    model = jaxsloth.Model(config, params, profile_for_device(name="cpu"))
+    model = jaxsloth.add_lora(model, r=4, lora_alpha=8.0)
+    model.trainable = jax.tree.map(lambda x: x + 0.1, model.trainable)
+    prompts = ["hello", "thecatsat"]
+    tok = _CharTokenizer()
+    texts = model.generate(tok, prompts, max_new_tokens=NEW, stop_tokens=[5])
+    p, lora = with_trainable(params, model.trainable)
+    ids = gen.generate(
+        p,
+        config,
+        [tok(s)["input_ids"] for s in prompts],
+        max_new_tokens=NEW,
+        stop_tokens=[2, 5],
+        lora=lora,
+        lora_rt=model.lora.runtime,
+    )
+    assert texts == [tok.decode(row, skip_special_tokens=True) for row in ids]
