@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import random
 import time
-from importlib import resources
 from pathlib import Path
 
-ASSETS = Path(str(resources.files("jaxsloth") / "demo_assets"))
+ASSETS = Path(__file__).parent / "demo_assets"  # package data (pyproject), installed beside this file
 MODEL_DIR = ASSETS / "model"
 
 SPECIAL = ["<pad>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
