@@ -8,7 +8,7 @@ import torch
 
 from converters.hf import load_hf_model
 from jaxsloth import generate as gen
-from jaxsloth.lora import LoraConfig, init_lora, with_trainable
+from jaxsloth.lora import with_trainable
 from jaxsloth.models.decoder import LoraRuntime
 from jaxsloth.ops import KernelChoice, Ops
 from tests.tiny_models import SLIDING_WINDOW, hf_model, saved_model
@@ -98,23 +98,6 @@ def test_cached_step_logits_match_transformers(family):
         logits, cache_k, cache_v = step(token, p + n, cache_k, cache_v)
         ours.append(logits)
     assert_close(np.stack(ours, axis=1)[: len(prompts)], hf_logits, "f32_logits")
-
-
-def test_greedy_with_lora_matches_full_forward():
-    """With an adapter, each new token is the argmax of the full (uncached) forward over prompt + tokens so far."""
-    from jaxsloth.models import forward
-
-    config, params = load_hf_model(saved_model("phi3"), dtype=jnp.float32)
-    lora_cfg = LoraConfig(r=4, alpha=8.0)
-    trainable = init_lora(config, lora_cfg, jax.random.key(0))
-    trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape), trainable)
-    params, lora = with_trainable(params, trainable)
-    prompts = _prompts(config, seed=1)
-    ours = gen.generate(params, config, prompts, max_new_tokens=5, lora=lora, lora_rt=lora_cfg.runtime)
-    for prompt, new in zip(prompts, ours, strict=True):
-        seq = jnp.asarray([prompt + new[:-1]])
-        logits = forward(params, seq, config=config, lora=lora, lora_rt=lora_cfg.runtime)
-        assert new == np.argmax(np.asarray(logits[0, len(prompt) - 1 :]), axis=-1).tolist()
 
 
 def test_stop_token_stops_and_is_included():
@@ -232,7 +215,10 @@ class _CharTokenizer:
 
 
 def test_generate_text_uses_adapter_profile_and_eos():
+    """Model.generate with an adapter: the text of generate()'s tokens with EOS among the stops, and each of those
+    tokens is the argmax of the full (uncached) LoRA forward over the prompt and the tokens before it."""
     import jaxsloth
+    from jaxsloth.models import forward
     from jaxsloth.profiles import profile_for_device
 
     config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
@@ -253,3 +239,7 @@ def test_generate_text_uses_adapter_profile_and_eos():
         lora_rt=model.lora.runtime,
     )
     assert texts == [tok.decode(row, skip_special_tokens=True) for row in ids]
+    for prompt, new in zip(prompts, ids, strict=True):
+        seq = tok(prompt)["input_ids"] + new[:-1]
+        logits = forward(p, jnp.asarray([seq]), config=config, lora=lora, lora_rt=model.lora.runtime)
+        assert new == np.argmax(np.asarray(logits[0, len(seq) - len(new) :]), axis=-1).tolist()
