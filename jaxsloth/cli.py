@@ -164,17 +164,14 @@ def _existing_dir(path: str, what: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     s = train_settings(args)
-    import dataclasses as dc
-
     import jaxsloth
-    from jaxsloth.profiles import KernelChoice
+    from jaxsloth.ops import KernelChoice
 
     overrides = _profile_overrides(s)
-    unknown = set(overrides) - {f.name for f in dc.fields(KernelChoice)} - {"remat", "mlp_chunk"}
+    ops = [f.name for f in dataclasses.fields(KernelChoice)]
+    unknown = set(overrides) - set(ops) - {"remat", "mlp_chunk"}
     if unknown:
-        raise ValueError(
-            f"--kernels: unknown op {sorted(unknown)[0]!r}; ops: {[f.name for f in dc.fields(KernelChoice)]}"
-        )
+        raise ValueError(f"--kernels: unknown op {sorted(unknown)[0]!r}; ops: {', '.join(ops)}")
     model, tokenizer = jaxsloth.load(
         _existing_dir(s["model"], "model"),
         load_in_4bit=s["load_in_4bit"],

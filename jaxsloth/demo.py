@@ -1,10 +1,11 @@
 """`jaxsloth demo`: LoRA-tune a tiny model shipped in the package, on CPU, and show its answers improve.
 
-The shipped base model (demo_assets/model: a 4-layer Llama, character-level tokenizer with a chat template) was
-pre-trained here on two skills: plain-text addition ("23+58=81") and a chat assistant that echoes what the user
-says. Asked "23+58" in the chat, it therefore echoes the question. The demo task (demo_assets/*.jsonl, messages
-format) teaches it to answer with the sum instead: LoRA only has to connect the chat turn to the addition skill
-the base model already has, so a few hundred CPU steps take held-out accuracy from 0% to near 100%.
+The shipped base model (demo_assets/model: a 3-layer Llama, 159k parameters, a character-level tokenizer with a
+chat template) was pre-trained here as a chat assistant that echoes what the user says. Told "hello", it answers
+"hello". The demo task (demo_assets/train.jsonl, messages format) asks for the word's shift cipher instead: every
+letter moved one on in the alphabet ("hello" -> "ifmmp"). LoRA keeps the copying the base model can do and
+learns the letter map on top, so a short CPU run takes held-out accuracy from 0% to near 100%; answers are checked
+exactly.
 
 ``build_assets`` (hidden flag ``jaxsloth demo --build-assets``) is the one-time tool that wrote demo_assets/.
 """
@@ -79,8 +80,11 @@ def shift(word: str) -> str:
 
 
 def question(word: str) -> dict:
-    """One demo-task record (messages format): the user asks "shift <word>", the assistant answers the code."""
-    return {"messages": [{"role": "user", "content": f"shift {word}"}, {"role": "assistant", "content": shift(word)}]}
+    """One demo-task record (messages format): the user says a word, the assistant answers its shift cipher.
+
+    The word is the whole message so the answer lines up with it exactly as an echo does: the copying the base model
+    learned carries over, and LoRA learns only the letter map."""
+    return {"messages": [{"role": "user", "content": word}, {"role": "assistant", "content": shift(word)}]}
 
 
 def prompt(tokenizer, record: dict) -> str:
@@ -118,7 +122,7 @@ def _pretraining_texts(tokenizer, n: int, seed: int) -> list[str]:
     return texts
 
 
-def build_assets(out_dir: Path = ASSETS, *, steps: int = 1500, batch: int = 32, seq_len: int = 64, seed: int = 0):
+def build_assets(out_dir: Path = ASSETS, *, steps: int = 4000, batch: int = 32, seq_len: int = 64, seed: int = 0):
     """Pre-trains the base model from scratch (all parameters, AdamW) and writes it with the tokenizer and the
     task files to ``out_dir``. Run once by a developer; the result is package data."""
     import jax
@@ -192,7 +196,7 @@ def _teacher_forced_accuracy(params, config, tokenizer, pairs: list[tuple[str, s
     return float(np.where(targets < 0, True, pred == targets).all(axis=1).mean())
 
 
-DEFAULT_STEPS = 150
+DEFAULT_STEPS = 300
 
 
 def evaluate(model, tokenizer, records: list[dict]) -> tuple[float, list[str]]:
@@ -228,18 +232,19 @@ def run_demo(output_dir: str | Path = "jaxsloth-demo", *, steps: int | None = No
     train, heldout = load_records(assets / "train.jsonl"), load_records(assets / "heldout.jsonl")
     print(
         f"jaxsloth demo: a {sum(x.size for x in _leaves(model.params)):,}-parameter Llama that echoes what it is "
-        f"told.\nTask: answer 'shift <word>' with each letter moved one on in the alphabet (abc -> bcd).\n"
+        f"told.\nTask: answer a word with its shift cipher, each letter moved one on in the alphabet (abc -> bcd).\n"
         f"Training data: {len(train)} examples; {len(heldout)} held-out questions."
     )
     before, answers = evaluate(model, tokenizer, heldout)
-    _show("Before fine-tuning (the base model just repeats the question):", heldout, answers, before)
+    _show("Before fine-tuning (the base model just repeats the word):", heldout, answers, before)
 
     print(f"\nLoRA fine-tuning for {steps} steps on CPU:")
     model = jaxsloth.add_lora(model, r=16, lora_alpha=32)
-    # The demo keeps no checkpoints (every run starts fresh): metrics go through explicit sinks instead.
+    # Every demo run starts fresh: no checkpoints to resume from, and the old run's metrics log is replaced.
+    (out / "metrics.jsonl").unlink(missing_ok=True)
     sinks = standard_callbacks(out, progress=False, total_steps=steps)
     result = jaxsloth.train(
-        model, tokenizer, train, batch_size=8, max_steps=steps, learning_rate=3e-3, warmup_steps=10, callbacks=sinks
+        model, tokenizer, train, batch_size=8, max_steps=steps, learning_rate=2e-3, warmup_steps=10, callbacks=sinks
     )
     after, answers = evaluate(model, tokenizer, heldout)
     _show("After fine-tuning:", heldout, answers, after)

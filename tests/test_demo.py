@@ -21,7 +21,7 @@ def test_assets_small_and_consistent():
     questions = {r["messages"][0]["content"] for r in train}
     assert not questions & {r["messages"][0]["content"] for r in heldout}  # held out means unseen
     for r in train + heldout:  # answers are exactly checkable: the shift cipher of the word
-        word = r["messages"][0]["content"].removeprefix("shift ")
+        word = r["messages"][0]["content"]
         expected = "".join(chr((ord(c) - 97 + 1) % 26 + 97) for c in word)
         assert r["messages"][1]["content"] == expected
 
@@ -32,9 +32,9 @@ def test_tokenizer_loads_offline_and_round_trips():
     tok = AutoTokenizer.from_pretrained(str(demo.MODEL_DIR))
     record = demo.question("hello")
     text = tok.apply_chat_template(record["messages"], tokenize=False)
-    assert text == "<|user|>shift hello<|end|><|assistant|>ifmmp<|end|>"
+    assert text == "<|user|>hello<|end|><|assistant|>ifmmp<|end|>"
     ids = tok(text)["input_ids"]
-    assert len(ids) == 3 + len("shift hello") + len("ifmmp") + 1  # one token per character
+    assert len(ids) == 3 + len("hello") + len("ifmmp") + 1  # one token per character
     assert tok.decode(ids) == text and tok.eos_token == "<|end|>"
 
 
