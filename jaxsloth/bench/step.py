@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from converters.hf import load_config  # noqa: E402
 from jaxsloth.bench.timing import environment, median_ms, peak_gib  # noqa: E402
 from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
 from jaxsloth.models.decoder import init_params, linear_shapes  # noqa: E402
@@ -69,7 +70,9 @@ def build_params(config, quant: str, dtype, key):
 
 
 def run(args) -> dict:
-    config = preset(args.arch)
+    # --model-path: the architecture of a local checkpoint (its config.json); weights stay random, as with --arch.
+    config = load_config(args.model_path) if args.model_path else preset(args.arch)
+    model_name = os.path.basename(os.path.normpath(args.model_path)) if args.model_path else args.arch
     overrides = {k: v for k, v in (("remat", args.remat), ("attention", args.attention)) if v}
     if args.kernels == "reference":
         overrides.update(
@@ -106,7 +109,7 @@ def run(args) -> dict:
     tokens = args.batch * args.grad_accum * args.seq
     return {
         "system": "jaxsloth",
-        "workload": f"{args.arch}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
+        "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
         "tokens_per_s": tokens / (ms / 1e3),
         "step_ms": ms,
         "peak_gib": peak_gib(),
@@ -137,6 +140,7 @@ def main(argv=None) -> None:
     p.add_argument("--attention", default=None)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
     args = p.parse_args(argv)
     rec = run(args)
     line = json.dumps(rec)
