@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -49,8 +50,13 @@ def run(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    d = dict(PRESETS[args.arch])
-    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    if args.model_path:  # the architecture of a local checkpoint; weights stay random, as with --arch
+        cfg = AutoConfig.from_pretrained(args.model_path)
+        model_name = os.path.basename(os.path.normpath(args.model_path))
+    else:
+        d = dict(PRESETS[args.arch])
+        cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+        model_name = args.arch
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=args.attn)
@@ -90,7 +96,7 @@ def run(args) -> dict:
     kind = "qlora" if args.system == "hf-peft-bnb" else "lora"
     return {
         "system": args.system + ("" if not args.no_checkpointing else "-nockpt"),
-        "workload": f"{args.arch}-{kind}-b{args.batch}-s{args.seq}",
+        "workload": f"{model_name}-{kind}-b{args.batch}-s{args.seq}",
         "tokens_per_s": tokens / (ms / 1e3),
         "step_ms": ms,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -111,6 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
     args = p.parse_args(argv)
     rec = run(args)
     line = json.dumps(rec)
