@@ -1,0 +1,324 @@
+"""Benchmark records (JSONL, one measurement per line) -> markdown tables with MFU and ratios, PNG plots, and the
+measured-results section of BENCHMARKS.md.
+
+Model FLOPs per token (what MFU counts; recomputation by checkpointing is not counted, so every system is measured
+against the same work): a LoRA step runs the frozen matmuls forward (2 N) and backward to the activations (2 N), with
+no weight gradient for them, so ``4 N`` for N = the projection weights of every layer plus the LM head (the
+embedding is a lookup); plus attention, ``3 x`` its forward ``4 * keys * head_dim * heads`` per token and layer
+(QK^T and PV; ``keys`` = the mean number of keys a causal query sees, (T + 1) / 2 or fewer under a sliding window;
+backward = 2 x forward). The LoRA adapters add under 0.3% and are left out, as in PERF.md: 31.6 GFLOP/token for
+Llama-3.1-8B at 2048 tokens. MFU = tokens/s x FLOPs/token / the GPU's dense bf16 peak from its data sheet
+(H100/H200 SXM: 989 TFLOP/s); the 793 TFLOP/s that XLA measured for an 8192^3 bf16 matmul on the H200 is the
+practical ceiling (80% MFU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from jaxsloth.models.config import ModelConfig
+
+# Dense bf16 tensor-core peak (no sparsity) by a lowercase substring of the device name; first match wins.
+PEAK_BF16_TFLOPS = (("h200", 989.4), ("h100", 989.4), ("h800", 989.4), ("a100", 312.0), ("l40", 181.0))
+MEASURED_CEILING_TFLOPS = {"h200": 793.0}
+BASELINES = ("hf-peft", "hf-peft-bnb", "unsloth")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+_WORKLOAD = re.compile(r"^(?P<model>.+)-(?P<kind>q?lora)-b(?P<batch>\d+)-(?:s(?P<seq>\d+)|maxctx)$")
+
+
+def mean_keys_per_query(seq: int, window: int | None) -> float:
+    """Mean over the positions t = 1..seq of the keys a causal query attends to: min(t, window)."""
+    if window is None or window >= seq:
+        return (seq + 1) / 2
+    # Positions 1..window see t keys each; the rest see window keys.
+    return (window * (window + 1) / 2 + (seq - window) * window) / seq
+
+
+def flops_per_token(config: ModelConfig, seq: int) -> float:
+    """Model FLOPs per trained token of one LoRA step at sequence length ``seq`` (formula in the module docstring)."""
+    from jaxsloth.models.decoder import linear_shapes
+
+    per_layer = sum(o * i for o, i in linear_shapes(config).values())
+    matmul_params = per_layer * config.num_layers + config.vocab_size * config.hidden_size
+    attention_fwd = sum(
+        4 * mean_keys_per_query(seq, config.window_for(sliding)) * config.head_dim * config.num_heads
+        for sliding in config.sliding_layers
+    )
+    return 4 * matmul_params + 3 * attention_fwd
+
+
+def parse_workload(workload: str) -> dict | None:
+    """``llama3.1-8b-qlora-b2-s2048`` -> {model, kind, batch, seq}; seq is None for ``...-b1-maxctx``."""
+    m = _WORKLOAD.match(workload)
+    if m is None:
+        return None
+    return {
+        "model": m["model"],
+        "kind": m["kind"],
+        "batch": int(m["batch"]),
+        "seq": None if m["seq"] is None else int(m["seq"]),
+    }
+
+
+def record_flops_per_token(rec: dict) -> float | None:
+    """The record's own ``flops_per_token`` (the bench CLI stores it), else computed from a preset's architecture."""
+    if rec.get("flops_per_token"):
+        return float(rec["flops_per_token"])
+    from jaxsloth.models.presets import PRESETS, preset
+
+    w = parse_workload(rec.get("workload", ""))
+    seq = rec.get("max_context") or (w and w["seq"])
+    if w is None or seq is None or w["model"] not in PRESETS:
+        return None
+    return flops_per_token(preset(w["model"]), seq)
+
+
+def peak_tflops(gpu: str | None) -> float | None:
+    """Dense bf16 peak of a GPU by its device name (None when unknown, e.g. a CPU run)."""
+    name = (gpu or "").lower()
+    return next((tf for needle, tf in PEAK_BF16_TFLOPS if needle in name), None)
+
+
+def mfu(rec: dict) -> float | None:
+    """Model FLOP utilisation of one record (0..1), or None when the GPU's peak or the FLOPs are unknown."""
+    peak, fpt, tps = peak_tflops(rec.get("gpu")), record_flops_per_token(rec), rec.get("tokens_per_s")
+    if peak is None or fpt is None or not tps:
+        return None
+    return tps * fpt / (peak * 1e12)
+
+
+def load_records(paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """Every JSON object of the given JSONL files (directories: their ``*.jsonl``, sorted), in file order."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"no benchmark results at {p}")
+    records = []
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{n}: not a JSON line ({e})") from None
+    return records
+
+
+def config_label(rec: dict) -> str:
+    """What distinguishes this measurement from others of the same system: remat, kernels off the profile's
+    defaults, mesh; for the PyTorch systems, the checkpointing mode."""
+    if rec.get("system") != "jaxsloth":
+        return rec.get("variant", "")
+    from jaxsloth.profiles import PROFILES
+
+    parts = [f"remat={rec['remat']}"] if rec.get("remat") else []
+    default = PROFILES.get(rec.get("profile", ""))
+    changed: dict[str, list[str]] = {}
+    for op, impl in sorted((rec.get("kernels") or {}).items()):
+        if default is None or getattr(default.kernels, op, impl) != impl:
+            changed.setdefault(impl, []).append(op)
+    parts += [f"{','.join(ops)}={impl}" for impl, ops in changed.items()]
+    if rec.get("mesh"):
+        parts.append(f"mesh={rec['mesh']}")
+    return "; ".join(parts)
+
+
+def _fmt(x: float | None, spec: str, unit: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{unit}"
+
+
+def _pick_baseline(rows: list[dict], rec: dict, system: str) -> dict | None:
+    """The baseline record compared with ``rec``: same bench run if there is one, else the last measured."""
+    same = [r for r in rows if r.get("system") == system and r.get("tokens_per_s")]
+    same_run = [r for r in same if rec.get("run") and r.get("run") == rec.get("run")]
+    return (same_run or same or [None])[-1]
+
+
+def _group(records: Sequence[dict], max_context: bool) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        # Probes of a longest-sequence search are kept in the JSONL but summarised by its own record.
+        if r.get("probe") or not r.get("workload") or ("max_context" in r) != max_context:
+            continue
+        groups.setdefault((r.get("gpu") or "unknown", r["workload"]), []).append(r)
+    return groups
+
+
+class _Commands:
+    """Numbered footnotes for the commands (and versions) behind the rows of one table."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def ref(self, rec: dict) -> str:
+        versions = ", ".join(f"{k} {rec[k]}" for k in ("jax", "torch", "unsloth", "python") if rec.get(k))
+        cmd = rec.get("bench_command") or rec.get("command") or "?"
+        line = f"`{cmd}`" + (f" ({versions})" if versions else "")
+        if line not in self.lines:
+            self.lines.append(line)
+        return f"[{self.lines.index(line) + 1}]"
+
+    def markdown(self) -> list[str]:
+        return [f"{i}. {line}" for i, line in enumerate(self.lines, 1)]
+
+
+def throughput_table(gpu: str, workload: str, rows: list[dict]) -> str:
+    """One markdown table: every measurement of ``workload`` on ``gpu``, with MFU and ratios to each baseline
+    (speed = tokens/s ratio, higher is better; memory = peak ratio, lower is better)."""
+    baselines = [b for b in BASELINES if any(r.get("system") == b and r.get("tokens_per_s") for r in rows)]
+    head = ["system", "config", "tokens/s", "peak GiB", "MFU"]
+    for b in baselines:
+        head += [f"speed vs {b}", f"memory vs {b}"]
+    head += ["date", "cmd"]
+    cmds = _Commands()
+    lines = [f"#### {workload} on {gpu}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        tps, peak = r.get("tokens_per_s"), r.get("peak_gib")
+        if tps:
+            cells = [r["system"], config_label(r), f"{tps:,.0f}", _fmt(peak, ".1f"), _fmt(mfu(r), ".1%")]
+        else:
+            cells = [r["system"], config_label(r), f"failed: {r.get('error', '?')}", "–", "–"]
+        for b in baselines:
+            base = None if r["system"] == b else _pick_baseline(rows, r, b)
+            speed = tps / base["tokens_per_s"] if base and tps else None
+            mem = peak / base["peak_gib"] if base and tps and peak and base.get("peak_gib") else None
+            cells += [_fmt(speed, ".2f", "x"), _fmt(mem, ".2f", "x")]
+        cells += [r.get("date", "?"), cmds.ref(r)]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines + [""] + cmds.markdown())
+
+
+def max_context_table(gpu: str, workload: str, rows: list[dict]) -> str:
+    """Longest trainable sequence at batch 1 per system, with the speed and peak of the longest passing probe."""
+    baselines = [b for b in BASELINES if any(r.get("system") == b and r.get("max_context") for r in rows)]
+    head = ["system", "config", "longest passing", "first failing", "tokens/s there", "peak GiB there"]
+    head += [f"vs {b}" for b in baselines] + ["date", "cmd"]
+    cmds = _Commands()
+    lines = [f"#### {workload} on {gpu}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = r.get("max_context")
+        fail = r.get("first_failing")
+        cells = [
+            r["system"],
+            config_label(r),
+            "none passed" if not n else f"{n:,}" + (" (search limit)" if r.get("limit_reached") else ""),
+            "–" if fail is None else f"{fail:,}",
+            _fmt(r.get("tokens_per_s"), ",.0f"),
+            _fmt(r.get("peak_gib"), ".1f"),
+        ]
+        for b in baselines:
+            base = next((x for x in reversed(rows) if x.get("system") == b and x.get("max_context")), None)
+            cells.append(_fmt(n / base["max_context"] if n and base and r is not base else None, ".2f", "x"))
+        cells += [r.get("date", "?"), cmds.ref(r)]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines + [""] + cmds.markdown())
+
+
+def markdown_report(records: Sequence[dict]) -> str:
+    """Every table: throughput per (GPU, workload), then longest sequence per (GPU, workload)."""
+    parts = [
+        "MFU: model FLOPs per token = 4 x (projection + LM-head weights) + 3 x causal attention forward "
+        "(recomputation not counted), against the GPU's dense bf16 peak (H100/H200: 989 TFLOP/s; XLA's measured "
+        "matmul ceiling on the H200 is 793, 80%). Speed ratio = tokens/s over the baseline's (higher is better); "
+        "memory ratio = peak over the baseline's (lower is better); baselines from the same bench run when there "
+        "is one, else the latest measured.",
+        "",
+    ]
+    throughput, longest = _group(records, False), _group(records, True)
+    if throughput:
+        parts += ["### Throughput and peak memory", ""]
+        for (gpu, workload), rows in sorted(throughput.items()):
+            parts += [throughput_table(gpu, workload, rows), ""]
+    if longest:
+        parts += ["### Longest trainable sequence, batch 1", ""]
+        for (gpu, workload), rows in sorted(longest.items()):
+            parts += [max_context_table(gpu, workload, rows), ""]
+    if not throughput and not longest:
+        parts.append("(no measurements yet)")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def _row_label(r: dict) -> str:
+    label = config_label(r)
+    return f"{r['system']} [{label}]" if label else r["system"]
+
+
+def _barh_figure(groups: dict, value, xlabel: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = sorted({r["system"] for rows in groups.values() for r in rows})
+    colors = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(systems)}
+    heights = [max(1.2, 0.35 * len(rows) + 0.8) for rows in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights)), squeeze=False, height_ratios=heights)
+    for ax, ((gpu, workload), rows) in zip(axes[:, 0], sorted(groups.items())):
+        vals = [value(r) or 0.0 for r in rows]
+        ax.barh(range(len(rows)), vals, color=[colors[r["system"]] for r in rows])
+        ax.set_yticks(range(len(rows)), [_row_label(r) for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{workload} ({gpu})", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        for i, v in enumerate(vals):
+            ax.text(v, i, f" {v:,.3g}", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_report(records: Sequence[dict], out_dir: str | os.PathLike) -> list[Path]:
+    """PNG bar charts into ``out_dir``: throughput.png and memory.png (one panel per GPU and workload, one bar per
+    measurement), and max_context.png when the records hold longest-sequence searches."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    throughput = {k: [r for r in v if r.get("tokens_per_s")] for k, v in _group(records, False).items()}
+    throughput = {k: v for k, v in throughput.items() if v}
+    if throughput:
+        paths.append(_barh_figure(throughput, lambda r: r["tokens_per_s"], "tokens/s", out / "throughput.png"))
+        paths.append(_barh_figure(throughput, lambda r: r.get("peak_gib"), "peak GiB", out / "memory.png"))
+    longest = _group(records, True)
+    if longest:
+        paths.append(_barh_figure(longest, lambda r: r.get("max_context"), "tokens", out / "max_context.png"))
+    return paths
+
+
+def write_report(records: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """report.md plus the PNG plots into ``out_dir``; returns their paths by name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "report.md"
+    md.write_text("# jaxsloth bench\n\n" + markdown_report(records))
+    return {"report.md": md, **{p.name: p for p in plot_report(records, out)}}
+
+
+def update_benchmarks_md(
+    path: str | os.PathLike = "BENCHMARKS.md", results_dir: str | os.PathLike = "notebooks/results"
+) -> Path:
+    """Regenerates the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in ``path`` from every
+    ``results_dir/*.jsonl``; creates ``path`` holding only the markers when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        path.write_text(f"{BEGIN}\n{END}\n")
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{path} must hold exactly one {BEGIN} followed by one {END}")
+    files = sorted(Path(results_dir).glob("*.jsonl"))
+    body = (
+        f"\n<!-- generated by `jaxsloth bench benchmarks-md` from {results_dir}/*.jsonl "
+        f"({', '.join(f.name for f in files) or 'no files'}); edits here are overwritten -->\n\n"
+        + markdown_report(load_records(files))
+    )
+    head, rest = text.split(BEGIN)
+    path.write_text(head + BEGIN + body + END + rest.split(END, 1)[1])
+    return path
