@@ -19,7 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsloth.models.config import ModelConfig, rope_inv_freq
-from jaxsloth.models.decoder import LoraRuntime, _layer_period, embed, logits_from_hidden
+from jaxsloth.models.decoder import (
+    LoraRuntime,
+    attention_inputs,
+    embed,
+    group_layers,
+    layer_output,
+    layer_period,
+    logits_from_hidden,
+)
 from jaxsloth.ops import Ops
 from pallas_kernels.attention import MASK_VALUE
 
@@ -27,48 +35,6 @@ from pallas_kernels.attention import MASK_VALUE
 def _bucket(n: int, least: int = 8) -> int:
     """n rounded up to a power of two, at least ``least``."""
     return max(least, 1 << max(0, n - 1).bit_length())
-
-
-# --- one layer, split around attention so the attention can read and write the cache -----------------------------
-
-
-def _proj(ops: Ops, lp, ll, name: str, x, lora_rt: LoraRuntime):
-    p = lp[name]
-    lora = None if ll is None else ll.get(name)
-    return ops.linear(x, p["weight"], p.get("bias"), lora, lora_rt.scale)
-
-
-def attention_inputs(h, lp, ll, *, config: ModelConfig, ops: Ops, positions, inv_freq, rope_scaling, lora_rt):
-    """h: [B, T, D] -> rotated q [B, T, Hq, hd], k [B, T, Hk, hd], and v [B, T, Hk, hd] (decoder_layer's first
-    half, without LoRA dropout: generation never drops)."""
-    b, t, _ = h.shape
-    hd = config.head_dim
-    x = ops.rms_norm(h, lp["attn_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
-    q = _proj(ops, lp, ll, "q_proj", x, lora_rt).reshape(b, t, config.num_heads, hd)
-    k = _proj(ops, lp, ll, "k_proj", x, lora_rt).reshape(b, t, config.num_kv_heads, hd)
-    v = _proj(ops, lp, ll, "v_proj", x, lora_rt).reshape(b, t, config.num_kv_heads, hd)
-    q, k = ops.rope(q, k, positions, inv_freq, attention_scaling=rope_scaling)
-    return q, k, v
-
-
-def layer_output(h, a, lp, ll, *, config: ModelConfig, ops: Ops, lora_rt):
-    """h: [B, T, D] (layer input), a: attention output [B, T, Hq, hd] -> layer output [B, T, D] (decoder_layer's
-    second half: o_proj, post-norms, MLP, residuals)."""
-    eps, off = config.rms_norm_eps, config.norm_weight_offset
-    b, t = h.shape[:2]
-    o = _proj(ops, lp, ll, "o_proj", a.reshape(b, t, -1), lora_rt)
-    if config.post_norms:
-        o = ops.rms_norm(o, lp["attn_post_norm"], eps=eps, weight_offset=off)
-    x, h = ops.rms_norm(o, lp["mlp_norm"], h, eps=eps, weight_offset=off)
-    act = ops.glu(
-        _proj(ops, lp, ll, "gate_proj", x, lora_rt),
-        _proj(ops, lp, ll, "up_proj", x, lora_rt),
-        activation=config.activation,
-    )
-    d = _proj(ops, lp, ll, "down_proj", act, lora_rt)
-    if config.post_norms:
-        d = ops.rms_norm(d, lp["mlp_post_norm"], eps=eps, weight_offset=off)
-    return h + d
 
 
 def cached_attention(q, cache_k, cache_v, q_slot, pads, *, sliding_window=None, softcap=None, scale=None):
@@ -140,10 +106,6 @@ def _rope_for(config: ModelConfig, max_position):
     return jnp.where(max_position + 1 > orig, jnp.asarray(long), jnp.asarray(short)), scaling
 
 
-def _grouped(tree, groups: int, period: int):
-    return jax.tree.map(lambda x: x.reshape(groups, period, *x.shape[1:]), tree)
-
-
 def _prefill(params, lora_layers, tokens, pads, *, config, ops, lora_rt, compute_dtype):
     """tokens: [B, P] left-padded -> (last-slot logits [B, V], k and v [L, B, P, Hk, hd])."""
     b, p = tokens.shape
@@ -151,8 +113,7 @@ def _prefill(params, lora_layers, tokens, pads, *, config, ops, lora_rt, compute
     positions = jnp.maximum(slots - pads[:, None], 0).astype(jnp.int32)
     valid = (slots >= pads[:, None]).astype(jnp.int32)  # pads attend among themselves only, never to the prompt
     inv_freq, rope_scaling = _rope_for(config, jnp.max(positions))
-    period = _layer_period(config)
-    groups = config.num_layers // period
+    period = layer_period(config)
     slidings = config.sliding_layers[:period]
     kw = dict(config=config, ops=ops, lora_rt=lora_rt)
 
@@ -181,8 +142,8 @@ def _prefill(params, lora_layers, tokens, pads, *, config, ops, lora_rt, compute
         return h, (jnp.stack(ks), jnp.stack(vs))
 
     h = embed(params, tokens, config, compute_dtype)
-    layers = _grouped(params["layers"], groups, period)
-    lora_g = None if lora_layers is None else _grouped(lora_layers, groups, period)
+    layers = group_layers(params["layers"], period)
+    lora_g = None if lora_layers is None else group_layers(lora_layers, period)
     h, (ks, vs) = jax.lax.scan(step, h, (layers, lora_g))
     h = ops.rms_norm(h[:, -1:], params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
     flat = (config.num_layers, b, p, config.num_kv_heads, config.head_dim)
@@ -193,8 +154,7 @@ def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, co
     """token: [B] at cache slot ``slot`` -> (logits [B, V], updated caches)."""
     positions = (slot - pads)[:, None].astype(jnp.int32)
     inv_freq, rope_scaling = _rope_for(config, jnp.max(positions))
-    period = _layer_period(config)
-    groups = config.num_layers // period
+    period = layer_period(config)
     slidings = config.sliding_layers[:period]
     kw = dict(config=config, ops=ops, lora_rt=lora_rt)
 
@@ -225,9 +185,11 @@ def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, co
         return (h, cache_k, cache_v), None
 
     h = embed(params, token[:, None], config, compute_dtype)
-    layers = _grouped(params["layers"], groups, period)
-    lora_g = None if lora_layers is None else _grouped(lora_layers, groups, period)
-    (h, cache_k, cache_v), _ = jax.lax.scan(step, (h, cache_k, cache_v), (layers, lora_g, jnp.arange(groups)))
+    layers = group_layers(params["layers"], period)
+    lora_g = None if lora_layers is None else group_layers(lora_layers, period)
+    (h, cache_k, cache_v), _ = jax.lax.scan(
+        step, (h, cache_k, cache_v), (layers, lora_g, jnp.arange(config.num_layers // period))
+    )
     h = ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
     return logits_from_hidden(params, h[:, 0], config), cache_k, cache_v
 

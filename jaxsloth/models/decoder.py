@@ -28,7 +28,10 @@ from jaxsloth.models.config import ModelConfig, rope_inv_freq
 from jaxsloth.ops import Ops
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-REMAT_POLICIES = ("none", "dots", "full", "offload")
+REMAT_POLICIES = ("none", "dots", "attn_dots", "full", "offload")
+# Projections whose outputs "attn_dots" keeps: everything but the two wide MLP inputs (gate, up), which are
+# recomputed; at 2048 tokens a layer then saves 4 * hidden + 2 * kv_dim values per token instead of all of them.
+_ATTN_DOTS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +113,9 @@ def _remat(fn: Callable, policy: str) -> Callable:
     if policy == "full":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
     if policy == "dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*LINEARS))
+    if policy == "attn_dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*_ATTN_DOTS))
     if policy == "offload":
         return jax.checkpoint(
             fn,
@@ -124,14 +129,106 @@ def _remat(fn: Callable, policy: str) -> Callable:
     raise ValueError(f"unknown remat policy {policy!r}; choose one of {REMAT_POLICIES}")
 
 
-def _layer_period(config: ModelConfig) -> int:
-    """Smallest p with layer_types periodic in p and num_layers % p == 0 (Gemma 2: 2), so a scan step runs p
-    layers with static attention windows (kernels skip blocks only for a static window)."""
+def layer_period(config: ModelConfig, remat_group: int = 1) -> int:
+    """Layers per scan step: the smallest p with layer_types periodic in p (Gemma 2: 2), so every step runs its
+    layers with static attention windows (kernels skip blocks only for a static window), times ``remat_group``
+    (layers per residual checkpoint, for long sequences) when that divides the layer count."""
     types = config.layer_types
-    for p in range(1, len(types) + 1):
-        if len(types) % p == 0 and all(types[i] == types[i % p] for i in range(len(types))):
-            return p
-    return len(types)
+    p = next(
+        p
+        for p in range(1, len(types) + 1)
+        if len(types) % p == 0 and all(types[i] == types[i % p] for i in range(len(types)))
+    )
+    k = p * max(remat_group, 1) // math.gcd(p, max(remat_group, 1))
+    return k if config.num_layers % k == 0 else p
+
+
+def group_layers(tree, period: int):
+    """[L, ...] leaves -> [L / period, period, ...], the scan's per-step slices."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // period, period, *x.shape[1:]), tree)
+
+
+def _projector(lp, ll, ops: Ops, lora_rt: LoraRuntime, dropout_key):
+    """proj(name, x, salt): the projection with its LoRA term; LoRA dropout drawn from (key, salt) when training."""
+
+    def lora_input(x, salt):
+        if ll is None or lora_rt.dropout == 0.0 or dropout_key is None:
+            return None
+        keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, salt), 1.0 - lora_rt.dropout, x.shape)
+        return jnp.where(keep, x / (1.0 - lora_rt.dropout), 0).astype(x.dtype)
+
+    def proj(name, x, salt):
+        p = lp[name]
+        lora = None if ll is None else ll.get(name)
+        lx = lora_input(x, salt) if lora is not None else None
+        y = ops.linear(x, p["weight"], p.get("bias"), lora, lora_rt.scale, lx)
+        return checkpoint_name(y, name)  # remat policies choose which projection outputs to keep by name
+
+    return proj
+
+
+def attention_inputs(
+    h,
+    lp,
+    ll,
+    *,
+    config: ModelConfig,
+    ops: Ops,
+    positions,
+    inv_freq,
+    rope_scaling,
+    lora_rt: LoraRuntime,
+    dropout_key=None,
+):
+    """First half of a layer. h: [B, T, D] -> rotated q [B, T, Hq, hd], k and v [B, T, Hk, hd]."""
+    b, t, _ = h.shape
+    hd = config.head_dim
+    proj = _projector(lp, ll, ops, lora_rt, dropout_key)
+    x = ops.rms_norm(h, lp["attn_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
+    q = proj("q_proj", x, 0).reshape(b, t, config.num_heads, hd)
+    k = proj("k_proj", x, 0).reshape(b, t, config.num_kv_heads, hd)
+    v = proj("v_proj", x, 0).reshape(b, t, config.num_kv_heads, hd)
+    q, k = ops.rope(q, k, positions, inv_freq, attention_scaling=rope_scaling)
+    return q, k, v
+
+
+def _in_chunks(fn, x, chunk: int):
+    """fn over sequence chunks of x [B, T, D], each chunk rematerialised in the backward pass, so fn's
+    intermediates exist for one chunk at a time (long sequences: the MLP's [T, F] activations never exist whole)."""
+    b, t, d = x.shape
+    n = -(-t // chunk)
+    xp = jnp.pad(x, ((0, 0), (0, n * chunk - t), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    ys = jax.lax.map(jax.checkpoint(fn), (xp, jnp.arange(n)))
+    return ys.swapaxes(0, 1).reshape(b, n * chunk, -1)[:, :t]
+
+
+def layer_output(
+    h, a, lp, ll, *, config: ModelConfig, ops: Ops, lora_rt: LoraRuntime, dropout_key=None, mlp_chunk: int | None = None
+):
+    """Second half of a layer. h: [B, T, D] (layer input), a: attention output [B, T, Hq, hd] -> [B, T, D]:
+    o_proj, post-norm (Gemma 2), residual, MLP (in sequence chunks of ``mlp_chunk`` when set), residual."""
+    b, t = h.shape[:2]
+    eps, off = config.rms_norm_eps, config.norm_weight_offset
+    proj = _projector(lp, ll, ops, lora_rt, dropout_key)
+    o = proj("o_proj", a.reshape(b, t, -1), 1)
+    if config.post_norms:
+        o = ops.rms_norm(o, lp["attn_post_norm"], eps=eps, weight_offset=off)
+    x, h = ops.rms_norm(o, lp["mlp_norm"], h, eps=eps, weight_offset=off)
+
+    def mlp(x, chunk_idx=0):
+        p = _projector(
+            lp, ll, ops, lora_rt, None if dropout_key is None else jax.random.fold_in(dropout_key, chunk_idx)
+        )
+        act = ops.glu(p("gate_proj", x, 2), p("up_proj", x, 2), activation=config.activation)
+        return p("down_proj", act, 3)
+
+    if mlp_chunk and t > mlp_chunk:
+        d = _in_chunks(lambda xs: mlp(*xs), x, mlp_chunk)
+    else:
+        d = mlp(x)
+    if config.post_norms:
+        d = ops.rms_norm(d, lp["mlp_post_norm"], eps=eps, weight_offset=off)
+    return h + d
 
 
 def decoder_layer(
@@ -148,29 +245,21 @@ def decoder_layer(
     rope_scaling,
     lora_rt: LoraRuntime,
     dropout_key=None,
+    mlp_chunk: int | None = None,
 ):
     """One layer. h: [B, T, D]; lp: this layer's params; ll: this layer's LoRA (or None)."""
-    b, t, _ = h.shape
-    hd = config.head_dim
-    eps, off = config.rms_norm_eps, config.norm_weight_offset
-
-    def proj(name, x, lora_x=None):
-        p = lp[name]
-        lora = None if ll is None else ll.get(name)
-        return ops.linear(x, p["weight"], p.get("bias"), lora, lora_rt.scale, lora_x if lora is not None else None)
-
-    def lora_input(x, salt):
-        if ll is None or lora_rt.dropout == 0.0 or dropout_key is None:
-            return None
-        keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, salt), 1.0 - lora_rt.dropout, x.shape)
-        return jnp.where(keep, x / (1.0 - lora_rt.dropout), 0).astype(x.dtype)
-
-    x = ops.rms_norm(h, lp["attn_norm"], eps=eps, weight_offset=off)
-    xd = lora_input(x, 0)
-    q = proj("q_proj", x, xd).reshape(b, t, config.num_heads, hd)
-    k = proj("k_proj", x, xd).reshape(b, t, config.num_kv_heads, hd)
-    v = proj("v_proj", x, xd).reshape(b, t, config.num_kv_heads, hd)
-    q, k = ops.rope(q, k, positions, inv_freq, attention_scaling=rope_scaling)
+    q, k, v = attention_inputs(
+        h,
+        lp,
+        ll,
+        config=config,
+        ops=ops,
+        positions=positions,
+        inv_freq=inv_freq,
+        rope_scaling=rope_scaling,
+        lora_rt=lora_rt,
+        dropout_key=dropout_key,
+    )
     a = ops.attention(
         q,
         k,
@@ -180,17 +269,10 @@ def decoder_layer(
         sliding_window=config.window_for(sliding),
         softcap=config.attn_logit_softcap,
         scale=config.attention_scale,
-    ).reshape(b, t, config.num_heads * hd)
-    o = proj("o_proj", a, lora_input(a, 1))
-    if config.post_norms:
-        o = ops.rms_norm(o, lp["attn_post_norm"], eps=eps, weight_offset=off)
-    x, h = ops.rms_norm(o, lp["mlp_norm"], h, eps=eps, weight_offset=off)
-    xd = lora_input(x, 2)
-    act = ops.glu(proj("gate_proj", x, xd), proj("up_proj", x, xd), activation=config.activation)
-    d = proj("down_proj", act, lora_input(act, 3))
-    if config.post_norms:
-        d = ops.rms_norm(d, lp["mlp_post_norm"], eps=eps, weight_offset=off)
-    return h + d
+    )
+    return layer_output(
+        h, a, lp, ll, config=config, ops=ops, lora_rt=lora_rt, dropout_key=dropout_key, mlp_chunk=mlp_chunk
+    )
 
 
 def embed(params, tokens, config: ModelConfig, dtype=None):
@@ -216,11 +298,14 @@ def forward_hidden(
     remat: str = "none",
     dropout_key=None,
     compute_dtype=None,
+    mlp_chunk: int | None = None,
+    remat_group: int = 1,
 ):
     """tokens: [B, T] int32 -> final-normed hidden states [B, T, D].
 
     positions: [B, T] (default arange; packed rows restart per segment); segment_ids: [B, T] (packing; no attention
-    across segments); lora: LoRA tree or None; remat: none / dots / full / offload (per layer).
+    across segments); lora: LoRA tree or None; remat: none / dots / attn_dots / full / offload, applied per scan step
+    of ``remat_group`` layers (one residual checkpoint per group); mlp_chunk: MLP sequence tile (long sequences).
     """
     b, t = tokens.shape
     if positions is None:
@@ -228,14 +313,10 @@ def forward_hidden(
     inv_freq_np, rope_scaling = rope_inv_freq(config, seq_len=t)
     inv_freq = jnp.asarray(inv_freq_np)
     h = embed(params, tokens, config, compute_dtype)
-    period = _layer_period(config)
+    period = layer_period(config, remat_group)
     groups = config.num_layers // period
-
-    def group_params(tree):
-        return jax.tree.map(lambda x: x.reshape(groups, period, *x.shape[1:]), tree)
-
-    layers = group_params(params["layers"])
-    lora_layers = None if lora is None else group_params(lora["layers"])
+    layers = group_layers(params["layers"], period)
+    lora_layers = None if lora is None else group_layers(lora["layers"], period)
     slidings = config.sliding_layers[:period]
 
     def step(h, xs):
@@ -258,6 +339,7 @@ def forward_hidden(
                 rope_scaling=rope_scaling,
                 lora_rt=lora_rt,
                 dropout_key=key,
+                mlp_chunk=mlp_chunk,
             )
         return h, None
 
@@ -285,11 +367,20 @@ def forward(params, tokens, *, config: ModelConfig, **kwargs):
     return logits_from_hidden(params, forward_hidden(params, tokens, config=config, **kwargs), config)
 
 
-def loss_sum_and_count(params, batch, *, config: ModelConfig, ops: Ops = Ops(), head_grad: bool = True, **kwargs):
+def loss_sum_and_count(
+    params,
+    batch,
+    *,
+    config: ModelConfig,
+    ops: Ops = Ops(),
+    head_grad: bool = True,
+    loss_chunk: int | None = None,
+    **kwargs,
+):
     """batch: tokens, targets (next-token labels, -100 = no loss), optional positions and segment_ids, all [B, T].
 
-    Returns (sum of token losses, number of counted tokens); the fused LM-head loss never builds the logits when the
-    profile picks the Pallas cross-entropy.
+    Returns (sum of token losses, number of counted tokens). The Pallas loss never builds the logits; ``loss_chunk``
+    also tiles the tokens (each tile rematerialised), so the loss's temporaries stay bounded at any length.
     """
     hidden = forward_hidden(
         params,
@@ -301,10 +392,17 @@ def loss_sum_and_count(params, batch, *, config: ModelConfig, ops: Ops = Ops(), 
         **kwargs,
     )
     head = lm_head(params, config).astype(hidden.dtype)
-    return ops.cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
-        head,
-        batch["targets"].reshape(-1),
-        softcap=config.final_logit_softcap,
-        head_grad=head_grad,
-    )
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    t2 = batch["targets"].reshape(-1)
+
+    def ce(h, t):
+        return ops.cross_entropy(h, head, t, softcap=config.final_logit_softcap, head_grad=head_grad)
+
+    n = h2.shape[0]
+    if not loss_chunk or n <= loss_chunk:
+        return ce(h2, t2)
+    m = -(-n // loss_chunk)
+    hp = jnp.pad(h2, ((0, m * loss_chunk - n), (0, 0))).reshape(m, loss_chunk, -1)
+    tp = jnp.pad(t2, (0, m * loss_chunk - n), constant_values=-100).reshape(m, loss_chunk)
+    sums, counts = jax.lax.map(jax.checkpoint(lambda xs: ce(*xs)), (hp, tp))
+    return jnp.sum(sums), jnp.sum(counts)
