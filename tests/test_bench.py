@@ -1,0 +1,238 @@
+"""`jaxsloth bench`: subprocess orchestration (jaxsloth's step on CPU with the tiny demo checkpoint), the
+longest-sequence search, report tables / ratios / MFU / plots, BENCHMARKS.md regeneration and the comparison
+notebook."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxsloth.bench import cli, report
+from jaxsloth.bench.unsloth_baseline import with_tokenizer
+from jaxsloth.models.presets import PRESETS, preset
+
+ROOT = Path(__file__).parents[1]
+DEMO_MODEL = ROOT / "jaxsloth" / "demo_assets" / "model"
+RESULTS = ROOT / "notebooks" / "results"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_flops_per_token_matches_perf_md_and_brute_force():
+    # PERF.md: Llama-3.1-8B at 2048 tokens, about 31.6 GFLOP per token; counted here from the raw shapes.
+    d, f, layers, v, heads, kv, hd, t = 4096, 14336, 32, 128256, 32, 8, 128, 2048
+    matmul = layers * (d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * f) + v * d
+    attention = layers * 4 * hd * heads * np.mean(np.arange(1, t + 1))
+    expected = 4 * matmul + 3 * attention
+    assert report.flops_per_token(preset("llama3.1-8b"), t) == pytest.approx(expected, rel=1e-12)
+    assert 31.5e9 < expected < 31.7e9
+    for seq, window in ((100, 7), (100, 100), (5, 9), (64, 63)):
+        brute = np.mean(np.minimum(np.arange(1, seq + 1), window))
+        assert report.mean_keys_per_query(seq, window) == pytest.approx(brute, rel=1e-12)
+
+
+@pytest.mark.parametrize("threshold", [4096, 37_000, 65_535, 130_000, 1 << 20])
+def test_search_max_context_finds_the_largest_passing_multiple(threshold):
+    tried = []
+
+    def passes(seq):
+        tried.append(seq)
+        return seq <= threshold
+
+    best, fail = cli.search_max_context(passes, start=4096, limit=1 << 20, resolution=1024)
+    assert best == threshold // 1024 * 1024
+    assert fail == (None if threshold >= 1 << 20 else best + 1024)
+    assert len(tried) == len(set(tried)) and all(s % 1024 == 0 for s in tried)
+
+
+def test_search_max_context_when_nothing_passes_and_bad_arguments():
+    assert cli.search_max_context(lambda s: s <= 1000, start=4096, limit=8192, resolution=1024) == (None, 1024)
+    assert cli.search_max_context(lambda s: False, start=1024, limit=8192, resolution=1024) == (None, 1024)
+    with pytest.raises(ValueError, match="resolution"):
+        cli.search_max_context(lambda s: True, start=1000, limit=8192, resolution=1024)
+
+
+_FAKE_RUNNER = """
+import json, sys, time
+seq, out, limit = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if seq > 2 * limit:
+    time.sleep(60)
+if seq > limit:
+    sys.exit("jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 9 bytes")
+rec = {"system": "fake", "workload": f"m-qlora-b1-s{seq}", "tokens_per_s": 1e6 / seq, "peak_gib": seq / 1e4,
+       "gpu": "NVIDIA H200", "date": "2026-11-28", "command": "fake"}
+open(out, "a").write(json.dumps(rec) + "\\n")
+"""
+
+
+def _fake_runner(limit):
+    def runner(system, model, quant, batch, seq, steps, out):
+        return [sys.executable, "-c", _FAKE_RUNNER, str(seq), out, str(limit)]
+
+    return runner
+
+
+def test_max_context_probes_in_subprocesses_and_reports(tmp_path):
+    bench = cli.Bench(tmp_path, timeout_s=60, runner=_fake_runner(limit=13_000), log=lambda m: None)
+    summary = bench.max_context("jaxsloth", "llama3.2-1b", "nf4", start=2048, limit=1 << 16, resolution=1024)
+    assert summary["max_context"] == 12_288 and summary["first_failing"] == 13_312
+    assert summary["workload"] == "llama3.2-1b-qlora-b1-maxctx"
+    assert summary["tokens_per_s"] == pytest.approx(1e6 / 12_288)
+    failed = [p for p in bench.records if p.get("probe") and not p["tokens_per_s"]]
+    assert failed and all(p["oom"] and p["error"].startswith("out of memory") for p in failed)
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == len(summary["probes"]) + 1 and lines[-1]["max_context"] == 12_288
+    md = report.markdown_report(lines)
+    assert "Longest trainable sequence" in md and "12,288" in md and "13,312" in md
+    assert "s12288" not in md  # probes are summarised, not tabled
+    assert _is_png(report.plot_report(lines, tmp_path)[-1])
+
+
+def test_timeout_kills_the_run_and_records_a_failure(tmp_path):
+    bench = cli.Bench(tmp_path, timeout_s=2, runner=_fake_runner(limit=10), log=lambda m: None)
+    rec = bench.measure("jaxsloth", "llama3.2-1b", "nf4", 1, 4096)
+    assert rec["timed_out"] and rec["tokens_per_s"] is None and "timed out" in rec["error"]
+    assert rec["workload"] == "llama3.2-1b-qlora-b1-s4096"
+
+
+def test_bench_cli_runs_jaxsloth_step_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    out = tmp_path / "out"
+    argv = ["--model-path", str(DEMO_MODEL), "--systems", "jaxsloth", "--quant", "nf4", "--baseline", "unsloth"]
+    argv += ["--batch", "1", "--seq", "32", "--steps", "1", "--timeout", "300", "--out-dir", str(out)]
+    from jaxsloth.cli import main as jaxsloth_main
+
+    assert jaxsloth_main(["bench", *argv]) == 0
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    have_unsloth = any(r["system"] == "unsloth" for r in records)
+    assert [r["system"] for r in records] == ["jaxsloth"] + ["unsloth"] * have_unsloth
+    rec = records[0]
+    assert rec["workload"] == "model-qlora-b1-s32" and rec["tokens_per_s"] > 0 and np.isfinite(rec["first_loss"])
+    from converters.hf import load_config
+
+    assert rec["flops_per_token"] == pytest.approx(report.flops_per_token(load_config(DEMO_MODEL), 32))
+    assert rec["bench_command"].startswith("jaxsloth bench --model-path")
+    assert "| jaxsloth | remat=none |" in (out / "report.md").read_text()
+    assert _is_png(out / "throughput.png") and _is_png(out / "memory.png")
+
+
+def _rec(system, tps, peak, **kw):
+    return {
+        "system": system,
+        "workload": "llama3.1-8b-qlora-b2-s2048",
+        "tokens_per_s": tps,
+        "peak_gib": peak,
+        "gpu": "NVIDIA H200",
+        "date": "2026-11-28",
+        "command": f"python run {system}",
+        **kw,
+    }
+
+
+def test_report_tables_ratios_mfu_and_plots(tmp_path):
+    records = [
+        _rec("hf-peft-bnb", 3000.0, 15.0),
+        _rec("unsloth", 10000.0, 7.5, variant='checkpointing="unsloth"'),
+        _rec("jaxsloth", 12000.0, 6.0, remat="full", profile="h200", kernels={"attention": "pallas"}),
+        _rec("hf-peft", None, None, error="out of memory: boom"),
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded = report.load_records([path])
+    md = report.markdown_report(loaded)
+    jax_row = next(line for line in md.splitlines() if line.startswith("| jaxsloth"))
+    cells = [c.strip() for c in jax_row.strip("|").split("|")]
+    assert cells[:3] == ["jaxsloth", "remat=full; attention=pallas", "12,000"]
+    mfu = 12000 * report.flops_per_token(preset("llama3.1-8b"), 2048) / 989.4e12
+    assert cells[4] == f"{mfu:.1%}"
+    # speed / memory vs hf-peft-bnb, then vs unsloth
+    assert cells[5:9] == ["4.00x", "0.40x", "1.20x", "0.80x"]
+    assert "failed: out of memory: boom" in md
+    paths = report.write_report(loaded, tmp_path / "rep")
+    assert {"report.md", "throughput.png", "memory.png"} <= set(paths)
+    assert all(_is_png(p) for name, p in paths.items() if name.endswith(".png"))
+    with pytest.raises(ValueError, match="not a JSON line"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("{oops\n")
+        report.load_records([bad])
+
+
+def test_committed_results_and_benchmarks_md(tmp_path):
+    records = report.load_records([RESULTS])
+    assert len(records) >= 9
+    for r in records:
+        assert {"system", "workload", "tokens_per_s", "peak_gib", "gpu", "date", "command"} <= set(r), r
+    md = report.markdown_report(records)
+    assert "llama3.1-8b-qlora-b2-s2048 on NVIDIA H200" in md and "speed vs hf-peft-bnb" in md
+    target = tmp_path / "BENCHMARKS.md"
+    target.write_text(f"# Benchmarks\n\nintro\n\n{report.BEGIN}\nold\n{report.END}\n\nmethod notes\n")
+    report.update_benchmarks_md(target, RESULTS)
+    first = target.read_text()
+    assert first.startswith("# Benchmarks\n\nintro\n\n") and first.endswith(f"{report.END}\n\nmethod notes\n")
+    assert "old" not in first and "llama3.1-8b-qlora-b2-s2048 on NVIDIA H200" in first
+    report.update_benchmarks_md(target, RESULTS)
+    assert target.read_text() == first
+    created = report.update_benchmarks_md(tmp_path / "new.md", RESULTS).read_text()
+    assert created.startswith(report.BEGIN) and created.rstrip().endswith(report.END)
+
+
+def test_unsloth_checkpoint_dir_gets_a_tokenizer(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((DEMO_MODEL / "config.json").read_text())
+    assert with_tokenizer(DEMO_MODEL, tmp_path / "unused") == DEMO_MODEL
+    work = tmp_path / "work"
+    work.mkdir()
+    assert with_tokenizer(model, work) == work
+    assert (work / "config.json").is_symlink() and (work / "tokenizer.json").is_file()
+
+
+def test_cli_rejects_bad_values(capsys):
+    assert cli.main(["--arch", "llama9-1t", "--out-dir", "/nonexistent/x"]) == 2
+    assert "unknown architecture 'llama9-1t'" in capsys.readouterr().err
+    assert cli.main(["--quant", "int3"]) == 2
+    assert cli.main(["--systems", "deepspeed"]) == 2
+    with pytest.raises(ValueError, match="does not run quant"):
+        cli.runner_argv("hf-peft", "llama3.2-1b", "nf4", 1, 8, 1, "x")
+    assert set(cli.QUANTS) == set(cli.SYSTEMS) and "llama3.2-1b" in PRESETS
+
+
+def test_compare_notebook_runs(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    from tests.test_notebooks import _ThisInterpreter
+
+    nb = nbformat.read(ROOT / "notebooks" / "02_compare_pytorch.ipynb", as_version=4)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    client = NotebookClient(
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        kernel_manager_kwargs={"kernel_spec_manager": _ThisInterpreter()},
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
+    )
+    client.execute(env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path})
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"{len(report.load_records([RESULTS]))} records from" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3  # comparison + throughput + memory
+    assert any("speed vs hf-peft-bnb" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+
+
+@pytest.mark.gpu
+def test_bench_on_gpu_against_hf_qlora(tmp_path):
+    records = cli.run_benchmarks(
+        ["llama3.2-1b"], systems=["jaxsloth", "hf-peft-bnb"], quants=["nf4"], batch=1, seq=512, steps=2,
+        timeout_s=600, out_dir=tmp_path,
+    )  # fmt: skip
+    assert [r["system"] for r in records] == ["jaxsloth", "hf-peft-bnb"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in records), records
+    assert report.mfu(records[0]) > 0
