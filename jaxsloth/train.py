@@ -14,11 +14,15 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxsloth.lora import LoraConfig, with_trainable
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import loss_sum_and_count
+from jaxsloth.ops import Ops
 from jaxsloth.profiles import Profile
+from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +96,9 @@ def make_optimizer(tc: TrainConfig, lora: LoraConfig, trainable: dict) -> optax.
     return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), inner)
 
 
-def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile) -> Callable:
-    """(trainable, params, micro_batch, key) -> (loss_sum, count)."""
-    ops = profile.ops
+def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile, ops: Ops | None = None) -> Callable:
+    """(trainable, params, micro_batch, key) -> (loss_sum, count). ops: default the profile's."""
+    ops = profile.ops if ops is None else ops
 
     def loss_fn(trainable, params, batch, key):
         p, lora_tree = with_trainable(params, trainable)
@@ -109,24 +113,41 @@ def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile) -> Cal
             dropout_key=key if lora.dropout > 0 else None,
             compute_dtype=profile.dtype,
             head_grad="embed" in trainable or "lm_head" in trainable,
+            mlp_chunk=profile.mlp_chunk,
+            loss_chunk=profile.loss_chunk,
+            remat_group=profile.remat_group,
         )
 
     return loss_fn
 
 
 def make_train_step(
-    config: ModelConfig, lora: LoraConfig, tc: TrainConfig, profile: Profile, optimizer: optax.GradientTransformation
+    config: ModelConfig,
+    lora: LoraConfig,
+    tc: TrainConfig,
+    profile: Profile,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+    shardings: tuple | None = None,
 ) -> Callable:
     """Returns jitted ``step(trainable, opt_state, params, batch, key) -> (trainable, opt_state, metrics)``.
 
     batch: dict of [grad_accum * micro_batch, seq] int32 arrays (tokens, targets, positions, segment_ids).
     trainable and opt_state are donated. Compiles once per (shapes, profile).
+
+    mesh: run over a ("data", "fsdp") device mesh (jaxsloth.sharding): every micro-batch is split by rows over
+    data x fsdp, so micro_batch must divide by data * fsdp. shardings: (trainable, opt_state, params) trees of
+    NamedSharding the step is compiled for; the new trainable and opt_state keep theirs.
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(config, lora, profile), has_aux=True)
+    ops = None if mesh is None else ShardedOps(profile.kernels, mesh=mesh)
+    grad_fn = jax.value_and_grad(make_loss_fn(config, lora, profile, ops), has_aux=True)
 
     def step(trainable, opt_state, params, batch, key):
         n = tc.grad_accum
         micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+        if mesh is not None:  # each micro-batch over every device (not micro-batch i on a subset of them)
+            micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, BATCH_AXES)))
         keys = jax.random.split(key, n)
 
         def accumulate(carry, xs):
@@ -149,7 +170,16 @@ def make_train_step(
         metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
         return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    t_sh, o_sh, p_sh = shardings
+    rep = replicated(mesh)
+    return jax.jit(
+        step,
+        donate_argnums=(0, 1),
+        in_shardings=(t_sh, o_sh, p_sh, batch_sharding(mesh), rep),
+        out_shardings=(t_sh, o_sh, rep),
+    )
 
 
 class NonFiniteLossError(FloatingPointError):

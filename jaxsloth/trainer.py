@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxsloth.checkpoint import Checkpointer, array_to_key, key_to_array
 from jaxsloth.lora import LoraConfig
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.profiles import Profile
+from jaxsloth.sharding import batch_devices, place_train_state, put_key, shard_batch
 from jaxsloth.train import (
     NonFiniteLossError,
     TrainConfig,
@@ -58,7 +60,7 @@ def validate_batch(batch: dict[str, np.ndarray], vocab_size: int, step: int) -> 
 
 
 def _device_memory_gib() -> float | None:
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
 
@@ -77,18 +79,29 @@ def fit(
     keep: int = 3,
     resume: bool = True,
     callbacks: Sequence[Callback] = (),
+    mesh: Mesh | None = None,
+    shard_lora: bool = False,
 ) -> TrainResult:
     """Trains ``trainable`` for train_config.total_steps steps over batches from ``loader``.
 
     loader yields dicts of [grad_accum * micro_batch, seq] int32 arrays (see jaxsloth.data) and, to resume at the
     same batch, has state_dict()/load_state_dict(). With ``checkpoint_dir``: resumes from its latest checkpoint
     (when ``resume``), saves every ``save_every`` steps, at the end, and on Ctrl-C before re-raising.
+
+    mesh (jaxsloth.sharding.make_mesh): train over several devices / hosts. The loader then yields the GLOBAL batch
+    on every process (same seed, same order); each process places only its own rows. Frozen weights shard over
+    fsdp, LoRA and optimizer state are replicated, or sharded over fsdp with ``shard_lora``. Checkpoints are
+    sharded and restore onto the current mesh, so a run may resume on a different device count.
     """
     tc = train_config
     # The step donates its state buffers; copy (LoRA is small) so the caller's arrays stay valid.
     trainable = jax.tree.map(jnp.copy, trainable)
     optimizer = make_optimizer(tc, lora, trainable)
-    opt_state = optimizer.init(trainable)
+    shardings = None
+    if mesh is None:
+        opt_state = optimizer.init(trainable)
+    else:
+        params, trainable, opt_state, shardings = place_train_state(params, trainable, optimizer, mesh, shard_lora)
     key = jax.random.key(tc.seed)
     step = 0
     ckpt = Checkpointer(checkpoint_dir, keep=keep) if checkpoint_dir else None
@@ -115,7 +128,7 @@ def fit(
             {"step": step, "data": data},
         )
 
-    step_fn = make_train_step(config, lora, tc, profile, optimizer)
+    step_fn = make_train_step(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
     history: list[dict] = []
     interrupted = False
     try:
@@ -131,10 +144,19 @@ def fit(
                 raise ValueError(
                     f"batch of {n_seq} sequences does not split into grad_accum={tc.grad_accum} micro-batches"
                 )
+            if mesh is not None and (n_seq // tc.grad_accum) % batch_devices(mesh):
+                raise ValueError(
+                    f"micro-batch of {n_seq // tc.grad_accum} sequences does not split over the "
+                    f"{batch_devices(mesh)} data x fsdp devices of mesh {dict(mesh.shape)}"
+                )
             key, sub = jax.random.split(key)
             t0 = time.perf_counter()
+            if mesh is None:
+                device_batch = jax.tree.map(jnp.asarray, batch)
+            else:
+                device_batch, sub = shard_batch(batch, mesh), put_key(sub, mesh)
             try:
-                trainable, opt_state, m = step_fn(trainable, opt_state, params, jax.tree.map(jnp.asarray, batch), sub)
+                trainable, opt_state, m = step_fn(trainable, opt_state, params, device_batch, sub)
                 m = jax.device_get(m)
             except Exception as e:  # XLA reports OOM as a generic runtime error
                 if is_oom(e):
