@@ -64,6 +64,14 @@ TRAIN_OPTIONS = (
     Option("dtype", str, None, "compute dtype override: bfloat16, float16, float32"),
     Option("remat", str, None, "profile override: rematerialisation per layer (none, dots, full, offload)"),
     Option("mlp_chunk", int, None, "profile override: tokens per MLP tile for long sequences"),
+    Option("loss_chunk", int, None, "profile override: tokens per loss tile for long sequences"),
+    Option("remat_group", int, None, "profile override: layers per residual checkpoint (longest sequences: 2)"),
+    Option(
+        "long_context",
+        bool,
+        False,
+        "long-sequence settings: offloaded per-layer checkpoints, MLP and loss in tiles (see jaxsloth.memory)",
+    ),
     Option("kernels", str, None, "profile override: op=impl pairs, e.g. attention=pallas,glu=reference"),
 )
 _TRAIN = {o.name: o for o in TRAIN_OPTIONS}
@@ -144,8 +152,16 @@ def train_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
+_PROFILE_FIELDS = ("remat", "mlp_chunk", "loss_chunk", "remat_group")
+
+
 def _profile_overrides(s: dict) -> dict:
-    overrides = {k: s[k] for k in ("remat", "mlp_chunk") if s[k] is not None}
+    overrides = {}
+    if s["long_context"]:
+        from jaxsloth.profiles import LONG_CONTEXT
+
+        overrides.update(LONG_CONTEXT)
+    overrides.update({k: s[k] for k in _PROFILE_FIELDS if s[k] is not None})
     for pair in (s["kernels"] or "").split(","):
         if not pair.strip():
             continue
@@ -169,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = _profile_overrides(s)
     ops = [f.name for f in dataclasses.fields(KernelChoice)]
-    unknown = set(overrides) - set(ops) - {"remat", "mlp_chunk"}
+    unknown = set(overrides) - set(ops) - set(_PROFILE_FIELDS)
     if unknown:
         raise ValueError(f"--kernels: unknown op {sorted(unknown)[0]!r}; ops: {', '.join(ops)}")
     model, tokenizer = jaxsloth.load(

@@ -20,7 +20,8 @@ from jaxsloth.ops import KernelChoice, Ops
 class Profile:
     """name: profile name; compute_dtype: activations and frozen weights; kernels: implementation per op;
     remat: per-layer policy (none / dots / full / offload); micro_batch: default sequences per micro-batch;
-    mlp_chunk: tokens per MLP tile for long sequences (None = whole sequence)."""
+    mlp_chunk: tokens per MLP tile for long sequences (None = whole sequence); loss_chunk: tokens per loss tile;
+    remat_group: layers per residual checkpoint (2 halves the stored residual stream, for the longest sequences)."""
 
     name: str
     compute_dtype: str = "bfloat16"
@@ -28,6 +29,8 @@ class Profile:
     remat: str = "full"
     micro_batch: int = 2
     mlp_chunk: int | None = None
+    loss_chunk: int | None = None
+    remat_group: int = 1
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -91,6 +94,16 @@ _DEVICE_KINDS = (
     ("a6000", "ampere"),
     ("t4", "t4"),
 )
+
+
+# The long-sequence settings: per-layer residual checkpoints offloaded to pinned host memory, the MLP in 8192-token
+# tiles, the loss in 16384-token tiles (attention is flash: O(T) memory). Every remaining per-token term is in
+# jaxsloth.memory.
+LONG_CONTEXT = {"remat": "offload", "mlp_chunk": 8192, "loss_chunk": 16384}
+
+
+def long_context(profile: Profile) -> Profile:
+    return profile.replace(**LONG_CONTEXT)
 
 
 def profile_name_for(device_kind: str, platform: str = "gpu") -> str:

@@ -65,6 +65,26 @@ def _device_memory_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
+def _check_memory(config, profile, params, micro_batch, seq_len, lora_r) -> None:
+    """Before the first compile: a step the memory model says cannot fit fails now, naming the longest length."""
+    from jaxsloth.memory import check_fits, machine_memory_gib
+
+    mem = machine_memory_gib()
+    if mem is None:
+        return
+    quantized = any(hasattr(x, "packed") for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "packed")))
+    check_fits(
+        config,
+        profile,
+        batch=micro_batch,
+        seq_len=seq_len,
+        quantized=quantized,
+        lora_r=lora_r,
+        device_gib=mem[0],
+        host_gib=mem[1],
+    )
+
+
 def fit(
     config: ModelConfig,
     params: dict,
@@ -140,6 +160,8 @@ def fit(
                 break
             validate_batch(batch, config.vocab_size, step + 1)
             n_seq, seq_len = batch["tokens"].shape
+            if not history:
+                _check_memory(config, profile, params, n_seq // tc.grad_accum, seq_len, lora.r)
             if n_seq % tc.grad_accum:
                 raise ValueError(
                     f"batch of {n_seq} sequences does not split into grad_accum={tc.grad_accum} micro-batches"

@@ -1,0 +1,141 @@
+"""A per-token memory model of the LoRA/QLoRA training step, to say before compiling whether a length fits and
+which length is the longest that does.
+
+Bytes, for hidden D, MLP width F, kv width K (kv heads x head dim), Hq query heads, L layers, e bytes per
+activation (2 for bf16), g = remat_group (layers per residual checkpoint):
+
+- fixed: frozen weights (bf16: 2 per weight; NF4: 0.5 + block statistics, ~0.516), LoRA weights with their
+  gradient and two AdamW moments (4 x 4 bytes each), 1 GiB of XLA workspace, and the tiles of the MLP
+  (3 F e per tiled token, x2 for gradients) and of the loss (the Pallas loss's [tile, 8192] gradient buffer).
+- per token, residual checkpoints: (L / g) D e; on the host when remat is "offload", else on the device.
+- per token, the recomputed scan step during backward: g x [(6 D + 2 K) e (normed input, q, k, v, attention
+  output, o, residual) + 4 D e (gradients in flight) + 4 Hq (attention log-sum-exp)], plus 6 F e when the MLP
+  is not tiled (gate, up, activation and their gradients).
+- per token, outside the layers: the embedding output, final hidden and its f32 gradient (3 D e + 4 D), token
+  arrays (16), and when the loss is not tiled the Pallas loss's gradient tile (8192 e), or the reference
+  loss's f32 logits and their gradient (8 V).
+Checked against the H200: 17.8 GiB measured at 32,768 tokens (8B QLoRA, offload, untiled MLP) against this
+model's 16.6 GiB; and 8.8 GiB measured at 2 x 2048 with full remat against 9.1 GiB (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxsloth.models.config import ModelConfig
+from jaxsloth.models.decoder import linear_shapes
+from jaxsloth.profiles import Profile
+
+GIB = 2**30
+_CE_TILE = 8192  # the Pallas loss's vocabulary chunk (CrossEntropyBlocks.chunk_v)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    device_gib: float
+    host_gib: float
+    fixed_gib: float
+    device_bytes_per_token: float
+    host_bytes_per_token: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Longest:
+    tokens: int
+    limited_by: str  # "device" or "host"
+
+
+def _weights_bytes(config: ModelConfig, quantized: bool, e: int) -> float:
+    proj = sum(o * i for o, i in linear_shapes(config).values()) * config.num_layers
+    other = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    other += config.hidden_size * (2 * config.num_layers + 1)
+    per_weight = 0.5 + 1 / 64 + 4 / (64 * 256) if quantized else e
+    return proj * per_weight + other * e
+
+
+def _lora_bytes(config: ModelConfig, r: int) -> float:
+    return 16 * r * sum(o + i for o, i in linear_shapes(config).values()) * config.num_layers
+
+
+def estimate_step_memory(
+    config: ModelConfig, profile: Profile, *, batch: int, seq_len: int, quantized: bool, lora_r: int = 16
+) -> MemoryEstimate:
+    e = profile.dtype.itemsize
+    D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
+    K, Hq, g = config.num_kv_heads * config.head_dim, config.num_heads, max(profile.remat_group, 1)
+    tokens = batch * seq_len
+    fixed = _weights_bytes(config, quantized, e) + _lora_bytes(config, lora_r) + GIB
+    residual = (L / g) * D * e
+    layer = (6 * D + 2 * K) * e + 4 * D * e + 4 * Hq
+    if profile.mlp_chunk:
+        fixed += min(profile.mlp_chunk, tokens) * 6 * F * e
+    else:
+        layer += 6 * F * e
+    outside = 3 * D * e + 4 * D + 16
+    if profile.loss_chunk:
+        fixed += min(profile.loss_chunk, tokens) * (_CE_TILE * e + 4 * D)
+    elif profile.kernels.cross_entropy == "pallas":
+        outside += _CE_TILE * e
+    else:
+        outside += 8 * config.vocab_size
+    device_pt = g * layer + outside + (0 if profile.remat == "offload" else residual)
+    host_pt = residual if profile.remat == "offload" else 0.0
+    return MemoryEstimate(
+        device_gib=(fixed + device_pt * tokens) / GIB,
+        host_gib=host_pt * tokens / GIB,
+        fixed_gib=fixed / GIB,
+        device_bytes_per_token=device_pt,
+        host_bytes_per_token=host_pt,
+    )
+
+
+def longest_sequence(
+    config: ModelConfig, profile: Profile, *, batch: int = 1, quantized: bool, device_gib: float, host_gib: float
+) -> Longest:
+    """The longest seq_len (a multiple of 1024) the model says fits in ``device_gib`` and ``host_gib``."""
+    est = estimate_step_memory(config, profile, batch=batch, seq_len=1, quantized=quantized)
+    dev_tokens = (device_gib - est.fixed_gib) * GIB / est.device_bytes_per_token
+    host_tokens = host_gib * GIB / est.host_bytes_per_token if est.host_bytes_per_token else float("inf")
+    tokens = max(int(min(dev_tokens, host_tokens) / batch) // 1024 * 1024, 0)
+    return Longest(tokens, "device" if dev_tokens <= host_tokens else "host")
+
+
+def machine_memory_gib() -> tuple[float, float] | None:
+    """(device, host) memory in GiB, or None where the backend reports no device limit (CPU)."""
+    import os
+
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return stats["bytes_limit"] / GIB, 0.85 * host  # pinned host buffers cannot take all of RAM
+
+
+def check_fits(
+    config: ModelConfig,
+    profile: Profile,
+    *,
+    batch: int,
+    seq_len: int,
+    quantized: bool,
+    device_gib: float,
+    host_gib: float,
+    lora_r: int = 16,
+) -> MemoryEstimate:
+    """Raises MemoryError naming the longest length that fits when ``seq_len`` does not (before compiling)."""
+    est = estimate_step_memory(config, profile, batch=batch, seq_len=seq_len, quantized=quantized, lora_r=lora_r)
+    if est.device_gib <= device_gib and est.host_gib <= host_gib:
+        return est
+    longest = longest_sequence(
+        config, profile, batch=batch, quantized=quantized, device_gib=device_gib, host_gib=host_gib
+    )
+    raise MemoryError(
+        f"batch {batch} x {seq_len:,} tokens needs about {est.device_gib:.1f} GiB of device memory and "
+        f"{est.host_gib:.1f} GiB of host memory (profile {profile.name!r}: remat={profile.remat!r}, "
+        f"mlp_chunk={profile.mlp_chunk}, loss_chunk={profile.loss_chunk}, remat_group={profile.remat_group}); "
+        f"this machine has {device_gib:.0f} and {host_gib:.0f}. The longest that fits is about {longest.tokens:,} "
+        f"tokens ({longest.limited_by} memory is the limit); long_context settings and remat_group=2 lower the "
+        "per-token cost."
+    )
