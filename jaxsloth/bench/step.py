@@ -27,7 +27,7 @@ from jaxsloth.bench.timing import environment, median_ms, peak_gib  # noqa: E402
 from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
 from jaxsloth.models.decoder import init_params, linear_shapes  # noqa: E402
 from jaxsloth.models.presets import preset  # noqa: E402
-from jaxsloth.profiles import profile_for_device  # noqa: E402
+from jaxsloth.profiles import LONG_CONTEXT, profile_for_device  # noqa: E402
 from jaxsloth.quant import NF4Weight  # noqa: E402
 from jaxsloth.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
 
@@ -73,7 +73,20 @@ def run(args) -> dict:
     # --model-path: the architecture of a local checkpoint (its config.json); weights stay random, as with --arch.
     config = load_config(args.model_path) if args.model_path else preset(args.arch)
     model_name = os.path.basename(os.path.normpath(args.model_path)) if args.model_path else args.arch
-    overrides = {k: v for k, v in (("remat", args.remat), ("attention", args.attention)) if v}
+    overrides = dict(LONG_CONTEXT) if args.long_context else {}
+    overrides.update(
+        {
+            k: v
+            for k, v in (
+                ("remat", args.remat),
+                ("attention", args.attention),
+                ("mlp_chunk", args.mlp_chunk),
+                ("loss_chunk", args.loss_chunk),
+                ("remat_group", args.remat_group),
+            )
+            if v
+        }
+    )
     if args.kernels == "reference":
         overrides.update(
             rms_norm="reference", rope="reference", glu="reference", cross_entropy="reference", nf4_matmul="reference"
@@ -118,6 +131,9 @@ def run(args) -> dict:
         "first_loss": loss0,
         "profile": profile.name,
         "remat": profile.remat,
+        "mlp_chunk": profile.mlp_chunk,
+        "loss_chunk": profile.loss_chunk,
+        "remat_group": profile.remat_group,
         "kernels": {
             k: getattr(profile.kernels, k)
             for k in ("rms_norm", "rope", "glu", "attention", "cross_entropy", "nf4_matmul")
@@ -138,6 +154,10 @@ def main(argv=None) -> None:
     p.add_argument("--op", action="append", help="per-op override, e.g. --op attention=pallas")
     p.add_argument("--remat", default=None)
     p.add_argument("--attention", default=None)
+    p.add_argument("--long-context", action="store_true", help="offloaded checkpoints, MLP and loss tiles")
+    p.add_argument("--mlp-chunk", type=int, default=None)
+    p.add_argument("--loss-chunk", type=int, default=None)
+    p.add_argument("--remat-group", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
