@@ -62,7 +62,7 @@ def is_path(model: str) -> bool:
 
 def model_name(model: str) -> str:
     """The model part of a workload name: the preset name, or a checkpoint directory's name."""
-    return Path(model).resolve().name if is_path(model) else model
+    return os.path.basename(os.path.normpath(model)) if is_path(model) else model
 
 
 def workload_name(model: str, quant: str, batch: int, seq: int | None) -> str:
@@ -284,7 +284,7 @@ def run_benchmarks(
     quants: Sequence[str] = ("nf4", "bf16"),
     batch: int = 2,
     seq: int = 2048,
-    steps: int = 10,
+    steps: int | None = None,
     timeout_s: float = 1800.0,
     out_dir: str | os.PathLike = "jaxsloth-bench",
     extra_args: dict[str, Sequence[str]] | None = None,
@@ -297,7 +297,9 @@ def run_benchmarks(
     """Measures every applicable (system, model, quant), each in its own subprocess, and writes
     ``out_dir``/results.jsonl, report.md and the PNG plots. ``models``: preset names (jaxsloth.models.presets) or
     local checkpoint directories. ``max_context``: the longest-sequence search at batch 1 instead of the
-    (batch, seq) throughput runs. Returns the records of this run (failures have tokens_per_s None)."""
+    (batch, seq) throughput runs. ``steps``: timed steps per measurement after the runners' warm-up (default 10;
+    1 for the longest-sequence probes, whose steps are long). Returns the records of this run (failures have
+    tokens_per_s None)."""
     for s in systems:
         if s not in SYSTEMS:
             raise ValueError(f"unknown system {s!r}; known: {', '.join(SYSTEMS)}")
@@ -311,6 +313,7 @@ def run_benchmarks(
             raise ValueError(f"unknown architecture {m!r}; known: {', '.join(sorted(PRESETS))}, or a checkpoint dir")
         if is_path(m) and not (Path(m) / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {m}")
+    steps = steps or (1 if max_context else 10)
     bench = Bench(out_dir, steps=steps, timeout_s=timeout_s, extra_args=extra_args, bench_command=bench_command)
     for model in models:
         for quant in quants:
@@ -340,7 +343,7 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", type=_csv, default=["nf4", "bf16"], help="nf4 (QLoRA) and/or bf16 (LoRA)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after warm-up)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps after warm-up (10; --max-context: 1)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     p.add_argument("--out-dir", default="jaxsloth-bench", help="results.jsonl, report.md and PNGs go here")
     for s in SYSTEMS:

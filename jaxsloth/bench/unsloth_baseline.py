@@ -84,7 +84,7 @@ def run(args, work_dir: Path) -> dict:
         if not (model_path / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {model_path}")
         checkpoint = with_tokenizer(model_path, work_dir)
-        model_name = model_path.resolve().name
+        model_name = os.path.basename(os.path.normpath(model_path))
     else:
         checkpoint = write_random_checkpoint(args.arch, work_dir)
         model_name = args.arch
