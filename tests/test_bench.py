@@ -140,7 +140,7 @@ def test_report_tables_ratios_mfu_and_plots(tmp_path):
     records = [
         _rec("hf-peft-bnb", 3000.0, 15.0),
         _rec("unsloth", 10000.0, 7.5, variant='checkpointing="unsloth"'),
-        _rec("jaxsloth", 12000.0, 6.0, remat="full", profile="h200", kernels={"attention": "pallas"}),
+        _rec("jaxsloth", 12000.0, 6.0, remat="full", profile="h200", kernels={"attention": "pallas"}, mlp_chunk=4096),
         _rec("hf-peft", None, None, error="out of memory: boom"),
     ]
     path = tmp_path / "r.jsonl"
@@ -149,7 +149,7 @@ def test_report_tables_ratios_mfu_and_plots(tmp_path):
     md = report.markdown_report(loaded)
     jax_row = next(line for line in md.splitlines() if line.startswith("| jaxsloth"))
     cells = [c.strip() for c in jax_row.strip("|").split("|")]
-    assert cells[:3] == ["jaxsloth", "remat=full; attention=pallas", "12,000"]
+    assert cells[:3] == ["jaxsloth", "remat=full; attention=pallas; mlp_chunk=4096", "12,000"]
     mfu = 12000 * report.flops_per_token(preset("llama3.1-8b"), 2048) / 989.4e12
     assert cells[4] == f"{mfu:.1%}"
     # speed / memory vs hf-peft-bnb, then vs unsloth

@@ -113,8 +113,8 @@ def load_records(paths: Iterable[str | os.PathLike]) -> list[dict]:
 
 
 def config_label(rec: dict) -> str:
-    """What distinguishes this measurement from others of the same system: remat, kernels off the profile's
-    defaults, mesh; for the PyTorch systems, the checkpointing mode."""
+    """What distinguishes this measurement from others of the same system: remat, kernels and tiling off the
+    profile's defaults, mesh; for the other systems, their ``variant``."""
     if rec.get("system") != "jaxsloth":
         return rec.get("variant", "")
     from jaxsloth.profiles import PROFILES
@@ -126,6 +126,9 @@ def config_label(rec: dict) -> str:
         if default is None or getattr(default.kernels, op, impl) != impl:
             changed.setdefault(impl, []).append(op)
     parts += [f"{','.join(ops)}={impl}" for impl, ops in changed.items()]
+    for field in ("mlp_chunk", "loss_chunk", "remat_group"):  # long-context tiling, when off the profile's
+        if rec.get(field) is not None and (default is None or getattr(default, field, None) != rec[field]):
+            parts.append(f"{field}={rec[field]}")
     if rec.get("mesh"):
         parts.append(f"mesh={rec['mesh']}")
     return "; ".join(parts)
