@@ -37,6 +37,9 @@ DEFAULT_SYSTEMS = ("jaxsloth", "hf-peft", "hf-peft-bnb")
 # Which workloads each system runs: hf-peft is the LoRA (bf16) baseline, hf-peft-bnb the QLoRA (nf4) one.
 QUANTS = {"jaxsloth": ("nf4", "bf16"), "hf-peft": ("bf16",), "hf-peft-bnb": ("nf4",), "unsloth": ("nf4", "bf16")}
 EXIT_UNAVAILABLE = 3  # a runner's "this system cannot run here" (unsloth not importable)
+# What a summary record copies from its longest passing probe: the configuration and versions behind it.
+_CONFIG_KEYS = ("remat", "profile", "kernels", "mlp_chunk", "loss_chunk", "remat_group", "mesh", "variant")
+_CONFIG_KEYS += ("jax", "torch", "unsloth", "python")
 _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemoryError", "Out of memory")
 
 
@@ -232,7 +235,7 @@ class Bench:
             "peak_gib": at_best.get("peak_gib"),
             "flops_per_token": at_best.get("flops_per_token"),
             "probes": [{"seq": _seq_of(p), "ok": bool(p.get("tokens_per_s")), "error": p.get("error")} for p in probes],
-            **{k: at_best[k] for k in ("remat", "profile", "kernels", "variant", "jax", "torch") if k in at_best},
+            **{k: at_best[k] for k in _CONFIG_KEYS if k in at_best},
             "gpu": next((p["gpu"] for p in probes if p.get("gpu")), None),
             "date": datetime.date.today().isoformat(),
             "command": at_best.get("command"),
