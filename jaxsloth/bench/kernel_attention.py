@@ -7,6 +7,8 @@ not fit. Per measurement: forward and forward+backward median time and TFLOP/s (
 halved for causal, forward+backward 3.5x that: the usual convention, so windows are not discounted), and
 the max abs error of out/dq/dk/dv against the reference, checked before timing.
 
+Rows are appended to ``--out`` (several ``--only`` runs can share one file).
+
     python -m jaxsloth.bench.kernel_attention --out attn.jsonl           # the table
     python -m jaxsloth.bench.kernel_attention --out sweep.jsonl --sweep  # block configurations (Pallas)
     python -m jaxsloth.bench.kernel_attention --out smoke.jsonl --smoke  # tiny, CPU
@@ -14,16 +16,13 @@ the max abs error of out/dq/dk/dv against the reference, checked before timing.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from jaxsloth.bench import timing
 from pallas_kernels.attention import AttentionBlocks, attention, attention_reference
 
 # Largest [B, Hq, T, T] f32 score tensor the XLA reference is allowed (it keeps several of them alive).
@@ -108,35 +107,13 @@ def _attention_fn(shape: Shape, impl: str, blocks: AttentionBlocks | None):
     return lambda q, k, v: attention_reference(q, k, v, **kw)
 
 
-def _fwd_bwd(fn):
-    def run(q, k, v, do):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return out, *vjp(do)
-
-    return run
-
-
-def _median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def _max_abs(got, want) -> float:
-    return max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) for a, b in zip(got, want))
-
-
 def _expected(shape: Shape, args) -> tuple[tuple, str]:
     """Reference results for ``args`` (cached per shape, so a sweep computes them once)."""
     if shape not in _EXPECTED:
         _EXPECTED.clear()
         if _xla_fits(shape):
-            want = jax.jit(_fwd_bwd(_attention_fn(shape, "xla_reference", None)))(*args)
-            _EXPECTED[shape] = (tuple(want), "out, dq, dk, dv")
+            want = timing.jit_fwd_and_fwd_bwd(_attention_fn(shape, "xla_reference", None))[1](*args)
+            _EXPECTED[shape] = (tuple(jax.tree.leaves(want)), "out, dq, dk, dv")
         else:
             # Too long for the reference's full score matrix: check the forward of the last queries, which
             # see the most keys (the reference treats a shorter q as the last T positions).
@@ -152,34 +129,31 @@ def _xla_fits(shape: Shape) -> bool:
 
 def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks | None = None) -> dict:
     args = _inputs(shape, dtype)
-    fwd = jax.jit(_attention_fn(shape, impl, blocks))
-    fwd_bwd = jax.jit(_fwd_bwd(_attention_fn(shape, impl, blocks)))
+    fwd, fwd_bwd = timing.jit_fwd_and_fwd_bwd(_attention_fn(shape, impl, blocks))
     got = jax.block_until_ready(fwd_bwd(*args))
     max_err, err_scope = None, None
     if impl != "xla_reference":
         want, err_scope = _expected(shape, args)
-        max_err = _max_abs(got if len(want) == 4 else [got[0][:, -_CHECK_QUERIES:]], want)
+        max_err = timing.max_abs_err(got if len(want) == 4 else got[0][:, -_CHECK_QUERIES:], want)
     del got
-    fwd_ms = _median_ms(fwd, args[:3], iters)
-    fwd_bwd_ms = _median_ms(fwd_bwd, args, iters)
+    fwd_ms = timing.median_ms(fwd, args[:3], iters)
+    fwd_bwd_ms = timing.median_ms(fwd_bwd, args, iters)
     flops = shape.fwd_flops()
-    return {
-        "op": "attention",
-        "impl": impl,
-        "shape": shape.label(),
-        "dtype": jnp.dtype(dtype).name,
-        "fwd_ms": fwd_ms,
-        "fwd_bwd_ms": fwd_bwd_ms,
-        "gbps_or_tflops": 3.5 * flops / fwd_bwd_ms * 1e-9,
-        "unit": "TFLOP/s fwd+bwd (causal counted as half)",
-        "fwd_tflops": flops / fwd_ms * 1e-9,
-        "max_err": max_err,
-        "max_err_scope": err_scope,
-        "blocks": dataclasses.asdict(blocks or AttentionBlocks.for_head_dim(shape.d)) if impl == "pallas" else None,
-        "iters": iters,
-        "jax": jax.__version__,
-        "device_kind": jax.devices()[0].device_kind,
-    }
+    return timing.kernel_record(
+        "attention",
+        impl,
+        shape.label(),
+        jnp.dtype(dtype).name,
+        fwd_ms,
+        fwd_bwd_ms,
+        iters,
+        gbps_or_tflops=3.5 * flops / fwd_bwd_ms * 1e-9,
+        unit="TFLOP/s fwd+bwd (causal counted as half)",
+        fwd_tflops=flops / fwd_ms * 1e-9,
+        max_err=max_err,
+        max_err_scope=err_scope,
+        blocks=dataclasses.asdict(blocks or AttentionBlocks.for_head_dim(shape.d)) if impl == "pallas" else None,
+    )
 
 
 def _plan(args) -> list[tuple[Shape, str, AttentionBlocks | None]]:
@@ -200,25 +174,23 @@ def _plan(args) -> list[tuple[Shape, str, AttentionBlocks | None]]:
     return plan
 
 
+def _measure_or_error(shape: Shape, impl: str, iters: int, blocks: AttentionBlocks | None) -> dict:
+    try:
+        return measure(shape, impl, jnp.bfloat16, iters, blocks)
+    except Exception as e:  # one failing config (e.g. out of registers) must not end a sweep
+        row = {"op": "attention", "impl": impl, "shape": shape.label(), "error": repr(e)[:500]}
+        if blocks is not None:
+            row["blocks"] = dataclasses.asdict(blocks)
+        return row
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSONL file to append one line per measurement to")
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--sweep", action="store_true", help="time several block configurations per shape")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations (CPU)")
+    parser = timing.kernel_bench_parser(__doc__, iters=20, sweep_help="time several block configurations per shape")
     parser.add_argument("--only", default="", help="run only shapes whose label contains this text")
     args = parser.parse_args(argv)
     iters = 2 if args.smoke else max(args.iters, 20)
-    with open(args.out, "a") as f:
-        for shape, impl, blocks in _plan(args):
-            try:
-                row = measure(shape, impl, jnp.bfloat16, iters, blocks)
-            except Exception as e:  # one failing config (e.g. out of registers) must not end a sweep
-                row = {"op": "attention", "impl": impl, "shape": shape.label(), "error": repr(e)[:500]}
-                if blocks is not None:
-                    row["blocks"] = dataclasses.asdict(blocks)
-            print(json.dumps(row), flush=True)
-            f.write(json.dumps(row) + "\n")
+    rows = (_measure_or_error(shape, impl, iters, blocks) for shape, impl, blocks in _plan(args))
+    timing.emit_jsonl(rows, args.out, append=True)
 
 
 if __name__ == "__main__":

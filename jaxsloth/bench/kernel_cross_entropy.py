@@ -20,14 +20,13 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
+from jaxsloth.bench import timing
 from pallas_kernels.cross_entropy import CrossEntropyBlocks, cross_entropy, cross_entropy_reference
 
 IMPLS = ("pallas", "xla_reference")
@@ -83,16 +82,6 @@ def _grad_fn(case: Case, impl: str):
     return jax.value_and_grad(lambda h, w, t: loss(h, w, t)[0], argnums=argnums)
 
 
-def _median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def _memory_stats():
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
@@ -102,10 +91,7 @@ def _max_err(case: Case, args, value_grad) -> tuple[float, float]:
     """(max abs gradient error, abs error of the mean per-token loss) against the reference."""
     loss, grads = value_grad
     loss_ref, grads_ref = jax.jit(_grad_fn(case, "xla_reference"))(*args)
-    grads, grads_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
-    grad_err = max(
-        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) for a, b in zip(grads, grads_ref)
-    )
+    grad_err = timing.max_abs_err(grads, grads_ref)
     count = max(int(jnp.sum(args[2] != -100)), 1)
     return grad_err, abs(float(loss) - float(loss_ref)) / count
 
@@ -123,34 +109,32 @@ def measure(case: Case, iters: int, check: bool = True) -> dict:
         peak_delta = peak_after - in_use
     grad_err, loss_err = _max_err(case, args, value_grad) if check and case.impl != "xla_reference" else (0.0, 0.0)
     del value_grad
-    fwd_ms = _median_ms(fwd, args, iters)
-    fwd_bwd_ms = _median_ms(fwd_bwd, args, iters)
+    fwd_ms = timing.median_ms(fwd, args, iters)
+    fwd_bwd_ms = timing.median_ms(fwd_bwd, args, iters)
     flops = 2.0 * case.n * case.d * case.v
     temp_fwd_bwd = fwd_bwd.memory_analysis().temp_size_in_bytes
-    return {
-        "op": "cross_entropy",
-        "impl": case.impl,
-        "shape": case.shape,
-        "dtype": case.dtype,
-        "head_grad": case.head_grad,
-        "fwd_ms": fwd_ms,
-        "fwd_bwd_ms": fwd_bwd_ms,
+    return timing.kernel_record(
+        "cross_entropy",
+        case.impl,
+        case.shape,
+        case.dtype,
+        fwd_ms,
+        fwd_bwd_ms,
+        iters,
+        head_grad=case.head_grad,
         # Model FLOPs (what the full-logits path does), not the kernel's extra logits recompute.
-        "gbps_or_tflops": flops * (3 if case.head_grad else 2) / fwd_bwd_ms * 1e-9,
-        "unit": "TFLOP/s fwd+bwd",
-        "fwd_tflops": flops / fwd_ms * 1e-9,
-        "max_err": grad_err,
-        "loss_err_per_token": loss_err,
-        "temp_bytes_fwd": fwd.memory_analysis().temp_size_in_bytes,
-        "temp_bytes_fwd_bwd": temp_fwd_bwd,
-        "temp_gib_fwd_bwd": temp_fwd_bwd / 2**30,
-        "output_bytes_fwd_bwd": fwd_bwd.memory_analysis().output_size_in_bytes,
-        "peak_delta_bytes_fwd_bwd": peak_delta,
-        "blocks": dataclasses.asdict(case.blocks) if case.impl == "pallas" else None,
-        "iters": iters,
-        "jax": jax.__version__,
-        "device_kind": jax.devices()[0].device_kind,
-    }
+        gbps_or_tflops=flops * (3 if case.head_grad else 2) / fwd_bwd_ms * 1e-9,
+        unit="TFLOP/s fwd+bwd",
+        fwd_tflops=flops / fwd_ms * 1e-9,
+        max_err=grad_err,
+        loss_err_per_token=loss_err,
+        temp_bytes_fwd=fwd.memory_analysis().temp_size_in_bytes,
+        temp_bytes_fwd_bwd=temp_fwd_bwd,
+        temp_gib_fwd_bwd=temp_fwd_bwd / 2**30,
+        output_bytes_fwd_bwd=fwd_bwd.memory_analysis().output_size_in_bytes,
+        peak_delta_bytes_fwd_bwd=peak_delta,
+        blocks=dataclasses.asdict(case.blocks) if case.impl == "pallas" else None,
+    )
 
 
 def _blocks_from_args(args) -> CrossEntropyBlocks:
@@ -184,15 +168,11 @@ def _run_isolated(case: Case, argv_common: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="JSON lines file (default: stdout only)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations (CPU check)")
-    parser.add_argument("--sweep", action="store_true", help="time a few block configurations at 4096 tokens")
+    parser = timing.kernel_bench_parser(__doc__, iters=20, sweep_help="time a few block configurations at 4096 tokens")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-isolate", action="store_true", help="all measurements in this process")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     for field in dataclasses.fields(CrossEntropyBlocks):
@@ -208,23 +188,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.tokens, args.hidden, args.vocab, args.iters = [37], 72, 1003, 3
         small = CrossEntropyBlocks(block_n=16, block_v=256, block_d=64, chunk_v=512)
-        rows = [measure(case(impl, 37, True, small), args.iters) for impl in IMPLS]
+        rows = (measure(case(impl, 37, True, small), args.iters) for impl in IMPLS)
     elif args.only:
         impl, n, head_grad = args.only.split(":")
         rows = [measure(case(impl, int(n), bool(int(head_grad))), args.iters)]
     elif args.sweep:
         n = args.tokens[0]
-        rows = [measure(case("pallas", n, hg, blk), args.iters, check=False) for blk in SWEEP for hg in (False, True)]
+        rows = (measure(case("pallas", n, hg, blk), args.iters, check=False) for blk in SWEEP for hg in (False, True))
     else:
         cases = [case(impl, n, hg) for n in args.tokens for impl in IMPLS for hg in (True, False)]
         run = (lambda c: [measure(c, args.iters)]) if args.no_isolate else (lambda c: _run_isolated(c, common))
-        rows = [row for c in cases for row in run(c)]
-
-    lines = [json.dumps(row) for row in rows]
-    print("\n".join(lines), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        rows = (row for c in cases for row in run(c))
+    timing.emit_jsonl(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,14 @@ read, out written; backward: gate, up and dout read, dgate and dup written) and 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from jaxsloth.bench import timing
 from pallas_kernels.glu import GluBlock, geglu, geglu_reference, swiglu, swiglu_reference
 
-HBM_GBPS = 4300.0
 OPS = {"swiglu": (swiglu, swiglu_reference), "geglu": (geglu, geglu_reference)}
 SWEEP = (
     GluBlock(),
@@ -37,25 +33,10 @@ SWEEP = (
 )
 
 
-def _median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def _fns(op: str, impl: str, block: GluBlock, interpret: bool | None):
     kernel, reference = OPS[op]
     fn = (lambda g, u: kernel(g, u, block=block, interpret=interpret)) if impl == "pallas" else reference
-
-    def fwd_bwd(args, ct):
-        out, vjp = jax.vjp(fn, *args)
-        return out, vjp(ct)
-
-    return jax.jit(lambda args, ct: fn(*args)), jax.jit(fwd_bwd)
+    return timing.jit_fwd_and_fwd_bwd(fn)
 
 
 def measure(op, impl, n, f, dtype, iters, block=GluBlock(), interpret=None) -> dict:
@@ -64,72 +45,52 @@ def measure(op, impl, n, f, dtype, iters, block=GluBlock(), interpret=None) -> d
     gate, up, ct = (jax.random.normal(k, (n, f), jnp.float32).astype(dtype) for k in keys)
     args = (gate, up)
     fwd, fwd_bwd = _fns(op, impl, block, interpret)
-    got = jax.block_until_ready(fwd_bwd(args, ct))
-    want = _fns(op, "xla_reference", block, interpret)[1](args, ct)
-    max_err = max(
-        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))
-    )
-    fwd_ms = _median_ms(fwd, (args, ct), iters)
-    fwd_bwd_ms = _median_ms(fwd_bwd, (args, ct), iters)
+    got = jax.block_until_ready(fwd_bwd(*args, ct))
+    max_err = timing.max_abs_err(got, _fns(op, "xla_reference", block, interpret)[1](*args, ct))
+    fwd_ms = timing.median_ms(fwd, args, iters)
+    fwd_bwd_ms = timing.median_ms(fwd_bwd, (*args, ct), iters)
     tile = n * f * dtype.itemsize
     fwd_bytes, bwd_bytes = 3 * tile, 5 * tile
-    fwd_bwd_gbps = (fwd_bytes + bwd_bytes) / fwd_bwd_ms * 1e-6
-    return {
-        "op": op,
-        "impl": impl,
-        "shape": f"{n}x{f}",
-        "dtype": str(dtype),
-        "fwd_ms": fwd_ms,
-        "fwd_bwd_ms": fwd_bwd_ms,
-        "gbps_or_tflops": fwd_bwd_gbps,
-        "unit": "GB/s fwd+bwd",
-        "fwd_gbps": fwd_bytes / fwd_ms * 1e-6,
-        "fwd_frac_hbm": fwd_bytes / fwd_ms * 1e-6 / HBM_GBPS,
-        "fwd_bwd_frac_hbm": fwd_bwd_gbps / HBM_GBPS,
-        "max_err": max_err,
-        "block": dataclasses.asdict(block) if impl == "pallas" else None,
-        "iters": iters,
-        "jax": jax.__version__,
-        "device_kind": jax.devices()[0].device_kind,
-    }
+    return timing.kernel_record(
+        op,
+        impl,
+        f"{n}x{f}",
+        str(dtype),
+        fwd_ms,
+        fwd_bwd_ms,
+        iters,
+        **timing.hbm_fields(fwd_bytes, fwd_ms, fwd_bytes + bwd_bytes, fwd_bwd_ms),
+        max_err=max_err,
+        block=dataclasses.asdict(block) if impl == "pallas" else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="JSON lines file (default: stdout only)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations (CPU check)")
-    parser.add_argument("--sweep", action="store_true", help="time the SWEEP launch configurations")
+    parser = timing.kernel_bench_parser(__doc__, iters=50, sweep_help="time the SWEEP launch configurations")
     parser.add_argument("--ops", nargs="+", default=["swiglu"], choices=sorted(OPS))
     parser.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--width", type=int, default=14336)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args(argv)
 
     if args.smoke:
         small = GluBlock(block_rows=4, block_cols=128, bwd_block_rows=2, bwd_block_cols=256)
-        rows = [measure(op, impl, 7, 300, "float32", 3, small) for op in OPS for impl in ("pallas", "xla_reference")]
+        rows = (measure(op, impl, 7, 300, "float32", 3, small) for op in OPS for impl in ("pallas", "xla_reference"))
     elif args.sweep:
-        rows = [
+        rows = (
             measure(op, "pallas", n, args.width, args.dtype, args.iters, block)
             for op in args.ops
             for n in args.rows
             for block in SWEEP
-        ]
+        )
     else:
-        rows = [
+        rows = (
             measure(op, impl, n, args.width, args.dtype, args.iters)
             for op in args.ops
             for n in args.rows
             for impl in ("pallas", "xla_reference")
-        ]
-
-    lines = [json.dumps(row) for row in rows]
-    print("\n".join(lines), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        )
+    timing.emit_jsonl(rows, args.out)
 
 
 if __name__ == "__main__":

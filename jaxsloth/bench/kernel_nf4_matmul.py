@@ -15,16 +15,13 @@ depend on their values) in double-quant layout.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsloth.bench import timing
 from pallas_kernels.nf4_matmul import NF4MatmulBlock, nf4_dequantize_reference, nf4_matmul, nf4_matmul_reference
 
 # (name, in K, out N) of the Llama-3.1-8B projections.
@@ -46,16 +43,6 @@ SWEEP = (
     NF4MatmulBlock(bwd_block_n=32, bwd_block_k=256),
     NF4MatmulBlock(bwd_block_m=64, bwd_block_n=64, bwd_block_k=128, bwd_num_warps=4),
 )
-
-
-def _median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _inputs(m: int, k: int, n: int, r: int, dtype):
@@ -92,14 +79,6 @@ def _op(impl: str, nf4: dict, shape, dtype, block: NF4MatmulBlock, interpret):
     return lora_linear
 
 
-def _fns(op):
-    def fwd_bwd(x, a, b, dy):
-        y, vjp = jax.vjp(op, x, a, b)
-        return y, vjp(dy)
-
-    return jax.jit(lambda x, a, b, dy: op(x, a, b)), jax.jit(fwd_bwd)
-
-
 def _temp_bytes(fn, args) -> int | None:
     stats = fn.lower(*args).compile().memory_analysis()
     return None if stats is None else int(stats.temp_size_in_bytes)
@@ -108,51 +87,43 @@ def _temp_bytes(fn, args) -> int | None:
 def measure(impl, name, m, k, n, r, dtype, iters, block=NF4MatmulBlock(), interpret=None) -> dict:
     dtype = jnp.dtype(dtype)
     nf4, x, a, b, dy = _inputs(m, k, n, r, dtype)
-    args = (x, a, b, dy)
-    fwd, fwd_bwd = _fns(_op(impl, nf4, (n, k), dtype, block, interpret))
-    got = jax.block_until_ready(fwd_bwd(*args))
-    want = _fns(_op("xla_dequant_matmul", nf4, (n, k), dtype, block, interpret))[1](*args)
-    max_err = max(
-        float(jnp.max(jnp.abs(p.astype(jnp.float32) - q.astype(jnp.float32))))
-        for p, q in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    args, args_ct = (x, a, b), (x, a, b, dy)
+    fwd, fwd_bwd = timing.jit_fwd_and_fwd_bwd(_op(impl, nf4, (n, k), dtype, block, interpret))
+    got = jax.block_until_ready(fwd_bwd(*args_ct))
+    max_err = timing.max_abs_err(
+        got, timing.jit_fwd_and_fwd_bwd(_op("xla_dequant_matmul", nf4, (n, k), dtype, block, interpret))[1](*args_ct)
     )
-    fwd_ms = _median_ms(fwd, args, iters)
-    fwd_bwd_ms = _median_ms(fwd_bwd, args, iters)
+    fwd_ms = timing.median_ms(fwd, args, iters)
+    fwd_bwd_ms = timing.median_ms(fwd_bwd, args_ct, iters)
     lora_flops = 2 * m * r * (k + n)
     fwd_flops = 2 * m * n * k + lora_flops
     # Backward: dx (2MNK + LoRA) and dA, dB (2 M r (K + N)).
     fwd_bwd_flops = fwd_flops + 2 * m * n * k + 2 * lora_flops
-    return {
-        "op": "nf4_matmul",
-        "impl": impl,
-        "proj": name,
-        "shape": f"M{m}xK{k}xN{n}xr{r}",
-        "dtype": dtype.name,
-        "fwd_ms": fwd_ms,
-        "fwd_bwd_ms": fwd_bwd_ms,
-        "gbps_or_tflops": fwd_bwd_flops / fwd_bwd_ms * 1e-9,
-        "unit": "TFLOP/s fwd+bwd",
-        "fwd_tflops": fwd_flops / fwd_ms * 1e-9,
-        "fwd_temp_bytes": _temp_bytes(fwd, args),
-        "fwd_bwd_temp_bytes": _temp_bytes(fwd_bwd, args),
-        "max_err": max_err,
-        "block": dataclasses.asdict(block) if impl == "pallas" else None,
-        "iters": iters,
-        "jax": jax.__version__,
-        "device_kind": jax.devices()[0].device_kind,
-    }
+    return timing.kernel_record(
+        "nf4_matmul",
+        impl,
+        f"M{m}xK{k}xN{n}xr{r}",
+        dtype.name,
+        fwd_ms,
+        fwd_bwd_ms,
+        iters,
+        proj=name,
+        gbps_or_tflops=fwd_bwd_flops / fwd_bwd_ms * 1e-9,
+        unit="TFLOP/s fwd+bwd",
+        fwd_tflops=fwd_flops / fwd_ms * 1e-9,
+        fwd_temp_bytes=_temp_bytes(fwd, args),
+        fwd_bwd_temp_bytes=_temp_bytes(fwd_bwd, args_ct),
+        max_err=max_err,
+        block=dataclasses.asdict(block) if impl == "pallas" else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="JSON lines file (default: stdout only)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations (CPU check)")
-    parser.add_argument("--sweep", action="store_true", help="time the SWEEP launch configurations")
+    parser = timing.kernel_bench_parser(__doc__, iters=20, sweep_help="time the SWEEP launch configurations")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--proj", nargs="+", default=[s[0] for s in SHAPES_8B])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args(argv)
 
     impls = ("pallas", "xla_dequant_matmul", "bf16_lora_xla")
@@ -173,19 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, k, n in shapes
             for impl in impls
         ]
-
-    # One line per measurement as soon as it exists, so a run cut short keeps what it measured.
-    out = open(args.out, "w") if args.out else None
-    try:
-        for job in jobs:
-            line = json.dumps(measure(*job))
-            print(line, flush=True)
-            if out:
-                out.write(line + "\n")
-                out.flush()
-    finally:
-        if out:
-            out.close()
+    timing.emit_jsonl((measure(*job) for job in jobs), args.out)
 
 
 if __name__ == "__main__":

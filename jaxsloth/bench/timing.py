@@ -1,14 +1,20 @@
-"""Shared measurement helpers: median wall time of a jitted call, and the environment record every result carries."""
+"""Shared measurement helpers: median wall time of a jitted call, the environment record every result carries,
+and the pieces every kernel micro-benchmark (``kernel_<op>.py``) shares: error check, fwd/fwd+bwd functions,
+command-line flags and JSON-lines output."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import json
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 
 
 def median_ms(fn, args, iters: int, warmup: int = 1) -> float:
@@ -41,3 +47,93 @@ def peak_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / 2**30
+
+
+def device_fields() -> dict:
+    """The two environment keys every kernel micro-benchmark row carries."""
+    return {"jax": jax.__version__, "device_kind": jax.devices()[0].device_kind}
+
+
+def kernel_record(
+    op: str, impl: str, shape: str, dtype: str, fwd_ms: float, fwd_bwd_ms: float, iters: int, **fields
+) -> dict:
+    """One JSON line of a kernel micro-benchmark: the keys every op reports, its own ``fields`` (metric,
+    max_err, block config, ...) in the order given, then ``iters`` and the environment."""
+    return {
+        "op": op,
+        "impl": impl,
+        "shape": shape,
+        "dtype": dtype,
+        "fwd_ms": fwd_ms,
+        "fwd_bwd_ms": fwd_bwd_ms,
+        **fields,
+        "iters": iters,
+        **device_fields(),
+    }
+
+
+# H200 device-to-device copy rate: the ceiling a memory-bound kernel's bandwidth is quoted against.
+HBM_GBPS = 4300.0
+
+
+def hbm_fields(fwd_bytes: float, fwd_ms: float, fwd_bwd_bytes: float, fwd_bwd_ms: float) -> dict:
+    """Achieved bandwidth of a memory-bound op (bytes it must move / time) and its fraction of ``HBM_GBPS``."""
+    fwd_gbps, fwd_bwd_gbps = fwd_bytes / fwd_ms * 1e-6, fwd_bwd_bytes / fwd_bwd_ms * 1e-6
+    return {
+        "gbps_or_tflops": fwd_bwd_gbps,
+        "unit": "GB/s fwd+bwd",
+        "fwd_gbps": fwd_gbps,
+        "fwd_frac_hbm": fwd_gbps / HBM_GBPS,
+        "fwd_bwd_frac_hbm": fwd_bwd_gbps / HBM_GBPS,
+    }
+
+
+def max_abs_err(got, want) -> float:
+    """Largest absolute difference over the matching leaves of two pytrees of arrays, compared in f32."""
+    return max(
+        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    )
+
+
+def jit_fwd_and_fwd_bwd(op: Callable, num_diff: int | None = None) -> tuple[Callable, Callable]:
+    """Jitted ``fwd(*args) = op(*args)`` and ``fwd_bwd(*args, ct) = (op(*args), cotangents)``.
+
+    The cotangents are those of the first ``num_diff`` arguments (all by default); the rest (integer
+    positions, constant tables) are passed through as traced inputs, not baked into the program as constants.
+    """
+
+    def fwd_bwd(*args_and_ct):
+        *args, ct = args_and_ct
+        split = len(args) if num_diff is None else num_diff
+        rest = args[split:]
+        out, vjp = jax.vjp(lambda *diff: op(*diff, *rest), *args[:split])
+        return out, vjp(ct)
+
+    return jax.jit(op), jax.jit(fwd_bwd)
+
+
+def kernel_bench_parser(description: str, iters: int, sweep_help: str) -> argparse.ArgumentParser:
+    """The flags every kernel micro-benchmark shares: --out, --smoke, --sweep, --iters (default ``iters``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="JSON lines file (default: stdout only)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few iterations (CPU check)")
+    parser.add_argument("--sweep", action="store_true", help=sweep_help)
+    parser.add_argument("--iters", type=int, default=iters)
+    return parser
+
+
+def emit_jsonl(rows: Iterable[dict], path: str | None, append: bool = False) -> None:
+    """Print each row as one JSON line and write it to ``path`` as soon as it exists (a run cut short keeps
+    what it measured); ``append`` adds to an existing file instead of replacing it."""
+    out = open(path, "a" if append else "w") if path else None
+    try:
+        for row in rows:
+            line = json.dumps(row)
+            print(line, flush=True)
+            if out:
+                out.write(line + "\n")
+                out.flush()
+    finally:
+        if out:
+            out.close()
