@@ -104,6 +104,7 @@ class _Static:
     groups: int  # query heads per kv head
     has_segments: bool
     fast_tanh: bool  # softcap tanh through exp2 (inputs below f32 precision)
+    precision: lax.Precision | None  # of every dot: HIGHEST (IEEE) for f32 inputs, else the fast default
     blocks: AttentionBlocks
     interpret: bool
 
@@ -113,15 +114,21 @@ class _Static:
         return self.kv_len - self.q_len
 
 
-def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
-    """[m, k] @ [k, n] with f32 accumulation; transposes are folded into the dot."""
+def _dot(a, b, st: _Static, *, trans_a: bool = False, trans_b: bool = False):
+    """[m, k] @ [k, n] with f32 accumulation at ``st.precision``; transposes are folded into the dot."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, precision=st.precision, preferred_element_type=jnp.float32)
+
+
+def _precision(dtype) -> lax.Precision | None:
+    """f32 inputs get IEEE f32 products: Triton's default for f32 dots is TF32 (10-bit mantissa), far
+    outside f32 tolerances. bf16/f16 keep the default: their dots run on tensor cores at full input precision."""
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _scores(q, k, st: _Static):
     """q [m, d], k [n, d] -> (scores in log2 units [m, n], tanh of the softcap or None)."""
-    raw = _dot(q, k, trans_b=True)
+    raw = _dot(q, k, st, trans_b=True)
     if st.softcap is None:
         return raw * (st.scale * _LOG2E), None
     if st.fast_tanh:
@@ -238,7 +245,7 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + p.sum(axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, st)
         return acc, m_new, l
 
     init = (
@@ -261,11 +268,11 @@ def _probs_and_dscores(q, k, v, do, lse, delta, mask, st: _Static, kv_major: boo
     if kv_major:
         s, t = _scores(k, q, st)
         lse, delta = lse[None, :], delta[None, :]
-        dp = _dot(v, do, trans_b=True)
+        dp = _dot(v, do, st, trans_b=True)
     else:
         s, t = _scores(q, k, st)
         lse, delta = lse[:, None], delta[:, None]
-        dp = _dot(do, v, trans_b=True)
+        dp = _dot(do, v, st, trans_b=True)
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     p = jnp.exp2(s - lse)
@@ -296,8 +303,8 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
             mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st, kv_major=True) if masked else None
             lse, delta = lse_ref[g, rows], delta_ref[g, rows]
             p_t, ds_t = _probs_and_dscores(q, k, v, do, lse, delta, mask, st, kv_major=True)
-            dv = dv + _dot(p_t.astype(do.dtype), do)
-            dk = dk + _dot(ds_t.astype(q.dtype), q)
+            dv = dv + _dot(p_t.astype(do.dtype), do, st)
+            dk = dk + _dot(ds_t.astype(q.dtype), q, st)
             return dk, dv
 
         return _masked_loops(bounds, body, carry)
@@ -325,7 +332,7 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         kseg = None if kseg_ref is None else kseg_ref[cols]
         mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
         _, ds = _probs_and_dscores(q, k, v_ref[cols, :], do, lse, delta, mask, st)
-        return dq + _dot(ds.astype(k.dtype), k)
+        return dq + _dot(ds.astype(k.dtype), k, st)
 
     dq = _masked_loops(_kv_block_range(q_start, bq, bk, st), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
@@ -447,8 +454,9 @@ def _flash_fwd(q, k, v, segs, st: _Static):
 def _flash_bwd(st: _Static, res, do):
     q, k, v, segs, out, lse = res
     # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij (FlashAttention-2, eq. in section 3.2), computed once
-    # per row here rather than in each kv block; XLA fuses it into one pass over O and dO.
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+    # per row here rather than in each kv block; XLA fuses it into one pass over O and dO. Same precision as
+    # the kernels: XLA:GPU would otherwise round f32 O and dO to TF32 here.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32), precision=st.precision)
     dk, dv = _backward_dkv(q, k, v, do, lse, delta, segs, st)
     dq = _backward_dq(q, k, v, do, lse, delta, segs, st)
     return dq, dk, dv, jax.tree.map(lambda _: None, segs)
@@ -540,6 +548,7 @@ def attention(
         groups=hq // hk,
         has_segments=segment_ids is not None,
         fast_tanh=q.dtype != jnp.float32,
+        precision=_precision(q.dtype),
         blocks=blocks,
         interpret=resolve_interpret(interpret),
     )

@@ -174,8 +174,39 @@ def test_lowers_to_triton_on_cpu(monkeypatch, d, dtype, kw):
 
         return jax.vjp(g, q, k, v)[1](do)
 
-    text = jax.jit(f).trace(q, k, k, q, segment_ids).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 3
+    lowered = jax.jit(f).trace(q, k, k, q, segment_ids).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 3
+    dots = _triton_dots(lowered.compiler_ir("stablehlo"))
+    assert len(dots) == 3 and all(dots), dots
+    # f32 dots must be IEEE (Triton elides that default attribute); the Triton default, TF32, fails f32
+    # tolerances on the GPU. bf16 dots keep the default (tensor cores; the attribute is ignored for bf16).
+    want_tf32 = dtype != jnp.float32
+    for kernel_dots in dots:
+        assert all(("inputPrecision = tf32" in line) == want_tf32 for line in kernel_dots), kernel_dots
+
+
+def _triton_dots(module) -> list[list[str]]:
+    """The ``tt.dot`` lines of each Triton kernel embedded (as MLIR bytecode) in a lowered StableHLO module."""
+    from jax._src.lib.mlir import ir
+    from jaxlib.triton import dialect as triton_dialect
+
+    blobs = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region:
+                for child in block:
+                    if child.operation.name == "stablehlo.custom_call" and "mhlo.backend_config" in child.attributes:
+                        config = ir.DictAttr(child.attributes["mhlo.backend_config"])
+                        blobs.append(ir.StringAttr(config["ir"]).value_bytes)
+                    walk(child.operation)
+
+    walk(module.operation)
+    with ir.Context() as ctx:
+        triton_dialect.register_dialect(ctx)
+        ctx.allow_unregistered_dialects = True
+        texts = [str(ir.Module.parse(blob)) for blob in blobs]
+    return [[line for line in text.splitlines() if "tt.dot " in line] for text in texts]
 
 
 GPU_CASES = {
