@@ -23,8 +23,8 @@ def _prompts(config, seed=0):
     return [rng.integers(3, config.vocab_size, n).tolist() for n in LENGTHS]
 
 
-def _hf_greedy(model, prompts, max_new_tokens):
-    """transformers' greedy generate on the left-padded batch, EOS disabled; new tokens per row."""
+def _hf_generate(model, prompts, max_new_tokens, **generate_kw):
+    """transformers' greedy generate on the left-padded batch, EOS disabled: (its output, the padded width)."""
     width = max(map(len, prompts))
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -40,7 +40,14 @@ def _hf_greedy(model, prompts, max_new_tokens):
             do_sample=False,
             pad_token_id=0,
             eos_token_id=None,
+            **generate_kw,
         )
+    return out, width
+
+
+def _hf_greedy(model, prompts, max_new_tokens):
+    """New tokens per row of transformers' greedy generate."""
+    out, width = _hf_generate(model, prompts, max_new_tokens)
     return out[:, width:].tolist()
 
 
@@ -61,25 +68,7 @@ def test_cached_step_logits_match_transformers(family):
     path = saved_model(family)
     config, params = load_hf_model(path, dtype=jnp.float32)
     prompts = _prompts(config, seed=2)
-    model = hf_model(path)
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=NEW,
-            min_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
+    out, width = _hf_generate(hf_model(path), prompts, NEW, return_dict_in_generate=True, output_logits=True)
     hf_logits = np.stack([x.float().numpy() for x in out.logits], axis=1)  # [B, NEW, V]
     new_tokens = out.sequences[:, width:].numpy()
 
