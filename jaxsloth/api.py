@@ -1,11 +1,11 @@
 """The two-call Python API, in Unsloth's shape::
 
-    model, tokenizer = jaxsloth.load("path/to/hf-model", load_in_4bit=True, max_seq_length=2048)
-    model = jaxsloth.add_lora(model, r=16, lora_alpha=16)
-    jaxsloth.train(model, tokenizer, "train.jsonl", max_steps=100, output_dir="runs/x")
-    print(model.generate(tokenizer, ["Hello"], max_new_tokens=32))
-    jaxsloth.save_adapter(model, "runs/x/adapter")      # PEFT format
-    jaxsloth.save_merged(model, "runs/x/merged")        # 16-bit Hugging Face checkpoint
+model, tokenizer = jaxsloth.load("path/to/hf-model", load_in_4bit=True, max_seq_length=2048)
+model = jaxsloth.add_lora(model, r=16, lora_alpha=16)
+jaxsloth.train(model, tokenizer, "train.jsonl", max_steps=100, output_dir="runs/x")
+print(model.generate(tokenizer, ["Hello"], max_new_tokens=32))
+jaxsloth.save_adapter(model, "runs/x/adapter")      # PEFT format
+jaxsloth.save_merged(model, "runs/x/merged")        # 16-bit Hugging Face checkpoint
 """
 
 from __future__ import annotations
@@ -143,12 +143,18 @@ def train(
     seed: int = 0,
     callbacks: Sequence = (),
     progress: bool = True,
+    mesh=None,
+    shard_lora: bool = False,
 ):
     """Fine-tunes ``model``'s adapter on ``data`` (a file path, a list of records, or a datasets.Dataset).
 
     Steps: max_steps, or num_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable),
     metrics.jsonl, TensorBoard events and loss.png are written there. Updates ``model.trainable`` in place and
     returns the TrainResult (history of per-step metrics).
+
+    mesh: a spec like "data=2,fsdp=4", a jax.sharding.Mesh, or None: every device data-parallel (one device: no
+    mesh). batch_size is per data-parallel rank (each of data x fsdp devices takes that many sequences per
+    micro-batch). shard_lora: shard LoRA and optimizer state over fsdp too (default: replicated).
     """
     from jaxsloth.data import BatchLoader, load_records, tokenize_dataset
     from jaxsloth.metrics import standard_callbacks
@@ -167,7 +173,10 @@ def train(
         train_on_inputs=train_on_inputs,
         vocab_size=model.config.vocab_size,
     )
-    micro = batch_size or model.profile.micro_batch
+    from jaxsloth.sharding import batch_devices, resolve_mesh
+
+    device_mesh = resolve_mesh(mesh)
+    micro = (batch_size or model.profile.micro_batch) * batch_devices(device_mesh)
     loader = BatchLoader(dataset, batch_size=micro * grad_accum, seq_len=model.max_seq_length, pack=pack, seed=seed)
     if max_steps is None:
         max_steps = sum(loader.num_batches(e) for e in range(num_epochs or 1))
@@ -197,6 +206,8 @@ def train(
             save_every=save_every,
             resume=resume,
             callbacks=cbs,
+            mesh=device_mesh,
+            shard_lora=shard_lora,
         )
     finally:
         for cb in cbs:
@@ -219,5 +230,7 @@ def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16") 
     """Writes a 16-bit Hugging Face checkpoint with the adapter merged in (NF4 weights dequantized first)."""
     from converters.hf import save_hf_model
 
-    params = model.params if model.trainable is None else merge(model.params, model.trainable, model.lora, jnp.dtype(dtype))
+    params = (
+        model.params if model.trainable is None else merge(model.params, model.trainable, model.lora, jnp.dtype(dtype))
+    )
     return save_hf_model(params, model.config, path, dtype=jnp.dtype(dtype))

@@ -60,6 +60,8 @@ TRAIN_OPTIONS = (
     Option("resume", bool, True, "continue from the latest checkpoint in output_dir"),
     Option("on_nonfinite", str, "stop", "on a NaN/Inf loss: stop (naming the step) or skip the update"),
     Option("seed", int, 0, "seed for LoRA init, data order and dropout"),
+    Option("mesh", str, None, "device mesh, e.g. data=2,fsdp=4 (default: every device data-parallel)"),
+    Option("shard_lora", bool, False, "also shard LoRA and optimizer state over the fsdp axis"),
     Option("profile", str, None, "GPU profile name (default: from the device): h200, h100, a100, ada, t4, cpu, ..."),
     Option("dtype", str, None, "compute dtype override: bfloat16, float16, float32"),
     Option("remat", str, None, "profile override: rematerialisation per layer (none, dots, full, offload)"),
@@ -182,6 +184,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = train_settings(args)
     import jaxsloth
     from jaxsloth.ops import KernelChoice
+    from jaxsloth.sharding import initialize_distributed
+
+    initialize_distributed()  # several hosts: JAX_COORDINATOR_ADDRESS etc. or SLURM; before any device is touched
 
     overrides = _profile_overrides(s)
     ops = [f.name for f in dataclasses.fields(KernelChoice)]
@@ -229,6 +234,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume=s["resume"],
             on_nonfinite=s["on_nonfinite"],
             seed=s["seed"],
+            mesh=s["mesh"],
+            shard_lora=s["shard_lora"],
         )
     except KeyboardInterrupt:
         print(

@@ -29,6 +29,7 @@ from jaxsloth.models.decoder import init_params, linear_shapes  # noqa: E402
 from jaxsloth.models.presets import preset  # noqa: E402
 from jaxsloth.profiles import LONG_CONTEXT, profile_for_device  # noqa: E402
 from jaxsloth.quant import NF4Weight  # noqa: E402
+from jaxsloth.sharding import make_mesh, param_shardings, place_train_state, put_key, shard_batch  # noqa: E402
 from jaxsloth.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
 
 
@@ -49,9 +50,11 @@ def random_nf4(key, layers: int, out_f: int, in_f: int, blocksize: int = 64) -> 
     )
 
 
-def build_params(config, quant: str, dtype, key):
-    if quant == "bf16":
-        return jax.jit(lambda k: init_params(config, k, dtype))(key)
+def build_params(config, quant: str, dtype, key, mesh=None):
+    if quant == "bf16":  # with a mesh, created in place on it (one device never holds the whole model)
+        init = lambda k: init_params(config, k, dtype)  # noqa: E731
+        shardings = None if mesh is None else param_shardings(jax.eval_shape(init, key), mesh)
+        return jax.jit(init, out_shardings=shardings)(key)
     # Non-projection params (embeddings, norms) at full precision; projections as random NF4.
     shapes = jax.eval_shape(lambda: init_params(config, key, dtype))
     keys = iter(jax.random.split(key, 64))
@@ -99,14 +102,23 @@ def run(args) -> dict:
     lora = LoraConfig(r=16, alpha=16.0)
     tc = TrainConfig(learning_rate=2e-4, total_steps=10_000, grad_accum=args.grad_accum)
     t0 = time.perf_counter()
-    params = build_params(config, args.quant, profile.dtype, jax.random.key(0))
+    mesh = None if args.mesh is None else make_mesh(args.mesh)
+    params = build_params(config, args.quant, profile.dtype, jax.random.key(0), mesh)
     trainable = init_lora(config, lora, jax.random.key(1))
     optimizer = make_optimizer(tc, lora, trainable)
-    opt_state = optimizer.init(trainable)
-    step = make_train_step(config, lora, tc, profile, optimizer)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch * args.grad_accum, args.seq))
     targets = np.concatenate([ids[:, 1:], np.full((ids.shape[0], 1), -100)], axis=1)
-    batch = {"tokens": jnp.asarray(ids, jnp.int32), "targets": jnp.asarray(targets, jnp.int32)}
+    batch = {"tokens": ids.astype(np.int32), "targets": targets.astype(np.int32)}
+    if mesh is None:
+        opt_state = optimizer.init(trainable)
+        step = make_train_step(config, lora, tc, profile, optimizer)
+        batch = jax.tree.map(jnp.asarray, batch)
+        key_of = jax.random.key
+    else:  # --batch is the global micro-batch, split over data x fsdp; tokens/s counts every device's tokens
+        params, trainable, opt_state, shardings = place_train_state(params, trainable, optimizer, mesh, args.shard_lora)
+        step = make_train_step(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
+        batch = shard_batch(batch, mesh)
+        key_of = lambda seed: put_key(jax.random.key(seed), mesh)  # noqa: E731
     jax.block_until_ready(params)
     setup_s = time.perf_counter() - t0
     state = {"t": trainable, "o": opt_state}
@@ -116,9 +128,9 @@ def run(args) -> dict:
         return m["loss"]
 
     t0 = time.perf_counter()
-    loss0 = float(one(jax.random.key(2)))
+    loss0 = float(one(key_of(2)))
     compile_s = time.perf_counter() - t0
-    ms = median_ms(lambda: one(jax.random.key(3)), (), iters=args.steps, warmup=2)
+    ms = median_ms(lambda k=key_of(3): one(k), (), iters=args.steps, warmup=2)
     tokens = args.batch * args.grad_accum * args.seq
     return {
         "system": "jaxsloth",
@@ -129,6 +141,8 @@ def run(args) -> dict:
         "compile_s": compile_s,
         "setup_s": setup_s,
         "first_loss": loss0,
+        "mesh": None if mesh is None else dict(mesh.shape),
+        "devices": 1 if mesh is None else mesh.size,
         "profile": profile.name,
         "remat": profile.remat,
         "mlp_chunk": profile.mlp_chunk,
@@ -159,6 +173,8 @@ def main(argv=None) -> None:
     p.add_argument("--loss-chunk", type=int, default=None)
     p.add_argument("--remat-group", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
+    p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
     p.add_argument("--out", default=None)
     p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
     args = p.parse_args(argv)
