@@ -161,7 +161,7 @@ def fit(
             validate_batch(batch, config.vocab_size, step + 1)
             n_seq, seq_len = batch["tokens"].shape
             if not history:
-                _check_memory(config, profile, params, n_seq // tc.grad_accum, seq_len, lora.r)
+                _check_memory(config, profile, params, n_seq // tc.grad_accum // batch_devices(mesh), seq_len, lora.r)
             if n_seq % tc.grad_accum:
                 raise ValueError(
                     f"batch of {n_seq} sequences does not split into grad_accum={tc.grad_accum} micro-batches"
