@@ -130,7 +130,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     loss0 = float(one(key_of(2)))
     compile_s = time.perf_counter() - t0
-    ms = median_ms(lambda k=key_of(3): one(k), (), iters=args.steps, warmup=2)
+    ms = median_ms(lambda k=key_of(3): one(k), (), iters=args.steps, warmup=args.warmup)
     tokens = args.batch * args.grad_accum * args.seq
     return {
         "system": "jaxsloth",
@@ -173,6 +173,7 @@ def main(argv=None) -> None:
     p.add_argument("--loss-chunk", type=int, default=None)
     p.add_argument("--remat-group", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
     p.add_argument("--out", default=None)
