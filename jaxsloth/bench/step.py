@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from converters.hf import load_config  # noqa: E402
 from jaxsloth.bench.timing import environment, median_ms, peak_gib  # noqa: E402
 from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
+from jaxsloth.memory import estimate_step_memory  # noqa: E402
 from jaxsloth.models.decoder import init_params, linear_shapes  # noqa: E402
 from jaxsloth.models.presets import preset  # noqa: E402
 from jaxsloth.profiles import LONG_CONTEXT, profile_for_device  # noqa: E402
@@ -138,6 +139,9 @@ def run(args) -> dict:
         "tokens_per_s": tokens / (ms / 1e3),
         "step_ms": ms,
         "peak_gib": peak_gib(),
+        "model_estimate_gib": estimate_step_memory(
+            config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4"
+        ).device_gib,
         "compile_s": compile_s,
         "setup_s": setup_s,
         "first_loss": loss0,
