@@ -106,7 +106,7 @@ def machine_memory_gib() -> tuple[float, float] | None:
 
     import jax
 
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}  # on multi-host runs devices()[0] may be another host's
     if "bytes_limit" not in stats:
         return None
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB

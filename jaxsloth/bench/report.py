@@ -88,7 +88,7 @@ def mfu(rec: dict) -> float | None:
     peak, fpt, tps = peak_tflops(rec.get("gpu")), record_flops_per_token(rec), rec.get("tokens_per_s")
     if peak is None or fpt is None or not tps:
         return None
-    return tps * fpt / (peak * 1e12)
+    return tps * fpt / (peak * 1e12 * (rec.get("devices") or 1))  # a mesh run's tokens/s is over all its GPUs
 
 
 def load_records(paths: Iterable[str | os.PathLike]) -> list[dict]:
