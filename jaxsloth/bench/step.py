@@ -11,7 +11,6 @@ Speed and memory do not depend on the weight values, so NF4 weights are random b
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -23,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from converters.hf import load_config  # noqa: E402
-from jaxsloth.bench.timing import environment, median_ms, peak_gib  # noqa: E402
+from jaxsloth.bench.timing import emit_jsonl, environment, median_ms, peak_gib  # noqa: E402
 from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
 from jaxsloth.memory import estimate_step_memory  # noqa: E402
 from jaxsloth.models.decoder import init_params, linear_shapes  # noqa: E402
@@ -183,12 +182,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
     args = p.parse_args(argv)
-    rec = run(args)
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit_jsonl([run(args)], args.out, append=True)
 
 
 if __name__ == "__main__":

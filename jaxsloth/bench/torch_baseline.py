@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
 import time
 
+from jaxsloth.bench.timing import emit_jsonl
 from jaxsloth.models.presets import PRESETS
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -43,6 +43,22 @@ def _quantize_linears(model, torch, bnb):
                 setattr(module, child_name, q)
                 del child
     torch.cuda.empty_cache()
+
+
+def cuda_median_ms(step, iters: int, warmup: int = 2) -> float:
+    """Median milliseconds of a PyTorch training step on the GPU, after ``warmup`` steps."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def run(args) -> dict:
@@ -82,16 +98,7 @@ def run(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    ms = 1e3 * statistics.median(times)
+    ms = cuda_median_ms(step, args.steps)
     tokens = args.batch * args.seq
     kind = "qlora" if args.system == "hf-peft-bnb" else "lora"
     return {
@@ -119,12 +126,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
     args = p.parse_args(argv)
-    rec = run(args)
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit_jsonl([run(args)], args.out, append=True)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import datetime
 import importlib.metadata
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from jaxsloth.bench.torch_baseline import cuda_median_ms
 
 EXIT_UNAVAILABLE = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -114,16 +114,7 @@ def run(args, work_dir: Path) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    ms = 1e3 * statistics.median(times)
+    ms = cuda_median_ms(step, args.steps)
     return {
         "system": "unsloth",
         "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
