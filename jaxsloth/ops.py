@@ -148,9 +148,7 @@ class Ops:
         head_grad=False (a frozen head, the LoRA case) lets the Pallas kernel skip the [V, D] gradient entirely.
         """
         extra = {} if self.kernels.cross_entropy == "reference" else {"head_grad": head_grad}
-        return self._call(
-            "cross_entropy", self.kernels.cross_entropy, hidden, head, targets, softcap=softcap, **extra
-        )
+        return self._call("cross_entropy", self.kernels.cross_entropy, hidden, head, targets, softcap=softcap, **extra)
 
     def linear(self, x, weight, bias=None, lora=None, lora_scale: float = 0.0, lora_x=None):
         """y = x @ W^T (+ bias) + lora_scale * (lora_x @ A^T) @ B^T.

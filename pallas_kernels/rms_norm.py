@@ -253,17 +253,14 @@ def rms_norm(
         raise ValueError(f"rms_norm: hidden size {d} (x {x.shape}) exceeds the kernel's limit {MAX_HIDDEN}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(
-            f"rms_norm: residual must match x, got residual {residual.shape} {residual.dtype} "
-            f"and x {x.shape} {x.dtype}"
+            f"rms_norm: residual must match x, got residual {residual.shape} {residual.dtype} and x {x.shape} {x.dtype}"
         )
     interpret = resolve_interpret(interpret)
     block = block or RmsNormBlock()
     x2 = x.reshape(-1, d)
     if residual is None:
         return _rms_norm(x2, weight, float(eps), float(weight_offset), interpret, block).reshape(x.shape)
-    y, s = _rms_norm_add(
-        x2, residual.reshape(-1, d), weight, float(eps), float(weight_offset), interpret, block
-    )
+    y, s = _rms_norm_add(x2, residual.reshape(-1, d), weight, float(eps), float(weight_offset), interpret, block)
     return y.reshape(x.shape), s.reshape(x.shape)
 
 

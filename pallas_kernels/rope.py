@@ -151,24 +151,16 @@ def rope(
     k; positions and inv_freq are constants (their gradient is stopped).
     """
     if q.ndim != 4 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"rope: q [B, T, Hq, hd] and k [B, T, Hk, hd] must agree, got {q.shape} and {k.shape}"
-        )
+        raise ValueError(f"rope: q [B, T, Hq, hd] and k [B, T, Hk, hd] must agree, got {q.shape} and {k.shape}")
     if positions.shape != q.shape[:2] or not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise ValueError(
-            f"rope: positions must be int [B, T] = {q.shape[:2]}, got {positions.shape} {positions.dtype}"
-        )
+        raise ValueError(f"rope: positions must be int [B, T] = {q.shape[:2]}, got {positions.shape} {positions.dtype}")
     if inv_freq.ndim != 1 or not 1 <= 2 * inv_freq.shape[0] <= q.shape[3]:
-        raise ValueError(
-            f"rope: inv_freq must be [rot/2] with rot <= head dim {q.shape[3]}, got {inv_freq.shape}"
-        )
+        raise ValueError(f"rope: inv_freq must be [rot/2] with rot <= head dim {q.shape[3]}, got {inv_freq.shape}")
     b, t, hq, hd = q.shape
     q3, k3 = q.reshape(b * t, hq, hd), k.reshape(b * t, k.shape[2], hd)
     pos = jax.lax.stop_gradient(positions).reshape(-1).astype(jnp.int32)
     freq = jax.lax.stop_gradient(inv_freq).astype(jnp.float32)
-    q3, k3 = _rope(
-        q3, k3, pos, freq, float(attention_scaling), resolve_interpret(interpret), block or RopeBlock()
-    )
+    q3, k3 = _rope(q3, k3, pos, freq, float(attention_scaling), resolve_interpret(interpret), block or RopeBlock())
     return q3.reshape(q.shape), k3.reshape(k.shape)
 
 

@@ -16,14 +16,26 @@ from tests.tolerances import assert_close
 
 # Kernel-friendly but not power-of-two sizes: hidden and MLP multiples of 64 (NF4 blocks stay in a row).
 _BASE = dict(
-    vocab_size=200, hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=3,
-    num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=128,
+    vocab_size=200,
+    hidden_size=192,
+    intermediate_size=320,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=128,
 )
 CONFIGS = {
     "llama": {**_BASE, "model_type": "llama", "rope_theta": 10000.0},
     "gemma2": {
-        **_BASE, "model_type": "gemma2", "sliding_window": 9, "attn_logit_softcapping": 20.0,
-        "final_logit_softcapping": 15.0, "query_pre_attn_scalar": 64, "hidden_activation": "gelu_pytorch_tanh",
+        **_BASE,
+        "model_type": "gemma2",
+        "sliding_window": 9,
+        "attn_logit_softcapping": 20.0,
+        "final_logit_softcapping": 15.0,
+        "query_pre_attn_scalar": 64,
+        "hidden_activation": "gelu_pytorch_tanh",
     },
 }
 
@@ -55,10 +67,15 @@ def test_pallas_path_equals_reference(family, quantized):
     seg = np.concatenate([np.ones((2, 20)), 2 * np.ones((2, 15)), np.zeros((2, 2))], axis=1).astype(np.int32)
     pos = np.concatenate([np.arange(20), np.arange(15), np.arange(2)])[None].repeat(2, 0).astype(np.int32)
     targets = np.where(seg > 0, rng.integers(0, config.vocab_size, (2, t)), -100)
-    batch = {k: jnp.asarray(v, jnp.int32) for k, v in dict(tokens=tokens, targets=targets, positions=pos, segment_ids=seg).items()}
+    batch = {
+        k: jnp.asarray(v, jnp.int32)
+        for k, v in dict(tokens=tokens, targets=targets, positions=pos, segment_ids=seg).items()
+    }
 
     ref_loss, ref_g = _loss_and_grads(params, trainable, batch, config, lora, Ops(KernelChoice()))
-    pal_loss, pal_g = _loss_and_grads(params, trainable, batch, config, lora, Ops(KernelChoice.all("pallas", interpret=True)))
+    pal_loss, pal_g = _loss_and_grads(
+        params, trainable, batch, config, lora, Ops(KernelChoice.all("pallas", interpret=True))
+    )
     assert_close(pal_loss, ref_loss, "f32")
     for path, a in jax.tree_util.tree_flatten_with_path(pal_g)[0]:
         b = ref_g
