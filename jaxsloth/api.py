@@ -192,7 +192,9 @@ def train(
         seed=seed,
     )
     out = Path(output_dir) if output_dir is not None else None
-    cbs = list(callbacks) + standard_callbacks(out, progress=progress, total_steps=max_steps)
+    # On several hosts every process trains; only the first writes metrics, plots and the progress bar.
+    writers = standard_callbacks(out, progress=progress, total_steps=max_steps) if jax.process_index() == 0 else []
+    cbs = list(callbacks) + writers
     try:
         result = fit(
             model.config,
@@ -223,7 +225,19 @@ def save_adapter(model: Model, path: str | os.PathLike) -> Path:
 
     if model.trainable is None:
         raise ValueError("the model has no adapter: call jaxsloth.add_lora first")
-    return save_peft_adapter(model.trainable, model.lora, model.config, path, base_model_name_or_path=model.path)
+    trainable = _on_host(model.trainable)
+    if jax.process_index() != 0:
+        return Path(path)
+    return save_peft_adapter(trainable, model.lora, model.config, path, base_model_name_or_path=model.path)
+
+
+def _on_host(tree):
+    """The full value of every (possibly sharded over several hosts) array, on every process."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16") -> Path:
@@ -233,4 +247,7 @@ def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16") 
     params = (
         model.params if model.trainable is None else merge(model.params, model.trainable, model.lora, jnp.dtype(dtype))
     )
+    params = _on_host(params)
+    if jax.process_index() != 0:
+        return Path(path)
     return save_hf_model(params, model.config, path, dtype=jnp.dtype(dtype))
