@@ -236,3 +236,12 @@ def test_bench_on_gpu_against_hf_qlora(tmp_path):
     assert [r["system"] for r in records] == ["jaxsloth", "hf-peft-bnb"]
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in records), records
     assert report.mfu(records[0]) > 0
+
+
+def test_memory_vs_length_plot(tmp_path):
+    records = [
+        {"system": "jaxsloth", "workload": "llama3.1-8b-qlora-b1-s131072", "peak_gib": 21.6},
+        {"system": "jaxsloth", "workload": "llama3.1-8b-qlora-b2-s2048", "peak_gib": 8.8},
+    ]
+    path = report.plot_memory_vs_length(records, tmp_path / "mem.png")
+    assert path.stat().st_size > 10_000

@@ -325,3 +325,75 @@ def update_benchmarks_md(
     head, rest = text.split(BEGIN)
     path.write_text(head + BEGIN + body + END + rest.split(END, 1)[1])
     return path
+
+
+# Longest-sequence figures for 8B QLoRA at batch 1 that PERF.md measured on the H200 in an earlier session
+# (tokens, peak GiB or None where the run failed): the reference points of the memory-vs-length plot.
+PERF_LONG_CONTEXT = {
+    "hf-peft-bnb (PERF.md)": [(49_152, None), (65_536, float("nan"))],
+    "unsloth (PERF.md)": [(262_144, 73.7)],
+}
+
+
+def plot_memory_vs_length(records: Sequence[dict], path: str | os.PathLike, device_gib: float = 139.0) -> Path:
+    """Peak device memory against sequence length, 8B QLoRA at batch 1: jaxsloth's measured points, the memory
+    model's device and host curves (jaxsloth.memory, long-context settings, remat_group 1 and 2), PERF.md's
+    HF and Unsloth points, and the card's capacity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxsloth.memory import estimate_step_memory
+    from jaxsloth.models.presets import preset
+    from jaxsloth.profiles import long_context, profile_for_device
+
+    config = preset("llama3.1-8b")
+    base = long_context(profile_for_device(name="h200"))
+    lengths = [2**k for k in range(14, 21)]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for group, style in ((1, "-"), (2, "--")):
+        prof = base.replace(remat_group=group)
+        est = [estimate_step_memory(config, prof, batch=1, seq_len=t, quantized=True) for t in lengths]
+        ax.plot(
+            lengths, [e.device_gib for e in est], "C0" + style, label=f"jaxsloth model, device (remat_group={group})"
+        )
+        ax.plot(
+            lengths, [e.host_gib for e in est], "C1" + style, label=f"jaxsloth model, pinned host (remat_group={group})"
+        )
+    measured = [
+        r
+        for r in records
+        if r.get("system") == "jaxsloth" and re.search(r"llama3\.1-8b-qlora-b1-s\d+$", r.get("workload", ""))
+    ]
+    measured = [r for r in measured if r.get("peak_gib")]
+    if measured:
+        ax.plot(
+            [int(r["workload"].rsplit("-s", 1)[1]) for r in measured],
+            [r["peak_gib"] for r in measured],
+            "C0o",
+            markersize=8,
+            label="jaxsloth measured (H200)",
+        )
+    for i, (name, points) in enumerate(PERF_LONG_CONTEXT.items()):
+        ok = [(t, m) for t, m in points if m is not None and m == m]
+        failed = [t for t, m in points if m is not None and m != m]
+        longest = [t for t, m in points if m is None]
+        color = f"C{i + 2}"
+        if ok:
+            ax.plot([t for t, _ in ok], [m for _, m in ok], color + "s", markersize=8, label=f"{name}, measured")
+        for t in longest:
+            ax.axvline(t, color=color, linestyle=":", label=f"{name}: longest that trained ({t:,})")
+        for t in failed:
+            ax.axvline(t, color=color, linestyle="-.", label=f"{name}: out of memory ({t:,})")
+    ax.axhline(device_gib, color="k", linewidth=0.8, label=f"H200 capacity ({device_gib:.0f} GiB)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens, batch 1)")
+    ax.set_ylabel("GiB")
+    ax.set_title("Llama-3.1-8B QLoRA r=16: memory against sequence length")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
