@@ -237,7 +237,16 @@ def _on_host(tree):
         return tree
     from jax.experimental import multihost_utils
 
-    return multihost_utils.process_allgather(tree, tiled=True)
+    # Only arrays split across hosts are gathered; process_allgather would concatenate a process-local array
+    # (frozen params never placed on the mesh) with the other hosts' copies.
+    return jax.tree.map(
+        lambda x: (
+            multihost_utils.process_allgather(x, tiled=True)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable
+            else x
+        ),
+        tree,
+    )
 
 
 def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16") -> Path:

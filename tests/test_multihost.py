@@ -173,12 +173,6 @@ def test_two_processes_train_like_one(runs):
     _assert_same_tensors(_safetensors(multi_res / name), ref, name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jaxsloth.api._on_host passes every leaf to process_allgather(tiled=True), which CONCATENATES "
-    "fully-addressable (process-local) arrays across processes: the untouched frozen params (embed, lm_head) "
-    "come out [2 * V, D]. Gather only leaves that are jax.Arrays with not is_fully_addressable.",
-)
 def test_two_processes_merged_export_like_one(runs):
     name = "merged-p0/model.safetensors"
     _assert_same_tensors(_safetensors(runs["multi_results"] / name), _safetensors(runs["single_results"] / name), name)
