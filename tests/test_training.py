@@ -121,3 +121,24 @@ def test_out_of_vocab_tokens_rejected_before_training():
     bad.examples[0] = Example(np.array([config.vocab_size + 5, 3, 4], np.int32), np.array([0, 1, 1], bool))
     with pytest.raises(ValueError, match=f"token id {config.vocab_size + 5}"):
         _run(config, params, trainable, 50, data=bad)
+
+
+def test_out_of_memory_is_explained():
+    from jaxsloth.train import StepDoesNotFitError, explain_oom, is_oom
+
+    xla = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB.")
+    assert is_oom(xla) and not is_oom(RuntimeError("INVALID_ARGUMENT: shapes"))
+    err = explain_oom(xla, batch=4, seq_len=8192, profile=PROFILE)
+    assert isinstance(err, StepDoesNotFitError)
+    msg = str(err)
+    assert "batch=4" in msg and "seq_len=8192" in msg and "remat=" in msg and "81.00GiB" in msg
+
+
+def test_fit_refuses_a_step_the_memory_model_says_cannot_fit(monkeypatch):
+    """On a GPU the loop checks the memory model before compiling (CPU reports no device limit: simulate one)."""
+    import jaxsloth.memory
+
+    config, params, trainable = _setup()
+    monkeypatch.setattr(jaxsloth.memory, "machine_memory_gib", lambda: (1e-6, 1e-6))
+    with pytest.raises(MemoryError, match="longest that fits"):
+        _run(config, params, trainable, 2)
