@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from converters.hf import load_hf_model, save_hf_model
-from jaxsloth.lora import LoraConfig, init_lora, merge, with_trainable
-from jaxsloth.models import forward
-from tests.tiny_models import saved_model
+from jaxsloth.lora import LoraConfig, merge
+from tests.tiny_models import lora_logits, random_trainable, saved_model
 from tests.tolerances import assert_close
 
 R, ALPHA = 4, 8.0
@@ -20,20 +19,6 @@ CASES = {  # family -> (train embeddings, train lm_head)
     "qwen2": (False, False),  # q/k/v biases stay as they are
     "phi3": (False, False),  # fused qkv_proj / gate_up_proj re-fused on export
 }
-
-
-def _random_trainable(config, params, lora, seed=0):
-    tree = init_lora(config, lora, jax.random.key(seed), params=params)
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(
-        treedef, [x + 0.1 * jax.random.normal(k, x.shape, jnp.float32) for x, k in zip(leaves, keys, strict=True)]
-    )
-
-
-def _unmerged_logits(params, trainable, lora, config, ids):
-    p, tree = with_trainable(params, trainable)
-    return np.asarray(forward(p, jnp.asarray(ids), config=config, lora=tree, lora_rt=lora.runtime))
 
 
 def _hf_logits(path, ids, dtype=torch.float32):
@@ -53,10 +38,10 @@ def test_merged_checkpoint_matches_unmerged_lora(family, tmp_path):
     embed, head = CASES[family]
     config, params = load_hf_model(saved_model(family), dtype=jnp.float32)
     lora = LoraConfig(r=R, alpha=ALPHA, use_rslora=family == "qwen2", train_embeddings=embed, train_lm_head=head)
-    trainable = _random_trainable(config, params, lora)
+    trainable = random_trainable(config, params, lora)
     save_hf_model(merge(params, trainable, lora), config, tmp_path)
     ids = _ids(config)
-    ours = _unmerged_logits(params, trainable, lora, config, ids)
+    ours = lora_logits(params, trainable, lora, config, ids)
     assert_close(_hf_logits(tmp_path, ids), ours, "f32_logits")
     # The adapter changes the model: the test would see a merge that dropped it.
     assert np.abs(_hf_logits(saved_model(family), ids) - ours).max() > 1e-2
@@ -69,10 +54,10 @@ def test_merged_qlora_matches_qlora_forward(family, tmp_path):
     config, params = load_hf_model(saved_model(family), dtype=jnp.float32, load_in_4bit=True)
     assert not isinstance(params["layers"]["q_proj"]["weight"], jax.Array)
     lora = LoraConfig(r=R, alpha=ALPHA)
-    trainable = _random_trainable(config, params, lora, seed=2)
+    trainable = random_trainable(config, params, lora, seed=2)
     save_hf_model(merge(params, trainable, lora, dtype=jnp.float32), config, tmp_path, dtype=jnp.float32)
     ids = _ids(config)
-    assert_close(_hf_logits(tmp_path, ids), _unmerged_logits(params, trainable, lora, config, ids), "f32_logits")
+    assert_close(_hf_logits(tmp_path, ids), lora_logits(params, trainable, lora, config, ids), "f32_logits")
 
 
 def test_save_merged_api_bf16_from_qlora(tmp_path):
@@ -84,12 +69,12 @@ def test_save_merged_api_bf16_from_qlora(tmp_path):
 
     config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32, load_in_4bit=True)
     lora = LoraConfig(r=R, alpha=ALPHA)
-    trainable = _random_trainable(config, params, lora, seed=4)
+    trainable = random_trainable(config, params, lora, seed=4)
     model = jaxsloth.Model(config, params, profile_for_device(name="cpu"), lora=lora, trainable=trainable)
     jaxsloth.save_merged(model, tmp_path)
     stored = SafetensorsFile(tmp_path / "model.safetensors")
     assert {stored[k].dtype.name for k in stored} == {"bfloat16"}
     ids = _ids(config)
-    ref = _unmerged_logits(params, trainable, lora, config, ids)
+    ref = lora_logits(params, trainable, lora, config, ids)
     scale = np.abs(ref).max()
     assert_close(_hf_logits(tmp_path, ids) / scale, ref / scale, "bf16")

@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,9 +10,8 @@ import torch
 from converters.hf import load_hf_model
 from converters.peft import load_peft_adapter, save_peft_adapter
 from converters.safetensors_io import SafetensorsFile
-from jaxsloth.lora import LoraConfig, init_lora, with_trainable
-from jaxsloth.models import forward
-from tests.tiny_models import hf_model, saved_model
+from jaxsloth.lora import LoraConfig
+from tests.tiny_models import hf_model, lora_logits, random_trainable, saved_model
 from tests.tolerances import assert_close
 
 R, ALPHA = 4, 8.0
@@ -22,21 +20,6 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 def _ids(config):
     return np.random.default_rng(0).integers(0, config.vocab_size, (2, 11))
-
-
-def _random_trainable(config, params, lora, seed=0):
-    """Every leaf random and non-zero (B included), trained embeddings perturbed away from the frozen ones."""
-    tree = init_lora(config, lora, jax.random.key(seed), params=params)
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(
-        treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
-    )
-
-
-def _our_logits(params, trainable, lora, config, ids):
-    p, tree = with_trainable(params, trainable)
-    return np.asarray(forward(p, jnp.asarray(ids), config=config, lora=tree, lora_rt=lora.runtime))
 
 
 def _peft_logits(model, ids):
@@ -67,11 +50,11 @@ def test_exported_adapter_gives_our_logits_in_peft(family, use_rslora, tmp_path)
     lora = LoraConfig(
         r=R, alpha=ALPHA, target_modules=targets, use_rslora=use_rslora, train_embeddings=embed, train_lm_head=head
     )
-    trainable = _random_trainable(config, params, lora)
+    trainable = random_trainable(config, params, lora)
     save_peft_adapter(trainable, lora, config, tmp_path, base_model_name_or_path=str(path))
     ids = _ids(config)
     assert_close(
-        _our_logits(params, trainable, lora, config, ids), _peft_logits(_peft_load(path, tmp_path), ids), "f32_logits"
+        lora_logits(params, trainable, lora, config, ids), _peft_logits(_peft_load(path, tmp_path), ids), "f32_logits"
     )
 
 
@@ -80,16 +63,16 @@ def test_fused_phi3_partial_targets(tmp_path):
     path = saved_model("phi3")
     config, params = load_hf_model(path, dtype=jnp.float32)
     lora = LoraConfig(r=R, alpha=ALPHA, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), use_rslora=True)
-    trainable = _random_trainable(config, params, lora, seed=3)
+    trainable = random_trainable(config, params, lora, seed=3)
     save_peft_adapter(trainable, lora, config, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == ["down_proj", "gate_up_proj", "qkv_proj"]
     assert cfg["rank_pattern"] == {"qkv_proj": 2 * R}
     ids = _ids(config)
-    ours = _our_logits(params, trainable, lora, config, ids)
+    ours = lora_logits(params, trainable, lora, config, ids)
     assert_close(ours, _peft_logits(_peft_load(path, tmp_path), ids), "f32_logits")
     back, lora_back = load_peft_adapter(tmp_path, config)  # round trip through the fused form
-    assert_close(_our_logits(params, back, lora_back, config, ids), ours, "f32_logits")
+    assert_close(lora_logits(params, back, lora_back, config, ids), ours, "f32_logits")
 
 
 def test_names_and_config_match_peft_save_pretrained(tmp_path):
@@ -99,7 +82,7 @@ def test_names_and_config_match_peft_save_pretrained(tmp_path):
     path = saved_model("llama")
     config, params = load_hf_model(path, dtype=jnp.float32)
     lora = LoraConfig(r=R, alpha=ALPHA, train_embeddings=True, train_lm_head=True)
-    save_peft_adapter(_random_trainable(config, params, lora), lora, config, tmp_path / "ours")
+    save_peft_adapter(random_trainable(config, params, lora), lora, config, tmp_path / "ours")
     peft_cfg = PeftLoraConfig(
         r=R,
         lora_alpha=ALPHA,
@@ -166,7 +149,7 @@ def test_import_peft_made_adapter(family, cfg, tmp_path):
     config, params = load_hf_model(saved_model(family), dtype=jnp.float32)
     trainable, lora = load_peft_adapter(adapter_dir, config)
     ids = _ids(config)
-    assert_close(_our_logits(params, trainable, lora, config, ids), _peft_logits(peft_model, ids), "f32_logits")
+    assert_close(lora_logits(params, trainable, lora, config, ids), _peft_logits(peft_model, ids), "f32_logits")
 
 
 @pytest.mark.parametrize(
@@ -183,7 +166,7 @@ def test_unsupported_adapter_config_names_the_field(field, value, tmp_path):
     path = saved_model("qwen2")
     config, params = load_hf_model(path, dtype=jnp.float32)
     lora = LoraConfig(r=R, alpha=ALPHA, target_modules=("q_proj",))
-    save_peft_adapter(_random_trainable(config, params, lora), lora, config, tmp_path)
+    save_peft_adapter(random_trainable(config, params, lora), lora, config, tmp_path)
     cfg_path = tmp_path / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg[field] = value

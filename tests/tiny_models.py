@@ -114,3 +114,29 @@ def hf_model(path: Path):
 
     m = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     return m.eval()
+
+
+def random_trainable(config, params, lora, seed=0):
+    """A LoRA tree with every leaf random and non-zero (B included; trained embedding copies perturbed away from
+    the frozen ones), so an export that drops or misplaces any part changes the logits."""
+    import jax
+
+    from jaxsloth.lora import init_lora
+
+    tree = init_lora(config, lora, jax.random.key(seed), params=params)
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(
+        treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    )
+
+
+def lora_logits(params, trainable, lora, config, ids):
+    """jaxsloth's logits [B, T, V] with the adapter applied unmerged."""
+    import jax.numpy as jnp
+
+    from jaxsloth.lora import with_trainable
+    from jaxsloth.models import forward
+
+    p, tree = with_trainable(params, trainable)
+    return np.asarray(forward(p, jnp.asarray(ids), config=config, lora=tree, lora_rt=lora.runtime))
