@@ -40,6 +40,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
     "nf4_matmul": {
         "reference": ("pallas_kernels.nf4_matmul", "nf4_matmul_reference"),
         "pallas": ("pallas_kernels.nf4_matmul", "nf4_matmul"),
+        "xla": ("pallas_kernels.nf4_matmul", "nf4_matmul_xla"),
     },
 }
 OPS = tuple(_IMPLEMENTATIONS)

@@ -617,3 +617,130 @@ def nf4_matmul_reference(
             u, b, (((u.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
         )
     return y.astype(x.dtype)
+
+
+def _nf4_levels_by_select(codes: jax.Array) -> jax.Array:
+    """NF4_CODE[codes] as a 4-level tree of selects on the code's bits (15 selects, no gather): XLA fuses
+    it into the surrounding elementwise pass, where a table gather stays a separate, slower gather."""
+    levels = [jnp.float32(v) for v in NF4_CODE]
+    for bit in range(4):
+        taken = ((codes >> bit) & 1) == 1
+        levels = [jnp.where(taken, levels[2 * j + 1], levels[2 * j]) for j in range(len(levels) // 2)]
+    return levels[0]
+
+
+def nf4_dequantize_xla(
+    packed: jax.Array,
+    absmax: jax.Array,
+    nested_absmax: jax.Array | None,
+    offset: jax.Array | None,
+    *,
+    shape: tuple[int, int],
+    blocksize: int = 64,
+    double_quant: bool,
+    dtype=jnp.bfloat16,
+) -> jax.Array:
+    """The reference's values (bit for bit), formulated for one fused XLA pass: the code table is a select
+    tree and each block's scale broadcasts over its block instead of being repeated into a full-size array.
+    Weights whose element count is not a multiple of the block size use the reference."""
+    numel = shape[0] * shape[1]
+    if numel % blocksize:
+        return nf4_dequantize_reference(
+            packed,
+            absmax,
+            nested_absmax,
+            offset,
+            shape=shape,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            dtype=dtype,
+        )
+    lead = packed.shape[:-1]
+    nblocks = numel // blocksize
+    p = packed.astype(jnp.int32)
+    codes = jnp.stack([p >> 4, p & 15], axis=-1).reshape(*lead, nblocks, blocksize)
+    if double_quant:
+        nested = lax.stop_gradient(nested_absmax)
+        nested = jnp.broadcast_to(nested[..., None], (*nested.shape, NESTED_BLOCKSIZE))
+        nested = nested.reshape(*lead, -1)[..., :nblocks]
+        scale = jnp.asarray(dynamic_code_map())[absmax.astype(jnp.int32)] * nested
+        scale = scale + lax.stop_gradient(jnp.asarray(offset, jnp.float32))[..., None]
+    else:
+        scale = lax.stop_gradient(absmax)
+    w = _nf4_levels_by_select(codes) * scale[..., None]
+    return w.astype(dtype).reshape(*lead, *shape)
+
+
+class _XlaStatic(NamedTuple):
+    shape: tuple[int, int]
+    blocksize: int
+    double_quant: bool
+    dtype: str  # x's dtype: W is dequantized to it, forward and backward
+
+
+def _xla_dequant(st: _XlaStatic, packed, absmax, nested_absmax, offset):
+    return nf4_dequantize_xla(
+        packed,
+        absmax,
+        nested_absmax,
+        offset,
+        shape=st.shape,
+        blocksize=st.blocksize,
+        double_quant=st.double_quant,
+        dtype=st.dtype,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _xla_base_matmul(st: _XlaStatic, x, packed, absmax, nested_absmax, offset):
+    w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
+    return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _xla_base_matmul_fwd(st, x, packed, absmax, nested_absmax, offset):
+    # Residuals are the NF4 arrays (already resident), never the 16-bit W: the backward dequantizes again.
+    y = _xla_base_matmul(st, x, packed, absmax, nested_absmax, offset)
+    return y, (packed, absmax, nested_absmax, offset)
+
+
+def _xla_base_matmul_bwd(st, res, dy):
+    packed, absmax, nested_absmax, offset = res
+    dtype = jnp.dtype(st.dtype)
+    w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
+    # dy arrives in f32 (the product's accumulation type); the GEMM runs on 16-bit operands as the forward's.
+    dx = lax.dot_general(dy.astype(dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    zeros = [_zero_cotangent(v) for v in (packed, absmax, nested_absmax, offset)]
+    return (dx.astype(dtype), *zeros)
+
+
+_xla_base_matmul.defvjp(_xla_base_matmul_fwd, _xla_base_matmul_bwd)
+
+
+def nf4_matmul_xla(
+    x: jax.Array,
+    packed: jax.Array,
+    absmax: jax.Array,
+    nested_absmax: jax.Array | None,
+    offset: jax.Array | None,
+    lora_a: jax.Array | None = None,
+    lora_b: jax.Array | None = None,
+    lora_scale: float = 1.0,
+    *,
+    shape: tuple[int, int],
+    blocksize: int = 64,
+    double_quant: bool,
+) -> jax.Array:
+    """``nf4_matmul_reference`` as XLA runs it fastest: W dequantized by ``nf4_dequantize_xla`` right before
+    each 16-bit GEMM, forward and backward, and never kept as a residual (a custom VJP saves only the 4-bit
+    arrays, so no 16-bit copy of W outlives its GEMM). The LoRA term is plain jnp, differentiated by JAX."""
+    _check_operands(x, packed, absmax, nested_absmax, offset, lora_a, lora_b, shape, blocksize, double_quant)
+    st = _XlaStatic(tuple(shape), int(blocksize), bool(double_quant), jnp.dtype(x.dtype).name)
+    if not double_quant:
+        nested_absmax = offset = None
+    x2 = x.reshape(-1, shape[1])
+    y = _xla_base_matmul(st, x2, packed, absmax, nested_absmax, offset)
+    if lora_a is not None:
+        a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
+        u = lax.dot_general(x2, a, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+        y = y + lora_scale * lax.dot_general(u, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], shape[0])

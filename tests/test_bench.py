@@ -245,3 +245,17 @@ def test_memory_vs_length_plot(tmp_path):
     ]
     path = report.plot_memory_vs_length(records, tmp_path / "mem.png")
     assert path.stat().st_size > 10_000
+
+
+def test_step_compile_only_reports_xla_memory_plan(tmp_path):
+    # --compile-only: XLA's plan for lengths too slow to run; it must agree with what the step really holds.
+    from jaxsloth.bench import step
+
+    out = tmp_path / "plan.jsonl"
+    common = ["--model-path", str(DEMO_MODEL), "--quant", "nf4", "--batch", "1", "--seq", "64", "--out", str(out)]
+    step.main([*common, "--compile-only", "--long-context", "--remat-group", "2"])
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert rec["compile_only"] and rec["remat"] == "offload" and rec["remat_group"] == 2
+    assert rec["compiled_argument_gib"] > 0 and rec["compiled_temp_gib"] > 0
+    assert rec["compiled_device_gib"] == pytest.approx(rec["compiled_argument_gib"] + rec["compiled_temp_gib"])
+    assert rec["model_estimate"]["device_gib"] > 0 and "tokens_per_s" not in rec

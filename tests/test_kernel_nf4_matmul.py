@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from jaxsloth.quant import quantize_nf4
-from pallas_kernels.nf4_matmul import NF4MatmulBlock, nf4_matmul, nf4_matmul_reference
+from pallas_kernels.nf4_matmul import (
+    NF4MatmulBlock,
+    nf4_dequantize_reference,
+    nf4_dequantize_xla,
+    nf4_matmul,
+    nf4_matmul_reference,
+    nf4_matmul_xla,
+)
 from tests.tolerances import assert_close, dtype_kind
 
 # Small tiles so the odd shapes below span several tiles with ragged M and N edges.
@@ -136,6 +143,63 @@ def test_lowers_to_triton_on_cpu(monkeypatch):
 )
 def test_matches_reference_gpu(m, k, n, r, dtype, double_quant, block):
     _check(m, k, n, r, dtype, double_quant, block, interpret=False)
+
+
+@pytest.mark.parametrize(
+    "lead,k,n,r,dtype,double_quant",
+    [
+        ((2, 19), 192, 200, 8, jnp.float32, True),
+        ((37,), 320, 72, 16, jnp.bfloat16, True),
+        ((5,), 128, 96, 0, jnp.bfloat16, False),
+        ((3, 4), 50, 37, 4, jnp.float32, True),  # 37 x 50 is no multiple of 64: the reference's layout path
+    ],
+)
+def test_xla_path_matches_reference(lead, k, n, r, dtype, double_quant):
+    rng = np.random.default_rng(3)
+    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=double_quant)
+    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
+    kw = dict(shape=q.shape, double_quant=double_quant)
+    # The dequantized weight is bit-identical, in any dtype.
+    for dt in (jnp.float32, dtype):
+        np.testing.assert_array_equal(
+            np.asarray(nf4_dequantize_xla(*arrays, **kw, dtype=dt), np.float32),
+            np.asarray(nf4_dequantize_reference(*arrays, **kw, dtype=dt), np.float32),
+        )
+    x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
+    lora = (
+        ()
+        if not r
+        else (jnp.asarray(rng.standard_normal((r, k)) * 0.1), jnp.asarray(rng.standard_normal((n, r)) * 0.1))
+    )
+    dy = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
+    y, vjp = jax.vjp(lambda x, *ab: nf4_matmul_xla(x, *arrays, *(ab or (None, None)), 0.75, **kw), x, *lora)
+    y_ref, vjp_ref = jax.vjp(
+        lambda x, *ab: nf4_matmul_reference(x, *arrays, *(ab or (None, None)), 0.75, **kw), x, *lora
+    )
+    assert y.dtype == x.dtype and y.shape == (*lead, n)
+    assert_close(y, y_ref, dtype_kind(dtype))
+    for name, g, g_ref in zip(("dx", "dlora_a", "dlora_b"), vjp(dy), vjp_ref(dy)):
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
+        assert_close(g, g_ref, dtype_kind(dtype, grad=True), err_msg=name)
+
+
+def test_xla_path_keeps_no_16bit_weight_for_the_backward():
+    # The reason the XLA path has a custom VJP: autodiff of the reference keeps dequant(W) (N x K in 16 bits)
+    # alive from forward to backward, which across 32 layers without remat is a second, 16-bit model.
+    from jax._src.ad_checkpoint import saved_residuals
+
+    rng = np.random.default_rng(4)
+    q = quantize_nf4(rng.standard_normal((256, 128)).astype(np.float32), double_quant=True)
+    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
+    kw = dict(shape=q.shape, double_quant=True)
+    x = jnp.asarray(rng.standard_normal((8, 128)), jnp.bfloat16)
+    a, b = jnp.zeros((4, 128)), jnp.zeros((256, 4))
+
+    def shapes(impl):
+        return [r.shape for r, _ in saved_residuals(lambda x, a, b: impl(x, *arrays, a, b, 1.0, **kw), x, a, b)]
+
+    assert (256, 128) in shapes(nf4_matmul_reference)
+    assert (256, 128) not in shapes(nf4_matmul_xla)
 
 
 def test_benchmark_smoke(tmp_path):

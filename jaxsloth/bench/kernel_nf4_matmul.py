@@ -1,5 +1,5 @@
 """Micro-benchmark: the fused NF4 dequant-matmul + LoRA kernel against XLA's jitted dequantize-then-matmul
-(``nf4_matmul_reference``) and against the plain 16-bit LoRA linear of the same shape (x @ W^T with W
+(``nf4_matmul_reference``), against the profile's XLA path (``nf4_matmul_xla``) and against the plain 16-bit LoRA linear of the same shape (x @ W^T with W
 already dequantized to bf16, plus the LoRA term, in XLA): Llama-3.1-8B projections, r=16, bf16.
 
 Per measurement: forward and forward+backward (dx, dA, dB) median time, TFLOP/s (2MNK + LoRA forward;
@@ -22,7 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsloth.bench import timing
-from pallas_kernels.nf4_matmul import NF4MatmulBlock, nf4_dequantize_reference, nf4_matmul, nf4_matmul_reference
+from pallas_kernels.nf4_matmul import (
+    NF4MatmulBlock,
+    nf4_dequantize_reference,
+    nf4_matmul,
+    nf4_matmul_reference,
+    nf4_matmul_xla,
+)
 
 # (name, in K, out N) of the Llama-3.1-8B projections.
 SHAPES_8B = (
@@ -69,6 +75,8 @@ def _op(impl: str, nf4: dict, shape, dtype, block: NF4MatmulBlock, interpret):
         return lambda x, a, b: nf4_matmul(x, *arrays, a, b, 2.0, **kw, interpret=interpret, block=block)
     if impl == "xla_dequant_matmul":
         return lambda x, a, b: nf4_matmul_reference(x, *arrays, a, b, 2.0, **kw)
+    if impl == "xla":  # the profile's XLA path: select-tree dequant, custom VJP without a 16-bit residual
+        return lambda x, a, b: nf4_matmul_xla(x, *arrays, a, b, 2.0, **kw)
     w16 = jax.jit(lambda: nf4_dequantize_reference(*arrays, **kw, dtype=dtype))()
 
     def lora_linear(x, a, b):
@@ -124,9 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--proj", nargs="+", default=[s[0] for s in SHAPES_8B])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--impls", nargs="+", default=["pallas", "xla_dequant_matmul", "xla", "bf16_lora_xla"])
     args = parser.parse_args(argv)
 
-    impls = ("pallas", "xla_dequant_matmul", "bf16_lora_xla")
+    impls = tuple(args.impls)
     shapes = [s for s in SHAPES_8B if s[0] in args.proj]
     if args.smoke:
         jobs = [(impl, "smoke", 37, 192, 200, 8, "bfloat16", 2) for impl in impls]

@@ -11,6 +11,7 @@ Speed and memory do not depend on the weight values, so NF4 weights are random b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -39,8 +40,9 @@ def random_nf4(key, layers: int, out_f: int, in_f: int, blocksize: int = 64) -> 
     nblocks = math.ceil(n / blocksize)
     k1, k2, k3 = jax.random.split(key, 3)
     return NF4Weight(
-        packed=jax.random.randint(k1, (layers, n // 2), 0, 256, jnp.int32).astype(jnp.uint8),
-        absmax=jax.random.randint(k2, (layers, nblocks), 0, 256, jnp.int32).astype(jnp.uint8),
+        # Drawn as bytes directly: an int32 draw would need 4x the packed size (38 GB for 70B's gate_proj).
+        packed=jax.random.bits(k1, (layers, n // 2), jnp.uint8),
+        absmax=jax.random.bits(k2, (layers, nblocks), jnp.uint8),
         nested_absmax=0.01 + 0.01 * jax.random.uniform(k3, (layers, math.ceil(nblocks / 256)), jnp.float32),
         offset=jnp.full((layers,), 0.02, jnp.float32),
         shape=(out_f, in_f),
@@ -127,6 +129,10 @@ def run(args) -> dict:
         state["t"], state["o"], m = step(state["t"], state["o"], params, batch, key)
         return m["loss"]
 
+    if args.compile_only:
+        return _compiled_memory_record(
+            args, model_name, config, profile, step, state, params, batch, key_of(2), setup_s
+        )
     t0 = time.perf_counter()
     loss0 = float(one(key_of(2)))
     compile_s = time.perf_counter() - t0
@@ -159,6 +165,36 @@ def run(args) -> dict:
     }
 
 
+def _compiled_memory_record(args, model_name, config, profile, step, state, params, batch, key, setup_s) -> dict:
+    """XLA's own memory plan for one step, without running it: what --compile-only reports for lengths whose
+    step would take longer than a measurement can wait (the compiled program is the one a run would execute)."""
+    t0 = time.perf_counter()
+    stats = step.lower(state["t"], state["o"], params, batch, key).compile().memory_analysis()
+    gib = lambda b: b / 2**30  # noqa: E731
+    return {
+        "system": "jaxsloth",
+        "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
+        "compile_only": True,
+        "compile_s": time.perf_counter() - t0,
+        "setup_s": setup_s,
+        # Arguments (weights, LoRA, optimizer state, batch) + temporaries: the device memory the step needs.
+        "compiled_device_gib": gib(stats.argument_size_in_bytes + stats.temp_size_in_bytes),
+        "compiled_temp_gib": gib(stats.temp_size_in_bytes),
+        "compiled_argument_gib": gib(stats.argument_size_in_bytes),
+        "compiled_host_temp_gib": gib(stats.host_temp_size_in_bytes),
+        "device_capacity_gib": (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2**30,
+        "model_estimate": dataclasses.asdict(
+            estimate_step_memory(config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4")
+        ),
+        "profile": profile.name,
+        "remat": profile.remat,
+        "mlp_chunk": profile.mlp_chunk,
+        "loss_chunk": profile.loss_chunk,
+        "remat_group": profile.remat_group,
+        **environment(),
+    }
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="llama3.1-8b")
@@ -179,6 +215,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
+    p.add_argument("--compile-only", action="store_true", help="report XLA's memory plan for the step; do not run")
     p.add_argument("--out", default=None)
     p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
     args = p.parse_args(argv)
