@@ -125,18 +125,24 @@ def run(args) -> dict:
     setup_s = time.perf_counter() - t0
     state = {"t": trainable, "o": opt_state}
 
+    # Compiled ahead of time, so that the first run is a clean step: a long sequence's step takes minutes, and
+    # --steps 0 then times that one step instead of running another.
+    t0 = time.perf_counter()
+    compiled = step.lower(state["t"], state["o"], params, batch, key_of(2)).compile()
+    compile_s = time.perf_counter() - t0
+    print(f"compiled in {compile_s:.1f} s", flush=True)
+    if args.compile_only:
+        return _compiled_memory_record(args, model_name, config, profile, compiled, setup_s, compile_s)
+
     def one(key):
-        state["t"], state["o"], m = step(state["t"], state["o"], params, batch, key)
+        state["t"], state["o"], m = compiled(state["t"], state["o"], params, batch, key)
         return m["loss"]
 
-    if args.compile_only:
-        return _compiled_memory_record(
-            args, model_name, config, profile, step, state, params, batch, key_of(2), setup_s
-        )
     t0 = time.perf_counter()
     loss0 = float(one(key_of(2)))
-    compile_s = time.perf_counter() - t0
-    ms = median_ms(lambda k=key_of(3): one(k), (), iters=args.steps, warmup=args.warmup)
+    first_ms = 1e3 * (time.perf_counter() - t0)
+    print(f"first step {first_ms / 1e3:.1f} s, loss {loss0:.4f}", flush=True)
+    ms = median_ms(lambda k=key_of(3): one(k), (), iters=args.steps, warmup=args.warmup) if args.steps else first_ms
     tokens = args.batch * args.grad_accum * args.seq
     return {
         "system": "jaxsloth",
@@ -149,6 +155,8 @@ def run(args) -> dict:
         ).device_gib,
         "compile_s": compile_s,
         "setup_s": setup_s,
+        "first_step_ms": first_ms,
+        "timed_steps": args.steps,
         "first_loss": loss0,
         "mesh": None if mesh is None else dict(mesh.shape),
         "devices": 1 if mesh is None else mesh.size,
@@ -165,17 +173,16 @@ def run(args) -> dict:
     }
 
 
-def _compiled_memory_record(args, model_name, config, profile, step, state, params, batch, key, setup_s) -> dict:
+def _compiled_memory_record(args, model_name, config, profile, compiled, setup_s, compile_s) -> dict:
     """XLA's own memory plan for one step, without running it: what --compile-only reports for lengths whose
     step would take longer than a measurement can wait (the compiled program is the one a run would execute)."""
-    t0 = time.perf_counter()
-    stats = step.lower(state["t"], state["o"], params, batch, key).compile().memory_analysis()
+    stats = compiled.memory_analysis()
     gib = lambda b: b / 2**30  # noqa: E731
     return {
         "system": "jaxsloth",
         "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
         "compile_only": True,
-        "compile_s": time.perf_counter() - t0,
+        "compile_s": compile_s,
         "setup_s": setup_s,
         # Arguments (weights, LoRA, optimizer state, batch) + temporaries: the device memory the step needs.
         "compiled_device_gib": gib(stats.argument_size_in_bytes + stats.temp_size_in_bytes),
@@ -211,7 +218,7 @@ def main(argv=None) -> None:
     p.add_argument("--mlp-chunk", type=int, default=None)
     p.add_argument("--loss-chunk", type=int, default=None)
     p.add_argument("--remat-group", type=int, default=None)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up; 0: time the first step alone")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
