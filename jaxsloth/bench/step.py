@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -39,10 +40,16 @@ def random_nf4(key, layers: int, out_f: int, in_f: int, blocksize: int = 64) -> 
     n = out_f * in_f
     nblocks = math.ceil(n / blocksize)
     k1, k2, k3 = jax.random.split(key, 3)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def random_bytes(key, size):
+        # One layer at a time: a draw of bytes goes through 32-bit words, 4x the bytes it returns, which for
+        # all 80 layers of 70B's gate_proj at once would be a 35 GiB temporary.
+        return jax.lax.map(lambda k: jax.random.bits(k, (size,), jnp.uint8), jax.random.split(key, layers))
+
     return NF4Weight(
-        # Drawn as bytes directly: an int32 draw would need 4x the packed size (38 GB for 70B's gate_proj).
-        packed=jax.random.bits(k1, (layers, n // 2), jnp.uint8),
-        absmax=jax.random.bits(k2, (layers, nblocks), jnp.uint8),
+        packed=random_bytes(k1, n // 2),
+        absmax=random_bytes(k2, nblocks),
         nested_absmax=0.01 + 0.01 * jax.random.uniform(k3, (layers, math.ceil(nblocks / 256)), jnp.float32),
         offset=jnp.full((layers,), 0.02, jnp.float32),
         shape=(out_f, in_f),
