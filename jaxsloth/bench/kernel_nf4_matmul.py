@@ -69,22 +69,25 @@ def _inputs(m: int, k: int, n: int, r: int, dtype):
 
 
 def _op(impl: str, nf4: dict, shape, dtype, block: NF4MatmulBlock, interpret):
+    """(fn(x, a, b, *weights), weights): the weight arrays are jit arguments, never closed-over constants, which
+    XLA would try to constant-fold (the dequantization at compile time) and so time something else."""
     arrays = (nf4["packed"], nf4["absmax"], nf4["nested_absmax"], nf4["offset"])
     kw = dict(shape=shape, double_quant=True)
     if impl == "pallas":
-        return lambda x, a, b: nf4_matmul(x, *arrays, a, b, 2.0, **kw, interpret=interpret, block=block)
+        return lambda x, a, b, *w: nf4_matmul(x, *w, a, b, 2.0, **kw, interpret=interpret, block=block), arrays
     if impl == "xla_dequant_matmul":
-        return lambda x, a, b: nf4_matmul_reference(x, *arrays, a, b, 2.0, **kw)
+        return lambda x, a, b, *w: nf4_matmul_reference(x, *w, a, b, 2.0, **kw), arrays
     if impl == "xla":  # the profile's XLA path: select-tree dequant, custom VJP without a 16-bit residual
-        return lambda x, a, b: nf4_matmul_xla(x, *arrays, a, b, 2.0, **kw)
-    w16 = jax.jit(lambda: nf4_dequantize_reference(*arrays, **kw, dtype=dtype))()
+        return lambda x, a, b, *w: nf4_matmul_xla(x, *w, a, b, 2.0, **kw), arrays
+    w16 = jax.jit(lambda *w: nf4_dequantize_reference(*w, **kw, dtype=dtype))(*arrays)
 
-    def lora_linear(x, a, b):
-        y = jnp.dot(x, w16.T, preferred_element_type=jnp.float32)
+    def lora_linear(x, a, b, w16):
+        # As the decoder's 16-bit linear: the base product in x.dtype, so its backward GEMM is 16-bit too.
+        y = jnp.dot(x, w16.T)
         u = jnp.dot(x, a.T, preferred_element_type=jnp.float32).astype(x.dtype)
-        return (y + 2.0 * jnp.dot(u, b.T, preferred_element_type=jnp.float32)).astype(x.dtype)
+        return y + (2.0 * jnp.dot(u, b.T, preferred_element_type=jnp.float32)).astype(x.dtype)
 
-    return lora_linear
+    return lora_linear, (w16,)
 
 
 def _temp_bytes(fn, args) -> int | None:
@@ -95,12 +98,14 @@ def _temp_bytes(fn, args) -> int | None:
 def measure(impl, name, m, k, n, r, dtype, iters, block=NF4MatmulBlock(), interpret=None) -> dict:
     dtype = jnp.dtype(dtype)
     nf4, x, a, b, dy = _inputs(m, k, n, r, dtype)
-    args, args_ct = (x, a, b), (x, a, b, dy)
-    fwd, fwd_bwd = timing.jit_fwd_and_fwd_bwd(_op(impl, nf4, (n, k), dtype, block, interpret))
+    op, weights = _op(impl, nf4, (n, k), dtype, block, interpret)
+    args = (x, a, b, *weights)
+    args_ct = (*args, dy)
+    fwd, fwd_bwd = timing.jit_fwd_and_fwd_bwd(op, num_diff=3)
     got = jax.block_until_ready(fwd_bwd(*args_ct))
-    max_err = timing.max_abs_err(
-        got, timing.jit_fwd_and_fwd_bwd(_op("xla_dequant_matmul", nf4, (n, k), dtype, block, interpret))[1](*args_ct)
-    )
+    ref, ref_weights = _op("xla_dequant_matmul", nf4, (n, k), dtype, block, interpret)
+    want = timing.jit_fwd_and_fwd_bwd(ref, num_diff=3)[1](x, a, b, *ref_weights, dy)
+    max_err = timing.max_abs_err(got, want)
     fwd_ms = timing.median_ms(fwd, args, iters)
     fwd_bwd_ms = timing.median_ms(fwd_bwd, args_ct, iters)
     lora_flops = 2 * m * r * (k + n)
