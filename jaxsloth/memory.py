@@ -14,6 +14,7 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
 - per token, outside the layers: the embedding output, final hidden and its f32 gradient (3 D e + 4 D), token
   arrays (16), and when the loss is not tiled the Pallas loss's gradient tile (8192 e), or the reference
   loss's f32 logits and their gradient (8 V).
+- per token and layer, what the remat policy saves besides the residual (``_saved_by_policy``).
 Checked against the H200: 17.8 GiB measured at 32,768 tokens (8B QLoRA, offload, untiled MLP) against this
 model's 16.6 GiB; and 8.8 GiB measured at 2 x 2048 with full remat against 9.1 GiB (BENCHMARKS.md).
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxsloth.models.config import ModelConfig
-from jaxsloth.models.decoder import linear_shapes
+from jaxsloth.models.decoder import ATTN_DOTS, linear_shapes
 from jaxsloth.profiles import Profile
 
 GIB = 2**30
@@ -57,6 +58,23 @@ def _lora_bytes(config: ModelConfig, r: int) -> float:
     return 16 * r * sum(o + i for o, i in linear_shapes(config).values()) * config.num_layers
 
 
+def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
+    """Per-token bytes a remat policy keeps for every layer beyond the residual checkpoint: the projection outputs
+    it saves by name ("dots": all, "attn_dots": q, k, v, o, down), or, without remat, every activation the
+    backward reads. The no-remat term is fitted to the H200 (8B QLoRA, 2 x 2048: 56.7 GiB measured against
+    8.7 with full remat, 2026-11-28): (12 D + 2 K) e + 10 F e per layer, the f32 norm and SwiGLU intermediates
+    included."""
+    shapes = linear_shapes(config)
+    D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
+    if profile.remat == "dots":
+        return L * e * sum(o for o, _ in shapes.values())
+    if profile.remat == "attn_dots":
+        return L * e * sum(o for name, (o, _) in shapes.items() if name in ATTN_DOTS)
+    if profile.remat == "none":
+        return L * ((12 * D + 2 * config.num_kv_heads * config.head_dim) * e + 10 * F * e)
+    return 0.0
+
+
 def estimate_step_memory(
     config: ModelConfig, profile: Profile, *, batch: int, seq_len: int, quantized: bool, lora_r: int = 16
 ) -> MemoryEstimate:
@@ -78,7 +96,9 @@ def estimate_step_memory(
         outside += _CE_TILE * e
     else:
         outside += 8 * config.vocab_size
-    device_pt = g * layer + outside + (0 if profile.remat == "offload" else residual)
+    device_pt = (
+        g * layer + outside + (0 if profile.remat == "offload" else residual) + _saved_by_policy(config, profile, e)
+    )
     host_pt = residual if profile.remat == "offload" else 0.0
     return MemoryEstimate(
         device_gib=(fixed + device_pt * tokens) / GIB,

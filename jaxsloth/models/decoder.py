@@ -31,7 +31,7 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 REMAT_POLICIES = ("none", "dots", "attn_dots", "full", "offload")
 # Projections whose outputs "attn_dots" keeps: everything but the two wide MLP inputs (gate, up), which are
 # recomputed; at 2048 tokens a layer then saves 4 * hidden + 2 * kv_dim values per token instead of all of them.
-_ATTN_DOTS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+ATTN_DOTS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _remat(fn: Callable, policy: str) -> Callable:
     if policy == "dots":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*LINEARS))
     if policy == "attn_dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*_ATTN_DOTS))
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*ATTN_DOTS))
     if policy == "offload":
         return jax.checkpoint(
             fn,
