@@ -579,6 +579,17 @@ def nf4_dequantize_reference(
     return (values * scale).astype(dtype).reshape(*lead, *shape)
 
 
+def _matmul_nt_f32(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w[N, K]^T, accumulated and returned in f32."""
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _lora_term_f32(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, lora_scale: float) -> jax.Array:
+    """lora_scale * (x @ A^T) @ B^T in f32, the intermediate rounded to x.dtype as PEFT's lora_A output is."""
+    u = _matmul_nt_f32(x, lora_a.astype(x.dtype)).astype(x.dtype)
+    return lora_scale * _matmul_nt_f32(u, lora_b.astype(x.dtype))
+
+
 def nf4_matmul_reference(
     x: jax.Array,
     packed: jax.Array,
@@ -608,14 +619,9 @@ def nf4_matmul_reference(
         double_quant=double_quant,
         dtype=x.dtype,
     )
-    y = lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    y = _matmul_nt_f32(x, w)
     if lora_a is not None:
-        a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
-        u = lax.dot_general(x, a, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        u = u.astype(x.dtype)
-        y = y + lora_scale * lax.dot_general(
-            u, b, (((u.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        y = y + _lora_term_f32(x, lora_a, lora_b, lora_scale)
     return y.astype(x.dtype)
 
 
@@ -685,8 +691,7 @@ def _xla_dequant(st: _XlaStatic, packed, absmax, nested_absmax, offset):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _xla_base_matmul(st: _XlaStatic, x, packed, absmax, nested_absmax, offset):
-    w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
-    return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return _matmul_nt_f32(x, _xla_dequant(st, packed, absmax, nested_absmax, offset))
 
 
 def _xla_base_matmul_fwd(st, x, packed, absmax, nested_absmax, offset):
@@ -734,7 +739,5 @@ def nf4_matmul_xla(
     x2 = x.reshape(-1, shape[1])
     y = _xla_base_matmul(st, x2, packed, absmax, nested_absmax, offset)
     if lora_a is not None:
-        a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
-        u = lax.dot_general(x2, a, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
-        y = y + lora_scale * lax.dot_general(u, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        y = y + _lora_term_f32(x2, lora_a, lora_b, lora_scale)
     return y.astype(x.dtype).reshape(*x.shape[:-1], shape[0])

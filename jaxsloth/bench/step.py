@@ -130,6 +130,9 @@ def run(args) -> dict:
         key_of = lambda seed: put_key(jax.random.key(seed), mesh)  # noqa: E731
     jax.block_until_ready(params)
     setup_s = time.perf_counter() - t0
+    # The device's peak counter cannot be reset: this is what building the inputs alone reached. When the step's
+    # peak_gib equals it, the step itself stayed below and the setup, not the step, set the peak.
+    setup_peak_gib = peak_gib()
     state = {"t": trainable, "o": opt_state}
 
     # Compiled ahead of time, so that the first run is a clean step: a long sequence's step takes minutes, and
@@ -157,6 +160,7 @@ def run(args) -> dict:
         "tokens_per_s": tokens / (ms / 1e3),
         "step_ms": ms,
         "peak_gib": peak_gib(),
+        "setup_peak_gib": setup_peak_gib,
         "model_estimate_gib": estimate_step_memory(
             config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4"
         ).device_gib,
