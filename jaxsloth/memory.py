@@ -159,3 +159,29 @@ def check_fits(
         f"tokens ({longest.limited_by} memory is the limit); long_context settings and remat_group=2 lower the "
         "per-token cost."
     )
+
+
+def check_compiled_plan(
+    stats,
+    *,
+    batch: int,
+    seq_len: int,
+    device_gib: float,
+    host_gib: float,
+    longest_tokens: int | None = None,
+) -> tuple[float, float]:
+    """After compiling, before running: XLA's own plan (``compiled.memory_analysis()``: arguments + temporaries on
+    the device, temporaries on the host) against the machine. Returns (device GiB, host GiB) of the plan; raises
+    MemoryError naming both and, when given, the memory model's longest length that fits. Catches what the
+    per-token model misses, before a long step runs out of memory minutes in."""
+    device = (stats.argument_size_in_bytes + stats.temp_size_in_bytes) / GIB
+    host = getattr(stats, "host_temp_size_in_bytes", 0) / GIB
+    if device <= device_gib and host <= host_gib:
+        return device, host
+    hint = f" The memory model's longest length that fits is about {longest_tokens:,} tokens." if longest_tokens else ""
+    raise MemoryError(
+        f"batch {batch} x {seq_len:,} tokens: XLA's compiled step needs {device:.1f} GiB of device memory "
+        f"({stats.temp_size_in_bytes / GIB:.1f} temporaries + {stats.argument_size_in_bytes / GIB:.1f} arguments) "
+        f"and {host:.1f} GiB of pinned host memory; this machine allows {device_gib:.1f} and {host_gib:.1f} "
+        "(the device figure is JAX's allocator cap: XLA_PYTHON_CLIENT_MEM_FRACTION raises it, default 0.75)." + hint
+    )

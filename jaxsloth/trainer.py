@@ -65,6 +65,10 @@ def _device_memory_gib() -> float | None:
     return None if peak is None else peak / 2**30
 
 
+def _is_quantized(params) -> bool:
+    return any(hasattr(x, "packed") for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "packed")))
+
+
 def _check_memory(config, profile, params, micro_batch, seq_len, lora_r) -> None:
     """Before the first compile: a step the memory model says cannot fit fails now, naming the longest length."""
     from jaxsloth.memory import check_fits, machine_memory_gib
@@ -72,7 +76,7 @@ def _check_memory(config, profile, params, micro_batch, seq_len, lora_r) -> None
     mem = machine_memory_gib()
     if mem is None:
         return
-    quantized = any(hasattr(x, "packed") for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "packed")))
+    quantized = _is_quantized(params)
     check_fits(
         config,
         profile,
@@ -83,6 +87,35 @@ def _check_memory(config, profile, params, micro_batch, seq_len, lora_r) -> None
         device_gib=mem[0],
         host_gib=mem[1],
     )
+
+
+def _compile_step(step_fn, args, config, profile, params, micro_batch, seq_len, lora_r):
+    """The step compiled ahead of time for one batch shape, its XLA memory plan checked against the machine."""
+    from jaxsloth.memory import check_compiled_plan, longest_sequence, machine_memory_gib
+
+    compiled = step_fn.lower(*args).compile()
+    mem, stats = machine_memory_gib(), compiled.memory_analysis()
+    if mem is not None and stats is not None:
+        quantized = _is_quantized(params)
+        longest = longest_sequence(
+            config, profile, batch=micro_batch, quantized=quantized, device_gib=mem[0], host_gib=mem[1]
+        )
+        device, host = check_compiled_plan(
+            stats,
+            batch=micro_batch,
+            seq_len=seq_len,
+            device_gib=mem[0],
+            host_gib=mem[1],
+            longest_tokens=longest.tokens,
+        )
+        log.info(
+            "compiled step for %d x %d tokens: XLA plans %.1f GiB device, %.1f GiB host",
+            micro_batch,
+            seq_len,
+            device,
+            host,
+        )
+    return compiled
 
 
 def fit(
@@ -149,6 +182,7 @@ def fit(
         )
 
     step_fn = make_train_step(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
+    compiled_steps: dict[tuple[int, int], Callable] = {}  # batch shape -> the step compiled (and checked) for it
     history: list[dict] = []
     interrupted = False
     try:
@@ -178,7 +212,13 @@ def fit(
             else:
                 device_batch, sub = shard_batch(batch, mesh), put_key(sub, mesh)
             try:
-                trainable, opt_state, m = step_fn(trainable, opt_state, params, device_batch, sub)
+                args = (trainable, opt_state, params, device_batch, sub)
+                if (n_seq, seq_len) not in compiled_steps:
+                    micro = n_seq // tc.grad_accum // batch_devices(mesh)
+                    compiled_steps[n_seq, seq_len] = _compile_step(
+                        step_fn, args, config, profile, params, micro, seq_len, lora.r
+                    )
+                trainable, opt_state, m = compiled_steps[n_seq, seq_len](*args)
                 m = jax.device_get(m)
             except Exception as e:  # XLA reports OOM as a generic runtime error
                 if is_oom(e):

@@ -142,3 +142,31 @@ def test_fit_refuses_a_step_the_memory_model_says_cannot_fit(monkeypatch):
     monkeypatch.setattr(jaxsloth.memory, "machine_memory_gib", lambda: (1e-6, 1e-6))
     with pytest.raises(MemoryError, match="longest that fits"):
         _run(config, params, trainable, 2)
+
+
+def test_fit_checks_xla_compiled_plan_before_running(monkeypatch):
+    """After compiling and before running, XLA's own memory plan is checked (here with the model check switched off
+    and a simulated 1 KiB device, so only the compiled plan can refuse)."""
+    import jaxsloth.memory
+
+    config, params, trainable = _setup()
+    monkeypatch.setattr(jaxsloth.memory, "check_fits", lambda *a, **k: None)
+    monkeypatch.setattr(jaxsloth.memory, "machine_memory_gib", lambda: (2**-20, 1.0))
+    with pytest.raises(MemoryError, match=r"XLA's compiled step needs .* GiB of device memory .* temporaries"):
+        _run(config, params, trainable, 2)
+
+
+def test_compiled_plan_check_names_plan_and_longest():
+    from types import SimpleNamespace
+
+    from jaxsloth.memory import check_compiled_plan
+
+    gib = 2**30
+    stats = SimpleNamespace(
+        argument_size_in_bytes=6 * gib, temp_size_in_bytes=96 * gib, host_temp_size_in_bytes=73 * gib
+    )
+    assert check_compiled_plan(stats, batch=1, seq_len=600_000, device_gib=132, host_gib=106) == (102, 73)
+    with pytest.raises(MemoryError, match=r"600,000 tokens.*102.0 GiB.*73.0 GiB.*100.0 and 106.0.*about 327,680"):
+        check_compiled_plan(stats, batch=1, seq_len=600_000, device_gib=100, host_gib=106, longest_tokens=327_680)
+    with pytest.raises(MemoryError, match="pinned host"):
+        check_compiled_plan(stats, batch=1, seq_len=600_000, device_gib=132, host_gib=64)
