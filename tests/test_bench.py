@@ -142,6 +142,7 @@ def test_report_tables_ratios_mfu_and_plots(tmp_path):
         _rec("unsloth", 10000.0, 7.5, variant='checkpointing="unsloth"'),
         _rec("jaxsloth", 12000.0, 6.0, remat="full", profile="h200", kernels={"attention": "pallas"}, mlp_chunk=4096),
         _rec("hf-peft", None, None, error="out of memory: boom"),
+        _rec("jaxsloth", 11000.0, 6.0, remat="full", profile="h200", note="ran the old lookup"),
     ]
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -155,6 +156,7 @@ def test_report_tables_ratios_mfu_and_plots(tmp_path):
     # speed / memory vs hf-peft-bnb, then vs unsloth
     assert cells[5:9] == ["4.00x", "0.40x", "1.20x", "0.80x"]
     assert "failed: out of memory: boom" in md
+    assert "; note: ran the old lookup" in md  # a record's note reaches its command footnote
     paths = report.write_report(loaded, tmp_path / "rep")
     assert {"report.md", "throughput.png", "memory.png"} <= set(paths)
     assert all(_is_png(p) for name, p in paths.items() if name.endswith(".png"))

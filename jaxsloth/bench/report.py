@@ -165,6 +165,8 @@ class _Commands:
         versions = ", ".join(f"{k} {rec[k]}" for k in ("jax", "torch", "unsloth", "python") if rec.get(k))
         cmd = rec.get("bench_command") or rec.get("command") or "?"
         line = f"`{cmd}`" + (f" ({versions})" if versions else "")
+        if rec.get("note"):  # what a reader must know about this measurement (e.g. the code version it ran)
+            line += f"; note: {rec['note']}"
         if line not in self.lines:
             self.lines.append(line)
         return f"[{self.lines.index(line) + 1}]"
