@@ -42,8 +42,14 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
         "pallas": ("pallas_kernels.nf4_matmul", "nf4_matmul"),
         "xla": ("pallas_kernels.nf4_matmul", "nf4_matmul_xla"),
     },
+    "lora_matmul": {
+        "reference": ("pallas_kernels.lora_matmul", "lora_matmul_reference"),
+        "pallas": ("pallas_kernels.lora_matmul", "lora_matmul"),
+    },
 }
 OPS = tuple(_IMPLEMENTATIONS)
+# The KernelChoice fields (glu stands for swiglu and geglu).
+KERNEL_OPS = ("rms_norm", "rope", "glu", "attention", "cross_entropy", "nf4_matmul", "lora_matmul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,7 @@ class KernelChoice:
     attention: str = "reference"
     cross_entropy: str = "reference"
     nf4_matmul: str = "reference"
+    lora_matmul: str = "reference"
     interpret: bool | None = None
     blocks: tuple[tuple[str, object], ...] = ()
 
@@ -78,7 +85,7 @@ class KernelChoice:
     @classmethod
     def all(cls, impl: str, **overrides) -> KernelChoice:
         """Every op on ``impl`` ("reference" or "pallas"), with per-op overrides."""
-        fields = {f: impl for f in ("rms_norm", "rope", "glu", "attention", "cross_entropy", "nf4_matmul")}
+        fields = {f: impl for f in KERNEL_OPS}
         return cls(**{**fields, **overrides})
 
 
@@ -159,10 +166,21 @@ class Ops:
         """
         if not isinstance(weight, jax.Array):  # a quantized NF4Weight pytree
             y = self._nf4_linear(x, weight, lora, lora_scale, lora_x)
-        else:
+        elif lora is None:
             y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
-            if lora is not None:
-                y = y + _lora_delta(x if lora_x is None else lora_x, lora, lora_scale).astype(y.dtype)
+        else:
+            lead = x.shape[:-1]
+            flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731  (rows on axis 0)
+            y = self._call(
+                "lora_matmul",
+                self.kernels.lora_matmul,
+                flat(x),
+                weight,
+                lora["a"],
+                lora["b"],
+                lora_scale,
+                lora_x=flat(lora_x),
+            ).reshape(*lead, -1)
         if bias is not None:
             y = y + bias.astype(y.dtype)
         return y
@@ -182,12 +200,7 @@ class Ops:
         else:
             y = self._call("nf4_matmul", self.kernels.nf4_matmul, *args, **kwargs)
             if lora is not None:
-                y = y + _lora_delta(lora_x.reshape(x2.shape), lora, lora_scale).astype(y.dtype)
+                from pallas_kernels.lora_matmul import lora_delta
+
+                y = y + lora_delta(lora_x.reshape(x2.shape), lora["a"], lora["b"], lora_scale).astype(y.dtype)
         return y.reshape(*lead, -1)
-
-
-def _lora_delta(x, lora, scale):
-    # LoRA master weights stay f32 for the optimizer; the matmuls run in the activations' (compute) dtype.
-    a, b = lora["a"].astype(x.dtype), lora["b"].astype(x.dtype)
-    u = jnp.einsum("...i,ri->...r", x, a)
-    return scale * jnp.einsum("...r,or->...o", u, b)

@@ -63,8 +63,9 @@ _HOPPER = KernelChoice(
     rms_norm="pallas", rope="pallas", glu="reference", attention="cudnn", cross_entropy="pallas", nf4_matmul="xla"
 )
 # Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there. NF4 takes the XLA path
-# (not measured on Ampere; on the H200 the Triton NF4 kernel trails it 3x).
-_AMPERE = KernelChoice.all("pallas", nf4_matmul="xla")
+# (not measured on Ampere; on the H200 the Triton NF4 kernel trails it 3x); the fused 16-bit LoRA linear is not
+# measured anywhere yet, so XLA's three GEMMs stay.
+_AMPERE = KernelChoice.all("pallas", nf4_matmul="xla", lora_matmul="reference")
 
 PROFILES: dict[str, Profile] = {
     # attn_dots: the 8B QLoRA step at 2 x 2048 ran 10,143 tok/s at 11.0 GiB against full remat's 9,401 at 8.7

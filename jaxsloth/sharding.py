@@ -331,8 +331,9 @@ _BATCHED_ARGS = {
     "attention": (0, 1, 2),
     "cross_entropy": (0, 2),
     "nf4_matmul": (0,),
+    "lora_matmul": (0,),
 }
-_BATCHED_KWARGS = {"attention": ("segment_ids",)}
+_BATCHED_KWARGS = {"attention": ("segment_ids",), "lora_matmul": ("lora_x",)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,9 +150,10 @@ def _divisor_block(block: int, k: int) -> int:
 
 
 class _WRefs(NamedTuple):
-    """The NF4 operands as the kernels see them; nested/offset/qmap only with double quant, table only
-    with the gather lookup."""
+    """The W operands as the kernels see them: a 16-bit W (``dense``, the bf16 LoRA linear) or the NF4
+    arrays; nested/offset/qmap only with double quant, table only with the gather lookup."""
 
+    dense: object  # x.dtype [N, K], or None for NF4
     packed: object  # uint8 [N, K/2]
     absmax: object  # f32 or uint8 [N, K/64]
     nested: object  # f32 [cdiv(N*K/64, 256)]
@@ -161,14 +162,16 @@ class _WRefs(NamedTuple):
     table: object  # f32 [16]
 
 
-def _take_w_refs(it, double_quant: bool, lookup: str) -> _WRefs:
+def _take_w_refs(it, double_quant: bool, lookup: str, dense: bool) -> _WRefs:
+    if dense:
+        return _WRefs(next(it), None, None, None, None, None, None)
     packed, absmax = next(it), next(it)
     nested = offset = qmap = table = None
     if double_quant:
         nested, offset, qmap = next(it), next(it), next(it)
     if lookup == "gather":
         table = next(it)
-    return _WRefs(packed, absmax, nested, offset, qmap, table)
+    return _WRefs(None, packed, absmax, nested, offset, qmap, table)
 
 
 def _nf4_values(codes: jax.Array, table_ref) -> jax.Array:
@@ -186,6 +189,10 @@ def _nf4_values(codes: jax.Array, table_ref) -> jax.Array:
 def _dequant_chunk(w: _WRefs, n0, bn: int, n_mask, col, k_blocks: int, dtype) -> jax.Array:
     """W[n0 : n0 + bn, 64 col : 64 col + 64] as dtype, [bn, 64]. Rows past N come out finite (their
     loads are masked to 0); callers zero their contribution through the other operand."""
+    if w.dense is not None:
+        k_start = pl.multiple_of(col * KERNEL_BLOCKSIZE, KERNEL_BLOCKSIZE)
+        chunk = w.dense.at[pl.ds(n0, bn), pl.ds(k_start, KERNEL_BLOCKSIZE)]
+        return plgpu.load(chunk, mask=n_mask[:, None], other=0).astype(dtype)
     byte_start = pl.multiple_of(col * (KERNEL_BLOCKSIZE // 2), KERNEL_BLOCKSIZE // 2)
     packed = plgpu.load(
         w.packed.at[pl.ds(n0, bn), pl.ds(byte_start, KERNEL_BLOCKSIZE // 2)], mask=n_mask[:, None], other=0
@@ -214,10 +221,10 @@ def _dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, has_lora, fuse_lora_a, scale):
+def _fwd_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, dense, has_lora, fuse_lora_a, scale):
     it = iter(refs)
     x_ref = next(it)
-    w = _take_w_refs(it, double_quant, lookup)
+    w = _take_w_refs(it, double_quant, lookup, dense)
     a_ref = b_ref = uc_in_ref = uc_out_ref = None
     if has_lora:
         a_ref, b_ref = next(it), next(it)
@@ -262,10 +269,10 @@ def _fwd_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, has_lora, fuse
     plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _dx_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, has_lora, scale):
+def _dx_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, dense, has_lora, scale):
     it = iter(refs)
     dy_ref = next(it)
-    w = _take_w_refs(it, double_quant, lookup)
+    w = _take_w_refs(it, double_quant, lookup, dense)
     a_ref = b_ref = None
     if has_lora:
         a_ref, b_ref = next(it), next(it)
@@ -314,7 +321,7 @@ def _dx_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, has_lora, scale
         )
 
 
-class _Static(NamedTuple):
+class KernelStatic(NamedTuple):
     """Everything about one call that is not an array (hashable: it is a custom_vjp nondiff argument)."""
 
     shape: tuple[int, int]
@@ -322,9 +329,10 @@ class _Static(NamedTuple):
     scale: float
     interpret: bool
     block: NF4MatmulBlock
+    dense: bool = False  # W is a 16-bit [N, K] array (lora_matmul), not NF4
 
 
-def _w_operands(packed, absmax, nested_absmax, offset, st: _Static) -> list[jax.Array]:
+def _w_operands(packed, absmax, nested_absmax, offset, st: KernelStatic) -> list[jax.Array]:
     n, k = st.shape
     ops = [packed.reshape(n, k // 2), absmax.reshape(n, k // KERNEL_BLOCKSIZE)]
     if st.double_quant:
@@ -338,7 +346,7 @@ def _w_operands(packed, absmax, nested_absmax, offset, st: _Static) -> list[jax.
     return ops
 
 
-def _forward(x, w_ops, a, b, st: _Static):
+def forward(x, w_ops, a, b, st: KernelStatic):
     """Returns y [M, N] and, with LoRA, uc = (x @ A^T).astype(x.dtype) [M, R] (R = padded rank)."""
     (m, k), (n, _) = x.shape, st.shape
     blk = st.block
@@ -367,6 +375,7 @@ def _forward(x, w_ops, a, b, st: _Static):
         bk=bk,
         lookup=blk.lookup,
         double_quant=st.double_quant,
+        dense=st.dense,
         has_lora=has_lora,
         fuse_lora_a=fuse,
         scale=st.scale,
@@ -377,12 +386,12 @@ def _forward(x, w_ops, a, b, st: _Static):
         grid=(cdiv(m, bm), cdiv(n, bn)),
         compiler_params=triton_compiler_params(blk.num_warps, blk.num_stages),
         interpret=st.interpret,
-        name="nf4_matmul_fwd",
+        name="lora_matmul_fwd" if st.dense else "nf4_matmul_fwd",
     )(*operands)
     return outs[0], (outs[1] if fuse else uc)
 
 
-def _backward_dx(dy, w_ops, a, b, k: int, st: _Static):
+def backward_dx(dy, w_ops, a, b, k: int, st: KernelStatic):
     """Returns dx [M, K] and, with LoRA, sv = (s dy @ B).astype(dy.dtype) [M, R]."""
     m, n = dy.shape
     blk = st.block
@@ -404,6 +413,7 @@ def _backward_dx(dy, w_ops, a, b, k: int, st: _Static):
         bk=bk,
         lookup=blk.lookup,
         double_quant=st.double_quant,
+        dense=st.dense,
         has_lora=has_lora,
         scale=st.scale,
     )
@@ -413,7 +423,7 @@ def _backward_dx(dy, w_ops, a, b, k: int, st: _Static):
         grid=(cdiv(m, bm), k // bk),
         compiler_params=triton_compiler_params(blk.bwd_num_warps, blk.bwd_num_stages),
         interpret=st.interpret,
-        name="nf4_matmul_dx",
+        name="lora_matmul_dx" if st.dense else "nf4_matmul_dx",
     )(*operands)
     return outs[0], (outs[1] if has_lora else None)
 
@@ -427,28 +437,32 @@ def _zero_cotangent(v):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _nf4_matmul_2d(st: _Static, x, packed, absmax, nested_absmax, offset, a, b):
+def _nf4_matmul_2d(st: KernelStatic, x, packed, absmax, nested_absmax, offset, a, b):
     w_ops = _w_operands(packed, absmax, nested_absmax, offset, st)
-    return _forward(x, w_ops, a, b, st)[0]
+    return forward(x, w_ops, a, b, st)[0]
 
 
 def _nf4_matmul_2d_fwd(st, x, packed, absmax, nested_absmax, offset, a, b):
     w_ops = _w_operands(packed, absmax, nested_absmax, offset, st)
-    y, uc = _forward(x, w_ops, a, b, st)
+    y, uc = forward(x, w_ops, a, b, st)
     return y, (x, packed, absmax, nested_absmax, offset, a, b, uc)
+
+
+def lora_grads(st: KernelStatic, x, dy, sv, uc, a, b):
+    """dA = (s v)^T @ x and dB = s dy^T @ u (plain XLA: r-wide, bandwidth-bound); (None, None) without LoRA."""
+    if a is None:
+        return None, None
+    da = lax.dot_general(sv, x, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    db = st.scale * lax.dot_general(dy, uc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
 
 
 def _nf4_matmul_2d_bwd(st, res, dy):
     x, packed, absmax, nested_absmax, offset, a, b, uc = res
     w_ops = _w_operands(packed, absmax, nested_absmax, offset, st)
-    dx, sv = _backward_dx(dy.astype(x.dtype), w_ops, a, b, x.shape[1], st)
-    da = db = None
-    if a is not None:
-        da = lax.dot_general(sv, x, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        db = st.scale * lax.dot_general(dy, uc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        da, db = da.astype(a.dtype), db.astype(b.dtype)
+    dx, sv = backward_dx(dy.astype(x.dtype), w_ops, a, b, x.shape[1], st)
     zeros = [_zero_cotangent(v) for v in (packed, absmax, nested_absmax, offset)]
-    return (dx, *zeros, da, db)
+    return (dx, *zeros, *lora_grads(st, x, dy, sv, uc, a, b))
 
 
 _nf4_matmul_2d.defvjp(_nf4_matmul_2d_fwd, _nf4_matmul_2d_bwd)
@@ -484,6 +498,19 @@ def _check_operands(x, packed, absmax, nested_absmax, offset, lora_a, lora_b, sh
             raise ValueError(
                 f"LoRA shapes must be lora_a [r, {k}] and lora_b [{n}, r], got {lora_a.shape} and {lora_b.shape}"
             )
+
+
+def pad_rank(lora_a, lora_b, dtype):
+    """LoRA factors in ``dtype`` with the rank padded to a dot-friendly width (>= 16, a power of two); the zero
+    rows/columns add nothing. (None, None) without LoRA."""
+    if lora_a is None:
+        return None, None
+    r = lora_a.shape[0]
+    rp = max(16, next_power_of_2(r))
+    return (
+        jnp.pad(lora_a.astype(dtype), ((0, rp - r), (0, 0))),
+        jnp.pad(lora_b.astype(dtype), ((0, 0), (0, rp - r))),
+    )
 
 
 def nf4_matmul(
@@ -526,20 +553,14 @@ def nf4_matmul(
             blocksize=blocksize,
             double_quant=double_quant,
         )
-    st = _Static(
+    st = KernelStatic(
         shape=(n, k),
         double_quant=bool(double_quant),
         scale=float(lora_scale),
         interpret=resolve_interpret(interpret),
         block=block or NF4MatmulBlock(),
     )
-    a = b = None
-    if lora_a is not None:
-        # Pad the rank to a dot-friendly width (>= 16, power of two); the zero rows/columns add nothing.
-        r = lora_a.shape[0]
-        rp = max(16, next_power_of_2(r))
-        a = jnp.pad(lora_a.astype(x.dtype), ((0, rp - r), (0, 0)))
-        b = jnp.pad(lora_b.astype(x.dtype), ((0, 0), (0, rp - r)))
+    a, b = pad_rank(lora_a, lora_b, x.dtype)
     if not double_quant:
         nested_absmax = offset = None
     y = _nf4_matmul_2d(st, x.reshape(-1, k), packed, absmax, nested_absmax, offset, a, b)

@@ -1,5 +1,6 @@
 """Micro-benchmark: the fused NF4 dequant-matmul + LoRA kernel against XLA's jitted dequantize-then-matmul
-(``nf4_matmul_reference``), against the profile's XLA path (``nf4_matmul_xla``) and against the plain 16-bit LoRA linear of the same shape (x @ W^T with W
+(``nf4_matmul_reference``), against the profile's XLA path (``nf4_matmul_xla``), against the fused 16-bit
+LoRA kernel (``bf16_lora_pallas``) and against the plain 16-bit LoRA linear of the same shape (x @ W^T with W
 already dequantized to bf16, plus the LoRA term, in XLA): Llama-3.1-8B projections, r=16, bf16.
 
 Per measurement: forward and forward+backward (dx, dA, dB) median time, TFLOP/s (2MNK + LoRA forward;
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsloth.bench import timing
+from pallas_kernels.lora_matmul import lora_matmul
 from pallas_kernels.nf4_matmul import (
     NF4MatmulBlock,
     nf4_dequantize_reference,
@@ -80,6 +82,8 @@ def _op(impl: str, nf4: dict, shape, dtype, block: NF4MatmulBlock, interpret):
     if impl == "xla":  # the profile's XLA path: select-tree dequant, custom VJP without a 16-bit residual
         return lambda x, a, b, *w: nf4_matmul_xla(x, *w, a, b, 2.0, **kw), arrays
     w16 = jax.jit(lambda *w: nf4_dequantize_reference(*w, **kw, dtype=dtype))(*arrays)
+    if impl == "bf16_lora_pallas":  # the fused 16-bit LoRA linear (pallas_kernels/lora_matmul.py)
+        return lambda x, a, b, w16: lora_matmul(x, w16, a, b, 2.0, interpret=interpret), (w16,)
 
     def lora_linear(x, a, b, w16):
         # As the decoder's 16-bit linear: the base product in x.dtype, so its backward GEMM is 16-bit too.
@@ -137,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--proj", nargs="+", default=[s[0] for s in SHAPES_8B])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--impls", nargs="+", default=["pallas", "xla_dequant_matmul", "xla", "bf16_lora_xla"])
+    parser.add_argument(
+        "--impls", nargs="+", default=["pallas", "xla_dequant_matmul", "xla", "bf16_lora_xla", "bf16_lora_pallas"]
+    )
     args = parser.parse_args(argv)
 
     impls = tuple(args.impls)

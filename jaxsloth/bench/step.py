@@ -29,6 +29,7 @@ from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
 from jaxsloth.memory import estimate_step_memory  # noqa: E402
 from jaxsloth.models.decoder import init_params, linear_shapes  # noqa: E402
 from jaxsloth.models.presets import preset  # noqa: E402
+from jaxsloth.ops import KERNEL_OPS  # noqa: E402
 from jaxsloth.profiles import LONG_CONTEXT, profile_for_device  # noqa: E402
 from jaxsloth.quant import NF4Weight  # noqa: E402
 from jaxsloth.sharding import make_mesh, param_shardings, place_train_state, put_key, shard_batch  # noqa: E402
@@ -101,7 +102,12 @@ def run(args) -> dict:
     )
     if args.kernels == "reference":
         overrides.update(
-            rms_norm="reference", rope="reference", glu="reference", cross_entropy="reference", nf4_matmul="reference"
+            rms_norm="reference",
+            rope="reference",
+            glu="reference",
+            cross_entropy="reference",
+            nf4_matmul="reference",
+            lora_matmul="reference",
         )
         overrides.setdefault("attention", "cudnn")
     for op_impl in args.op or ():
@@ -176,10 +182,7 @@ def run(args) -> dict:
         "mlp_chunk": profile.mlp_chunk,
         "loss_chunk": profile.loss_chunk,
         "remat_group": profile.remat_group,
-        "kernels": {
-            k: getattr(profile.kernels, k)
-            for k in ("rms_norm", "rope", "glu", "attention", "cross_entropy", "nf4_matmul")
-        },
+        "kernels": {k: getattr(profile.kernels, k) for k in KERNEL_OPS},
         **environment(),
     }
 

@@ -1,0 +1,91 @@
+"""The fused 16-bit LoRA linear (pallas_kernels/lora_matmul.py) against its reference: forward and dx, dA, dB in
+interpret mode on odd shapes (CI), the Triton lowering, and the GPU (marked)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.lora_matmul import lora_matmul, lora_matmul_reference
+from pallas_kernels.nf4_matmul import NF4MatmulBlock
+from tests.tolerances import assert_close, dtype_kind
+
+# Small tiles so the odd shapes span several tiles with ragged M and N edges.
+SMALL = NF4MatmulBlock(block_m=16, block_n=64, block_k=128, bwd_block_m=16, bwd_block_n=64, bwd_block_k=128)
+SMALL_UNFUSED = NF4MatmulBlock(
+    block_m=32, block_n=32, block_k=64, bwd_block_m=32, bwd_block_n=32, bwd_block_k=64, fuse_lora_a=False
+)
+
+
+def _case(lead, k, n, r, dtype, seed):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, dtype)
+    x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
+    a = jnp.asarray(rng.standard_normal((r, k)) * 0.1, jnp.float32)  # f32 masters, as the optimizer keeps them
+    b = jnp.asarray(rng.standard_normal((n, r)) * 0.1, jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
+    return w, x, a, b, dy
+
+
+def _check(lead, k, n, r, dtype, block, interpret, seed=0):
+    w, x, a, b, dy = _case(lead, k, n, r, dtype, seed)
+    y, vjp = jax.vjp(lambda x, a, b: lora_matmul(x, w, a, b, 0.75, interpret=interpret, block=block), x, a, b)
+    y_ref, vjp_ref = jax.vjp(lambda x, a, b: lora_matmul_reference(x, w, a, b, 0.75), x, a, b)
+    assert y.dtype == x.dtype and y.shape == (*lead, n)
+    assert_close(y, y_ref, dtype_kind(dtype))
+    for name, g, g_ref in zip(("dx", "dlora_a", "dlora_b"), vjp(dy), vjp_ref(dy)):
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
+        assert_close(g, g_ref, dtype_kind(dtype, grad=True), err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "lead,k,n,r,dtype,block",
+    [
+        ((37,), 192, 200, 8, jnp.float32, SMALL),
+        ((3, 13), 320, 72, 16, jnp.bfloat16, SMALL_UNFUSED),
+        ((21,), 128, 136, 4, jnp.bfloat16, SMALL),
+    ],
+)
+def test_matches_reference_interpret(lead, k, n, r, dtype, block):
+    _check(lead, k, n, r, dtype, block, interpret=True)
+
+
+def test_falls_back_where_the_kernel_does_not_apply():
+    w, x, a, b, _ = _case((5,), 96, 24, 4, jnp.float32, seed=1)  # K = 96: not a multiple of 64
+    assert_close(lora_matmul(x, w, a, b, 2.0, interpret=True), lora_matmul_reference(x, w, a, b, 2.0), "f32")
+    w, x, a, b, _ = _case((5,), 128, 24, 4, jnp.float32, seed=1)
+    dropped = x * 0.5  # the LoRA branch has its own input (dropout): the unfused reference
+    got = lora_matmul(x, w, a, b, 2.0, lora_x=dropped, interpret=True)
+    assert_close(got, lora_matmul_reference(x, w, a, b, 2.0, lora_x=dropped), "f32")
+    with pytest.raises(ValueError, match="LoRA shapes"):
+        lora_matmul(x, w, a[:, :64], b, interpret=True)
+    with pytest.raises(ValueError, match="in-features"):
+        lora_matmul(x[:, :64], w, a, b, interpret=True)
+
+
+def test_lowers_to_triton_on_cpu(monkeypatch):
+    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H100))
+    w, x, a, b, dy = _case((64,), 256, 128, 16, jnp.bfloat16, seed=2)
+
+    def f(x, a, b, dy):
+        g = lambda x, a, b: lora_matmul(x, w, a, b, 2.0, interpret=False)  # noqa: E731
+        return jax.vjp(g, x, a, b)[1](dy)
+
+    text = jax.jit(f).trace(x, a, b, dy).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "lead,k,n,r,dtype,block",
+    [
+        ((37,), 192, 200, 8, jnp.float32, SMALL),
+        ((300,), 1024, 520, 16, jnp.bfloat16, NF4MatmulBlock()),
+        ((129,), 4096, 1024, 16, jnp.bfloat16, NF4MatmulBlock()),
+    ],
+)
+def test_matches_reference_gpu(lead, k, n, r, dtype, block):
+    _check(lead, k, n, r, dtype, block, interpret=False)
