@@ -24,6 +24,10 @@ or a gather, times the scale, rounded to x.dtype exactly as the reference does) 
 
 K not a multiple of 64, or a block size other than 64, falls back to the reference (the quant blocks then
 straddle rows, which the tiled kernel does not handle).
+
+The same two kernels serve the 16-bit LoRA linear (pallas_kernels/lora_matmul.py): with ``dense`` set, a W chunk
+is a plain [bn, 64] load instead of a dequantization. This file also holds ``nf4_matmul_xla``, the plain-XLA path
+the profiles use (dequantize, 16-bit GEMM, custom VJP).
 """
 
 from __future__ import annotations
