@@ -37,3 +37,17 @@ def assert_close(actual, expected, kind: str, err_msg: str = "") -> None:
         err_msg=err_msg,
         **TOLERANCES[kind],
     )
+
+
+def assert_vjp_close(fn, reference, primals, cotangent, dtype, names) -> None:
+    """``fn`` and ``reference`` agree on the output (same dtype and shape, ``dtype``'s kind) and on the gradient
+    of every primal (same dtype and shape, the grad kind); ``names`` label the gradients in failures."""
+    import jax
+
+    y, vjp = jax.vjp(fn, *primals)
+    y_ref, vjp_ref = jax.vjp(reference, *primals)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape, (y.dtype, y.shape, y_ref.dtype, y_ref.shape)
+    assert_close(y, y_ref, dtype_kind(dtype))
+    for name, g, g_ref in zip(names, vjp(cotangent), vjp_ref(cotangent), strict=True):
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape, name
+        assert_close(g, g_ref, dtype_kind(dtype, grad=True), err_msg=name)
