@@ -93,7 +93,10 @@ def _compile_step(step_fn, args, config, profile, params, micro_batch, seq_len, 
     """The step compiled ahead of time for one batch shape, its XLA memory plan checked against the machine."""
     from jaxsloth.memory import check_compiled_plan, longest_sequence, machine_memory_gib
 
+    log.info("compiling the training step for %d x %d tokens per device", micro_batch, seq_len)
+    t0 = time.perf_counter()
     compiled = step_fn.lower(*args).compile()
+    log.info("compiled in %.1f s", time.perf_counter() - t0)
     mem, stats = machine_memory_gib(), compiled.memory_analysis()
     if mem is not None and stats is not None:
         quantized = _is_quantized(params)
