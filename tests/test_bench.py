@@ -203,6 +203,11 @@ def test_cli_rejects_bad_values(capsys):
     assert cli.main(["--systems", "deepspeed"]) == 2
     with pytest.raises(ValueError, match="does not run quant"):
         cli.runner_argv("hf-peft", "llama3.2-1b", "nf4", 1, 8, 1, "x")
+    # A longest-sequence probe (steps 0) runs one step without warm-up in every system.
+    jax_probe = cli.runner_argv("jaxsloth", "llama3.2-1b", "nf4", 1, 8, 0, "x")
+    torch_probe = cli.runner_argv("hf-peft-bnb", "llama3.2-1b", "nf4", 1, 8, 0, "x")
+    assert jax_probe[-4:] == ["--steps", "0", "--warmup", "0"] and torch_probe[-4:] == ["--steps", "1", "--warmup", "0"]
+    assert "--warmup" not in cli.runner_argv("jaxsloth", "llama3.2-1b", "nf4", 1, 8, 10, "x")
     assert set(cli.QUANTS) == set(cli.SYSTEMS) and "llama3.2-1b" in PRESETS
 
 

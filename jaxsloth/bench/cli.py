@@ -45,15 +45,18 @@ _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemoryError", "Out 
 
 def runner_argv(system: str, model: str, quant: str, batch: int, seq: int, steps: int, out: str) -> list[str]:
     """The command that measures one (system, model, quant, batch, seq) and appends its JSON record to ``out``.
-    ``model``: a preset architecture name or a local checkpoint directory."""
+    ``model``: a preset architecture name or a local checkpoint directory. ``steps`` 0: one step and no warm-up
+    (a longest-sequence probe: whether the step runs, and its time)."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
     if quant not in QUANTS[system]:
         raise ValueError(f"system {system!r} does not run quant {quant!r} (it runs {', '.join(QUANTS[system])})")
     where = ["--model-path", model] if is_path(model) else ["--arch", model]
-    sizes = ["--batch", str(batch), "--seq", str(seq), "--steps", str(steps), "--out", out]
-    if system == "jaxsloth":
+    sizes = ["--batch", str(batch), "--seq", str(seq), "--out", out]
+    if system == "jaxsloth":  # --steps 0: the first step after an ahead-of-time compile is the measurement
+        sizes += ["--steps", str(steps)] + (["--warmup", "0"] if steps == 0 else [])
         return [sys.executable, "-m", "jaxsloth.bench.step", *where, "--quant", quant, *sizes]
+    sizes += ["--steps", str(max(steps, 1))] + (["--warmup", "0"] if steps == 0 else [])
     if system == "unsloth":
         return [sys.executable, "-m", "jaxsloth.bench.unsloth_baseline", *where, "--quant", quant, *sizes]
     return [sys.executable, "-m", "jaxsloth.bench.torch_baseline", *where, "--system", system, *sizes]
@@ -301,7 +304,7 @@ def run_benchmarks(
     ``out_dir``/results.jsonl, report.md and the PNG plots. ``models``: preset names (jaxsloth.models.presets) or
     local checkpoint directories. ``max_context``: the longest-sequence search at batch 1 instead of the
     (batch, seq) throughput runs. ``steps``: timed steps per measurement after the runners' warm-up (default 10;
-    1 for the longest-sequence probes, whose steps are long). Returns the records of this run (failures have
+    0 for the longest-sequence probes: one step, no warm-up, since their steps are long). Returns the records of this run (failures have
     tokens_per_s None)."""
     for s in systems:
         if s not in SYSTEMS:
@@ -316,7 +319,7 @@ def run_benchmarks(
             raise ValueError(f"unknown architecture {m!r}; known: {', '.join(sorted(PRESETS))}, or a checkpoint dir")
         if is_path(m) and not (Path(m) / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in checkpoint directory {m}")
-    steps = steps or (1 if max_context else 10)
+    steps = steps if steps is not None else (0 if max_context else 10)
     bench = Bench(out_dir, steps=steps, timeout_s=timeout_s, extra_args=extra_args, bench_command=bench_command)
     for model in models:
         for quant in quants:
@@ -346,7 +349,12 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", type=_csv, default=["nf4", "bf16"], help="nf4 (QLoRA) and/or bf16 (LoRA)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=None, help="timed steps after warm-up (10; --max-context: 1)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps after warm-up (10; --max-context: 0 = one step, no warm-up)",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
     p.add_argument("--out-dir", default="jaxsloth-bench", help="results.jsonl, report.md and PNGs go here")
     for s in SYSTEMS:

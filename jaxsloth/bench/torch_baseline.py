@@ -98,7 +98,7 @@ def run(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    ms = cuda_median_ms(step, args.steps)
+    ms = cuda_median_ms(step, args.steps, warmup=args.warmup)
     tokens = args.batch * args.seq
     kind = "qlora" if args.system == "hf-peft-bnb" else "lora"
     return {
@@ -121,6 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (longest-sequence probes: 0)")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--out", default=None)

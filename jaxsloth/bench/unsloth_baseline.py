@@ -114,7 +114,7 @@ def run(args, work_dir: Path) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    ms = cuda_median_ms(step, args.steps)
+    ms = cuda_median_ms(step, args.steps, warmup=args.warmup)
     return {
         "system": "unsloth",
         "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (longest-sequence probes: 0)")
     p.add_argument("--work-dir", default=None, help="where the temporary checkpoint goes (default: the temp dir)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
