@@ -9,14 +9,17 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
   (3 F e per tiled token, x2 for gradients) and of the loss (the Pallas loss's [tile, 8192] gradient buffer).
 - per token, residual checkpoints: (L / g) D e; on the host when remat is "offload", else on the device.
 - per token, the recomputed scan step during backward: g x [(6 D + 2 K) e (normed input, q, k, v, attention
-  output, o, residual) + 4 D e (gradients in flight) + 4 Hq (attention log-sum-exp)], plus 6 F e when the MLP
+  output, o, residual) + 2 D e (gradients in flight) + 4 Hq (attention log-sum-exp)], plus 6 F e when the MLP
   is not tiled (gate, up, activation and their gradients).
 - per token, outside the layers: the embedding output, final hidden and its f32 gradient (3 D e + 4 D), token
   arrays (16), and when the loss is not tiled the Pallas loss's gradient tile (8192 e), or the reference
   loss's f32 logits and their gradient (8 V).
 - per token and layer, what the remat policy saves besides the residual (``_saved_by_policy``).
-Checked against the H200: 17.8 GiB measured at 32,768 tokens (8B QLoRA, offload, untiled MLP) against this
-model's 16.6 GiB; and 8.8 GiB measured at 2 x 2048 with full remat against 9.1 GiB (BENCHMARKS.md).
+Checked against the H200 (8B QLoRA, BENCHMARKS.md): with the long-context settings, 21.6 GiB measured at 131,072
+tokens against this model's 22.3, 56.6 at 327,680 with remat_group 2 against 63.8, and XLA's compiled plan for
+600,000 (101.5 GiB) against 109.6: the "gradients in flight" term, 4 D e until these runs, is now 2 D e, which keeps
+every long-context estimate above what was measured. 8.7 GiB measured at 2 x 2048 with full remat against 9.1. Below: 17.8 GiB
+measured at 32,768 tokens with offload but an untiled MLP, against 16.1 (that configuration is no profile's).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
     """Per-token bytes a remat policy keeps for every layer beyond the residual checkpoint: the projection outputs
     it saves by name ("dots": all, "attn_dots": q, k, v, o, down), or, without remat, every activation the
     backward reads. The no-remat term is fitted to the H200 (8B QLoRA, 2 x 2048: 56.7 GiB measured against
-    8.7 with full remat, 2026-11-28): (12 D + 2 K) e + 10 F e per layer, the f32 norm and SwiGLU intermediates
+    8.7 with full remat, 2026-11-28): (13 D + 2 K) e + 10 F e per layer, the f32 norm and SwiGLU intermediates
     included."""
     shapes = linear_shapes(config)
     D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
@@ -71,7 +74,7 @@ def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
     if profile.remat == "attn_dots":
         return L * e * sum(o for name, (o, _) in shapes.items() if name in ATTN_DOTS)
     if profile.remat == "none":
-        return L * ((12 * D + 2 * config.num_kv_heads * config.head_dim) * e + 10 * F * e)
+        return L * ((13 * D + 2 * config.num_kv_heads * config.head_dim) * e + 10 * F * e)
     return 0.0
 
 
@@ -84,7 +87,7 @@ def estimate_step_memory(
     tokens = batch * seq_len
     fixed = _weights_bytes(config, quantized, e) + _lora_bytes(config, lora_r) + GIB
     residual = (L / g) * D * e
-    layer = (6 * D + 2 * K) * e + 4 * D * e + 4 * Hq
+    layer = (6 * D + 2 * K) * e + 2 * D * e + 4 * Hq
     if profile.mlp_chunk:
         fixed += min(profile.mlp_chunk, tokens) * 6 * F * e
     else:
