@@ -376,12 +376,25 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
 
 
+class _ProgressSafeHandler(logging.StreamHandler):
+    """Log lines printed above a running progress bar (tqdm.write) instead of onto its line."""
+
+    def emit(self, record):
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # everything after "bench", --help included, belongs to the bench CLI
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s")
+    # (A no-op where the root logger already has handlers, e.g. under pytest, as basicConfig always is.)
+    logging.basicConfig(format="%(message)s", handlers=[_ProgressSafeHandler()])
     logging.getLogger("jaxsloth").setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
