@@ -48,8 +48,6 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 OPS = tuple(_IMPLEMENTATIONS)
-# The KernelChoice fields (glu stands for swiglu and geglu).
-KERNEL_OPS = ("rms_norm", "rope", "glu", "attention", "cross_entropy", "nf4_matmul", "lora_matmul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +85,10 @@ class KernelChoice:
         """Every op on ``impl`` ("reference" or "pallas"), with per-op overrides."""
         fields = {f: impl for f in KERNEL_OPS}
         return cls(**{**fields, **overrides})
+
+
+# The ops a KernelChoice picks an implementation for (its string fields; glu stands for swiglu and geglu).
+KERNEL_OPS = tuple(f.name for f in dataclasses.fields(KernelChoice) if f.type == "str")
 
 
 def _cudnn_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, softcap=None, scale=None):

@@ -67,7 +67,7 @@ def _lora_matmul_2d_fwd(st, x, w, a, b):
 def _lora_matmul_2d_bwd(st, res, dy):
     x, w, a, b, uc = res
     dx, sv = backward_dx(dy.astype(x.dtype), [w], a, b, x.shape[1], st)
-    return (dx, jnp.zeros_like(w), *lora_grads(st, x, dy, sv, uc, a, b))
+    return (dx, None, *lora_grads(st, x, dy, sv, uc, a, b))  # None: W is frozen (a zero cotangent)
 
 
 _lora_matmul_2d.defvjp(_lora_matmul_2d_fwd, _lora_matmul_2d_bwd)

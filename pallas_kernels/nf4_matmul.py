@@ -432,14 +432,6 @@ def backward_dx(dy, w_ops, a, b, k: int, st: KernelStatic):
     return outs[0], (outs[1] if has_lora else None)
 
 
-def _zero_cotangent(v):
-    if v is None:
-        return None
-    if jnp.issubdtype(v.dtype, jnp.integer):
-        return np.zeros(v.shape, jax.dtypes.float0)
-    return jnp.zeros_like(v)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _nf4_matmul_2d(st: KernelStatic, x, packed, absmax, nested_absmax, offset, a, b):
     w_ops = _w_operands(packed, absmax, nested_absmax, offset, st)
@@ -465,8 +457,8 @@ def _nf4_matmul_2d_bwd(st, res, dy):
     x, packed, absmax, nested_absmax, offset, a, b, uc = res
     w_ops = _w_operands(packed, absmax, nested_absmax, offset, st)
     dx, sv = backward_dx(dy.astype(x.dtype), w_ops, a, b, x.shape[1], st)
-    zeros = [_zero_cotangent(v) for v in (packed, absmax, nested_absmax, offset)]
-    return (dx, *zeros, *lora_grads(st, x, dy, sv, uc, a, b))
+    # None: a zero cotangent for the frozen NF4 arrays, which JAX materializes only if something asks for it.
+    return (dx, None, None, None, None, *lora_grads(st, x, dy, sv, uc, a, b))
 
 
 _nf4_matmul_2d.defvjp(_nf4_matmul_2d_fwd, _nf4_matmul_2d_bwd)
@@ -731,8 +723,7 @@ def _xla_base_matmul_bwd(st, res, dy):
     w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
     # dy arrives in f32 (the product's accumulation type); the GEMM runs on 16-bit operands as the forward's.
     dx = lax.dot_general(dy.astype(dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    zeros = [_zero_cotangent(v) for v in (packed, absmax, nested_absmax, offset)]
-    return (dx.astype(dtype), *zeros)
+    return (dx.astype(dtype), None, None, None, None)  # the NF4 arrays are frozen
 
 
 _xla_base_matmul.defvjp(_xla_base_matmul_fwd, _xla_base_matmul_bwd)

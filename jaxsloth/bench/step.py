@@ -147,8 +147,12 @@ def run(args) -> dict:
     compiled = step.lower(state["t"], state["o"], params, batch, key_of(2)).compile()
     compile_s = time.perf_counter() - t0
     print(f"compiled in {compile_s:.1f} s", flush=True)
+    estimate = estimate_step_memory(config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4")
     if args.compile_only:
-        return _compiled_memory_record(args, model_name, config, profile, compiled, setup_s, compile_s)
+        return _record(
+            args, model_name, profile, compile_only=True, compile_s=compile_s, setup_s=setup_s,
+            **_compiled_memory(compiled), model_estimate=dataclasses.asdict(estimate),
+        )  # fmt: skip
 
     def one(key):
         state["t"], state["o"], m = compiled(state["t"], state["o"], params, batch, key)
@@ -160,23 +164,32 @@ def run(args) -> dict:
     print(f"first step {first_ms / 1e3:.1f} s, loss {loss0:.4f}", flush=True)
     ms = median_ms(lambda k=key_of(3): one(k), (), iters=args.steps, warmup=args.warmup) if args.steps else first_ms
     tokens = args.batch * args.grad_accum * args.seq
+    return _record(
+        args,
+        model_name,
+        profile,
+        tokens_per_s=tokens / (ms / 1e3),
+        step_ms=ms,
+        peak_gib=peak_gib(),
+        setup_peak_gib=setup_peak_gib,
+        model_estimate_gib=estimate.device_gib,
+        compile_s=compile_s,
+        setup_s=setup_s,
+        first_step_ms=first_ms,
+        timed_steps=args.steps,
+        first_loss=loss0,
+        mesh=None if mesh is None else dict(mesh.shape),
+        devices=1 if mesh is None else mesh.size,
+    )
+
+
+def _record(args, model_name: str, profile, **fields) -> dict:
+    """One JSON record: system and workload, the measurement's ``fields``, then the profile's configuration and
+    the environment."""
     return {
         "system": "jaxsloth",
         "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
-        "tokens_per_s": tokens / (ms / 1e3),
-        "step_ms": ms,
-        "peak_gib": peak_gib(),
-        "setup_peak_gib": setup_peak_gib,
-        "model_estimate_gib": estimate_step_memory(
-            config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4"
-        ).device_gib,
-        "compile_s": compile_s,
-        "setup_s": setup_s,
-        "first_step_ms": first_ms,
-        "timed_steps": args.steps,
-        "first_loss": loss0,
-        "mesh": None if mesh is None else dict(mesh.shape),
-        "devices": 1 if mesh is None else mesh.size,
+        **fields,
         "profile": profile.name,
         "remat": profile.remat,
         "mlp_chunk": profile.mlp_chunk,
@@ -187,32 +200,18 @@ def run(args) -> dict:
     }
 
 
-def _compiled_memory_record(args, model_name, config, profile, compiled, setup_s, compile_s) -> dict:
+def _compiled_memory(compiled) -> dict:
     """XLA's own memory plan for one step, without running it: what --compile-only reports for lengths whose
     step would take longer than a measurement can wait (the compiled program is the one a run would execute)."""
     stats = compiled.memory_analysis()
     gib = lambda b: b / 2**30  # noqa: E731
     return {
-        "system": "jaxsloth",
-        "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
-        "compile_only": True,
-        "compile_s": compile_s,
-        "setup_s": setup_s,
         # Arguments (weights, LoRA, optimizer state, batch) + temporaries: the device memory the step needs.
         "compiled_device_gib": gib(stats.argument_size_in_bytes + stats.temp_size_in_bytes),
         "compiled_temp_gib": gib(stats.temp_size_in_bytes),
         "compiled_argument_gib": gib(stats.argument_size_in_bytes),
         "compiled_host_temp_gib": gib(stats.host_temp_size_in_bytes),
         "device_capacity_gib": (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / 2**30,
-        "model_estimate": dataclasses.asdict(
-            estimate_step_memory(config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4")
-        ),
-        "profile": profile.name,
-        "remat": profile.remat,
-        "mlp_chunk": profile.mlp_chunk,
-        "loss_chunk": profile.loss_chunk,
-        "remat_group": profile.remat_group,
-        **environment(),
     }
 
 

@@ -45,6 +45,25 @@ def _quantize_linears(model, torch, bnb):
     torch.cuda.empty_cache()
 
 
+def time_lora_training(model, vocab_size: int, batch: int, seq: int, steps: int, warmup: int) -> tuple[float, float]:
+    """PERF.md's step on a PEFT-wrapped model: AdamW (lr 2e-4) on the trainable parameters, random ids as inputs and
+    labels. Returns (median step ms, peak GiB by torch.cuda.max_memory_allocated)."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    ids = torch.randint(0, vocab_size, (batch, seq), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms = cuda_median_ms(step, steps, warmup=warmup)
+    return ms, torch.cuda.max_memory_allocated() / 2**30
+
+
 def cuda_median_ms(step, iters: int, warmup: int = 2) -> float:
     """Median milliseconds of a PyTorch training step on the GPU, after ``warmup`` steps."""
     import torch
@@ -87,18 +106,7 @@ def run(args) -> dict:
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     model.config.use_cache = False
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    ms = cuda_median_ms(step, args.steps, warmup=args.warmup)
+    ms, peak_gib = time_lora_training(model, cfg.vocab_size, args.batch, args.seq, args.steps, args.warmup)
     tokens = args.batch * args.seq
     kind = "qlora" if args.system == "hf-peft-bnb" else "lora"
     return {
@@ -106,7 +114,7 @@ def run(args) -> dict:
         "workload": f"{model_name}-{kind}-b{args.batch}-s{args.seq}",
         "tokens_per_s": tokens / (ms / 1e3),
         "step_ms": ms,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": peak_gib,
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jaxsloth.bench.torch_baseline import cuda_median_ms
+from jaxsloth.bench.torch_baseline import time_lora_training
 
 EXIT_UNAVAILABLE = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -104,23 +104,13 @@ def run(args, work_dir: Path) -> dict:
         use_gradient_checkpointing="unsloth",
         random_state=0,
     )
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    ms = cuda_median_ms(step, args.steps, warmup=args.warmup)
+    ms, peak_gib = time_lora_training(model, model.config.vocab_size, args.batch, args.seq, args.steps, args.warmup)
     return {
         "system": "unsloth",
         "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
         "tokens_per_s": args.batch * args.seq / (ms / 1e3),
         "step_ms": ms,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": peak_gib,
         "variant": 'checkpointing="unsloth"',
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
