@@ -1,6 +1,9 @@
 # The two commands a newcomer runs: `make demo` and `make test` (see README.md).
 # Python 3.12 is required (JAX 0.11.2); on this project's machines it lives under pyenv, not on PATH.
-PYTHON ?= $(shell command -v python3.12 2>/dev/null || (pyenv prefix 3.12.1 2>/dev/null | sed 's|$$|/bin/python|') || echo python3.12)
+# A pyenv shim named python3.12 may exist yet fail ("command not found" for the active version), so each
+# candidate must actually run before it is taken.
+PYTHON ?= $(shell for p in "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python" python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 # One venv outside the checkout, so torch (CPU use in tests only, a large wheel) installs once and is reused
 # by every clone, CI's included.
 VENV ?= $(HOME)/.cache/jaxsloth/venv312
@@ -9,6 +12,7 @@ BIN := $(VENV)/bin
 .PHONY: install test demo lint
 
 $(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: install it (e.g. pyenv install 3.12.1) or pass PYTHON=/path/to/python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 

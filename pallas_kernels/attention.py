@@ -43,7 +43,8 @@ class AttentionBlocks:
     block_k_dq: int = 64
     num_warps_dkv: int = 8
     num_warps_dq: int = 8
-    num_stages_bwd: int = 2
+    num_stages_dkv: int = 2
+    num_stages_dq: int = 2
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -72,7 +73,6 @@ class AttentionBlocks:
                 block_k_dq=16,
                 num_warps_dkv=4,
                 num_warps_dq=4,
-                num_stages_bwd=2,
             )
         if row_bytes > 256:
             return cls(
@@ -86,7 +86,6 @@ class AttentionBlocks:
                 block_k_dq=32,
                 num_warps_dkv=8,
                 num_warps_dq=4,
-                num_stages_bwd=2,
             )
         return cls()
 
@@ -401,7 +400,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, st: _Static):
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, bk, None, d), kv_map)] * 2,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=triton_compiler_params(st.blocks.num_warps_dkv, st.blocks.num_stages_bwd),
+        compiler_params=triton_compiler_params(st.blocks.num_warps_dkv, st.blocks.num_stages_dkv),
         interpret=st.interpret,
         name="flash_attention_bwd_dkv",
     )(q, k, v, do, lse, delta, *segs)
@@ -435,7 +434,7 @@ def _backward_dq(q, k, v, do, lse, delta, segs, st: _Static):
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bq, None, d), q_map),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=triton_compiler_params(st.blocks.num_warps_dq, st.blocks.num_stages_bwd),
+        compiler_params=triton_compiler_params(st.blocks.num_warps_dq, st.blocks.num_stages_dq),
         interpret=st.interpret,
         name="flash_attention_bwd_dq",
     )(q, k, v, do, lse, delta, *segs)
@@ -508,36 +507,15 @@ def _validate(q, k, v, segment_ids, sliding_window, softcap) -> None:
         raise ValueError(f"{softcap=} must be > 0")
 
 
-def attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    segment_ids: jax.Array | None = None,
-    causal: bool = True,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    interpret: bool | None = None,
-    block: AttentionBlocks | None = None,
-) -> jax.Array:
-    """Flash attention with the semantics of ``attention_reference``.
-
-    q: [B, T, Hq, hd], k and v: [B, S, Hk, hd] (Hq % Hk == 0, T <= S; K/V are shared by groups of Hq // Hk
-    query heads without being repeated), segment_ids: [B, S] int or None. Returns [B, T, Hq, hd] in q.dtype.
-    Differentiable in q, k, v (Pallas backward). ``block`` defaults to
-    ``AttentionBlocks.for_head_dim(hd, q.dtype)``.
-    """
-    _validate(q, k, v, segment_ids, sliding_window, softcap)
+def prepare(q, k, v, *, segment_ids, causal, sliding_window, softcap, scale, interpret, block):
+    """Padded (q, k, v, segs) and the kernels' static settings for ``attention``'s arguments; the benchmark's
+    per-kernel tuner (``jaxsloth.bench.kernel_attention --tune``) launches the three kernels from these."""
     b, t, hq, d = q.shape
     s, hk = k.shape[1], k.shape[2]
     blocks = _fit_blocks(block or AttentionBlocks.for_head_dim(d, q.dtype), t, s)
-    tp = cdiv(t, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)) * max(
-        blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq
-    )
-    sp = cdiv(s, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)) * max(
-        blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq
-    )
+    q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
+    k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+    tp, sp = cdiv(t, q_multiple) * q_multiple, cdiv(s, k_multiple) * k_multiple
     st = _Static(
         causal=causal,
         window=sliding_window,
@@ -559,7 +537,54 @@ def attention(
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
         segs = (_pad_to(segment_ids[:, s - t :], tp), _pad_to(segment_ids, sp))
-    out = _flash(_pad_to(q, tp, width), _pad_to(k, sp, width), _pad_to(v, sp, width), segs, st)
+    return (_pad_to(q, tp, width), _pad_to(k, sp, width), _pad_to(v, sp, width), segs), st
+
+
+def kernel_calls(st: _Static):
+    """The three Pallas launches for padded inputs: (forward(q, k, v, segs) -> (out, lse),
+    dkv(q, k, v, do, lse, delta, segs) -> (dk, dv), dq(same) -> dq); for per-kernel timing."""
+    return (
+        functools.partial(_forward, st=st),
+        functools.partial(_backward_dkv, st=st),
+        functools.partial(_backward_dq, st=st),
+    )
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    interpret: bool | None = None,
+    block: AttentionBlocks | None = None,
+) -> jax.Array:
+    """Flash attention with the semantics of ``attention_reference``.
+
+    q: [B, T, Hq, hd], k and v: [B, S, Hk, hd] (Hq % Hk == 0, T <= S; K/V are shared by groups of Hq // Hk
+    query heads without being repeated), segment_ids: [B, S] int or None. Returns [B, T, Hq, hd] in q.dtype.
+    Differentiable in q, k, v (Pallas backward). ``block`` defaults to
+    ``AttentionBlocks.for_head_dim(hd, q.dtype)``.
+    """
+    _validate(q, k, v, segment_ids, sliding_window, softcap)
+    t, d = q.shape[1], q.shape[3]
+    padded, st = prepare(
+        q,
+        k,
+        v,
+        segment_ids=segment_ids,
+        causal=causal,
+        sliding_window=sliding_window,
+        softcap=softcap,
+        scale=scale,
+        interpret=interpret,
+        block=block,
+    )
+    out = _flash(*padded, st)
     return out[:, :t, :, :d]
 
 

@@ -149,6 +149,25 @@ def test_benchmark_smoke(tmp_path):
     assert all(r["max_err"] < 0.1 for r in rows if r["impl"] == "pallas")
 
 
+def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):
+    import json
+
+    from jaxsloth.bench.kernel_attention import main
+
+    out = tmp_path / "tune.jsonl"
+    main(["--smoke", "--tune", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    timed = [r for r in rows if r["kernel"] != "best"]
+    assert {r["kernel"] for r in timed} == {"fwd", "dkv", "dq"}
+    assert all("error" not in r and r["max_err"] < 0.05 and r["ms"] > 0 for r in timed), timed
+    (best,) = [r for r in rows if r["kernel"] == "best"]
+    assert set(best["ms"]) == {"fwd", "dkv", "dq"}
+    # The combined settings are a valid AttentionBlocks holding each kernel's fastest tile.
+    blocks = AttentionBlocks(**best["settings"])
+    fastest_fwd = min((r for r in timed if r["kernel"] == "fwd"), key=lambda r: r["ms"])
+    assert blocks.block_q == fastest_fwd["settings"]["block_q"]
+
+
 @pytest.mark.parametrize(
     "d, dtype, kw",
     [

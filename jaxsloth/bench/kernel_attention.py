@@ -12,6 +12,8 @@ Rows are appended to ``--out`` (several ``--only`` runs can share one file).
     python -m jaxsloth.bench.kernel_attention --out attn.jsonl           # the table
     python -m jaxsloth.bench.kernel_attention --out sweep.jsonl --sweep  # block configurations (Pallas)
     python -m jaxsloth.bench.kernel_attention --out smoke.jsonl --smoke  # tiny, CPU
+    python -m jaxsloth.bench.kernel_attention --out tune.jsonl --tune --only gemma2_9b:B=1,T=8192
+        # each of the three kernels (forward, dK/dV, dQ) timed alone over its own launch settings
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsloth.bench import timing
+from pallas_kernels import attention as attention_kernels
 from pallas_kernels.attention import AttentionBlocks, attention, attention_reference
 
 # Largest [B, Hq, T, T] f32 score tensor the XLA reference is allowed (it keeps several of them alive).
@@ -86,7 +89,7 @@ def _sweep_configs(d: int) -> tuple[AttentionBlocks, ...]:
         dataclasses.replace(base, block_q_dkv=32, block_k_dkv=128, num_warps_dkv=8),
         dataclasses.replace(base, block_q_dkv=64, block_k_dkv=64, num_warps_dkv=4),
         dataclasses.replace(base, block_q_dq=64, block_k_dq=64, num_warps_dq=4),
-        dataclasses.replace(base, num_stages_bwd=3),
+        dataclasses.replace(base, num_stages_dkv=3, num_stages_dq=3),
     )
 
 
@@ -136,8 +139,8 @@ def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks 
         want, err_scope = _expected(shape, args)
         max_err = timing.max_abs_err(got if len(want) == 4 else got[0][:, -_CHECK_QUERIES:], want)
     del got
-    fwd_ms = timing.median_ms(fwd, args[:3], iters)
-    fwd_bwd_ms = timing.median_ms(fwd_bwd, args, iters)
+    fwd_ms = timing.kernel_ms(fwd, args[:3], iters)
+    fwd_bwd_ms = timing.kernel_ms(fwd_bwd, args, iters)
     flops = shape.fwd_flops()
     return timing.kernel_record(
         "attention",
@@ -154,6 +157,162 @@ def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks 
         max_err_scope=err_scope,
         blocks=dataclasses.asdict(blocks or AttentionBlocks.for_head_dim(shape.d)) if impl == "pallas" else None,
     )
+
+
+# Per-kernel launch settings the tuner tries: (block_q, block_k, num_warps, num_stages) in each kernel's own
+# field names. Row bytes (head dim x 2 for bf16) bound what fits: 512-byte rows (d256) take the smaller tiles.
+_TUNE_TILES = {
+    "d256": {
+        "fwd": [
+            (64, 64, 4, 2),
+            (64, 64, 8, 2),
+            (64, 32, 4, 2),
+            (64, 32, 4, 3),
+            (64, 32, 8, 3),
+            (128, 32, 8, 2),
+            (128, 64, 8, 2),
+            (128, 64, 8, 1),
+            (64, 64, 4, 3),
+            (64, 64, 8, 3),
+            (32, 64, 4, 2),
+            (32, 32, 4, 3),
+            (128, 32, 8, 3),
+            (64, 128, 8, 2),
+            (128, 128, 8, 1),
+            (64, 64, 4, 1),
+        ],
+        "dkv": [
+            (32, 64, 8, 2),
+            (32, 64, 4, 2),
+            (16, 64, 4, 2),
+            (16, 64, 8, 2),
+            (32, 32, 4, 2),
+            (32, 32, 4, 3),
+            (16, 32, 4, 3),
+            (64, 64, 8, 2),
+            (64, 64, 8, 1),
+            (32, 128, 8, 2),
+            (32, 128, 8, 1),
+            (16, 128, 8, 2),
+            (32, 64, 8, 3),
+            (32, 64, 8, 1),
+            (64, 32, 4, 2),
+            (16, 64, 4, 3),
+        ],
+        "dq": [
+            (64, 32, 4, 2),
+            (64, 32, 8, 2),
+            (64, 32, 4, 3),
+            (32, 32, 4, 2),
+            (32, 32, 4, 3),
+            (64, 16, 4, 3),
+            (64, 64, 8, 2),
+            (64, 64, 8, 1),
+            (128, 32, 8, 2),
+            (128, 32, 8, 1),
+            (128, 16, 8, 3),
+            (32, 64, 4, 2),
+            (64, 64, 4, 2),
+            (128, 64, 8, 1),
+            (32, 16, 4, 3),
+            (64, 16, 8, 2),
+        ],
+    },
+    "d128": {
+        "fwd": [
+            (128, 64, 8, 3),
+            (128, 64, 4, 3),
+            (128, 128, 8, 2),
+            (128, 64, 8, 4),
+            (64, 64, 4, 4),
+            (128, 32, 4, 4),
+            (64, 128, 4, 3),
+            (128, 128, 8, 3),
+            (256, 64, 8, 3),
+            (64, 64, 4, 3),
+            (128, 64, 8, 2),
+            (256, 32, 8, 3),
+        ],
+        "dkv": [
+            (64, 128, 8, 2),
+            (32, 128, 8, 2),
+            (64, 64, 4, 2),
+            (32, 128, 4, 2),
+            (64, 128, 8, 3),
+            (32, 64, 4, 3),
+            (64, 128, 8, 1),
+            (128, 128, 8, 2),
+            (32, 128, 8, 3),
+            (64, 64, 8, 3),
+            (16, 128, 8, 2),
+            (128, 64, 8, 2),
+        ],
+        "dq": [
+            (128, 64, 8, 2),
+            (64, 64, 4, 2),
+            (128, 32, 8, 2),
+            (128, 64, 8, 3),
+            (64, 64, 4, 3),
+            (128, 128, 8, 2),
+            (64, 32, 4, 3),
+            (128, 64, 4, 2),
+            (256, 64, 8, 2),
+            (128, 32, 4, 3),
+            (64, 128, 8, 2),
+            (128, 64, 8, 1),
+        ],
+    },
+}
+_TUNE_FIELDS = {
+    "fwd": ("block_q", "block_k", "num_warps", "num_stages"),
+    "dkv": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
+    "dq": ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"),
+}
+
+
+def tune(shape: Shape, iters: int, smoke: bool = False):
+    """Times each Pallas kernel alone over its candidate launch settings (bf16), checking every output
+    against the default settings' output; yields one row per (kernel, settings) and, last, the best settings
+    of each kernel combined. The kernels are independent launches, so their best settings compose."""
+    q, k, v, do = _inputs(shape, jnp.bfloat16)
+    kw = dict(segment_ids=None, causal=True, sliding_window=shape.window, softcap=shape.softcap, scale=None)
+    default = AttentionBlocks.for_head_dim(shape.d)
+    (qp, kp, vp, segs), st = attention_kernels.prepare(q, k, v, interpret=None, block=default, **kw)
+    dop = jnp.pad(do, [(0, 0), (0, qp.shape[1] - do.shape[1]), (0, 0), (0, qp.shape[3] - do.shape[3])])
+    fwd0, dkv0, dq0 = (jax.jit(f) for f in attention_kernels.kernel_calls(st))
+    out, lse = fwd0(qp, kp, vp, segs)
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dop.astype(jnp.float32))
+    args = {"fwd": (qp, kp, vp, segs), "dkv": (qp, kp, vp, dop, lse, delta, segs)}
+    args["dq"] = args["dkv"]
+    expected = {"fwd": (out, lse), "dkv": dkv0(*args["dkv"]), "dq": dq0(*args["dq"])}
+    tiles = _TUNE_TILES["d256" if shape.d > 128 else "d128"]
+    best = {}
+    for kernel, index in (("fwd", 0), ("dkv", 1), ("dq", 2)):
+        fitting = [tile for tile in tiles[kernel] if tile[0] <= qp.shape[1] and tile[1] <= kp.shape[1]]
+        for tile in fitting[: 2 if smoke else None]:
+            settings = dict(zip(_TUNE_FIELDS[kernel], tile, strict=True))
+            row = {"op": "attention_tune", "kernel": kernel, "shape": shape.label(), "settings": settings}
+            try:
+                blocks = dataclasses.replace(default, **settings)
+                if qp.shape[1] % tile[0] or kp.shape[1] % tile[1]:
+                    raise ValueError(f"tile {tile[:2]} does not divide the padded lengths {qp.shape[1]}, {kp.shape[1]}")
+                call = jax.jit(attention_kernels.kernel_calls(dataclasses.replace(st, blocks=blocks))[index])
+                row["max_err"] = timing.max_abs_err(call(*args[kernel]), expected[kernel])
+                row["ms"] = timing.kernel_ms(call, args[kernel], iters)
+                if row["max_err"] <= 0.05 and row["ms"] < best.get(kernel, ({}, float("inf")))[1]:
+                    best[kernel] = (settings, row["ms"])
+            except Exception as e:  # out of shared memory or registers: skip this tile
+                row["error"] = repr(e)[:300]
+            yield {**row, **timing.device_fields()}
+    combined = {name: value for settings, _ in best.values() for name, value in settings.items()}
+    yield {
+        "op": "attention_tune",
+        "kernel": "best",
+        "shape": shape.label(),
+        "settings": dataclasses.asdict(dataclasses.replace(default, **combined)),
+        "ms": {kernel: ms for kernel, (_, ms) in best.items()},
+        **timing.device_fields(),
+    }
 
 
 def _plan(args) -> list[tuple[Shape, str, AttentionBlocks | None]]:
@@ -187,8 +346,14 @@ def _measure_or_error(shape: Shape, impl: str, iters: int, blocks: AttentionBloc
 def main(argv=None) -> None:
     parser = timing.kernel_bench_parser(__doc__, iters=20, sweep_help="time several block configurations per shape")
     parser.add_argument("--only", default="", help="run only shapes whose label contains this text")
+    parser.add_argument("--tune", action="store_true", help="time each kernel alone over its own launch settings")
     args = parser.parse_args(argv)
     iters = 2 if args.smoke else max(args.iters, 20)
+    if args.tune:
+        shapes = [s for s in (SMOKE_SHAPES if args.smoke else SHAPES) if args.only in s.label()]
+        rows = (row for shape in shapes for row in tune(shape, iters, smoke=args.smoke))
+        timing.emit_jsonl(rows, args.out, append=True)
+        return
     rows = (_measure_or_error(shape, impl, iters, blocks) for shape, impl, blocks in _plan(args))
     timing.emit_jsonl(rows, args.out, append=True)
 

@@ -109,8 +109,8 @@ def measure(case: Case, iters: int, check: bool = True) -> dict:
         peak_delta = peak_after - in_use
     grad_err, loss_err = _max_err(case, args, value_grad) if check and case.impl != "xla_reference" else (0.0, 0.0)
     del value_grad
-    fwd_ms = timing.median_ms(fwd, args, iters)
-    fwd_bwd_ms = timing.median_ms(fwd_bwd, args, iters)
+    fwd_ms = timing.kernel_ms(fwd, args, iters)
+    fwd_bwd_ms = timing.kernel_ms(fwd_bwd, args, iters)
     flops = 2.0 * case.n * case.d * case.v
     temp_fwd_bwd = fwd_bwd.memory_analysis().temp_size_in_bytes
     return timing.kernel_record(

@@ -47,8 +47,8 @@ def measure(op, impl, n, f, dtype, iters, block=GluBlock(), interpret=None) -> d
     fwd, fwd_bwd = _fns(op, impl, block, interpret)
     got = jax.block_until_ready(fwd_bwd(*args, ct))
     max_err = timing.max_abs_err(got, _fns(op, "xla_reference", block, interpret)[1](*args, ct))
-    fwd_ms = timing.median_ms(fwd, args, iters)
-    fwd_bwd_ms = timing.median_ms(fwd_bwd, (*args, ct), iters)
+    fwd_ms = timing.kernel_ms(fwd, args, iters)
+    fwd_bwd_ms = timing.kernel_ms(fwd_bwd, (*args, ct), iters)
     tile = n * f * dtype.itemsize
     fwd_bytes, bwd_bytes = 3 * tile, 5 * tile
     return timing.kernel_record(

@@ -110,8 +110,8 @@ def measure(impl, name, m, k, n, r, dtype, iters, block=NF4MatmulBlock(), interp
     ref, ref_weights = _op("xla_dequant_matmul", nf4, (n, k), dtype, block, interpret)
     want = timing.jit_fwd_and_fwd_bwd(ref, num_diff=3)[1](x, a, b, *ref_weights, dy)
     max_err = timing.max_abs_err(got, want)
-    fwd_ms = timing.median_ms(fwd, args, iters)
-    fwd_bwd_ms = timing.median_ms(fwd_bwd, args_ct, iters)
+    fwd_ms = timing.kernel_ms(fwd, args, iters)
+    fwd_bwd_ms = timing.kernel_ms(fwd_bwd, args_ct, iters)
     lora_flops = 2 * m * r * (k + n)
     fwd_flops = 2 * m * n * k + lora_flops
     # Backward: dx (2MNK + LoRA) and dA, dB (2 M r (K + N)).

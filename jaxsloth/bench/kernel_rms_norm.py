@@ -54,8 +54,8 @@ def measure(impl, n, d, dtype, residual, iters, block=RmsNormBlock(), interpret=
     fwd, fwd_bwd = _fns(impl, block, interpret)
     got = jax.block_until_ready(fwd_bwd(*args, ct))
     max_err = timing.max_abs_err(got, _fns("xla_reference", block, interpret)[1](*args, ct))
-    fwd_ms = timing.median_ms(fwd, args, iters)
-    fwd_bwd_ms = timing.median_ms(fwd_bwd, (*args, ct), iters)
+    fwd_ms = timing.kernel_ms(fwd, args, iters)
+    fwd_bwd_ms = timing.kernel_ms(fwd_bwd, (*args, ct), iters)
     tile = n * d * jnp.dtype(dtype).itemsize
     # Forward reads x (and residual), writes y (and the sum); backward reads x or the sum, dy (and the sum's
     # cotangent) and writes dx. Weight and per-row rstd are negligible.

@@ -59,8 +59,8 @@ def measure(impl, b, t, hq, hk, hd, dtype, iters, block=RopeBlock(), interpret=N
     fwd, fwd_bwd = _fns(impl, block, interpret)
     got = jax.block_until_ready(fwd_bwd(*args, ct))
     max_err = timing.max_abs_err(got, _fns("xla_reference", block, interpret)[1](*args, ct))
-    fwd_ms = timing.median_ms(fwd, args, iters)
-    fwd_bwd_ms = timing.median_ms(fwd_bwd, (*args, ct), iters)
+    fwd_ms = timing.kernel_ms(fwd, args, iters)
+    fwd_bwd_ms = timing.kernel_ms(fwd_bwd, (*args, ct), iters)
     # Each direction reads and writes q and k once.
     one_way = 2 * b * t * (hq + hk) * hd * jnp.dtype(dtype).itemsize
     return timing.kernel_record(
