@@ -56,10 +56,12 @@ class AttentionBlocks:
 
     @classmethod
     def for_head_dim(cls, head_dim: int, dtype=jnp.bfloat16) -> AttentionBlocks:
-        """Hopper defaults, by bytes per tile row (padded head dim x itemsize). 256-byte rows (bf16 d128)
-        take the FlashAttention-2 tiles; 512-byte rows (bf16 d256, f32 d128) double the registers per row
-        (the f32 accumulators of the forward and of dK/dV) and the shared memory of each pipelined K/V
-        tile, so those tiles are halved; 1 KiB rows (f32 d256) halve them again to stay under 227 KiB."""
+        """H200 defaults by bytes per tile row (padded head dim x itemsize), each kernel's tile the fastest
+        of ``jaxsloth.bench.kernel_attention --tune`` (BENCHMARKS.md, 2026-11-29: bf16, T=8192; 256-byte
+        rows on the Llama-3.1-8B shape, 512-byte rows on the Gemma-2-9B shape). The dK/dV kernel holds two
+        f32 [block_k_dkv, d] accumulators in registers, hence its short key tiles at 512-byte rows. 1 KiB
+        rows (f32 d256) were not tuned: they take half the 512-byte tiles to stay in registers and under
+        227 KiB of shared memory."""
         row_bytes = next_power_of_2(head_dim) * jnp.dtype(dtype).itemsize
         if row_bytes > 512:
             return cls(
@@ -76,18 +78,31 @@ class AttentionBlocks:
             )
         if row_bytes > 256:
             return cls(
-                block_q=64,
+                block_q=128,
                 block_k=64,
-                num_warps=4,
+                num_warps=8,
                 num_stages=2,
-                block_q_dkv=32,
-                block_k_dkv=64,
-                block_q_dq=64,
+                block_q_dkv=64,
+                block_k_dkv=32,
+                block_q_dq=128,
                 block_k_dq=32,
-                num_warps_dkv=8,
-                num_warps_dq=4,
+                num_warps_dkv=4,
+                num_warps_dq=8,
             )
-        return cls()
+        return cls(
+            block_q=256,
+            block_k=64,
+            num_warps=8,
+            num_stages=3,
+            block_q_dkv=64,
+            block_k_dkv=128,
+            block_q_dq=128,
+            block_k_dq=64,
+            num_warps_dkv=8,
+            num_warps_dq=8,
+            num_stages_dkv=3,
+            num_stages_dq=3,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

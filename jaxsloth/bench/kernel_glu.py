@@ -36,7 +36,7 @@ SWEEP = (
 def _fns(op: str, impl: str, block: GluBlock, interpret: bool | None):
     kernel, reference = OPS[op]
     fn = (lambda g, u: kernel(g, u, block=block, interpret=interpret)) if impl == "pallas" else reference
-    return timing.jit_fwd_and_fwd_bwd(fn)
+    return (*timing.jit_fwd_and_fwd_bwd(fn), timing.jit_bwd(fn))
 
 
 def measure(op, impl, n, f, dtype, iters, block=GluBlock(), interpret=None) -> dict:
@@ -44,11 +44,12 @@ def measure(op, impl, n, f, dtype, iters, block=GluBlock(), interpret=None) -> d
     dtype = jnp.dtype(dtype)
     gate, up, ct = (jax.random.normal(k, (n, f), jnp.float32).astype(dtype) for k in keys)
     args = (gate, up)
-    fwd, fwd_bwd = _fns(op, impl, block, interpret)
+    fwd, fwd_bwd, bwd = _fns(op, impl, block, interpret)
     got = jax.block_until_ready(fwd_bwd(*args, ct))
     max_err = timing.max_abs_err(got, _fns(op, "xla_reference", block, interpret)[1](*args, ct))
     fwd_ms = timing.kernel_ms(fwd, args, iters)
     fwd_bwd_ms = timing.kernel_ms(fwd_bwd, (*args, ct), iters)
+    bwd_ms = timing.kernel_ms(bwd, (*args, ct), iters)
     tile = n * f * dtype.itemsize
     fwd_bytes, bwd_bytes = 3 * tile, 5 * tile
     return timing.kernel_record(
@@ -60,6 +61,10 @@ def measure(op, impl, n, f, dtype, iters, block=GluBlock(), interpret=None) -> d
         fwd_bwd_ms,
         iters,
         **timing.hbm_fields(fwd_bytes, fwd_ms, fwd_bytes + bwd_bytes, fwd_bwd_ms),
+        # The backward alone (jit_bwd): what a training step runs. For the Pallas RMSNorm it includes the
+        # forward kernel, whose per-row rstd the backward reads.
+        bwd_ms=bwd_ms,
+        bwd_gbps=bwd_bytes / bwd_ms * 1e-6,
         max_err=max_err,
         block=dataclasses.asdict(block) if impl == "pallas" else None,
     )

@@ -45,17 +45,20 @@ def _inputs(n: int, d: int, dtype, residual: bool):
 
 def _fns(impl: str, block: RmsNormBlock, interpret: bool | None):
     if impl == "pallas":
-        return timing.jit_fwd_and_fwd_bwd(lambda *a: rms_norm(*a, weight_offset=1.0, block=block, interpret=interpret))
-    return timing.jit_fwd_and_fwd_bwd(lambda *a: rms_norm_reference(*a, weight_offset=1.0))
+        fn = lambda *a: rms_norm(*a, weight_offset=1.0, block=block, interpret=interpret)  # noqa: E731
+    else:
+        fn = lambda *a: rms_norm_reference(*a, weight_offset=1.0)  # noqa: E731
+    return (*timing.jit_fwd_and_fwd_bwd(fn), timing.jit_bwd(fn))
 
 
 def measure(impl, n, d, dtype, residual, iters, block=RmsNormBlock(), interpret=None) -> dict:
     args, ct = _inputs(n, d, jnp.dtype(dtype), residual)
-    fwd, fwd_bwd = _fns(impl, block, interpret)
+    fwd, fwd_bwd, bwd = _fns(impl, block, interpret)
     got = jax.block_until_ready(fwd_bwd(*args, ct))
     max_err = timing.max_abs_err(got, _fns("xla_reference", block, interpret)[1](*args, ct))
     fwd_ms = timing.kernel_ms(fwd, args, iters)
     fwd_bwd_ms = timing.kernel_ms(fwd_bwd, (*args, ct), iters)
+    bwd_ms = timing.kernel_ms(bwd, (*args, ct), iters)
     tile = n * d * jnp.dtype(dtype).itemsize
     # Forward reads x (and residual), writes y (and the sum); backward reads x or the sum, dy (and the sum's
     # cotangent) and writes dx. Weight and per-row rstd are negligible.
@@ -70,6 +73,10 @@ def measure(impl, n, d, dtype, residual, iters, block=RmsNormBlock(), interpret=
         fwd_bwd_ms,
         iters,
         **timing.hbm_fields(fwd_bytes, fwd_ms, fwd_bytes + bwd_bytes, fwd_bwd_ms),
+        # The backward alone (jit_bwd): what a training step runs. For the Pallas RMSNorm it includes the
+        # forward kernel, whose per-row rstd the backward reads.
+        bwd_ms=bwd_ms,
+        bwd_gbps=bwd_bytes / bwd_ms * 1e-6,
         max_err=max_err,
         block=dataclasses.asdict(block) if impl == "pallas" else None,
         resolved_block=block.resolved(d) if impl == "pallas" else None,

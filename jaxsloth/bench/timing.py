@@ -131,6 +131,20 @@ def jit_fwd_and_fwd_bwd(op: Callable, num_diff: int | None = None) -> tuple[Call
     return jax.jit(op), jax.jit(fwd_bwd)
 
 
+def jit_bwd(op: Callable, num_diff: int | None = None) -> Callable:
+    """Jitted ``bwd(*args, ct)``: the cotangents alone, the primal output dropped. In a training step the
+    forward runs at one point and the backward much later, so each is timed alone; ``fwd_bwd`` lets XLA fuse
+    the two passes of an elementwise op into one, which a real step cannot do."""
+
+    def bwd(*args_and_ct):
+        *args, ct = args_and_ct
+        split = len(args) if num_diff is None else num_diff
+        rest = args[split:]
+        return jax.vjp(lambda *diff: op(*diff, *rest), *args[:split])[1](ct)
+
+    return jax.jit(bwd)
+
+
 def kernel_bench_parser(description: str, iters: int, sweep_help: str) -> argparse.ArgumentParser:
     """The flags every kernel micro-benchmark shares: --out, --smoke, --sweep, --iters (default ``iters``)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
