@@ -215,14 +215,22 @@ def _dequant_chunk(w: _WRefs, n0, bn: int, n_mask, col, k_blocks: int, dtype) ->
     return (vals * scale[:, None]).astype(dtype)
 
 
+def _in_kernel_precision(a: jax.Array) -> lax.Precision | None:
+    """IEEE f32 products for f32 operands: Triton's default for f32 dots is TF32 (10-bit mantissa), which
+    failed the f32 GPU tests (dx off by 7e-4); 16-bit operands keep the tensor-core default."""
+    return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+
+
 def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [m, k] @ b [n, k]^T with f32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    dims = (((1,), (1,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=_in_kernel_precision(a), preferred_element_type=jnp.float32)
 
 
 def _dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [m, k] @ b [k, n] with f32 accumulation."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dims = (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=_in_kernel_precision(a), preferred_element_type=jnp.float32)
 
 
 def _fwd_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, dense, has_lora, fuse_lora_a, scale):
