@@ -133,7 +133,9 @@ def test_lowers_to_triton_on_cpu(triton_calls):
     ],
 )
 def test_matches_reference_gpu(m, k, n, r, dtype, double_quant, block):
-    _check(m, k, n, r, dtype, double_quant, block, interpret=False)
+    # XLA:GPU runs f32 matmuls as TF32 by default; the reference must use IEEE f32 as the kernel does.
+    with jax.default_matmul_precision("highest"):
+        _check(m, k, n, r, dtype, double_quant, block, interpret=False)
 
 
 @pytest.mark.parametrize(
