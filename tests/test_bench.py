@@ -266,3 +266,52 @@ def test_step_compile_only_reports_xla_memory_plan(tmp_path):
     assert rec["compiled_argument_gib"] > 0 and rec["compiled_temp_gib"] > 0
     assert rec["compiled_device_gib"] == pytest.approx(rec["compiled_argument_gib"] + rec["compiled_temp_gib"])
     assert rec["model_estimate"]["device_gib"] > 0 and "tokens_per_s" not in rec
+
+
+def test_step_trace_summarizes_where_device_time_goes(tmp_path):
+    # --trace profiles two more steps and sums kernel time per category; on CPU every track counts.
+    from jaxsloth.bench import step, trace_summary
+
+    out, trace_dir = tmp_path / "step.jsonl", tmp_path / "trace"
+    step.main(
+        ["--model-path", str(DEMO_MODEL), "--quant", "bf16", "--batch", "1", "--seq", "32", "--steps", "1"]
+        + ["--warmup", "0", "--trace", str(trace_dir), "--out", str(out)]
+    )
+    rec = json.loads(out.read_text().splitlines()[0])
+    summary = json.loads((trace_dir / "summary.json").read_text())
+    assert summary["steps"] == step.TRACED_STEPS and summary["kernel_ms_per_step"] > 0
+    assert rec["trace_by_category_ms"] == summary["by_category_ms"]
+    assert sum(summary["by_category_ms"].values()) == pytest.approx(summary["kernel_ms_per_step"], rel=1e-3, abs=1e-3)
+    assert summary["top_kernels"] and all(k["ms"] >= 0 for k in summary["top_kernels"])
+    # The same summary from the command line, and a clear error where no trace was recorded.
+    assert trace_summary.summarize(trace_summary.find_trace(trace_dir), steps=2, top=40) == summary
+    with pytest.raises(FileNotFoundError, match="perfetto"):
+        trace_summary.find_trace(tmp_path / "nothing")
+
+
+def test_trace_categories_on_gpu_kernel_names(tmp_path):
+    # A hand-made GPU trace in the Chrome-trace format JAX writes: only the device's tracks count.
+    import gzip
+
+    from jaxsloth.bench import trace_summary
+
+    events = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "ts": 0, "dur": 3000},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "ts": 3000, "dur": 1000},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "rms_norm_fwd", "ts": 4000, "dur": 500},
+        {"ph": "X", "pid": 1, "tid": 2, "name": "loop_multiply_fusion_3", "ts": 4500, "dur": 500},
+        {"ph": "X", "pid": 2, "tid": 1, "name": "PjitFunction(step)", "ts": 0, "dur": 9000},
+    ]
+    path = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = trace_summary.summarize(path, steps=1)
+    assert s["kernel_ms_per_step"] == pytest.approx(5.0) and s["span_ms_per_step"] == pytest.approx(5.0)
+    assert s["by_category_ms"] == {
+        "GEMM (cuBLAS/cuBLASLt)": 3.0,
+        "attention (cuDNN)": 1.0,
+        "Pallas: norm / rope / glu / loss / nf4": 0.5,
+        "XLA fusions (elementwise, dequantize, optimizer)": 0.5,
+    }

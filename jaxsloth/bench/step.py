@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -24,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from converters.hf import load_config  # noqa: E402
+from jaxsloth.bench import trace_summary  # noqa: E402
 from jaxsloth.bench.timing import emit_jsonl, environment, median_ms, peak_gib  # noqa: E402
 from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
 from jaxsloth.memory import estimate_step_memory  # noqa: E402
@@ -34,6 +36,8 @@ from jaxsloth.profiles import LONG_CONTEXT, profile_for_device  # noqa: E402
 from jaxsloth.quant import NF4Weight  # noqa: E402
 from jaxsloth.sharding import make_mesh, param_shardings, place_train_state, put_key, shard_batch  # noqa: E402
 from jaxsloth.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
+
+TRACED_STEPS = 2  # steps recorded by --trace
 
 
 def random_nf4(key, layers: int, out_f: int, in_f: int, blocksize: int = 64) -> NF4Weight:
@@ -164,6 +168,16 @@ def run(args) -> dict:
     print(f"first step {first_ms / 1e3:.1f} s, loss {loss0:.4f}", flush=True)
     ms = median_ms(lambda k=key_of(3): one(k), (), iters=args.steps, warmup=args.warmup) if args.steps else first_ms
     tokens = args.batch * args.grad_accum * args.seq
+    trace = None
+    if args.trace:
+        # After the timed steps, so the profiler's overhead touches none of them.
+        with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+            for _ in range(TRACED_STEPS):
+                jax.block_until_ready(one(key_of(4)))
+        trace = trace_summary.summarize(trace_summary.find_trace(args.trace), steps=TRACED_STEPS, top=40)
+        with open(os.path.join(args.trace, "summary.json"), "w") as f:
+            json.dump(trace, f, indent=1)
+        print(json.dumps({k: trace[k] for k in ("kernel_ms_per_step", "span_ms_per_step", "by_category_ms")}))
     return _record(
         args,
         model_name,
@@ -180,6 +194,7 @@ def run(args) -> dict:
         first_loss=loss0,
         mesh=None if mesh is None else dict(mesh.shape),
         devices=1 if mesh is None else mesh.size,
+        **({"trace_by_category_ms": trace["by_category_ms"]} if trace else {}),
     )
 
 
@@ -236,6 +251,7 @@ def main(argv=None) -> None:
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
     p.add_argument("--compile-only", action="store_true", help="report XLA's memory plan for the step; do not run")
+    p.add_argument("--trace", default=None, help=f"directory: profile {TRACED_STEPS} more steps, summarize device time")
     p.add_argument("--out", default=None)
     p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
     args = p.parse_args(argv)
