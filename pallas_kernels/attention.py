@@ -88,6 +88,9 @@ class AttentionBlocks:
                 block_k_dq=32,
                 num_warps_dkv=4,
                 num_warps_dq=8,
+                # A third dQ stage: 9% faster at T=8192 and 14% at B2 x T=2048 (d256 bf16); f32 d128 shares
+                # these tiles but keeps two, its K/V stages being twice the bytes.
+                num_stages_dq=3 if jnp.dtype(dtype).itemsize == 2 else 2,
             )
         return cls(
             block_q=256,
