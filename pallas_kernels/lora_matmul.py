@@ -27,17 +27,10 @@ from pallas_kernels.nf4_matmul import (
     NF4MatmulBlock,
     backward_dx,
     forward,
+    lora_delta,
     lora_grads,
     pad_rank,
 )
-
-
-def lora_delta(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, lora_scale: float) -> jax.Array:
-    """lora_scale * (x @ A^T) @ B^T with both products in x.dtype, as PEFT runs them (LoRA master weights may be
-    f32 for the optimizer; the matmuls run in the activations' dtype)."""
-    a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
-    u = jnp.einsum("...i,ri->...r", x, a)
-    return lora_scale * jnp.einsum("...r,or->...o", u, b)
 
 
 def lora_matmul_reference(

@@ -27,7 +27,7 @@ straddle rows, which the tiled kernel does not handle).
 
 The same two kernels serve the 16-bit LoRA linear (pallas_kernels/lora_matmul.py): with ``dense`` set, a W chunk
 is a plain [bn, 64] load instead of a dequantization. This file also holds ``nf4_matmul_xla``, the plain-XLA path
-the profiles use (dequantize, 16-bit GEMM, custom VJP).
+the profiles use (dequantize, 16-bit GEMM, custom VJP), and its twin in PEFT's rounding order, ``nf4_matmul_xla16``.
 """
 
 from __future__ import annotations
@@ -615,6 +615,14 @@ def _lora_term_f32(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, lora_scal
     return lora_scale * _matmul_nt_f32(u, lora_b.astype(x.dtype))
 
 
+def lora_delta(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, lora_scale: float) -> jax.Array:
+    """lora_scale * (x @ A^T) @ B^T with both products in x.dtype, as PEFT runs them (LoRA master weights may be
+    f32 for the optimizer; the matmuls run in the activations' dtype)."""
+    a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
+    u = jnp.einsum("...i,ri->...r", x, a)
+    return lora_scale * jnp.einsum("...r,or->...o", u, b)
+
+
 def nf4_matmul_reference(
     x: jax.Array,
     packed: jax.Array,
@@ -699,6 +707,7 @@ class _XlaStatic(NamedTuple):
     blocksize: int
     double_quant: bool
     dtype: str  # x's dtype: W is dequantized to it, forward and backward
+    out16: bool = False  # the product comes out of the GEMM in x.dtype (f32 accumulation inside) instead of f32
 
 
 def _xla_dequant(st: _XlaStatic, packed, absmax, nested_absmax, offset):
@@ -716,7 +725,9 @@ def _xla_dequant(st: _XlaStatic, packed, absmax, nested_absmax, offset):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _xla_base_matmul(st: _XlaStatic, x, packed, absmax, nested_absmax, offset):
-    return _matmul_nt_f32(x, _xla_dequant(st, packed, absmax, nested_absmax, offset))
+    w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
+    out = jnp.dtype(st.dtype) if st.out16 else jnp.float32
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out)
 
 
 def _xla_base_matmul_fwd(st, x, packed, absmax, nested_absmax, offset):
@@ -729,8 +740,10 @@ def _xla_base_matmul_bwd(st, res, dy):
     packed, absmax, nested_absmax, offset = res
     dtype = jnp.dtype(st.dtype)
     w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
-    # dy arrives in f32 (the product's accumulation type); the GEMM runs on 16-bit operands as the forward's.
-    dx = lax.dot_general(dy.astype(dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    # dy arrives in f32 (the product's accumulation type; with out16 already in x.dtype); the GEMM runs on
+    # 16-bit operands as the forward's.
+    out = dtype if st.out16 else jnp.float32
+    dx = lax.dot_general(dy.astype(dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=out)
     return (dx.astype(dtype), None, None, None, None)  # the NF4 arrays are frozen
 
 
@@ -756,12 +769,46 @@ def nf4_matmul_xla(
     backward GEMM (autodiff of the reference multiplies the f32 cotangent by W, and XLA then runs that GEMM
     in f32: 1.3-1.6x slower fwd+bwd on the H200) and (2) keeps only the 4-bit arrays as residuals, so no
     16-bit copy of W outlives its GEMM. The LoRA term is plain jnp, differentiated by JAX."""
+    return _xla_path(
+        x, packed, absmax, nested_absmax, offset, lora_a, lora_b, lora_scale, shape, blocksize, double_quant
+    )
+
+
+def nf4_matmul_xla16(
+    x: jax.Array,
+    packed: jax.Array,
+    absmax: jax.Array,
+    nested_absmax: jax.Array | None,
+    offset: jax.Array | None,
+    lora_a: jax.Array | None = None,
+    lora_b: jax.Array | None = None,
+    lora_scale: float = 1.0,
+    *,
+    shape: tuple[int, int],
+    blocksize: int = 64,
+    double_quant: bool,
+) -> jax.Array:
+    """``nf4_matmul_xla`` in PEFT + bitsandbytes' order: the base product leaves the GEMM in x.dtype, the LoRA
+    output is computed in x.dtype (``lora_delta``) and the two are added in x.dtype, i.e.
+    ``lora_matmul_reference(x, dequant(W), A, B)``. No f32 [tokens, N] array exists, forward or backward: the
+    f32 path writes the base and LoRA products in f32, adds and casts them, and its backward reads an f32
+    cotangent three times (the cast for the base GEMM, dA's and dB's GEMMs, which then run in f32). The
+    profile trace of the 8B QLoRA step (BENCHMARKS.md, 2026-11-29) puts 106 ms of 400 in XLA fusions; this
+    removes the f32 traffic among them. Not measured on a GPU yet; no profile selects it."""
+    return _xla_path(
+        x, packed, absmax, nested_absmax, offset, lora_a, lora_b, lora_scale, shape, blocksize, double_quant, out16=True
+    )
+
+
+def _xla_path(
+    x, packed, absmax, nested_absmax, offset, lora_a, lora_b, lora_scale, shape, blocksize, double_quant, out16=False
+):
     _check_operands(x, packed, absmax, nested_absmax, offset, lora_a, lora_b, shape, blocksize, double_quant)
-    st = _XlaStatic(tuple(shape), int(blocksize), bool(double_quant), jnp.dtype(x.dtype).name)
+    st = _XlaStatic(tuple(shape), int(blocksize), bool(double_quant), jnp.dtype(x.dtype).name, out16)
     if not double_quant:
         nested_absmax = offset = None
     x2 = x.reshape(-1, shape[1])
     y = _xla_base_matmul(st, x2, packed, absmax, nested_absmax, offset)
     if lora_a is not None:
-        y = y + _lora_term_f32(x2, lora_a, lora_b, lora_scale)
+        y = y + (lora_delta if out16 else _lora_term_f32)(x2, lora_a, lora_b, lora_scale)
     return y.astype(x.dtype).reshape(*x.shape[:-1], shape[0])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxsloth.quant import quantize_nf4
+from pallas_kernels.lora_matmul import lora_matmul_reference
 from pallas_kernels.nf4_matmul import (
     NF4MatmulBlock,
     nf4_dequantize_reference,
@@ -16,6 +17,7 @@ from pallas_kernels.nf4_matmul import (
     nf4_matmul,
     nf4_matmul_reference,
     nf4_matmul_xla,
+    nf4_matmul_xla16,
 )
 from tests.tolerances import assert_close, assert_vjp_close
 
@@ -193,6 +195,65 @@ def test_xla_path_keeps_no_16bit_weight_for_the_backward():
 
     assert (256, 128) in shapes(nf4_matmul_reference)
     assert (256, 128) not in shapes(nf4_matmul_xla)
+
+
+@pytest.mark.parametrize(
+    "lead,k,n,r,dtype,double_quant",
+    [
+        ((37,), 320, 72, 16, jnp.bfloat16, True),
+        ((2, 19), 192, 200, 8, jnp.float32, True),
+        ((5,), 128, 96, 0, jnp.bfloat16, False),
+        ((3, 4), 50, 37, 4, jnp.bfloat16, True),  # not a multiple of 64: the reference's dequantization
+    ],
+)
+def test_xla16_path_is_peft_order(lead, k, n, r, dtype, double_quant):
+    # PEFT + bitsandbytes: base output rounded to x.dtype, LoRA output in x.dtype, added in x.dtype, which is
+    # the 16-bit LoRA linear's reference applied to the dequantized weight.
+    rng = np.random.default_rng(5)
+    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=double_quant)
+    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
+    kw = dict(shape=q.shape, double_quant=double_quant)
+    w = nf4_dequantize_reference(*arrays, **kw, dtype=dtype)
+    x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
+    lora = (
+        ()
+        if not r
+        else (jnp.asarray(rng.standard_normal((r, k)) * 0.1), jnp.asarray(rng.standard_normal((n, r)) * 0.1))
+    )
+    dy = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
+
+    def xla16(x, *ab):
+        return nf4_matmul_xla16(x, *arrays, *(ab or (None, None)), 0.75, **kw)
+
+    def peft_order(x, *ab):
+        if not ab:
+            return jnp.einsum("...i,oi->...o", x, w)
+        return lora_matmul_reference(x, w, *ab, 0.75)
+
+    assert xla16(x, *lora).dtype == x.dtype and xla16(x, *lora).shape == (*lead, n)
+    assert_vjp_close(xla16, peft_order, (x, *lora), dy, dtype, ("dx", "dlora_a", "dlora_b")[: 1 + len(lora)])
+
+
+def test_xla16_path_has_no_f32_token_by_n_array():
+    # What xla16 is for: the f32 path materializes f32 [tokens, N] products and cotangents; xla16 none.
+    rng = np.random.default_rng(6)
+    m, k, n, r = 24, 128, 200, 8
+    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=True)
+    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    a, b = jnp.zeros((r, k)), jnp.zeros((n, r))
+    dy = jnp.ones((m, n), jnp.bfloat16)
+
+    def hlo(impl):
+        def f(x, a, b, dy):
+            fn = lambda x, a, b: impl(x, *arrays, a, b, 0.5, shape=q.shape, double_quant=True)  # noqa: E731
+            y, vjp = jax.vjp(fn, x, a, b)
+            return y, vjp(dy)
+
+        return jax.jit(f).lower(x, a, b, dy).as_text()
+
+    assert f"tensor<{m}x{n}xf32>" in hlo(nf4_matmul_xla)
+    assert f"tensor<{m}x{n}xf32>" not in hlo(nf4_matmul_xla16)
 
 
 def test_benchmark_smoke(tmp_path):

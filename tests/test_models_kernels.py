@@ -82,3 +82,26 @@ def test_pallas_path_equals_reference(family, quantized):
         for k in path:
             b = b[k.key]
         assert_close(a, b, "f32_grad", err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla16"])
+def test_quantized_model_through_the_xla_nf4_paths(impl):
+    # The decoder's QLoRA linears through each plain-XLA NF4 path (f32 activations): loss and LoRA gradients
+    # equal the reference path's.
+    config = config_from_hf_dict(CONFIGS["llama"])
+    params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
+    layers = dict(params["layers"])
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        layers[name] = {"weight": quantize_nf4(np.asarray(layers[name]["weight"]))}
+    params = {**params, "layers": layers}
+    lora = LoraConfig(r=4, alpha=8.0)
+    trainable = jax.tree.map(
+        lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), init_lora(config, lora, jax.random.key(1))
+    )
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, (2, 21))
+    batch = {"tokens": jnp.asarray(tokens, jnp.int32), "targets": jnp.asarray(np.roll(tokens, -1, axis=1), jnp.int32)}
+    ref_loss, ref_g = _loss_and_grads(params, trainable, batch, config, lora, Ops(KernelChoice()))
+    loss, g = _loss_and_grads(params, trainable, batch, config, lora, Ops(KernelChoice(nf4_matmul=impl)))
+    assert_close(loss, ref_loss, "f32")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(ref_g), strict=True):
+        assert_close(a, b, "f32_grad", err_msg=jax.tree_util.keystr(path))

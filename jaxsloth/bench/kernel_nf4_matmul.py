@@ -1,5 +1,6 @@
 """Micro-benchmark: the fused NF4 dequant-matmul + LoRA kernel against XLA's jitted dequantize-then-matmul
-(``nf4_matmul_reference``), against the profile's XLA path (``nf4_matmul_xla``), against the fused 16-bit
+(``nf4_matmul_reference``), against the profile's XLA path (``nf4_matmul_xla``) and its PEFT-order twin
+(``xla16``: no f32 [M, N] arrays), against the fused 16-bit
 LoRA kernel (``bf16_lora_pallas``) and against the plain 16-bit LoRA linear of the same shape (x @ W^T with W
 already dequantized to bf16, plus the LoRA term, in XLA): Llama-3.1-8B projections, r=16, bf16.
 
@@ -30,6 +31,7 @@ from pallas_kernels.nf4_matmul import (
     nf4_matmul,
     nf4_matmul_reference,
     nf4_matmul_xla,
+    nf4_matmul_xla16,
 )
 
 # (name, in K, out N) of the Llama-3.1-8B projections.
@@ -79,8 +81,10 @@ def _op(impl: str, nf4: dict, shape, dtype, block: NF4MatmulBlock, interpret):
         return lambda x, a, b, *w: nf4_matmul(x, *w, a, b, 2.0, **kw, interpret=interpret, block=block), arrays
     if impl == "xla_dequant_matmul":
         return lambda x, a, b, *w: nf4_matmul_reference(x, *w, a, b, 2.0, **kw), arrays
-    if impl == "xla":  # the profile's XLA path: select-tree dequant, custom VJP without a 16-bit residual
+    if impl == "xla":  # the profile's XLA path: table-gather dequant, custom VJP without a 16-bit residual
         return lambda x, a, b, *w: nf4_matmul_xla(x, *w, a, b, 2.0, **kw), arrays
+    if impl == "xla16":  # the same in PEFT's 16-bit rounding order
+        return lambda x, a, b, *w: nf4_matmul_xla16(x, *w, a, b, 2.0, **kw), arrays
     w16 = jax.jit(lambda *w: nf4_dequantize_reference(*w, **kw, dtype=dtype))(*arrays)
     if impl == "bf16_lora_pallas":  # the fused 16-bit LoRA linear (pallas_kernels/lora_matmul.py)
         return lambda x, a, b, w16: lora_matmul(x, w16, a, b, 2.0, interpret=interpret), (w16,)
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument(
-        "--impls", nargs="+", default=["pallas", "xla_dequant_matmul", "xla", "bf16_lora_xla", "bf16_lora_pallas"]
+        "--impls",
+        nargs="+",
+        default=["pallas", "xla_dequant_matmul", "xla", "xla16", "bf16_lora_xla", "bf16_lora_pallas"],
     )
     args = parser.parse_args(argv)
 
