@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Downloads (here, not on the GPU machine) the wheels the PyTorch baselines need there and KINDS.md's image lacks:
+# bitsandbytes for HF + PEFT QLoRA, and PERF.md's Unsloth set. Unsloth's wheel carries a 28 MB web UI (studio/),
+# dropped here so everything fits the device tool's 64 MiB carry. Then: `run(carry=[".whl"], command="python3 -m
+# pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export
+# PYTHONPATH=/tmp/site:$PWD && ...")`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(pyenv prefix 3.12.1 2>/dev/null)/bin/python}
+grep -qx "/.whl/" .gitignore || echo "/.whl/" >> .git/info/exclude
+mkdir -p .whl
+for spec in bitsandbytes==0.50.2 unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 torchao==0.18.0 \
+  cut_cross_entropy==25.1.1 datasets==4.8.5 tyro msgspec hf_transfer json5 structlog nest-asyncio pydantic==2.14.4 \
+  pydantic-core annotated-types typing-inspection docstring-parser shtab typeguard multiprocess dill; do
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .whl "$spec"
+done
+# Unsloth without its web UI: drop studio/ from the archive and from RECORD.
+w=$(ls .whl/unsloth-2026*.whl)
+tmp=$(mktemp -d)
+(cd "$tmp" && unzip -q "$OLDPWD/$w" && rm -rf studio && sed -i '/^studio\//d' unsloth-*.dist-info/RECORD \
+  && rm "$OLDPWD/$w" && zip -q -r "$OLDPWD/$w" .)
+rm -rf "$tmp"
+du -sh .whl
