@@ -45,6 +45,10 @@ class AttentionBlocks:
     num_warps_dq: int = 8
     num_stages_dkv: int = 2
     num_stages_dq: int = 2
+    # dK and dV from two kernels of one f32 accumulator each (same tiles), instead of one kernel holding both:
+    # 25% more score recomputation, but at d256 the fused kernel's two [block_k, 256] accumulators force small
+    # tiles (BENCHMARKS.md, 2026-11-29). The dK kernel mirrors the dQ kernel.
+    split_dkv: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -278,35 +282,39 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
     lse_ref[...] = jnp.where(empty, -MASK_VALUE, m + jnp.log2(jnp.where(empty, 1.0, l)))
 
 
-def _probs_and_dscores(q, k, v, do, lse, delta, mask, st: _Static, kv_major: bool = False):
+def _probs_and_dscores(q, k, v, do, lse, delta, mask, st: _Static, kv_major: bool = False, probs_only=False):
     """Recomputes P [bq, bk] and returns (P, dS) with dS the gradient w.r.t. the unscaled, uncapped scores
     divided by ``scale`` (the caller multiplies the final dQ, dK by it once). With ``kv_major`` both are
-    computed transposed, [bk, bq], straight from K Q^T, so the dK/dV dots need no register transposes."""
+    computed transposed, [bk, bq], straight from K Q^T, so the dK/dV dots need no register transposes.
+    ``probs_only``: (P, None), without the dP product (the dV kernel's need)."""
     if kv_major:
         s, t = _scores(k, q, st)
         lse, delta = lse[None, :], delta[None, :]
-        dp = _dot(v, do, st, trans_b=True)
     else:
         s, t = _scores(q, k, st)
         lse, delta = lse[:, None], delta[:, None]
-        dp = _dot(do, v, st, trans_b=True)
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     p = jnp.exp2(s - lse)
+    if probs_only:
+        return p, None
+    dp = _dot(v, do, st, trans_b=True) if kv_major else _dot(do, v, st, trans_b=True)
     ds = p * (dp - delta)
     if t is not None:
         ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
     return p, ds
 
 
-def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
-    ins, (qseg_ref, kseg_ref), (dk_ref, dv_ref) = _split_refs(refs, 6, st.has_segments)
+def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, outputs: str):
+    """dK and/or dV (``outputs``: "dkv", "dk" or "dv") of one key block, summed over its query heads."""
+    ins, (qseg_ref, kseg_ref), out_refs = _split_refs(refs, 6, st.has_segments)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     k_start = pl.program_id(0) * bk
     k = k_ref[...]
-    v = v_ref[...]
+    v = v_ref[...] if outputs != "dv" else None  # dV needs P only, not dP = V dO^T
     kseg = None if kseg_ref is None else kseg_ref[...]
     bounds = _q_block_range(k_start, bq, bk, st)
+    want_dk, want_dv = outputs in ("dkv", "dk"), outputs in ("dkv", "dv")
 
     def group_body(g, carry):
         # The query heads of one group share these keys: their dK, dV are summed here, in registers.
@@ -319,17 +327,20 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int):
             qseg = None if qseg_ref is None else qseg_ref[rows]
             mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st, kv_major=True) if masked else None
             lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-            p_t, ds_t = _probs_and_dscores(q, k, v, do, lse, delta, mask, st, kv_major=True)
-            dv = dv + _dot(p_t.astype(do.dtype), do, st)
-            dk = dk + _dot(ds_t.astype(q.dtype), q, st)
+            p_t, ds_t = _probs_and_dscores(q, k, v, do, lse, delta, mask, st, kv_major=True, probs_only=not want_dk)
+            if want_dv:
+                dv = dv + _dot(p_t.astype(do.dtype), do, st)
+            if want_dk:
+                dk = dk + _dot(ds_t.astype(q.dtype), q, st)
             return dk, dv
 
         return _masked_loops(bounds, body, carry)
 
     zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
-    dk, dv = lax.fori_loop(0, st.groups, group_body, (zeros, zeros))
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dk, dv = lax.fori_loop(0, st.groups, group_body, (zeros if want_dk else None, zeros if want_dv else None))
+    results = ([(dk * st.scale)] if want_dk else []) + ([dv] if want_dv else [])
+    for ref, value in zip(out_refs, results, strict=True):
+        ref[...] = value.astype(ref.dtype)
 
 
 def _dq_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
@@ -392,7 +403,16 @@ def _forward(q, k, v, segs, st: _Static):
 
 
 def _backward_dkv(q, k, v, do, lse, delta, segs, st: _Static):
-    """dK, dV [B, Sp, Hk, D]: one program per (kv block, batch, kv head), summing over its query heads."""
+    """dK, dV [B, Sp, Hk, D]: one program per (kv block, batch, kv head), summing over its query heads; with
+    ``split_dkv`` one such launch for dK and one for dV."""
+    if st.blocks.split_dkv:
+        (dk,) = _dkv_call(q, k, v, do, lse, delta, segs, st, "dk")
+        (dv,) = _dkv_call(q, k, v, do, lse, delta, segs, st, "dv")
+        return dk, dv
+    return tuple(_dkv_call(q, k, v, do, lse, delta, segs, st, "dkv"))
+
+
+def _dkv_call(q, k, v, do, lse, delta, segs, st: _Static, outputs: str):
     b, tp, _, d = q.shape
     sp, hk = k.shape[1], k.shape[2]
     bq, bk, g = st.blocks.block_q_dkv, st.blocks.block_k_dkv, st.groups
@@ -413,14 +433,14 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, st: _Static):
             pl.BlockSpec((None, bk), lambda j, bi, h: (bi, j)),
         ]
     return pl.pallas_call(
-        functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk),
+        functools.partial(_dkv_kernel, st=st, bq=bq, bk=bk, outputs=outputs),
         grid=(sp // bk, b, hk),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, bk, None, d), kv_map)] * 2,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_specs=[pl.BlockSpec((None, bk, None, d), kv_map)] * (2 if outputs == "dkv" else 1),
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * (2 if outputs == "dkv" else 1),
         compiler_params=triton_compiler_params(st.blocks.num_warps_dkv, st.blocks.num_stages_dkv),
         interpret=st.interpret,
-        name="flash_attention_bwd_dkv",
+        name=f"flash_attention_bwd_{outputs}",
     )(q, k, v, do, lse, delta, *segs)
 
 

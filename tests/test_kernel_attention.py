@@ -8,6 +8,7 @@ kernel's own rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -99,6 +100,15 @@ def test_matches_reference(name):
     _check(seed=len(name), **CASES[name])
 
 
+SPLIT = dataclasses.replace(SMALL, split_dkv=True)
+
+
+@pytest.mark.parametrize("name", ["causal_gqa", "window_not_causal", "all", "all_bf16"])
+def test_split_dkv_matches_reference(name):
+    # dK and dV from their own kernels (split_dkv): the same gradients.
+    _check(seed=len(name), block=SPLIT, **CASES[name])
+
+
 def test_default_blocks():
     # The Hopper defaults shrink to the sequence: one block per program, no inner-loop steps skipped.
     _check(t=17, hq=4, hk=2, d=64, block=None, sliding_window=6)
@@ -158,14 +168,18 @@ def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):
     main(["--smoke", "--tune", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     timed = [r for r in rows if r["kernel"] != "best"]
-    assert {r["kernel"] for r in timed} == {"fwd", "dkv", "dq"}
+    assert {r["kernel"] for r in timed} == {"fwd", "dkv", "dkv_split", "dq"}
     assert all("error" not in r and r["max_err"] < 0.05 and r["ms"] > 0 for r in timed), timed
     (best,) = [r for r in rows if r["kernel"] == "best"]
-    assert set(best["ms"]) == {"fwd", "dkv", "dq"}
-    # The combined settings are a valid AttentionBlocks holding each kernel's fastest tile.
+    assert set(best["ms"]) == {"fwd", "dkv", "dkv_split", "dq"}
+    # The combined settings are a valid AttentionBlocks holding each kernel's fastest tile, and the faster of
+    # the fused and the split dK/dV.
     blocks = AttentionBlocks(**best["settings"])
-    fastest_fwd = min((r for r in timed if r["kernel"] == "fwd"), key=lambda r: r["ms"])
-    assert blocks.block_q == fastest_fwd["settings"]["block_q"]
+    fastest = {k: min((r for r in timed if r["kernel"] == k), key=lambda r: r["ms"]) for k in best["ms"]}
+    assert blocks.block_q == fastest["fwd"]["settings"]["block_q"]
+    dkv = min(("dkv", "dkv_split"), key=lambda k: fastest[k]["ms"])
+    assert blocks.split_dkv == (dkv == "dkv_split")
+    assert blocks.block_k_dkv == fastest[dkv]["settings"]["block_k_dkv"]
 
 
 @pytest.mark.parametrize(
@@ -202,6 +216,25 @@ def test_lowers_to_triton_on_cpu(monkeypatch, d, dtype, kw):
     want_tf32 = dtype != jnp.float32
     for kernel_dots in dots:
         assert all(("inputPrecision = tf32" in line) == want_tf32 for line in kernel_dots), kernel_dots
+
+
+def test_split_dkv_lowers_to_triton_on_cpu(monkeypatch):
+    # split_dkv: four Triton kernels (forward, dK, dV, dQ); the dV kernel multiplies P by dO only.
+    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
+    block = dataclasses.replace(AttentionBlocks.for_head_dim(256, jnp.bfloat16), split_dkv=True)
+    q = jax.ShapeDtypeStruct((1, 1000, 4, 256), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, 1000, 2, 256), jnp.bfloat16)
+
+    def f(q, k, v, do):
+        g = lambda q, k, v: attention(q, k, v, softcap=50.0, sliding_window=300, interpret=False, block=block)  # noqa: E731
+        return jax.vjp(g, q, k, v)[1](do)
+
+    lowered = jax.jit(f).trace(q, k, k, q).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 4
+    # forward 2 dots (S, PV); dK 3 (S, dP, dS^T Q); dV 2 (S, P^T dO); dQ 3 (S, dP, dS K); each loop body is
+    # emitted three times (the masked blocks before, the unmasked middle, the masked blocks after).
+    assert sorted(len(d) for d in _triton_dots(lowered.compiler_ir("stablehlo"))) == [6, 6, 9, 9]
 
 
 def _triton_dots(module) -> list[list[str]]:
@@ -243,3 +276,11 @@ GPU_CASES = {
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_gpu_matches_reference(name, dtype):
     _check(dtype=dtype, interpret=False, block=None, seed=1, **GPU_CASES[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gemma2_d256", "packed_d128"])
+def test_gpu_split_dkv_matches_reference(name):
+    d = GPU_CASES[name]["d"]
+    block = dataclasses.replace(AttentionBlocks.for_head_dim(d, jnp.bfloat16), split_dkv=True)
+    _check(dtype=jnp.bfloat16, interpret=False, block=block, seed=2, **GPU_CASES[name])

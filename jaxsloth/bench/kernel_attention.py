@@ -182,12 +182,19 @@ _TUNE_TILES = {
                 (32, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 4), (64, 64, 8, 3)],
         "dq": [(128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 4, 3),
                 (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (256, 64, 8, 2)],
+        # split_dkv: one accumulator per kernel, so the dQ kernel's shapes, mirrored (not yet timed).
+        "dkv_split": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3),
+                      (128, 128, 8, 2)],
     },
 }
+_TUNE_TILES["d256"]["dkv_split"] = [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 3),
+                                    (64, 64, 8, 2), (64, 32, 4, 2), (16, 64, 4, 3), (32, 64, 8, 2),
+                                    (64, 128, 8, 2), (32, 128, 4, 2)]
 # fmt: on
 _TUNE_FIELDS = {
     "fwd": ("block_q", "block_k", "num_warps", "num_stages"),
     "dkv": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
+    "dkv_split": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
     "dq": ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"),
 }
 
@@ -209,26 +216,32 @@ def tune(shape: Shape, iters: int, smoke: bool = False):
     expected = {"fwd": (out, lse), "dkv": dkv0(*args["dkv"]), "dq": dq0(*args["dq"])}
     tiles = _TUNE_TILES["d256" if shape.d > 128 else "d128"]
     best = {}
-    for kernel, index in (("fwd", 0), ("dkv", 1), ("dq", 2)):
+    for kernel, index in (("fwd", 0), ("dkv", 1), ("dkv_split", 1), ("dq", 2)):
         # Tiles longer than the padded sequence shrink to it, as ``attention`` shrinks them (duplicates dropped).
         clipped = ((min(bq, qp.shape[1]), min(bk, kp.shape[1]), *rest) for bq, bk, *rest in tiles[kernel])
         fitting = list(dict.fromkeys(clipped))
         for tile in fitting[: 2 if smoke else None]:
             settings = dict(zip(_TUNE_FIELDS[kernel], tile, strict=True))
+            if kernel.startswith("dkv"):
+                settings["split_dkv"] = kernel == "dkv_split"
             row = {"op": "attention_tune", "kernel": kernel, "shape": shape.label(), "settings": settings}
             try:
                 blocks = dataclasses.replace(default, **settings)
                 if qp.shape[1] % tile[0] or kp.shape[1] % tile[1]:
                     raise ValueError(f"tile {tile[:2]} does not divide the padded lengths {qp.shape[1]}, {kp.shape[1]}")
                 call = jax.jit(attention_kernels.kernel_calls(dataclasses.replace(st, blocks=blocks))[index])
-                row["max_err"] = timing.max_abs_err(call(*args[kernel]), expected[kernel])
-                row["ms"] = timing.kernel_ms(call, args[kernel], iters)
+                launch = "dkv" if kernel.startswith("dkv") else kernel  # the split pair replaces the fused dK/dV
+                row["max_err"] = timing.max_abs_err(call(*args[launch]), expected[launch])
+                row["ms"] = timing.kernel_ms(call, args[launch], iters)
                 if row["max_err"] <= 0.05 and row["ms"] < best.get(kernel, ({}, float("inf")))[1]:
                     best[kernel] = (settings, row["ms"])
             except Exception as e:  # out of shared memory or registers: skip this tile
                 row["error"] = repr(e)[:300]
             yield {**row, **timing.device_fields()}
-    combined = {name: value for settings, _ in best.values() for name, value in settings.items()}
+    # dK/dV: the faster of the fused kernel and the split pair.
+    dkv = min((k for k in ("dkv", "dkv_split") if k in best), key=lambda k: best[k][1], default=None)
+    chosen = [best[k] for k in ("fwd", dkv, "dq") if k in best]
+    combined = {name: value for settings, _ in chosen for name, value in settings.items()}
     yield {
         "op": "attention_tune",
         "kernel": "best",
