@@ -140,6 +140,23 @@ def test_matches_reference_gpu(m, k, n, r, dtype, double_quant, block):
         _check(m, k, n, r, dtype, double_quant, block, interpret=False)
 
 
+def _xla_case(seed, lead, k, n, r, dtype, double_quant):
+    """An NF4 weight [n, k] (its arrays and static keywords), x, r-rank f32 LoRA factors (none when r == 0) and
+    a cotangent, drawn in that order from one generator."""
+    rng = np.random.default_rng(seed)
+    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=double_quant)
+    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
+    kw = dict(shape=q.shape, double_quant=double_quant)
+    x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
+    lora = (
+        ()
+        if not r
+        else (jnp.asarray(rng.standard_normal((r, k)) * 0.1), jnp.asarray(rng.standard_normal((n, r)) * 0.1))
+    )
+    dy = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
+    return arrays, kw, x, lora, dy
+
+
 @pytest.mark.parametrize(
     "lead,k,n,r,dtype,double_quant",
     [
@@ -150,23 +167,13 @@ def test_matches_reference_gpu(m, k, n, r, dtype, double_quant, block):
     ],
 )
 def test_xla_path_matches_reference(lead, k, n, r, dtype, double_quant):
-    rng = np.random.default_rng(3)
-    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=double_quant)
-    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
-    kw = dict(shape=q.shape, double_quant=double_quant)
+    arrays, kw, x, lora, dy = _xla_case(3, lead, k, n, r, dtype, double_quant)
     # The dequantized weight is bit-identical, in any dtype.
     for dt in (jnp.float32, dtype):
         np.testing.assert_array_equal(
             np.asarray(nf4_dequantize_xla(*arrays, **kw, dtype=dt), np.float32),
             np.asarray(nf4_dequantize_reference(*arrays, **kw, dtype=dt), np.float32),
         )
-    x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
-    lora = (
-        ()
-        if not r
-        else (jnp.asarray(rng.standard_normal((r, k)) * 0.1), jnp.asarray(rng.standard_normal((n, r)) * 0.1))
-    )
-    dy = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
 
     def xla_path(x, *ab):
         return nf4_matmul_xla(x, *arrays, *(ab or (None, None)), 0.75, **kw)
@@ -209,18 +216,8 @@ def test_xla_path_keeps_no_16bit_weight_for_the_backward():
 def test_xla16_path_is_peft_order(lead, k, n, r, dtype, double_quant):
     # PEFT + bitsandbytes: base output rounded to x.dtype, LoRA output in x.dtype, added in x.dtype, which is
     # the 16-bit LoRA linear's reference applied to the dequantized weight.
-    rng = np.random.default_rng(5)
-    q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=double_quant)
-    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
-    kw = dict(shape=q.shape, double_quant=double_quant)
+    arrays, kw, x, lora, dy = _xla_case(5, lead, k, n, r, dtype, double_quant)
     w = nf4_dequantize_reference(*arrays, **kw, dtype=dtype)
-    x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
-    lora = (
-        ()
-        if not r
-        else (jnp.asarray(rng.standard_normal((r, k)) * 0.1), jnp.asarray(rng.standard_normal((n, r)) * 0.1))
-    )
-    dy = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
 
     def xla16(x, *ab):
         return nf4_matmul_xla16(x, *arrays, *(ab or (None, None)), 0.75, **kw)

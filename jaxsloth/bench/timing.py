@@ -121,14 +121,16 @@ def jit_fwd_and_fwd_bwd(op: Callable, num_diff: int | None = None) -> tuple[Call
     positions, constant tables) are passed through as traced inputs, not baked into the program as constants.
     """
 
-    def fwd_bwd(*args_and_ct):
-        *args, ct = args_and_ct
-        split = len(args) if num_diff is None else num_diff
-        rest = args[split:]
-        out, vjp = jax.vjp(lambda *diff: op(*diff, *rest), *args[:split])
-        return out, vjp(ct)
+    return jax.jit(op), jax.jit(lambda *args_and_ct: _value_and_cotangents(op, num_diff, args_and_ct))
 
-    return jax.jit(op), jax.jit(fwd_bwd)
+
+def _value_and_cotangents(op: Callable, num_diff: int | None, args_and_ct: tuple):
+    """(op(*args), cotangents of the first ``num_diff`` args) for ``args_and_ct = (*args, ct)``."""
+    *args, ct = args_and_ct
+    split = len(args) if num_diff is None else num_diff
+    rest = args[split:]
+    out, vjp = jax.vjp(lambda *diff: op(*diff, *rest), *args[:split])
+    return out, vjp(ct)
 
 
 def jit_bwd(op: Callable, num_diff: int | None = None) -> Callable:
@@ -136,13 +138,7 @@ def jit_bwd(op: Callable, num_diff: int | None = None) -> Callable:
     forward runs at one point and the backward much later, so each is timed alone; ``fwd_bwd`` lets XLA fuse
     the two passes of an elementwise op into one, which a real step cannot do."""
 
-    def bwd(*args_and_ct):
-        *args, ct = args_and_ct
-        split = len(args) if num_diff is None else num_diff
-        rest = args[split:]
-        return jax.vjp(lambda *diff: op(*diff, *rest), *args[:split])[1](ct)
-
-    return jax.jit(bwd)
+    return jax.jit(lambda *args_and_ct: _value_and_cotangents(op, num_diff, args_and_ct)[1])
 
 
 def kernel_bench_parser(description: str, iters: int, sweep_help: str) -> argparse.ArgumentParser:
