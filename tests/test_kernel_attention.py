@@ -167,6 +167,7 @@ def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):
     out = tmp_path / "tune.jsonl"
     main(["--smoke", "--tune", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    *rows, whole = rows
     timed = [r for r in rows if r["kernel"] != "best"]
     assert {r["kernel"] for r in timed} == {"fwd", "dkv", "dkv_split", "dq"}
     assert all("error" not in r and r["max_err"] < 0.05 and r["ms"] > 0 for r in timed), timed
@@ -180,6 +181,23 @@ def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):
     dkv = min(("dkv", "dkv_split"), key=lambda k: fastest[k]["ms"])
     assert blocks.split_dkv == (dkv == "dkv_split")
     assert blocks.block_k_dkv == fastest[dkv]["settings"]["block_k_dkv"]
+    # Last, the public op timed forward+backward with the combined settings, checked against the reference.
+    assert whole["impl"] == "pallas" and whole["blocks"] == best["settings"], whole
+    assert whole["max_err"] < 0.1 and whole["fwd_bwd_ms"] > 0
+
+
+def test_tuner_tunes_only_the_kernels_asked_for(tmp_path):
+    import json
+
+    from jaxsloth.bench.kernel_attention import main
+
+    out = tmp_path / "tune.jsonl"
+    main(["--smoke", "--tune", "--kernels", "dkv_split", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["kernel"] for r in rows[:-2]} == {"dkv_split"}
+    best = AttentionBlocks(**rows[-2]["settings"])
+    default = AttentionBlocks.for_head_dim(64)
+    assert best.split_dkv and (best.block_q, best.block_q_dq) == (default.block_q, default.block_q_dq)
 
 
 @pytest.mark.parametrize(

@@ -159,6 +159,7 @@ def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks 
     )
 
 
+TUNE_KERNELS = ("fwd", "dkv", "dkv_split", "dq")
 # Per-kernel launch settings the tuner tries: (block_q, block_k, num_warps, num_stages) in each kernel's own
 # field names. Row bytes (head dim x 2 for bf16) bound what fits: 512-byte rows (d256) take the smaller tiles.
 # fmt: off
@@ -199,10 +200,11 @@ _TUNE_FIELDS = {
 }
 
 
-def tune(shape: Shape, iters: int, smoke: bool = False):
+def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...] = TUNE_KERNELS):
     """Times each Pallas kernel alone over its candidate launch settings (bf16), checking every output
-    against the default settings' output; yields one row per (kernel, settings) and, last, the best settings
-    of each kernel combined. The kernels are independent launches, so their best settings compose."""
+    against the default settings' output; yields one row per (kernel, settings), then the best settings
+    of each kernel combined (kernels not tuned keep the defaults; the kernels are independent launches, so
+    their best settings compose), and last ``attention`` forward+backward timed with those settings."""
     q, k, v, do = _inputs(shape, jnp.bfloat16)
     kw = dict(segment_ids=None, causal=True, sliding_window=shape.window, softcap=shape.softcap, scale=None)
     default = AttentionBlocks.for_head_dim(shape.d)
@@ -217,6 +219,8 @@ def tune(shape: Shape, iters: int, smoke: bool = False):
     tiles = _TUNE_TILES["d256" if shape.d > 128 else "d128"]
     best = {}
     for kernel, index in (("fwd", 0), ("dkv", 1), ("dkv_split", 1), ("dq", 2)):
+        if kernel not in kernels:
+            continue
         # Tiles longer than the padded sequence shrink to it, as ``attention`` shrinks them (duplicates dropped).
         clipped = ((min(bq, qp.shape[1]), min(bk, kp.shape[1]), *rest) for bq, bk, *rest in tiles[kernel])
         fitting = list(dict.fromkeys(clipped))
@@ -241,15 +245,17 @@ def tune(shape: Shape, iters: int, smoke: bool = False):
     # dK/dV: the faster of the fused kernel and the split pair.
     dkv = min((k for k in ("dkv", "dkv_split") if k in best), key=lambda k: best[k][1], default=None)
     chosen = [best[k] for k in ("fwd", dkv, "dq") if k in best]
-    combined = {name: value for settings, _ in chosen for name, value in settings.items()}
+    combined = dataclasses.replace(default, **{name: value for settings, _ in chosen for name, value in settings.items()})
     yield {
         "op": "attention_tune",
         "kernel": "best",
         "shape": shape.label(),
-        "settings": dataclasses.asdict(dataclasses.replace(default, **combined)),
+        "settings": dataclasses.asdict(combined),
         "ms": {kernel: ms for kernel, (_, ms) in best.items()},
         **timing.device_fields(),
     }
+    # The combination through the public op (padding, the delta reduction and the launches together).
+    yield {**_measure_or_error(shape, "pallas", iters, combined), "note": "tuned settings"}
 
 
 def _plan(args) -> list[tuple[Shape, str, AttentionBlocks | None]]:
@@ -284,11 +290,14 @@ def main(argv=None) -> None:
     parser = timing.kernel_bench_parser(__doc__, iters=20, sweep_help="time several block configurations per shape")
     parser.add_argument("--only", default="", help="run only shapes whose label contains this text")
     parser.add_argument("--tune", action="store_true", help="time each kernel alone over its own launch settings")
+    parser.add_argument(
+        "--kernels", nargs="+", choices=TUNE_KERNELS, default=TUNE_KERNELS, help="with --tune: which kernels to tune"
+    )
     args = parser.parse_args(argv)
     iters = 2 if args.smoke else max(args.iters, 20)
     if args.tune:
         shapes = [s for s in (SMOKE_SHAPES if args.smoke else SHAPES) if args.only in s.label()]
-        rows = (row for shape in shapes for row in tune(shape, iters, smoke=args.smoke))
+        rows = (row for shape in shapes for row in tune(shape, iters, smoke=args.smoke, kernels=tuple(args.kernels)))
         timing.emit_jsonl(rows, args.out, append=True)
         return
     rows = (_measure_or_error(shape, impl, iters, blocks) for shape, impl, blocks in _plan(args))
