@@ -36,6 +36,7 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
     "cross_entropy": {
         "reference": ("pallas_kernels.cross_entropy", "cross_entropy_reference"),
         "pallas": ("pallas_kernels.cross_entropy", "cross_entropy"),
+        "chunked": ("pallas_kernels.cross_entropy", "cross_entropy_chunked"),
     },
     "nf4_matmul": {
         "reference": ("pallas_kernels.nf4_matmul", "nf4_matmul_reference"),

@@ -249,6 +249,19 @@ _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 _cross_entropy_jit = jax.jit(_cross_entropy, static_argnums=3)
 
 
+def _check_arguments(hidden, head, targets, softcap):
+    if hidden.ndim != 2 or head.ndim != 2 or hidden.shape[1] != head.shape[1]:
+        raise ValueError(f"expected hidden [N, D] and head [V, D], got {hidden.shape=} {head.shape=}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be [N]={hidden.shape[:1]}, got {targets.shape=}")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"targets must be integers, got {targets.dtype=}")
+    if hidden.dtype != head.dtype or not jnp.issubdtype(hidden.dtype, jnp.floating):
+        raise TypeError(f"hidden and head must share a float dtype, got {hidden.dtype=} {head.dtype=}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap=}")
+
+
 def cross_entropy(
     hidden: jax.Array,
     head: jax.Array,
@@ -270,16 +283,7 @@ def cross_entropy(
     zero for head's cotangent (jax.grad with respect to head then gives zeros, and no [V, D] buffer is
     written when head is not being differentiated).
     """
-    if hidden.ndim != 2 or head.ndim != 2 or hidden.shape[1] != head.shape[1]:
-        raise ValueError(f"expected hidden [N, D] and head [V, D], got {hidden.shape=} {head.shape=}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"targets must be [N]={hidden.shape[:1]}, got {targets.shape=}")
-    if not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise TypeError(f"targets must be integers, got {targets.dtype=}")
-    if hidden.dtype != head.dtype or not jnp.issubdtype(hidden.dtype, jnp.floating):
-        raise TypeError(f"hidden and head must share a float dtype, got {hidden.dtype=} {head.dtype=}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be positive or None, got {softcap=}")
+    _check_arguments(hidden, head, targets, softcap)
     blocks = block or CrossEntropyBlocks()
     (n, d), v = hidden.shape, head.shape[0]
     # Small problems get tiles no larger than the problem (still powers of two, >= 16 for the dot).
@@ -298,6 +302,123 @@ def cross_entropy(
         chunk_v=blocks.chunk_v,
     )
     return _cross_entropy_jit(hidden, head, targets.astype(jnp.int32), cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkedConfig:
+    softcap: float | None
+    ignore_index: int
+    head_grad: bool
+    chunk: int
+    dtype: str  # of hidden and head: the gradients' dtype
+
+
+def _chunk_rows(x, chunk: int, fill):
+    """[N, ...] -> [N / chunk, chunk, ...], the last chunk padded with ``fill``."""
+    pad = -x.shape[0] % chunk
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+    return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
+
+
+def _chunk_logits(h, head, cfg: _ChunkedConfig):
+    """One chunk's [chunk, V] logits in f32 (softcapped), from one GEMM with f32 accumulation."""
+    z = jnp.einsum("nd,vd->nv", h, head, precision=_precision(h.dtype), preferred_element_type=jnp.float32)
+    return z if cfg.softcap is None else cfg.softcap * jnp.tanh(z / cfg.softcap)
+
+
+def _chunk_loss(z, t, cfg: _ChunkedConfig):
+    """(sum of the chunk's per-token losses, lse [chunk], valid [chunk])."""
+    valid = t != cfg.ignore_index
+    lse = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, jnp.where(valid, t, 0)[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(valid, lse - picked, 0.0)), lse, valid
+
+
+def _chunked_loss_only(hidden, head, targets, cfg: _ChunkedConfig):
+    def step(total, chunk):
+        h, t = chunk
+        return total + _chunk_loss(_chunk_logits(h, head, cfg), t, cfg)[0], None
+
+    chunks = (_chunk_rows(hidden, cfg.chunk, 0), _chunk_rows(targets, cfg.chunk, cfg.ignore_index))
+    total, _ = lax.scan(step, jnp.float32(0), chunks)
+    return total, jnp.sum(targets != cfg.ignore_index).astype(jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cross_entropy_chunked(hidden, head, targets, cfg: _ChunkedConfig):
+    return _chunked_loss_only(hidden, head, targets, cfg)
+
+
+def _cross_entropy_chunked_fwd(hidden, head, targets, cfg: _ChunkedConfig):
+    """The loss and its gradient for a unit cotangent, chunk by chunk: each chunk's logits feed both the loss and
+    dz, so the logits GEMM runs once (the kernel path recomputes it in its backward)."""
+    precision = _precision(hidden.dtype)
+
+    def step(carry, chunk):
+        total, dw = carry
+        h, t = chunk
+        z = _chunk_logits(h, head, cfg)
+        loss, lse, valid = _chunk_loss(z, t, cfg)
+        dz = jnp.exp(z - lse[:, None]) - jax.nn.one_hot(t, z.shape[1], dtype=jnp.float32)
+        if cfg.softcap is not None:
+            dz = dz * (1.0 - jnp.square(z / cfg.softcap))
+        # Rounded to the input dtype for the GEMMs, as the kernel path's dz (f32 accumulation either way).
+        dz = jnp.where(valid[:, None], dz, 0.0).astype(hidden.dtype)
+        dh = jnp.dot(dz, head, precision=precision, preferred_element_type=jnp.float32)
+        if cfg.head_grad:
+            dw = dw + jnp.einsum("nv,nd->vd", dz, h, precision=precision, preferred_element_type=jnp.float32)
+        return (total + loss, dw), dh
+
+    chunks = (_chunk_rows(hidden, cfg.chunk, 0), _chunk_rows(targets, cfg.chunk, cfg.ignore_index))
+    dw0 = jnp.zeros(head.shape, jnp.float32) if cfg.head_grad else None
+    (total, dw), dh = lax.scan(step, (jnp.float32(0), dw0), chunks)
+    dh = dh.reshape(-1, hidden.shape[1])[: hidden.shape[0]]
+    count = jnp.sum(targets != cfg.ignore_index).astype(jnp.int32)
+    # Residuals: the unit-cotangent gradients in f32, so that scaling by the real cotangent rounds once.
+    return (total, count), (dh, dw)
+
+
+def _cross_entropy_chunked_bwd(cfg: _ChunkedConfig, residuals, cotangents):
+    dh, dw = residuals
+    g = cotangents[0].astype(jnp.float32)
+    dtype = jnp.dtype(cfg.dtype)
+    return (g * dh).astype(dtype), None if dw is None else (g * dw).astype(dtype), None
+
+
+_cross_entropy_chunked.defvjp(_cross_entropy_chunked_fwd, _cross_entropy_chunked_bwd)
+
+
+def cross_entropy_chunked(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    *,
+    softcap: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    head_grad: bool = True,
+    chunk: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    """LM head + cross-entropy over ``chunk`` tokens at a time, with the gradient computed in the forward pass.
+
+    Same semantics and arguments as ``cross_entropy``. Each chunk's [chunk, V] f32 logits come from one cuBLAS
+    GEMM and are consumed at once for the loss and for dz = softmax - onehot, which a second GEMM turns into the
+    chunk's rows of dhidden (a third into dhead when ``head_grad``); the backward only scales these by the loss
+    cotangent. Two GEMMs for a frozen head where the kernel path runs three (it recomputes the logits in its
+    backward), at the price of one chunk's logits in HBM ([chunk, V] f32: 0.5 GB at chunk 1024, V 128256)
+    and, when the head is trained, an f32 [V, D] dhead accumulator. Evaluation without gradients runs one GEMM
+    per chunk.
+    """
+    _check_arguments(hidden, head, targets, softcap)
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1")
+    cfg = _ChunkedConfig(
+        softcap=None if softcap is None else float(softcap),
+        ignore_index=int(ignore_index),
+        head_grad=bool(head_grad),
+        chunk=max(1, min(int(chunk), hidden.shape[0])),
+        dtype=jnp.dtype(hidden.dtype).name,
+    )
+    return _cross_entropy_chunked(hidden, head, targets.astype(jnp.int32), cfg)
 
 
 def cross_entropy_reference(

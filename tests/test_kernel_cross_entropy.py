@@ -9,7 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.cross_entropy import CrossEntropyBlocks, cross_entropy, cross_entropy_reference
+from pallas_kernels.cross_entropy import (
+    CrossEntropyBlocks,
+    cross_entropy,
+    cross_entropy_chunked,
+    cross_entropy_reference,
+)
 from tests.tolerances import assert_close, dtype_kind, tolerance
 
 IGNORE = -100
@@ -28,11 +33,14 @@ def _inputs(n, d, v, dtype, seed=0, ignored=()):
     return hidden, head, targets
 
 
-def _check(hidden, head, targets, *, softcap=None, block=None, interpret=None, g=0.75):
-    """Compares forward outputs and the vjp with a non-unit loss cotangent against the reference."""
+def _check(hidden, head, targets, *, softcap=None, block=None, interpret=None, g=0.75, chunk=None):
+    """Compares forward outputs and the vjp with a non-unit loss cotangent against the reference; ``chunk``
+    checks the token-chunked path (cross_entropy_chunked) instead of the kernel."""
     kind, grad_kind = dtype_kind(hidden.dtype), dtype_kind(hidden.dtype, grad=True)
 
     def kernel(h, w):
+        if chunk is not None:
+            return cross_entropy_chunked(h, w, targets, softcap=softcap, chunk=chunk)
         return cross_entropy(h, w, targets, softcap=softcap, block=block, interpret=interpret)
 
     def reference(h, w):
@@ -62,6 +70,37 @@ def test_matches_reference(dtype, softcap):
     # Tokens 16..31 are one whole token tile of ignored targets; 3 and 36 are stray ones.
     hidden, head, targets = _inputs(37, 72, 1003, dtype, ignored=[3, 36, *range(16, 32)])
     _check(hidden, head, targets, softcap=softcap, block=SMALL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "cap30"])
+@pytest.mark.parametrize("chunk", [16, 37, 4096])
+def test_chunked_matches_reference(dtype, softcap, chunk):
+    # 37 tokens in chunks of 16: two whole chunks and a padded one; 37: exactly one; 4096: clipped to one.
+    hidden, head, targets = _inputs(37, 72, 1003, dtype, seed=5, ignored=[3, 36, *range(16, 32)])
+    _check(hidden, head, targets, softcap=softcap, chunk=chunk)
+
+
+def test_chunked_frozen_head_and_evaluation():
+    hidden, head, targets = _inputs(37, 72, 1003, jnp.bfloat16, seed=6, ignored=[7])
+
+    def loss(h, w, head_grad):
+        return cross_entropy_chunked(h, w, targets, softcap=30.0, chunk=16, head_grad=head_grad)[0]
+
+    dh, dw = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(hidden, head, False)
+    dh_ref = jax.grad(lambda h: cross_entropy_reference(h, head, targets, softcap=30.0)[0])(hidden)
+    assert_close(dh, dh_ref, "bf16_grad", "dhidden")
+    assert not np.any(np.asarray(dw, np.float32))
+
+    def dots(fn, *args):
+        return str(jax.make_jaxpr(fn, static_argnums=2)(hidden, head, *args)).count("dot_general")
+
+    # Frozen head: two GEMMs per chunk (logits, dhidden), the head's third only when it is trained; without
+    # gradients, the logits GEMM alone.
+    assert dots(jax.grad(loss, argnums=(0, 1)), False) == 2
+    assert dots(jax.grad(loss, argnums=(0, 1)), True) == 3
+    assert dots(loss, True) == 1
+    assert_close(loss(hidden, head, True), cross_entropy_reference(hidden, head, targets, softcap=30.0)[0], "bf16")
 
 
 def test_many_tiles_chunks_and_groups():
@@ -105,18 +144,21 @@ def test_frozen_head_skips_dhead():
     assert dots(False) < dots(True)
 
 
-def test_rejects_bad_arguments():
+@pytest.mark.parametrize("fn", [cross_entropy, cross_entropy_chunked])
+def test_rejects_bad_arguments(fn):
     hidden, head, targets = _inputs(8, 16, 32, jnp.float32)
     with pytest.raises(ValueError, match="head.shape"):
-        cross_entropy(hidden, head[:, :8], targets)
+        fn(hidden, head[:, :8], targets)
     with pytest.raises(ValueError, match="targets"):
-        cross_entropy(hidden, head, targets[:4])
+        fn(hidden, head, targets[:4])
     with pytest.raises(TypeError, match="targets"):
-        cross_entropy(hidden, head, targets.astype(jnp.float32))
+        fn(hidden, head, targets.astype(jnp.float32))
     with pytest.raises(TypeError, match="dtype"):
-        cross_entropy(hidden, head.astype(jnp.bfloat16), targets)
+        fn(hidden, head.astype(jnp.bfloat16), targets)
     with pytest.raises(ValueError, match="softcap"):
-        cross_entropy(hidden, head, targets, softcap=0.0)
+        fn(hidden, head, targets, softcap=0.0)
+    with pytest.raises(ValueError, match="chunk=0"):
+        cross_entropy_chunked(hidden, head, targets, chunk=0)
     with pytest.raises(ValueError, match="block_v"):
         CrossEntropyBlocks(block_v=96)
     with pytest.raises(ValueError, match="chunk_v"):
@@ -129,7 +171,7 @@ def test_bench_smoke(tmp_path):
     out = tmp_path / "ce.jsonl"
     kernel_cross_entropy.main(["--smoke", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["impl"] for r in rows} == {"pallas", "xla_reference"}
+    assert {r["impl"] for r in rows} == {"pallas", "chunked", "xla_reference"}
     for r in rows:
         assert r["op"] == "cross_entropy" and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
         # Max abs gradient error of bf16 values near 1: a bf16 step or two.
@@ -139,19 +181,21 @@ def test_bench_smoke(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "cap30"])
-def test_gpu_matches_reference(dtype, softcap):
+@pytest.mark.parametrize("chunk", [None, 384], ids=["kernel", "chunked"])
+def test_gpu_matches_reference(dtype, softcap, chunk):
     hidden, head, targets = _inputs(1000, 520, 32003, dtype, seed=5, ignored=[0, *range(128, 256)])
-    # The kernel multiplies f32 in IEEE f32; keep XLA's reference off TF32 so the two can agree to 1e-5.
+    # Both paths multiply f32 in IEEE f32; keep XLA's reference off TF32 so they can agree to 1e-5.
     with jax.default_matmul_precision("highest"):
-        _check(hidden, head, targets, softcap=softcap, interpret=False)
+        _check(hidden, head, targets, softcap=softcap, interpret=False, chunk=chunk)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [4096, 2053])
-def test_gpu_llama_vocab(n):
+@pytest.mark.parametrize("chunk", [None, 1024], ids=["kernel", "chunked"])
+def test_gpu_llama_vocab(n, chunk):
     # Llama-3 vocabulary (128256 = 15 chunks of 8192 + a 5376 tail) at the default H200 blocks.
     hidden, head, targets = _inputs(n, 1024, 128256, jnp.bfloat16, seed=6, ignored=range(0, n, 7))
-    _check(hidden, head, targets, interpret=False)
+    _check(hidden, head, targets, interpret=False, chunk=chunk)
 
 
 @pytest.mark.gpu

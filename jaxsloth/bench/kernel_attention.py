@@ -245,7 +245,9 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
     # dK/dV: the faster of the fused kernel and the split pair.
     dkv = min((k for k in ("dkv", "dkv_split") if k in best), key=lambda k: best[k][1], default=None)
     chosen = [best[k] for k in ("fwd", dkv, "dq") if k in best]
-    combined = dataclasses.replace(default, **{name: value for settings, _ in chosen for name, value in settings.items()})
+    combined = dataclasses.replace(
+        default, **{name: value for settings, _ in chosen for name, value in settings.items()}
+    )
     yield {
         "op": "attention_tune",
         "kernel": "best",

@@ -1,4 +1,5 @@
-"""Micro-benchmark: fused LM-head cross-entropy (Pallas) against the full-logits XLA reference.
+"""Micro-benchmark: fused LM-head cross-entropy (Pallas kernel; token-chunked XLA with the gradient in the
+forward pass) against the full-logits XLA reference.
 
 Shapes: Llama-3.1-8B head (D=4096, V=128256), bf16, 4096 and 16384 tokens, with and without the head
 gradient. Per measurement: forward and forward+backward median time, model TFLOP/s (2NDV forward, 2NDV
@@ -10,7 +11,7 @@ split it with ``--tokens 4096`` / ``--tokens 16384`` if a time limit is tight). 
 after the peak is read and before timing.
 
     python -m jaxsloth.bench.kernel_cross_entropy --out ce.jsonl            # the full table
-    python -m jaxsloth.bench.kernel_cross_entropy --out sweep.jsonl --sweep # block configurations
+    python -m jaxsloth.bench.kernel_cross_entropy --out sweep.jsonl --sweep # block configurations, chunk sizes
     python -m jaxsloth.bench.kernel_cross_entropy --out smoke.jsonl --smoke # tiny, CPU
 """
 
@@ -27,9 +28,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxsloth.bench import timing
-from pallas_kernels.cross_entropy import CrossEntropyBlocks, cross_entropy, cross_entropy_reference
+from pallas_kernels.cross_entropy import (
+    CrossEntropyBlocks,
+    cross_entropy,
+    cross_entropy_chunked,
+    cross_entropy_reference,
+)
 
-IMPLS = ("pallas", "xla_reference")
+IMPLS = ("pallas", "chunked", "xla_reference")
+CHUNK_SWEEP = (512, 1024, 2048, 4096)
 SWEEP = (
     CrossEntropyBlocks(),
     CrossEntropyBlocks(block_n=128, block_v=128, block_d=64, num_warps=4, num_stages=4),
@@ -53,6 +60,7 @@ class Case:
     dtype: str
     head_grad: bool
     blocks: CrossEntropyBlocks
+    chunk: int = 1024  # tokens per chunk of the chunked path
 
     @property
     def shape(self) -> str:
@@ -73,6 +81,8 @@ def _inputs(case: Case):
 def _loss_fn(case: Case, impl: str):
     if impl == "pallas":
         return lambda h, w, t: cross_entropy(h, w, t, block=case.blocks, head_grad=case.head_grad)
+    if impl == "chunked":
+        return lambda h, w, t: cross_entropy_chunked(h, w, t, head_grad=case.head_grad, chunk=case.chunk)
     return cross_entropy_reference
 
 
@@ -134,6 +144,7 @@ def measure(case: Case, iters: int, check: bool = True) -> dict:
         output_bytes_fwd_bwd=fwd_bwd.memory_analysis().output_size_in_bytes,
         peak_delta_bytes_fwd_bwd=peak_delta,
         blocks=dataclasses.asdict(case.blocks) if case.impl == "pallas" else None,
+        chunk=case.chunk if case.impl == "chunked" else None,
     )
 
 
@@ -157,6 +168,8 @@ def _run_isolated(case: Case, argv_common: list[str]) -> list[dict]:
         only,
         *argv_common,
         *_block_argv(case.blocks),
+        "--chunk",
+        str(case.chunk),
     ]
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -174,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-isolate", action="store_true", help="all measurements in this process")
+    parser.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the chunked path")
     parser.add_argument("--only", help=argparse.SUPPRESS)
     for field in dataclasses.fields(CrossEntropyBlocks):
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=int)
@@ -182,19 +196,21 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype]
     common += ["--iters", str(args.iters)]
 
-    def case(impl, n, head_grad, blk=blocks):
-        return Case(impl, n, args.hidden, args.vocab, args.dtype, head_grad, blk)
+    def case(impl, n, head_grad, blk=blocks, chunk=args.chunk):
+        return Case(impl, n, args.hidden, args.vocab, args.dtype, head_grad, blk, chunk)
 
     if args.smoke:
         args.tokens, args.hidden, args.vocab, args.iters = [37], 72, 1003, 3
         small = CrossEntropyBlocks(block_n=16, block_v=256, block_d=64, chunk_v=512)
-        rows = (measure(case(impl, 37, True, small), args.iters) for impl in IMPLS)
+        rows = (measure(case(impl, 37, True, small, chunk=16), args.iters) for impl in IMPLS)
     elif args.only:
         impl, n, head_grad = args.only.split(":")
         rows = [measure(case(impl, int(n), bool(int(head_grad))), args.iters)]
     elif args.sweep:
         n = args.tokens[0]
-        rows = (measure(case("pallas", n, hg, blk), args.iters, check=False) for blk in SWEEP for hg in (False, True))
+        cases = [case("pallas", n, hg, blk) for blk in SWEEP for hg in (False, True)]
+        cases += [case("chunked", n, False, chunk=c) for c in CHUNK_SWEEP]
+        rows = (measure(c, args.iters, check=False) for c in cases)
     else:
         cases = [case(impl, n, hg) for n in args.tokens for impl in IMPLS for hg in (True, False)]
         run = (lambda c: [measure(c, args.iters)]) if args.no_isolate else (lambda c: _run_isolated(c, common))
