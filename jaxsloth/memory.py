@@ -6,14 +6,15 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
 
 - fixed: frozen weights (bf16: 2 per weight; NF4: 0.5 + block statistics, ~0.516), LoRA weights with their
   gradient and two AdamW moments (4 x 4 bytes each), 1 GiB of XLA workspace, and the tiles of the MLP
-  (3 F e per tiled token, x2 for gradients) and of the loss (the Pallas loss's [tile, 8192] gradient buffer).
+  (3 F e per tiled token, x2 for gradients) and of the loss (the Pallas loss's [tile, 8192] gradient buffer; the
+  chunked loss's [1024, V] f32 logits and their 16-bit gradient).
 - per token, residual checkpoints: (L / g) D e; on the host when remat is "offload", else on the device.
 - per token, the recomputed scan step during backward: g x [(6 D + 2 K) e (normed input, q, k, v, attention
   output, o, residual) + 2 D e (gradients in flight) + 4 Hq (attention log-sum-exp)], plus 6 F e when the MLP
   is not tiled (gate, up, activation and their gradients).
 - per token, outside the layers: the embedding output, final hidden and its f32 gradient (3 D e + 4 D), token
-  arrays (16), and when the loss is not tiled the Pallas loss's gradient tile (8192 e), or the reference
-  loss's f32 logits and their gradient (8 V).
+  arrays (16), and when the loss is not tiled the Pallas loss's gradient tile (8192 e), or the reference loss's
+  f32 logits and their gradient (8 V); the chunked loss's f32 dhidden is the f32 gradient already counted.
 - per token and layer, what the remat policy saves besides the residual (``_saved_by_policy``).
 Checked against the H200 (8B QLoRA, BENCHMARKS.md): with the long-context settings, 21.6 GiB measured at 131,072
 tokens against this model's 22.3, 56.6 at 327,680 with remat_group 2 against 63.8, and XLA's compiled plan for
@@ -29,6 +30,7 @@ import dataclasses
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import ATTN_DOTS, linear_shapes
 from jaxsloth.profiles import Profile
+from pallas_kernels.cross_entropy import CHUNK_TOKENS
 
 GIB = 2**30
 _CE_TILE = 8192  # the Pallas loss's vocabulary chunk (CrossEntropyBlocks.chunk_v)
@@ -93,7 +95,9 @@ def estimate_step_memory(
     else:
         layer += 6 * F * e
     outside = 3 * D * e + 4 * D + 16
-    if profile.loss_chunk:
+    if profile.kernels.cross_entropy == "chunked":
+        fixed += min(CHUNK_TOKENS, tokens) * config.vocab_size * (4 + e)
+    elif profile.loss_chunk:
         fixed += min(profile.loss_chunk, tokens) * (_CE_TILE * e + 4 * D)
     elif profile.kernels.cross_entropy == "pallas":
         outside += _CE_TILE * e

@@ -56,16 +56,18 @@ class Profile:
 
 # Hopper, from the H200 measurements in BENCHMARKS.md: cuDNN attention where it applies (causal GQA; the Pallas
 # kernel covers softcap and segments through the dispatch point's fallback); Pallas RMSNorm and RoPE (faster
-# forward+backward than XLA); the fused Pallas loss (same time as XLA's full-logits loss, 1/20 of its memory);
-# XLA for SwiGLU (its fused elementwise backward beat the kernel) and the XLA NF4 path (select-tree dequantize, then
-# a 16-bit GEMM forward and backward: 1.4-1.6x the reference's speed, 3x the fused Triton kernel's).
+# forward+backward than XLA); the token-chunked loss with the gradient in the forward pass (two GEMMs where the
+# fused Pallas loss runs three: 1.42x faster than the full-logits loss at 1/16 of its memory, 16384 tokens);
+# XLA for SwiGLU (its fused elementwise backward beat the kernel) and the XLA NF4 path in PEFT's 16-bit order
+# (xla16: no f32 [tokens, N] products; the 8B QLoRA step 11,361 tok/s against 10,174 with f32 products, same call).
 _HOPPER = KernelChoice(
-    rms_norm="pallas", rope="pallas", glu="reference", attention="cudnn", cross_entropy="pallas", nf4_matmul="xla"
+    rms_norm="pallas", rope="pallas", glu="reference", attention="cudnn", cross_entropy="chunked", nf4_matmul="xla16"
 )
-# Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there. NF4 takes the XLA path
-# (not measured on Ampere; on the H200 the Triton NF4 kernel trails it 3x); the fused 16-bit LoRA linear is not
-# measured anywhere yet, so XLA's three GEMMs stay.
-_AMPERE = KernelChoice.all("pallas", nf4_matmul="xla", lora_matmul="reference")
+# Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there. The loss and NF4 take
+# the same plain-XLA paths as Hopper (measured on the H200 only: they win by doing fewer GEMMs and writing no f32
+# [tokens, N] arrays, which holds on any GPU; the Triton NF4 kernel trails XLA 3x on the H200); the fused 16-bit
+# LoRA linear lost to XLA's three GEMMs on the H200, so XLA's stay.
+_AMPERE = KernelChoice.all("pallas", cross_entropy="chunked", nf4_matmul="xla16", lora_matmul="reference")
 
 PROFILES: dict[str, Profile] = {
     # attn_dots: the 8B QLoRA step at 2 x 2048 ran 10,143 tok/s at 11.0 GiB against full remat's 9,401 at 8.7
@@ -75,7 +77,7 @@ PROFILES: dict[str, Profile] = {
     "a100": Profile("a100", kernels=_AMPERE, remat="full", micro_batch=2),
     "ada": Profile("ada", kernels=_AMPERE, remat="full", micro_batch=1),
     "ampere": Profile("ampere", kernels=_AMPERE, remat="full", micro_batch=1),
-    "t4": Profile("t4", compute_dtype="float16", kernels=KernelChoice(nf4_matmul="xla"), remat="full", micro_batch=1),
+    "t4": Profile("t4", compute_dtype="float16", kernels=KernelChoice(nf4_matmul="xla16"), remat="full", micro_batch=1),
     "cpu": Profile("cpu", compute_dtype="float32", kernels=KernelChoice(), remat="none", micro_batch=1),
 }
 
@@ -101,9 +103,10 @@ _DEVICE_KINDS = (
 
 
 # The long-sequence settings: per-layer residual checkpoints offloaded to pinned host memory, the MLP in 8192-token
-# tiles, the loss in 16384-token tiles (attention is flash: O(T) memory). Every remaining per-token term is in
+# tiles, the loss in 16384-token tiles through the Pallas loss (the leanest: no [1024, V] logits chunk; the loss's
+# time is small beside attention's at these lengths; the configuration the long runs measured). Every remaining per-token term is in
 # jaxsloth.memory.
-LONG_CONTEXT = {"remat": "offload", "mlp_chunk": 8192, "loss_chunk": 16384}
+LONG_CONTEXT = {"remat": "offload", "mlp_chunk": 8192, "loss_chunk": 16384, "cross_entropy": "pallas"}
 
 
 def long_context(profile: Profile) -> Profile:
