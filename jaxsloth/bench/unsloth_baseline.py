@@ -104,6 +104,11 @@ def run(args, work_dir: Path) -> dict:
         use_gradient_checkpointing="unsloth",
         random_state=0,
     )
+    # What was actually loaded: a QLoRA baseline whose linears silently stayed 16-bit would not be one.
+    linear4bit = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
+    loaded_gib = torch.cuda.memory_allocated() / 2**30
+    if args.quant == "nf4" and not linear4bit:
+        print("unsloth baseline: load_in_4bit=True left no Linear4bit module; the record says so", file=sys.stderr)
     ms, peak_gib = time_lora_training(model, model.config.vocab_size, args.batch, args.seq, args.steps, args.warmup)
     return {
         "system": "unsloth",
@@ -112,6 +117,8 @@ def run(args, work_dir: Path) -> dict:
         "step_ms": ms,
         "peak_gib": peak_gib,
         "variant": 'checkpointing="unsloth"',
+        "linear4bit_modules": linear4bit,
+        "loaded_gib": loaded_gib,
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "unsloth": importlib.metadata.version("unsloth"),
