@@ -126,3 +126,45 @@ def test_chunked_loss_through_the_decoder(family):
     assert_close(loss, ref_loss, "f32")
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(ref_g), strict=True):
         assert_close(a, b, "f32_grad", err_msg=jax.tree_util.keystr(path))
+
+
+def _attention_forwards_per_remat(family, attention, remats, interpret=True, dtype=jnp.float32):
+    """Attention forward launches in the jaxpr of the LoRA gradient per remat policy, and the gradients."""
+    config = config_from_hf_dict(CONFIGS[family])
+    params = init_params(config, jax.random.key(0), dtype, std=0.05)
+    lora = LoraConfig(r=4, alpha=8.0)
+    trainable = init_lora(config, lora, jax.random.key(1))
+    trainable = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), trainable)
+    tokens = np.random.default_rng(5).integers(0, config.vocab_size, (1, 19))
+    batch = {"tokens": jnp.asarray(tokens, jnp.int32), "targets": jnp.asarray(np.roll(tokens, -1, 1), jnp.int32)}
+    ops = Ops(KernelChoice(attention=attention, interpret=interpret))
+    launch = "name=flash_attention_fwd" if attention == "pallas" else "dot_product_attention_fwd"
+
+    def loss(t, remat):
+        p, lt = with_trainable(params, t)
+        s, c = loss_sum_and_count(p, batch, config=config, ops=ops, lora=lt, lora_rt=lora.runtime, remat=remat)
+        return s / c
+
+    counts = {r: str(jax.make_jaxpr(jax.grad(lambda t, r=r: loss(t, r)))(trainable)).count(launch) for r in remats}
+    grads = {r: jax.grad(lambda t, r=r: loss(t, r))(trainable) for r in remats}
+    return counts, grads
+
+
+def test_dots_remat_keeps_the_attention_forward():
+    # "dots" keeps the attention launch's outputs (output, log-sum-exp) besides the projections, so the backward
+    # runs no second attention forward; the gradients equal the un-rematerialised step's.
+    counts, grads = _attention_forwards_per_remat("gemma2", "pallas", ("none", "dots", "attn_dots"))
+    assert counts["dots"] == counts["none"] < counts["attn_dots"]
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(grads["dots"])[0], jax.tree.leaves(grads["none"]), strict=True
+    ):
+        assert_close(a, b, "f32_grad", err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.gpu
+def test_dots_remat_keeps_the_cudnn_attention_forward():
+    # cuDNN's flash attention takes 16-bit inputs only.
+    counts, _ = _attention_forwards_per_remat(
+        "llama", "cudnn", ("none", "dots", "attn_dots"), interpret=None, dtype=jnp.bfloat16
+    )
+    assert counts["dots"] == counts["none"] < counts["attn_dots"]

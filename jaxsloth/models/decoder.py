@@ -32,6 +32,25 @@ REMAT_POLICIES = ("none", "dots", "attn_dots", "full", "offload")
 # Projections whose outputs "attn_dots" keeps: everything but the two wide MLP inputs (gate, up), which are
 # recomputed; at 2048 tokens a layer then saves 4 * hidden + 2 * kv_dim values per token instead of all of them.
 ATTN_DOTS = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+# The attention forward launches whose outputs (attention output and log-sum-exp, the backward's residuals) "dots"
+# also keeps, so the backward does not run the attention forward a second time: the Pallas kernel's pallas_call by
+# name, cuDNN's forward primitive. Names put inside a custom_vjp's forward rule are not honoured by the remat
+# policy (the forward is recomputed whole), hence a policy on the launches themselves.
+_ATTENTION_FORWARD_KERNELS = ("flash_attention_fwd",)
+_ATTENTION_FORWARD_PRIMITIVES = ("dot_product_attention_fwd", "dot_product_attention_fwd_wrapper")
+
+
+def _save_projections_and_attention(*names):
+    save_named = jax.checkpoint_policies.save_only_these_names(*names)
+
+    def policy(prim, *args, **params):
+        if prim.name == "pallas_call":
+            return params.get("name") in _ATTENTION_FORWARD_KERNELS
+        if prim.name in _ATTENTION_FORWARD_PRIMITIVES:
+            return True
+        return save_named(prim, *args, **params)
+
+    return policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +132,7 @@ def _remat(fn: Callable, policy: str) -> Callable:
     if policy == "full":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
     if policy == "dots":
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*LINEARS))
+        return jax.checkpoint(fn, policy=_save_projections_and_attention(*LINEARS))
     if policy == "attn_dots":
         return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*ATTN_DOTS))
     if policy == "offload":
