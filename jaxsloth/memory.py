@@ -7,7 +7,7 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
 - fixed: frozen weights (bf16: 2 per weight; NF4: 0.5 + block statistics, ~0.516), LoRA weights with their
   gradient and two AdamW moments (4 x 4 bytes each), 1 GiB of XLA workspace, and the tiles of the MLP
   (3 F e per tiled token, x2 for gradients) and of the loss (the Pallas loss's [tile, 8192] gradient buffer; the
-  chunked loss's [1024, V] f32 logits and their 16-bit gradient).
+  chunked loss's [1024, V] f32 logits and their 16-bit gradient, beyond a layer's recompute temporaries).
 - per token, residual checkpoints: (L / g) D e; on the host when remat is "offload", else on the device.
 - per token, the recomputed scan step during backward: g x [(6 D + 2 K) e (normed input, q, k, v, attention
   output, o, residual) + 2 D e (gradients in flight) + 4 Hq (attention log-sum-exp)], plus 6 F e when the MLP
@@ -98,7 +98,9 @@ def estimate_step_memory(
         layer += 6 * F * e
     outside = 3 * D * e + 4 * D + 16
     if profile.kernels.cross_entropy == "chunked":
-        fixed += min(CHUNK_TOKENS, tokens) * config.vocab_size * (4 + e)
+        # One chunk's f32 logits and 16-bit gradient live between the last layer's forward and the first layer's
+        # backward, when no layer's recompute temporaries do: they count only where they exceed those.
+        fixed += max(0.0, min(CHUNK_TOKENS, tokens) * config.vocab_size * (4 + e) - g * layer * tokens)
     elif profile.loss_chunk:
         fixed += min(profile.loss_chunk, tokens) * (_CE_TILE * e + 4 * D)
     elif profile.kernels.cross_entropy == "pallas":

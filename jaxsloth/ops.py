@@ -158,9 +158,15 @@ class Ops:
         """hidden: [N, D], head: [V, D], targets: [N] -> (loss_sum, count).
 
         head_grad=False (a frozen head, the LoRA case) lets the Pallas kernel skip the [V, D] gradient entirely.
+        A trained head takes the Pallas kernel where the profile says "chunked": the chunked path would hold an f32
+        [V, D] gradient accumulator (2 GiB for a 128k vocabulary; 16% of the full-logits loss's memory at 16384
+        tokens against the kernel's 5%, H200, BENCHMARKS.md), and the kernel is still 1.4x faster than full logits.
         """
-        extra = {} if self.kernels.cross_entropy == "reference" else {"head_grad": head_grad}
-        return self._call("cross_entropy", self.kernels.cross_entropy, hidden, head, targets, softcap=softcap, **extra)
+        impl = self.kernels.cross_entropy
+        if impl == "chunked" and head_grad:
+            impl = "pallas"
+        extra = {} if impl == "reference" else {"head_grad": head_grad}
+        return self._call("cross_entropy", impl, hidden, head, targets, softcap=softcap, **extra)
 
     def linear(self, x, weight, bias=None, lora=None, lora_scale: float = 0.0, lora_x=None):
         """y = x @ W^T (+ bias) + lora_scale * (lora_x @ A^T) @ B^T.

@@ -204,3 +204,22 @@ def test_gpu_frozen_head():
     dh = jax.grad(lambda h: cross_entropy(h, head, targets, interpret=False, head_grad=False)[0])(hidden)
     dh_ref = jax.grad(lambda h: cross_entropy_reference(h, head, targets)[0])(hidden)
     assert_close(dh, dh_ref, "bf16_grad", "dhidden")
+
+
+def test_dispatch_sends_a_trained_head_to_the_kernel(monkeypatch):
+    # The profile's "chunked" loss for a frozen head; a trained head goes to the Pallas kernel (no f32 [V, D]
+    # accumulator). Both must equal the reference through the dispatch point.
+    import pallas_kernels.cross_entropy as ce
+    from jaxsloth.ops import KernelChoice, Ops
+
+    called = []
+    for name in ("cross_entropy", "cross_entropy_chunked"):
+        fn = getattr(ce, name)
+        monkeypatch.setattr(ce, name, lambda *a, _fn=fn, _n=name, **k: called.append(_n) or _fn(*a, **k))
+    ops = Ops(KernelChoice(cross_entropy="chunked", interpret=True))
+    hidden, head, targets = _inputs(37, 72, 1003, jnp.float32, seed=8, ignored=[2])
+    want = cross_entropy_reference(hidden, head, targets)[0]
+    for head_grad, impl in ((False, "cross_entropy_chunked"), (True, "cross_entropy")):
+        called.clear()
+        assert_close(ops.cross_entropy(hidden, head, targets, head_grad=head_grad)[0], want, "f32")
+        assert called == [impl]
