@@ -14,4 +14,10 @@ timeout 40 $S --arch llama3.2-1b --quant bf16 --remat dots --trace /tmp/t1b >> $
 for t in t8b tgemma t1b; do cp /tmp/$t/summary.json $L/trace_$t.json; done
 timeout 90 $S --arch gemma2-9b --quant bf16 --remat none >> $L/run.log 2>&1; el gemma_none
 timeout 60 $S --arch llama3.1-8b --quant nf4 --remat offload >> $L/run.log 2>&1; el 8b_offload
+# Issue 5: xla16 per projection against the f32-product path and bf16 (not yet timed per projection), then whether
+# XLA's Triton GEMM takes the NF4 dequantization into its operand load when allowed for every GEMM (a gather may
+# block that fusion: check the trace's kernel names for gemm_fusion kernels reading uint8).
+timeout 120 python3 -m jaxsloth.bench.kernel_nf4_matmul --impls xla xla16 bf16_lora_xla --tokens 4096 16384 --out $L/nf4.jsonl > $L/nf4.log 2>&1; el nf4
+XLA_FLAGS=--xla_gpu_triton_gemm_any=true timeout 90 $S --arch llama3.1-8b --quant nf4 --trace /tmp/tany >> $L/run.log 2>&1; el 8b_triton_gemm_any
+cp /tmp/tany/summary.json $L/trace_triton_gemm_any.json
 tar czf $OUT/next.tgz -C $OUT logs
