@@ -20,4 +20,4 @@ timeout 60 $S --arch llama3.1-8b --quant nf4 --remat offload >> $L/run.log 2>&1;
 timeout 120 python3 -m jaxsloth.bench.kernel_nf4_matmul --impls xla xla16 bf16_lora_xla --tokens 4096 16384 --out $L/nf4.jsonl > $L/nf4.log 2>&1; el nf4
 XLA_FLAGS=--xla_gpu_triton_gemm_any=true timeout 90 $S --arch llama3.1-8b --quant nf4 --trace /tmp/tany >> $L/run.log 2>&1; el 8b_triton_gemm_any
 cp /tmp/tany/summary.json $L/trace_triton_gemm_any.json
-tar czf $OUT/next.tgz -C $OUT logs
+tar czf $OUT/next.tgz -C $OUT logs && rm -rf $OUT/logs  # one file back (the limit is 8)
