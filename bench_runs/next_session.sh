@@ -6,7 +6,8 @@
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 L=$OUT/logs; mkdir -p $L; R=$L/step.jsonl
 t0=$(date +%s); el(){ echo "$1 $(( $(date +%s) - t0 ))s" >> $L/times.txt; }
-timeout 60 python3 -m pytest -q -m gpu tests/test_models_kernels.py > $L/pytest.log 2>&1; el pytest
+timeout 150 python3 -m pytest -q -m gpu tests/test_models_kernels.py tests/test_kernel_rms_norm.py tests/test_kernel_rope.py \
+  tests/test_kernel_glu.py > $L/pytest.log 2>&1; el pytest  # the norm/RoPE/GLU GPU cases again: the first run was cut short
 S="python3 -m jaxsloth.bench.step --batch 2 --seq 2048 --profile h200 --steps 3 --warmup 1 --out $R"
 timeout 60 $S --arch llama3.1-8b --quant nf4 --trace /tmp/t8b >> $L/run.log 2>&1; el 8b_trace
 timeout 60 $S --arch gemma2-9b --quant bf16 --remat dots --trace /tmp/tgemma >> $L/run.log 2>&1; el gemma_trace
