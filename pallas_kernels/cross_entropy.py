@@ -20,6 +20,12 @@ rows of dhead. ``head_grad=False`` (frozen head, the usual LoRA case) skips the 
 Tiles are handed out token-tile-fastest inside groups of ``group_n`` token tiles (a 1-D grid, like
 Triton's grouped matmul ordering): the programs in flight share a few head tiles and a group of hidden
 rows, so both stay in L2 instead of being re-read from HBM once per tile of the other axis.
+
+``cross_entropy_chunked`` is the other fused path (no Pallas): ``CHUNK_TOKENS`` tokens at a time, their
+[chunk, V] f32 logits from one cuBLAS GEMM feed the loss and dz at once, and a second GEMM gives the chunk's
+dhidden, all in the forward pass. It runs two GEMMs for a frozen head where the kernel path runs three (the
+kernel recomputes the logits in its backward because its logits never leave registers), so it is the faster
+of the two; the kernel is the leaner when the head is trained (no f32 [V, D] accumulator).
 """
 
 from __future__ import annotations
