@@ -47,7 +47,9 @@ class AttentionBlocks:
     num_stages_dq: int = 2
     # dK and dV from two kernels of one f32 accumulator each (same tiles), instead of one kernel holding both:
     # 25% more score recomputation, but at d256 the fused kernel's two [block_k, 256] accumulators force small
-    # tiles (BENCHMARKS.md, 2026-11-29). The dK kernel mirrors the dQ kernel.
+    # tiles. The dK kernel mirrors the dQ kernel. H200 (BENCHMARKS.md, fourth session): 3.17 against 3.27 ms at
+    # Gemma-2 T=8192, but 0.83 against 0.68 at the Gemma-2 step's B2 x T2048 and 3.32 against 2.23 at the 8B
+    # shape, so no default uses it.
     split_dkv: bool = False
 
     def __post_init__(self):
