@@ -157,6 +157,7 @@ def test_benchmark_smoke(tmp_path):
     assert all("error" not in r for r in rows), rows
     assert {r["impl"] for r in rows} >= {"pallas", "xla_reference"}
     assert all(r["max_err"] < 0.1 for r in rows if r["impl"] == "pallas")
+    assert all(r["temp_bytes_fwd_bwd"] >= 0 for r in rows)  # the compiled plan's temporaries, per row
 
 
 def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):

@@ -4,8 +4,9 @@ Shapes (bf16): Llama-3.1-8B attention (32 q / 8 kv heads, d128, causal) and Gemm
 kv heads, d256, causal, softcap 50, sliding window 4096) at T = 2048 (B=2), 8192 and 32768 (B=1). cuDNN runs
 the 8B shape only (it has no softcap); the XLA reference is skipped where its [B, H, T, T] f32 scores would
 not fit. Per measurement: forward and forward+backward median time and TFLOP/s (forward 4*B*Hq*T*T*hd,
-halved for causal, forward+backward 3.5x that: the usual convention, so windows are not discounted), and
-the max abs error of out/dq/dk/dv against the reference, checked before timing.
+halved for causal, forward+backward 3.5x that: the usual convention, so windows are not discounted), the
+compiled forward+backward's temporary bytes (memory as T grows), and the max abs error of out/dq/dk/dv against
+the reference, checked before timing.
 
 Rows are appended to ``--out`` (several ``--only`` runs can share one file).
 
@@ -141,6 +142,9 @@ def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks 
     del got
     fwd_ms = timing.kernel_ms(fwd, args[:3], iters)
     fwd_bwd_ms = timing.kernel_ms(fwd_bwd, args, iters)
+    # XLA's plan for the step's temporaries (beyond inputs and outputs): flash attention's should grow linearly
+    # with T (the log-sum-exp, delta, f32 dQ partials), the reference's quadratically (its [B, H, T, T] scores).
+    temp = fwd_bwd.lower(*args).compile().memory_analysis().temp_size_in_bytes
     flops = shape.fwd_flops()
     return timing.kernel_record(
         "attention",
@@ -156,6 +160,7 @@ def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks 
         max_err=max_err,
         max_err_scope=err_scope,
         blocks=dataclasses.asdict(blocks or AttentionBlocks.for_head_dim(shape.d)) if impl == "pallas" else None,
+        temp_bytes_fwd_bwd=temp,
     )
 
 
