@@ -40,10 +40,12 @@ CONFIGS = {
 }
 
 
-def _loss_and_grads(params, trainable, batch, config, lora, ops):
+def _loss_and_grads(params, trainable, batch, config, lora, ops, loss_chunk=None):
     def f(t):
         p, lt = with_trainable(params, t)
-        s, c = loss_sum_and_count(p, batch, config=config, ops=ops, lora=lt, lora_rt=lora.runtime, head_grad=False)
+        s, c = loss_sum_and_count(
+            p, batch, config=config, ops=ops, lora=lt, lora_rt=lora.runtime, head_grad=False, loss_chunk=loss_chunk
+        )
         return s / c
 
     return jax.value_and_grad(f)(trainable)
@@ -107,10 +109,11 @@ def test_quantized_model_through_the_xla_nf4_paths(impl):
         assert_close(a, b, "f32_grad", err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_chunked_loss_through_the_decoder(family):
+@pytest.mark.parametrize("family,loss_chunk", [("llama", None), ("gemma2", None), ("llama", 16)])
+def test_chunked_loss_through_the_decoder(family, loss_chunk):
     # The token-chunked loss (gradient in the forward pass) as the decoder calls it, Gemma 2's final softcap
-    # included: loss and LoRA gradients equal the reference path's.
+    # included, and inside the decoder's own rematerialised loss tiles: loss and LoRA gradients equal the reference
+    # path's.
     config = config_from_hf_dict(CONFIGS[family])
     params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
     lora = LoraConfig(r=4, alpha=8.0)
@@ -122,7 +125,8 @@ def test_chunked_loss_through_the_decoder(family):
     targets[:, -1] = -100
     batch = {"tokens": jnp.asarray(tokens, jnp.int32), "targets": jnp.asarray(targets, jnp.int32)}
     ref_loss, ref_g = _loss_and_grads(params, trainable, batch, config, lora, Ops(KernelChoice()))
-    loss, g = _loss_and_grads(params, trainable, batch, config, lora, Ops(KernelChoice(cross_entropy="chunked")))
+    chunked = Ops(KernelChoice(cross_entropy="chunked"))
+    loss, g = _loss_and_grads(params, trainable, batch, config, lora, chunked, loss_chunk=loss_chunk)
     assert_close(loss, ref_loss, "f32")
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g)[0], jax.tree.leaves(ref_g), strict=True):
         assert_close(a, b, "f32_grad", err_msg=jax.tree_util.keystr(path))
