@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepared for the next session's device time (not run yet), in two calls of under 10 minutes:
-#   bash bench_runs/next_session.sh 1   # GPU tests, traces of the new profile's steps, remat choices not yet timed
-#   bash bench_runs/next_session.sh 2   # attention memory as T grows, xla16 per projection, XLA Triton GEMM for all
+#   bash bench_runs/next_session.sh 1   # GPU tests, XLA dynamic-slice fusion, traces of the new profile's steps, offload
+#   bash bench_runs/next_session.sh 2   # Gemma-2 without remat, attention memory as T grows, xla16 per projection,
+#                                       # XLA's Triton GEMM for every GEMM
 # Each returns one archive, $OUT/next<part>.tgz (the device tool returns at most 8 files).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 L=$OUT/logs; mkdir -p $L; R=$L/step.jsonl
@@ -25,11 +26,12 @@ if [ "$1" = 1 ]; then
   timeout 60 $S --arch gemma2-9b --quant bf16 --remat dots --trace /tmp/tgemma >> $L/run.log 2>&1; el gemma_trace
   timeout 40 $S --arch llama3.2-1b --quant bf16 --remat dots --trace /tmp/t1b >> $L/run.log 2>&1; el 1b_trace
   for t in t8b tgemma t1b; do cp /tmp/$t/summary.json $L/trace_$t.json; done
-  # Remat choices not yet timed with the new profile: Gemma-2 without remat (3x HF needs 1% more), the 8B QLoRA step
-  # with offloaded checkpoints (the lean target: <= 6.5 GiB at >= 12,000 tok/s).
-  timeout 90 $S --arch gemma2-9b --quant bf16 --remat none >> $L/run.log 2>&1; el gemma_none
+  # A remat choice not yet timed with the new profile: the 8B QLoRA step with offloaded checkpoints (the lean
+  # target: <= 6.5 GiB at >= 12,000 tok/s).
   timeout 60 $S --arch llama3.1-8b --quant nf4 --remat offload >> $L/run.log 2>&1; el 8b_offload
 else
+  # Gemma-2 without remat (3x HF needed 1% more in the fourth session).
+  timeout 90 $S --arch gemma2-9b --quant bf16 --remat none >> $L/run.log 2>&1; el gemma_none
   # Issue 10: attention memory as T grows (compiled temporaries per row, T = 2048, 8192, 32768).
   timeout 150 python3 -m jaxsloth.bench.kernel_attention --only gemma2_9b --out $L/attn.jsonl > $L/attn.log 2>&1; el attn
   # Issue 5: xla16 per projection against the f32-product path and bf16, then whether XLA's Triton GEMM takes the
