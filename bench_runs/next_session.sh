@@ -16,7 +16,8 @@ if [ "$1" = 1 ]; then
   # The third session's Gemma-2 trace spent 26.9 ms per step (6%) in 956 memcpy kernels, ~23 per layer: about one per
   # per-layer parameter slice of the scan (forward and backward), which XLA:GPU copies out of the stacked [L, ...]
   # arrays before cuBLAS and the Pallas custom calls read them. XLA's dynamic-slice fusion passes the offset instead of
-  # copying. If it wins (and the traces below show the memcpy gone), give the profile an XLA option for it.
+  # copying. If it wins (and the traces below show the memcpy gone), give the profile an XLA option for it. The
+  # records carry the flag (timing.environment), so their tables label it.
   F=--xla_gpu_enable_dynamic_slice_fusion=true
   XLA_FLAGS=$F timeout 60 $S --arch gemma2-9b --quant bf16 --remat dots >> $L/run.log 2>&1; el gemma_dsf
   XLA_FLAGS=$F timeout 40 $S --arch llama3.2-1b --quant bf16 --remat dots >> $L/run.log 2>&1; el 1b_dsf

@@ -166,6 +166,21 @@ def test_report_tables_ratios_mfu_and_plots(tmp_path):
         report.load_records([bad])
 
 
+def test_xla_flags_are_part_of_the_record_and_its_label(monkeypatch):
+    # XLA_FLAGS change what XLA compiles: a measurement taken under them must say so, in its command and its label.
+    from jaxsloth.bench.timing import environment
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    plain = environment()
+    assert "xla_flags" not in plain and not plain["command"].startswith("XLA_FLAGS")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_dynamic_slice_fusion=true")
+    env = environment()
+    assert env["xla_flags"] == "--xla_gpu_enable_dynamic_slice_fusion=true"
+    assert env["command"].startswith("XLA_FLAGS='--xla_gpu_enable_dynamic_slice_fusion=true' python")
+    rec = _rec("jaxsloth", 12000.0, 6.0, remat="dots", profile="h200", xla_flags=env["xla_flags"])
+    assert report.config_label(rec) == "remat=dots; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
+
+
 def test_committed_results_and_benchmarks_md(tmp_path):
     records = report.load_records([RESULTS])
     assert len(records) >= 9

@@ -131,6 +131,8 @@ def config_label(rec: dict) -> str:
             parts.append(f"{field}={rec[field]}")
     if rec.get("mesh"):
         parts.append(f"mesh={rec['mesh']}")
+    if rec.get("xla_flags"):
+        parts.append(f"XLA_FLAGS={rec['xla_flags']}")
     return "; ".join(parts)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -47,15 +48,19 @@ def kernel_ms(fn, args, iters: int, repeats: int = 5) -> float:
 
 
 def environment() -> dict:
-    """GPU, versions, date and command: what BENCHMARKS.md records beside every number."""
+    """GPU, versions, date and command: what BENCHMARKS.md records beside every number. XLA_FLAGS, when set, change
+    what XLA compiles, so they are part of the command and of the record."""
     dev = jax.devices()[0]
+    xla_flags = os.environ.get("XLA_FLAGS", "").strip()
+    command = " ".join(["python"] + sys.argv)
     return {
         "gpu": dev.device_kind,
         "platform": dev.platform,
         "jax": jax.__version__,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python"] + sys.argv),
+        "command": f"XLA_FLAGS='{xla_flags}' {command}" if xla_flags else command,
+        **({"xla_flags": xla_flags} if xla_flags else {}),
     }
 
 
