@@ -30,7 +30,6 @@ import dataclasses
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import ATTN_DOTS, linear_shapes
 from jaxsloth.profiles import Profile
-from pallas_kernels.cross_entropy import CHUNK_TOKENS
 
 GIB = 2**30
 _CE_TILE = 8192  # the Pallas loss's vocabulary chunk (CrossEntropyBlocks.chunk_v)
@@ -98,6 +97,8 @@ def estimate_step_memory(
         layer += 6 * F * e
     outside = 3 * D * e + 4 * D + 16
     if profile.kernels.cross_entropy == "chunked":
+        from pallas_kernels.cross_entropy import CHUNK_TOKENS  # here: the Pallas modules load on first use only
+
         # One chunk's f32 logits and 16-bit gradient live between the last layer's forward and the first layer's
         # backward, when no layer's recompute temporaries do: they count only where they exceed those.
         fixed += max(0.0, min(CHUNK_TOKENS, tokens) * config.vocab_size * (4 + e) - g * layer * tokens)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 
 def default_interpret() -> bool:
@@ -29,3 +31,10 @@ def triton_compiler_params(num_warps: int = 4, num_stages: int = 2):
     from jax.experimental.pallas import triton as plgpu
 
     return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def dot_precision(dtype) -> lax.Precision | None:
+    """The precision of every dot in these kernels and their XLA companions: IEEE f32 products for f32 inputs
+    (Triton's and XLA:GPU's default for f32 dots is TF32, a 10-bit mantissa, far outside f32 tolerances: it
+    failed the f32 GPU tests); 16-bit inputs keep the default, tensor cores at full input precision."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None

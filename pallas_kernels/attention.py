@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import cdiv, next_power_of_2, resolve_interpret, triton_compiler_params
+from pallas_kernels._common import cdiv, dot_precision, next_power_of_2, resolve_interpret, triton_compiler_params
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
@@ -141,12 +141,6 @@ def _dot(a, b, st: _Static, *, trans_a: bool = False, trans_b: bool = False):
     """[m, k] @ [k, n] with f32 accumulation at ``st.precision``; transposes are folded into the dot."""
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return lax.dot_general(a, b, dims, precision=st.precision, preferred_element_type=jnp.float32)
-
-
-def _precision(dtype) -> lax.Precision | None:
-    """f32 inputs get IEEE f32 products: Triton's default for f32 dots is TF32 (10-bit mantissa), far
-    outside f32 tolerances. bf16/f16 keep the default: their dots run on tensor cores at full input precision."""
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _scores(q, k, st: _Static):
@@ -566,7 +560,7 @@ def prepare(q, k, v, *, segment_ids, causal, sliding_window, softcap, scale, int
         groups=hq // hk,
         has_segments=segment_ids is not None,
         fast_tanh=q.dtype != jnp.float32,
-        precision=_precision(q.dtype),
+        precision=dot_precision(q.dtype),
         blocks=blocks,
         interpret=resolve_interpret(interpret),
     )

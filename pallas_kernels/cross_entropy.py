@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, next_power_of_2, resolve_interpret, triton_compiler_params
+from pallas_kernels._common import cdiv, dot_precision, next_power_of_2, resolve_interpret, triton_compiler_params
 
 IGNORE_INDEX = -100
 # Tokens per chunk of ``cross_entropy_chunked``: [1024, 128256] f32 logits are 0.5 GB, and a 1024-row GEMM
@@ -169,17 +169,14 @@ def _dlogits_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, start_ref, dz_ref, *, n
     plgpu.store(dz_ref.at[pl.ds(row0, bn), pl.ds(local0, bv)], dz.astype(dz_ref.dtype), mask=mask)
 
 
-def _precision(dtype):
-    """f32 inputs get IEEE f32 products (Triton and XLA would otherwise use TF32 on the GPU)."""
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-
 def _forward_lse(hidden, head, targets, cfg: _Config):
     """Returns (lse [N] f32, target logit [N] f32)."""
     (n, d), v = hidden.shape, head.shape[0]
     bn, bv = cfg.block_n, cfg.block_v
     n_pad, n_tiles_v = cdiv(n, bn) * bn, cdiv(v, bv)
-    kernel = functools.partial(_forward_kernel, n=n, v=v, d=d, n_pad=n_pad, cfg=cfg, precision=_precision(hidden.dtype))
+    kernel = functools.partial(
+        _forward_kernel, n=n, v=v, d=d, n_pad=n_pad, cfg=cfg, precision=dot_precision(hidden.dtype)
+    )
     part = jax.ShapeDtypeStruct((n_tiles_v * n_pad,), jnp.float32)
     lse_parts, pick_parts = pl.pallas_call(
         kernel,
@@ -197,7 +194,9 @@ def _forward_lse(hidden, head, targets, cfg: _Config):
 def _dlogits(hidden, head, targets, lse, g, start, width: int, cfg: _Config):
     """dz [N, width] in hidden.dtype for vocab columns [start, start + width); start: [1] int32."""
     (n, d), v = hidden.shape, head.shape[0]
-    kernel = functools.partial(_dlogits_kernel, n=n, v=v, d=d, width=width, cfg=cfg, precision=_precision(hidden.dtype))
+    kernel = functools.partial(
+        _dlogits_kernel, n=n, v=v, d=d, width=width, cfg=cfg, precision=dot_precision(hidden.dtype)
+    )
     return pl.pallas_call(
         kernel,
         grid=(cdiv(n, cfg.block_n) * cdiv(width, cfg.block_v),),
@@ -231,7 +230,7 @@ def _cross_entropy_bwd(cfg: _Config, residuals, cotangents):
     v = head.shape[0]
     width = min(cfg.chunk_v, v)
     n_full, tail = divmod(v, width)
-    precision = _precision(hidden.dtype)
+    precision = dot_precision(hidden.dtype)
 
     def chunk(start, size, carry):
         dh, dw = carry
@@ -322,16 +321,21 @@ class _ChunkedConfig:
     dtype: str  # of hidden and head: the gradients' dtype
 
 
-def _chunk_rows(x, chunk: int, fill):
-    """[N, ...] -> [N / chunk, chunk, ...], the last chunk padded with ``fill``."""
-    pad = -x.shape[0] % chunk
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-    return x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])
+def _chunked(hidden, targets, cfg: _ChunkedConfig):
+    """(hidden [C, chunk, D], targets [C, chunk]), the last chunk padded with zeros and ignored targets."""
+    pad = -hidden.shape[0] % cfg.chunk
+    h = jnp.pad(hidden, [(0, pad), (0, 0)]).reshape(-1, cfg.chunk, hidden.shape[1])
+    t = jnp.pad(targets, (0, pad), constant_values=cfg.ignore_index).reshape(-1, cfg.chunk)
+    return h, t
+
+
+def _valid_count(targets, cfg: _ChunkedConfig):
+    return jnp.sum(targets != cfg.ignore_index).astype(jnp.int32)
 
 
 def _chunk_logits(h, head, cfg: _ChunkedConfig):
     """One chunk's [chunk, V] logits in f32 (softcapped), from one GEMM with f32 accumulation."""
-    z = jnp.einsum("nd,vd->nv", h, head, precision=_precision(h.dtype), preferred_element_type=jnp.float32)
+    z = jnp.einsum("nd,vd->nv", h, head, precision=dot_precision(h.dtype), preferred_element_type=jnp.float32)
     return z if cfg.softcap is None else cfg.softcap * jnp.tanh(z / cfg.softcap)
 
 
@@ -348,9 +352,8 @@ def _chunked_loss_only(hidden, head, targets, cfg: _ChunkedConfig):
         h, t = chunk
         return total + _chunk_loss(_chunk_logits(h, head, cfg), t, cfg)[0], None
 
-    chunks = (_chunk_rows(hidden, cfg.chunk, 0), _chunk_rows(targets, cfg.chunk, cfg.ignore_index))
-    total, _ = lax.scan(step, jnp.float32(0), chunks)
-    return total, jnp.sum(targets != cfg.ignore_index).astype(jnp.int32)
+    total, _ = lax.scan(step, jnp.float32(0), _chunked(hidden, targets, cfg))
+    return total, _valid_count(targets, cfg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -361,7 +364,7 @@ def _cross_entropy_chunked(hidden, head, targets, cfg: _ChunkedConfig):
 def _cross_entropy_chunked_fwd(hidden, head, targets, cfg: _ChunkedConfig):
     """The loss and its gradient for a unit cotangent, chunk by chunk: each chunk's logits feed both the loss and
     dz, so the logits GEMM runs once (the kernel path recomputes it in its backward)."""
-    precision = _precision(hidden.dtype)
+    precision = dot_precision(hidden.dtype)
 
     def step(carry, chunk):
         total, dw = carry
@@ -378,11 +381,10 @@ def _cross_entropy_chunked_fwd(hidden, head, targets, cfg: _ChunkedConfig):
             dw = dw + jnp.einsum("nv,nd->vd", dz, h, precision=precision, preferred_element_type=jnp.float32)
         return (total + loss, dw), dh
 
-    chunks = (_chunk_rows(hidden, cfg.chunk, 0), _chunk_rows(targets, cfg.chunk, cfg.ignore_index))
     dw0 = jnp.zeros(head.shape, jnp.float32) if cfg.head_grad else None
-    (total, dw), dh = lax.scan(step, (jnp.float32(0), dw0), chunks)
+    (total, dw), dh = lax.scan(step, (jnp.float32(0), dw0), _chunked(hidden, targets, cfg))
     dh = dh.reshape(-1, hidden.shape[1])[: hidden.shape[0]]
-    count = jnp.sum(targets != cfg.ignore_index).astype(jnp.int32)
+    count = _valid_count(targets, cfg)
     # Residuals: the unit-cotangent gradients in f32, so that scaling by the real cotangent rounds once.
     return (total, count), (dh, dw)
 

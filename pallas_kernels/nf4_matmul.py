@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, next_power_of_2, resolve_interpret, triton_compiler_params
+from pallas_kernels._common import cdiv, dot_precision, next_power_of_2, resolve_interpret, triton_compiler_params
 
 # The 16 NF4 levels (QLoRA, arXiv:2305.14314 section 3): quantiles of N(0, 1) scaled to [-1, 1], with an
 # exact zero. Code i is NF4_CODE[i]; these are the f32 values bitsandbytes stores as `quant_map`.
@@ -215,22 +215,16 @@ def _dequant_chunk(w: _WRefs, n0, bn: int, n_mask, col, k_blocks: int, dtype) ->
     return (vals * scale[:, None]).astype(dtype)
 
 
-def _in_kernel_precision(a: jax.Array) -> lax.Precision | None:
-    """IEEE f32 products for f32 operands: Triton's default for f32 dots is TF32 (10-bit mantissa), which
-    failed the f32 GPU tests (dx off by 7e-4); 16-bit operands keep the tensor-core default."""
-    return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-
-
 def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [m, k] @ b [n, k]^T with f32 accumulation."""
     dims = (((1,), (1,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=_in_kernel_precision(a), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, precision=dot_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
 def _dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     """a [m, k] @ b [k, n] with f32 accumulation."""
     dims = (((1,), (0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=_in_kernel_precision(a), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, precision=dot_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
 def _fwd_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, dense, has_lora, fuse_lora_a, scale):
@@ -604,15 +598,15 @@ def nf4_dequantize_reference(
     return (values * scale).astype(dtype).reshape(*lead, *shape)
 
 
-def _matmul_nt_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w[N, K]^T, accumulated and returned in f32."""
-    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _matmul_nt(x: jax.Array, w: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """x [..., K] @ w[N, K]^T, accumulated in f32 and returned in ``out_dtype``."""
+    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
 
 def _lora_term_f32(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, lora_scale: float) -> jax.Array:
     """lora_scale * (x @ A^T) @ B^T in f32, the intermediate rounded to x.dtype as PEFT's lora_A output is."""
-    u = _matmul_nt_f32(x, lora_a.astype(x.dtype)).astype(x.dtype)
-    return lora_scale * _matmul_nt_f32(u, lora_b.astype(x.dtype))
+    u = _matmul_nt(x, lora_a.astype(x.dtype)).astype(x.dtype)
+    return lora_scale * _matmul_nt(u, lora_b.astype(x.dtype))
 
 
 def lora_delta(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, lora_scale: float) -> jax.Array:
@@ -652,7 +646,7 @@ def nf4_matmul_reference(
         double_quant=double_quant,
         dtype=x.dtype,
     )
-    y = _matmul_nt_f32(x, w)
+    y = _matmul_nt(x, w)
     if lora_a is not None:
         y = y + _lora_term_f32(x, lora_a, lora_b, lora_scale)
     return y.astype(x.dtype)
@@ -726,8 +720,7 @@ def _xla_dequant(st: _XlaStatic, packed, absmax, nested_absmax, offset):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _xla_base_matmul(st: _XlaStatic, x, packed, absmax, nested_absmax, offset):
     w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
-    out = jnp.dtype(st.dtype) if st.out16 else jnp.float32
-    return lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out)
+    return _matmul_nt(x, w, jnp.dtype(st.dtype) if st.out16 else jnp.float32)
 
 
 def _xla_base_matmul_fwd(st, x, packed, absmax, nested_absmax, offset):
