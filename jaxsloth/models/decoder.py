@@ -167,6 +167,15 @@ def group_layers(tree, period: int):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // period, period, *x.shape[1:]), tree)
 
 
+def unstack_layers(params) -> dict:
+    """params with ``params["layers"]`` as a tuple of per-layer trees (leaves without the layer axis), which
+    ``forward_hidden`` runs as an unrolled loop. Call it outside jit: slicing inside a jitted step would copy
+    the weights again. The stacked arrays are not freed here (the caller drops its reference)."""
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count))}
+
+
 def _projector(lp, ll, ops: Ops, lora_rt: LoraRuntime, dropout_key):
     """proj(name, x, salt): the projection with its LoRA term; LoRA dropout drawn from (key, salt) when training."""
 
@@ -334,21 +343,17 @@ def forward_hidden(
     h = embed(params, tokens, config, compute_dtype)
     period = layer_period(config, remat_group)
     groups = config.num_layers // period
-    layers = group_layers(params["layers"], period)
-    lora_layers = None if lora is None else group_layers(lora["layers"], period)
     slidings = config.sliding_layers[:period]
 
-    def step(h, xs):
-        lp_group, ll_group, idx = xs
+    def run_group(h, lps, lls, idx):
+        """The ``period`` layers of one remat group: lps, lls are their per-layer (unstacked) trees."""
         h = checkpoint_name(h, "layer_in")
         for j in range(period):
-            lp = jax.tree.map(lambda x, j=j: x[j], lp_group)
-            ll = None if ll_group is None else jax.tree.map(lambda x, j=j: x[j], ll_group)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, idx * period + j)
             h = decoder_layer(
                 h,
-                lp,
-                ll,
+                lps[j],
+                None if lls is None else lls[j],
                 config=config,
                 ops=ops,
                 sliding=slidings[j],
@@ -360,9 +365,31 @@ def forward_hidden(
                 dropout_key=key,
                 mlp_chunk=mlp_chunk,
             )
-        return h, None
+        return h
 
-    h, _ = jax.lax.scan(_remat(step, remat), h, (layers, lora_layers, jnp.arange(groups)))
+    def layer_of(tree, i):
+        return jax.tree.map(lambda x: x[i], tree)
+
+    if isinstance(params["layers"], (list, tuple)):
+        # Unstacked layers (``unstack_layers``): a Python loop, every projection reading its own weight buffer.
+        # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
+        # into a buffer of their own, forward and backward (BENCHMARKS.md: 27 ms of a 394 ms Gemma-2-9B step).
+        group = _remat(run_group, remat)
+        for g in range(groups):
+            lps = params["layers"][g * period : (g + 1) * period]
+            lls = None if lora is None else [layer_of(lora["layers"], g * period + j) for j in range(period)]
+            h = group(h, lps, lls, g)
+    else:
+
+        def step(h, xs):
+            lp_group, ll_group, idx = xs
+            lps = [layer_of(lp_group, j) for j in range(period)]
+            lls = None if ll_group is None else [layer_of(ll_group, j) for j in range(period)]
+            return run_group(h, lps, lls, idx), None
+
+        layers = group_layers(params["layers"], period)
+        lora_layers = None if lora is None else group_layers(lora["layers"], period)
+        h, _ = jax.lax.scan(_remat(step, remat), h, (layers, lora_layers, jnp.arange(groups)))
     return ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
 
 
