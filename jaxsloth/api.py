@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxsloth.lora import LoraConfig, init_lora, merge
 from jaxsloth.models.config import ModelConfig
+from jaxsloth.models.decoder import layers_unstacked, stack_layers, unstack_layers
 from jaxsloth.profiles import Profile, profile_for_device
 from jaxsloth.train import TrainConfig
 
@@ -195,6 +196,11 @@ def train(
     # On several hosts every process trains; only the first writes metrics, plots and the progress bar.
     writers = standard_callbacks(out, progress=progress, total_steps=max_steps) if jax.process_index() == 0 else []
     cbs = list(callbacks) + writers
+    # The profile's unrolled layer loop reads per-layer weight arrays: the model's own stacked weights are split for
+    # the run (consumed, so the device never holds both layouts) and stacked back however it ends.
+    unroll = model.profile.layer_loop == "unrolled" and device_mesh is None and not layers_unstacked(model.params)
+    if unroll:
+        model.params = unstack_layers(model.params, consume=True)
     try:
         result = fit(
             model.config,
@@ -215,6 +221,8 @@ def train(
         for cb in cbs:
             if hasattr(cb, "close"):
                 cb.close()
+        if unroll:
+            model.params = stack_layers(model.params, consume=True)
     model.trainable = result.trainable
     return result
 

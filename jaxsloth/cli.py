@@ -68,6 +68,7 @@ TRAIN_OPTIONS = (
     Option("mlp_chunk", int, None, "profile override: tokens per MLP tile for long sequences"),
     Option("loss_chunk", int, None, "profile override: tokens per loss tile for long sequences"),
     Option("remat_group", int, None, "profile override: layers per residual checkpoint (longest sequences: 2)"),
+    Option("layer_loop", str, None, "profile override: scan over stacked layer weights, or unrolled (Hopper default)"),
     Option(
         "long_context",
         bool,
@@ -154,7 +155,7 @@ def train_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-_PROFILE_FIELDS = ("remat", "mlp_chunk", "loss_chunk", "remat_group")
+_PROFILE_FIELDS = ("remat", "mlp_chunk", "loss_chunk", "remat_group", "layer_loop")
 
 
 def _profile_overrides(s: dict) -> dict:

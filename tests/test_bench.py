@@ -140,7 +140,16 @@ def test_report_tables_ratios_mfu_and_plots(tmp_path):
     records = [
         _rec("hf-peft-bnb", 3000.0, 15.0),
         _rec("unsloth", 10000.0, 7.5, variant='checkpointing="unsloth"'),
-        _rec("jaxsloth", 12000.0, 6.0, remat="full", profile="h200", kernels={"attention": "pallas"}, mlp_chunk=4096),
+        _rec(
+            "jaxsloth",
+            12000.0,
+            6.0,
+            remat="full",
+            profile="h200",
+            kernels={"attention": "pallas"},
+            mlp_chunk=4096,
+            layer_loop="unrolled",
+        ),  # fmt: skip
         _rec("hf-peft", None, None, error="out of memory: boom"),
         _rec("jaxsloth", 11000.0, 6.0, remat="full", profile="h200", note="ran the old lookup"),
     ]
@@ -178,6 +187,9 @@ def test_xla_flags_are_part_of_the_record_and_its_label(monkeypatch):
     assert env["xla_flags"] == "--xla_gpu_enable_dynamic_slice_fusion=true"
     assert env["command"].startswith("XLA_FLAGS='--xla_gpu_enable_dynamic_slice_fusion=true' python")
     rec = _rec("jaxsloth", 12000.0, 6.0, remat="dots", profile="h200", xla_flags=env["xla_flags"])
+    # A record from before the unrolled layer loop existed ran the scan, off the h200 profile's loop now.
+    assert report.config_label(rec) == "remat=dots; layers=scan; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
+    rec["layer_loop"] = "unrolled"
     assert report.config_label(rec) == "remat=dots; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
 
 

@@ -129,8 +129,9 @@ def config_label(rec: dict) -> str:
     for field in ("mlp_chunk", "loss_chunk", "remat_group"):  # long-context tiling, when off the profile's
         if rec.get(field) is not None and (default is None or getattr(default, field, None) != rec[field]):
             parts.append(f"{field}={rec[field]}")
-    if rec.get("layer_loop"):
-        parts.append(f"layers={rec['layer_loop']}")
+    loop = rec.get("layer_loop", "scan")  # records before the unrolled loop existed ran the scan
+    if default is not None and default.layer_loop != loop:
+        parts.append(f"layers={loop}")
     if rec.get("mesh"):
         parts.append(f"mesh={rec['mesh']}")
     if rec.get("xla_flags"):

@@ -1,7 +1,8 @@
 """The generic decoder: embed -> N x (norm, attention, norm, MLP) -> norm -> head, for every family.
 
 Params are a plain pytree (HF orientation: every projection weight is [out, in]); per-layer tensors are stacked
-along a leading axis and run with ``lax.scan``. Family differences come from ``ModelConfig`` fields. Every op goes
+along a leading axis and run with ``lax.scan``, or, unstacked into one tree per layer (``unstack_layers``, the
+training step's layout on Hopper), run as an unrolled loop. Family differences come from ``ModelConfig`` fields. Every op goes
 through ``jaxsloth.ops.Ops`` (the dispatch point).
 
 Param tree::
@@ -167,13 +168,46 @@ def group_layers(tree, period: int):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // period, period, *x.shape[1:]), tree)
 
 
-def unstack_layers(params) -> dict:
-    """params with ``params["layers"]`` as a tuple of per-layer trees (leaves without the layer axis), which
-    ``forward_hidden`` runs as an unrolled loop. Call it outside jit: slicing inside a jitted step would copy
-    the weights again. The stacked arrays are not freed here (the caller drops its reference)."""
-    layers = params["layers"]
-    count = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count))}
+LAYER_LOOPS = ("scan", "unrolled")
+
+
+def layers_unstacked(params) -> bool:
+    """Whether ``params["layers"]`` is a tuple of per-layer trees (``unstack_layers``) rather than stacked arrays."""
+    return isinstance(params["layers"], (list, tuple))
+
+
+def unstack_layers(params: dict, consume: bool = False) -> dict:
+    """The same params with ``params["layers"]`` as a tuple of per-layer trees (leaves without the layer axis),
+    which ``forward_hidden`` runs as a Python loop: every projection then reads its own weight buffer, where the
+    scan's per-step slice of the stacked arrays is a copy of each layer's weights, forward and backward.
+
+    Call it outside jit (slicing inside a jitted step would copy again). ``consume``: empty ``params["layers"]``
+    one projection at a time as it goes, so that a caller passing the only reference to its weights peaks at the
+    weights plus one projection's stack instead of twice the weights."""
+    stacked = params["layers"] if consume else dict(params["layers"])
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    per_layer: list[dict] = [{} for _ in range(count)]
+    split = jax.jit(lambda x: tuple(x[i] for i in range(count)))
+    for name in list(stacked):
+        leaves, treedef = jax.tree.flatten(stacked.pop(name))
+        pieces = [split(leaf) for leaf in leaves]
+        del leaves
+        for i in range(count):
+            per_layer[i][name] = jax.tree.unflatten(treedef, [p[i] for p in pieces])
+    return {**params, "layers": tuple(per_layer)}
+
+
+def stack_layers(params: dict, consume: bool = False) -> dict:
+    """Inverse of ``unstack_layers`` (the stacked layout every other part of jaxsloth reads); ``consume`` as there
+    (the per-layer dicts are emptied)."""
+    per_layer = list(params["layers"]) if consume else [dict(layer) for layer in params["layers"]]
+    stack = jax.jit(lambda *xs: jnp.stack(xs))
+    stacked = {}
+    for name in list(per_layer[0]):
+        trees = [layer.pop(name) for layer in per_layer]
+        stacked[name] = jax.tree.map(lambda *xs: stack(*xs), *trees)
+        del trees
+    return {**params, "layers": stacked}
 
 
 def _projector(lp, ll, ops: Ops, lora_rt: LoraRuntime, dropout_key):
@@ -370,10 +404,11 @@ def forward_hidden(
     def layer_of(tree, i):
         return jax.tree.map(lambda x: x[i], tree)
 
-    if isinstance(params["layers"], (list, tuple)):
+    if layers_unstacked(params):
         # Unstacked layers (``unstack_layers``): a Python loop, every projection reading its own weight buffer.
         # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
-        # into a buffer of their own, forward and backward (BENCHMARKS.md: 27 ms of a 394 ms Gemma-2-9B step).
+        # into a buffer of their own, forward and backward: 27 ms of the 393 ms Gemma-2-9B step, which unrolled
+        # took 360 ms (H200, BENCHMARKS.md, fifth session).
         group = _remat(run_group, remat)
         for g in range(groups):
             lps = params["layers"][g * period : (g + 1) * period]
