@@ -198,7 +198,7 @@ def train(
     cbs = list(callbacks) + writers
     # The profile's unrolled layer loop reads per-layer weight arrays: the model's own stacked weights are split for
     # the run (consumed, so the device never holds both layouts) and stacked back however it ends.
-    unroll = model.profile.layer_loop == "unrolled" and device_mesh is None and not layers_unstacked(model.params)
+    unroll = model.profile.unrolled_layers and device_mesh is None and not layers_unstacked(model.params)
     if unroll:
         model.params = unstack_layers(model.params, consume=True)
     try:

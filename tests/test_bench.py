@@ -148,7 +148,7 @@ def test_report_tables_ratios_mfu_and_plots(tmp_path):
             profile="h200",
             kernels={"attention": "pallas"},
             mlp_chunk=4096,
-            layer_loop="unrolled",
+            layer_loop="scan",
         ),  # fmt: skip
         _rec("hf-peft", None, None, error="out of memory: boom"),
         _rec("jaxsloth", 11000.0, 6.0, remat="full", profile="h200", note="ran the old lookup"),

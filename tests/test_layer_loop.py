@@ -99,8 +99,11 @@ def test_train_unstacks_for_the_step_and_restores_the_model():
     np.testing.assert_allclose(run("unrolled"), run("scan"), rtol=1e-5)
 
 
-def test_layer_loop_is_validated_and_hopper_unrolls():
+def test_layer_loop_is_validated_and_hopper_unrolls_but_for_the_lean_remats():
     with pytest.raises(ValueError, match="layer_loop 'loop'"):
         Profile("x", layer_loop="loop")
-    assert profile_for_device(name="h200").layer_loop == "unrolled"
-    assert profile_for_device(name="a100").layer_loop == "scan"
+    h200 = profile_for_device(name="h200")
+    assert h200.layer_loop == "auto" and h200.unrolled_layers and h200.replace(remat="dots").unrolled_layers
+    assert not h200.replace(remat="full").unrolled_layers and not h200.replace(remat="offload").unrolled_layers
+    assert h200.replace(remat="full", layer_loop="unrolled").unrolled_layers
+    assert not profile_for_device(name="a100").unrolled_layers

@@ -117,6 +117,7 @@ def config_label(rec: dict) -> str:
     profile's defaults, mesh; for the other systems, their ``variant``."""
     if rec.get("system") != "jaxsloth":
         return rec.get("variant", "")
+    from jaxsloth.models.decoder import REMAT_POLICIES
     from jaxsloth.profiles import PROFILES
 
     parts = [f"remat={rec['remat']}"] if rec.get("remat") else []
@@ -130,8 +131,10 @@ def config_label(rec: dict) -> str:
         if rec.get(field) is not None and (default is None or getattr(default, field, None) != rec[field]):
             parts.append(f"{field}={rec[field]}")
     loop = rec.get("layer_loop", "scan")  # records before the unrolled loop existed ran the scan
-    if default is not None and default.layer_loop != loop:
-        parts.append(f"layers={loop}")
+    if default is not None and rec.get("remat") in REMAT_POLICIES and rec.get("mesh") is None:
+        expected = "unrolled" if default.replace(remat=rec["remat"]).unrolled_layers else "scan"
+        if loop != expected:
+            parts.append(f"layers={loop}")
     if rec.get("mesh"):
         parts.append(f"mesh={rec['mesh']}")
     if rec.get("xla_flags"):

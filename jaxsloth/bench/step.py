@@ -29,7 +29,7 @@ from jaxsloth.bench import trace_summary  # noqa: E402
 from jaxsloth.bench.timing import emit_jsonl, environment, median_ms, peak_gib  # noqa: E402
 from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
 from jaxsloth.memory import estimate_step_memory  # noqa: E402
-from jaxsloth.models.decoder import init_params, linear_shapes, unstack_layers  # noqa: E402
+from jaxsloth.models.decoder import LAYER_LOOPS, init_params, linear_shapes, unstack_layers  # noqa: E402
 from jaxsloth.models.presets import preset  # noqa: E402
 from jaxsloth.ops import KERNEL_OPS  # noqa: E402
 from jaxsloth.profiles import LONG_CONTEXT, profile_for_device  # noqa: E402
@@ -124,7 +124,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     params = build_params(config, args.quant, profile.dtype, jax.random.key(0), mesh)
-    if profile.layer_loop == "unrolled" and mesh is None:  # as jaxsloth.train does (a mesh keeps the scan)
+    if profile.unrolled_layers and mesh is None:  # as jaxsloth.train does (a mesh keeps the scan)
         params = unstack_layers(params, consume=True)
     trainable = init_lora(config, lora, jax.random.key(1))
     optimizer = make_optimizer(tc, lora, trainable)
@@ -213,7 +213,7 @@ def _record(args, model_name: str, profile, **fields) -> dict:
         "mlp_chunk": profile.mlp_chunk,
         "loss_chunk": profile.loss_chunk,
         "remat_group": profile.remat_group,
-        "layer_loop": "unrolled" if profile.layer_loop == "unrolled" and args.mesh is None else "scan",
+        "layer_loop": "unrolled" if profile.unrolled_layers and args.mesh is None else "scan",
         "kernels": {k: getattr(profile.kernels, k) for k in KERNEL_OPS},
         **environment(),
     }
@@ -252,7 +252,7 @@ def main(argv=None) -> None:
     p.add_argument("--remat-group", type=int, default=None)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up; 0: time the first step alone")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")
-    p.add_argument("--layer-loop", choices=("scan", "unrolled"), default=None, help="override the profile's")
+    p.add_argument("--layer-loop", choices=LAYER_LOOPS, default=None, help="override the profile's")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
     p.add_argument("--compile-only", action="store_true", help="report XLA's memory plan for the step; do not run")

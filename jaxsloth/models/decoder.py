@@ -168,7 +168,7 @@ def group_layers(tree, period: int):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // period, period, *x.shape[1:]), tree)
 
 
-LAYER_LOOPS = ("scan", "unrolled")
+LAYER_LOOPS = ("scan", "unrolled", "auto")
 
 
 def layers_unstacked(params) -> bool:
