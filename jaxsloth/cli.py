@@ -68,7 +68,9 @@ TRAIN_OPTIONS = (
     Option("mlp_chunk", int, None, "profile override: tokens per MLP tile for long sequences"),
     Option("loss_chunk", int, None, "profile override: tokens per loss tile for long sequences"),
     Option("remat_group", int, None, "profile override: layers per residual checkpoint (longest sequences: 2)"),
-    Option("layer_loop", str, None, "profile override: scan over stacked layer weights, or unrolled (Hopper default)"),
+    Option(
+        "layer_loop", str, None, "profile override: scan, unrolled, or auto (Hopper: unrolled but for full/offload)"
+    ),
     Option(
         "long_context",
         bool,
