@@ -156,6 +156,10 @@ def train(
     mesh: a spec like "data=2,fsdp=4", a jax.sharding.Mesh, or None: every device data-parallel (one device: no
     mesh). batch_size is per data-parallel rank (each of data x fsdp devices takes that many sequences per
     micro-batch). shard_lora: shard LoRA and optimizer state over fsdp too (default: replicated).
+
+    Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the
+    run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds
+    both layouts, beyond one projection's stack while they are converted).
     """
     from jaxsloth.data import BatchLoader, load_records, tokenize_dataset
     from jaxsloth.metrics import standard_callbacks

@@ -144,6 +144,10 @@ def fit(
     same batch, has state_dict()/load_state_dict(). With ``checkpoint_dir``: resumes from its latest checkpoint
     (when ``resume``), saves every ``save_every`` steps, at the end, and on Ctrl-C before re-raising.
 
+    params: stacked per layer (the layer scan) or split per layer by ``jaxsloth.models.decoder.unstack_layers`` (the
+    unrolled loop, faster on Hopper; ``jaxsloth.train`` does that split itself when the profile asks for it): the
+    step runs whichever layout it is given.
+
     mesh (jaxsloth.sharding.make_mesh): train over several devices / hosts. The loader then yields the GLOBAL batch
     on every process (same seed, same order); each process places only its own rows. Frozen weights shard over
     fsdp, LoRA and optimizer state are replicated, or sharded over fsdp with ``shard_lora``. Checkpoints are

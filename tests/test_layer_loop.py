@@ -78,6 +78,23 @@ def test_unstack_and_stack_round_trip_and_consume():
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_failed_split_puts_the_moved_projections_back():
+    # consume moves projections one at a time; an error midway (here a leaf without a layer axis, where an
+    # out-of-memory would be the real case) must leave the caller's stacked weights whole.
+    _, params = _model("llama", quantized=False)
+    layers = params["layers"]
+    names = list(layers)
+    want = {n: np.asarray(layers[n]["weight"]) for n in names if isinstance(layers[n], dict)}
+    bad = list(want)[len(want) // 2]
+    layers[bad] = {"weight": jnp.zeros((), jnp.float32)}
+    with pytest.raises(IndexError):
+        unstack_layers(params, consume=True)
+    assert sorted(params["layers"]) == sorted(names)
+    for n, w in want.items():
+        if n != bad:
+            np.testing.assert_array_equal(params["layers"][n]["weight"], w)
+
+
 def test_train_unstacks_for_the_step_and_restores_the_model():
     # jaxsloth.train under an unrolled profile: the same losses as the scan, the model's weights back in the stacked
     # layout afterwards, bit for bit.

@@ -2,8 +2,8 @@
 
 Params are a plain pytree (HF orientation: every projection weight is [out, in]); per-layer tensors are stacked
 along a leading axis and run with ``lax.scan``, or, unstacked into one tree per layer (``unstack_layers``, the
-training step's layout on Hopper), run as an unrolled loop. Family differences come from ``ModelConfig`` fields. Every op goes
-through ``jaxsloth.ops.Ops`` (the dispatch point).
+training step's layout on Hopper), run as an unrolled loop. Family differences come from ``ModelConfig`` fields.
+Every op goes through ``jaxsloth.ops.Ops`` (the dispatch point).
 
 Param tree::
 
@@ -181,33 +181,60 @@ def unstack_layers(params: dict, consume: bool = False) -> dict:
     which ``forward_hidden`` runs as a Python loop: every projection then reads its own weight buffer, where the
     scan's per-step slice of the stacked arrays is a copy of each layer's weights, forward and backward.
 
-    Call it outside jit (slicing inside a jitted step would copy again). ``consume``: empty ``params["layers"]``
-    one projection at a time as it goes, so that a caller passing the only reference to its weights peaks at the
-    weights plus one projection's stack instead of twice the weights."""
-    stacked = params["layers"] if consume else dict(params["layers"])
-    count = jax.tree.leaves(stacked)[0].shape[0]
-    per_layer: list[dict] = [{} for _ in range(count)]
-    split = jax.jit(lambda x: tuple(x[i] for i in range(count)))
-    for name in list(stacked):
-        leaves, treedef = jax.tree.flatten(stacked.pop(name))
-        pieces = [split(leaf) for leaf in leaves]
-        del leaves
-        for i in range(count):
-            per_layer[i][name] = jax.tree.unflatten(treedef, [p[i] for p in pieces])
-    return {**params, "layers": tuple(per_layer)}
+    Call it outside jit (slicing inside a jitted step would copy again). ``consume``: move the projections out of
+    ``params["layers"]`` one at a time, so that a caller passing the only reference to its weights peaks at the
+    weights plus one projection's stack instead of twice the weights; should a split fail (out of memory), the
+    projections already moved are stacked back before the error propagates."""
+    return _relayout(params, consume, to_layers=True)
 
 
 def stack_layers(params: dict, consume: bool = False) -> dict:
     """Inverse of ``unstack_layers`` (the stacked layout every other part of jaxsloth reads); ``consume`` as there
     (the per-layer dicts are emptied)."""
-    per_layer = list(params["layers"]) if consume else [dict(layer) for layer in params["layers"]]
+    return _relayout(params, consume, to_layers=False)
+
+
+def _relayout(params: dict, consume: bool, to_layers: bool) -> dict:
+    """Moves params["layers"] between {name: stacked tree} and a tuple of per-layer {name: tree}, one projection at
+    a time (see ``unstack_layers``)."""
+    source = params["layers"]
+    count = jax.tree.leaves(source)[0].shape[0] if to_layers else len(source)
+    names = list(source if to_layers else source[0])
+    split = jax.jit(lambda x: tuple(x[i] for i in range(count)))
     stack = jax.jit(lambda *xs: jnp.stack(xs))
-    stacked = {}
-    for name in list(per_layer[0]):
-        trees = [layer.pop(name) for layer in per_layer]
-        stacked[name] = jax.tree.map(lambda *xs: stack(*xs), *trees)
-        del trees
-    return {**params, "layers": stacked}
+
+    def per_layer(tree) -> list:
+        leaves, treedef = jax.tree.flatten(tree)
+        pieces = [split(leaf) for leaf in leaves]
+        return [jax.tree.unflatten(treedef, [p[i] for p in pieces]) for i in range(count)]
+
+    def stacked(trees: list):
+        return jax.tree.map(lambda *xs: stack(*xs), *trees)
+
+    target: list[dict] | dict = [{} for _ in range(count)] if to_layers else {}
+    moved: list[str] = []
+    try:
+        for name in names:
+            if to_layers:
+                for layer, tree in zip(target, per_layer(source[name]), strict=True):
+                    layer[name] = tree
+                if consume:
+                    del source[name]
+            else:
+                target[name] = stacked([layer[name] for layer in source])
+                if consume:
+                    for layer in source:
+                        del layer[name]
+            moved.append(name)
+    except BaseException:
+        for name in moved if consume else ():  # back into the source's own layout before the error propagates
+            if to_layers:
+                source[name] = stacked([layer[name] for layer in target])
+            else:
+                for layer, tree in zip(source, per_layer(target[name]), strict=True):
+                    layer[name] = tree
+        raise
+    return {**params, "layers": tuple(target) if to_layers else target}
 
 
 def _projector(lp, ll, ops: Ops, lora_rt: LoraRuntime, dropout_key):
@@ -407,8 +434,8 @@ def forward_hidden(
     if layers_unstacked(params):
         # Unstacked layers (``unstack_layers``): a Python loop, every projection reading its own weight buffer.
         # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
-        # into a buffer of their own, forward and backward: 27 ms of the 393 ms Gemma-2-9B step, which unrolled
-        # took 360 ms (H200, BENCHMARKS.md, fifth session).
+        # into a buffer of their own, forward and backward: 29 ms of copies in the 393 ms Gemma-2-9B step, which
+        # unrolled took 360 ms (H200, BENCHMARKS.md, fifth session).
         group = _remat(run_group, remat)
         for g in range(groups):
             lps = params["layers"][g * period : (g + 1) * period]
