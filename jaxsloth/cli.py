@@ -71,6 +71,7 @@ TRAIN_OPTIONS = (
     Option(
         "layer_loop", str, None, "profile override: scan, unrolled, or auto (Hopper: unrolled but for full/offload)"
     ),
+    Option("dots_layers", int, None, "profile override: the first N layers keep every projection output (dots)"),
     Option(
         "long_context",
         bool,
@@ -157,7 +158,7 @@ def train_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-_PROFILE_FIELDS = ("remat", "mlp_chunk", "loss_chunk", "remat_group", "layer_loop")
+_PROFILE_FIELDS = ("remat", "mlp_chunk", "loss_chunk", "remat_group", "layer_loop", "dots_layers")
 
 
 def _profile_overrides(s: dict) -> dict:

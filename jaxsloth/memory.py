@@ -65,12 +65,18 @@ def _lora_bytes(config: ModelConfig, r: int) -> float:
 def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
     """Per-token bytes a remat policy keeps for every layer beyond the residual checkpoint: the projection outputs
     it saves by name ("dots": all, and the attention output and its f32 log-sum-exp per head; "attn_dots": q, k, v,
-    o, down), or, without remat, every activation the
+    o, down; with ``dots_layers``, "dots" for that many layers), or, without remat, every activation the
     backward reads. The no-remat term is fitted to the H200 (8B QLoRA, 2 x 2048: 56.7 GiB measured against
     8.7 with full remat, 2026-11-28): (13 D + 2 K) e + 10 F e per layer, the f32 norm and SwiGLU intermediates
     included."""
+    L = config.num_layers
+    k = min(profile.dots_layers, L)
+    if k:  # the first k layers keep what "dots" keeps, the others what their own policy keeps
+        dots = _saved_by_policy(config, profile.replace(remat="dots", dots_layers=0, layer_loop="auto"), e)
+        rest = _saved_by_policy(config, profile.replace(dots_layers=0, layer_loop="auto"), e)
+        return (k * dots + (L - k) * rest) / L
     shapes = linear_shapes(config)
-    D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
+    D, F = config.hidden_size, config.intermediate_size
     if profile.remat == "dots":
         attention = config.num_heads * (config.head_dim * e + 4)
         return L * (e * sum(o for o, _ in shapes.values()) + attention)

@@ -25,7 +25,9 @@ class Profile:
     layer_loop: "scan" over stacked layer weights, "unrolled" over per-layer arrays (``jaxsloth.train`` unstacks
     the frozen weights for the step; one device only: a mesh keeps the scan), or "auto": unrolled except under the
     memory-lean remat policies (full, offload), where the unrolled program held more (8B QLoRA on the H200: full 9.3
-    against 8.6 GiB, offload 16.4 against 7.9)."""
+    against 8.6 GiB, offload 16.4 against 7.9); dots_layers: the first this many layers remat "dots" (every
+    projection output kept) while the rest use ``remat``, a memory budget between the two that needs the unrolled
+    loop."""
 
     name: str
     compute_dtype: str = "bfloat16"
@@ -36,10 +38,15 @@ class Profile:
     loss_chunk: int | None = None
     remat_group: int = 1
     layer_loop: str = "scan"
+    dots_layers: int = 0
 
     def __post_init__(self):
         if self.layer_loop not in LAYER_LOOPS:
             raise ValueError(f"unknown layer_loop {self.layer_loop!r}; choose one of {LAYER_LOOPS}")
+        if self.dots_layers < 0:
+            raise ValueError(f"dots_layers={self.dots_layers} must be >= 0")
+        if self.dots_layers and self.layer_loop == "scan":
+            raise ValueError(f"dots_layers={self.dots_layers} needs layer_loop 'unrolled' or 'auto', not 'scan'")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}")
         if self.compute_dtype not in ("bfloat16", "float16", "float32"):
@@ -49,7 +56,7 @@ class Profile:
     def unrolled_layers(self) -> bool:
         """Whether the training step runs the unrolled layer loop (``layer_loop`` resolved)."""
         if self.layer_loop == "auto":
-            return self.remat not in ("full", "offload")
+            return self.remat not in ("full", "offload") or self.dots_layers > 0
         return self.layer_loop == "unrolled"
 
     @property

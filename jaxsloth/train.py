@@ -116,6 +116,7 @@ def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile, ops: O
             mlp_chunk=profile.mlp_chunk,
             loss_chunk=profile.loss_chunk,
             remat_group=profile.remat_group,
+            dots_layers=profile.dots_layers,
         )
 
     return loss_fn

@@ -124,3 +124,63 @@ def test_layer_loop_is_validated_and_hopper_unrolls_but_for_the_lean_remats():
     assert not h200.replace(remat="full").unrolled_layers and not h200.replace(remat="offload").unrolled_layers
     assert h200.replace(remat="full", layer_loop="unrolled").unrolled_layers
     assert not profile_for_device(name="a100").unrolled_layers
+
+
+def test_dots_layers_keep_dots_outputs_in_the_first_layers_only():
+    # attn_dots with dots_layers=k: the first k layers recompute nothing in the backward (as "dots"), the rest
+    # recompute gate/up (as "attn_dots"): the gradient's matmul count falls by k layers' worth of that recompute,
+    # and the values are the same as without remat.
+    config, params = _model("llama", quantized=False)
+    lora = LoraConfig(r=4, alpha=8.0)
+    trainable = init_lora(config, lora, jax.random.key(1))
+    trainable = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), trainable)
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, (1, 13))
+    batch = {"tokens": jnp.asarray(tokens, jnp.int32), "targets": jnp.asarray(np.roll(tokens, -1, 1), jnp.int32)}
+    unstacked = unstack_layers(params)
+
+    def loss(t, p, remat, dots_layers=0):
+        p, lt = with_trainable(p, t)
+        s, c = loss_sum_and_count(
+            p, batch, config=config, lora=lt, lora_rt=lora.runtime, remat=remat, dots_layers=dots_layers
+        )
+        return s / c
+
+    def count(jaxpr, name="dot_general") -> int:  # every occurrence, inside sub-jaxprs too (printing shares them)
+        n = 0
+        for eqn in jaxpr.eqns:
+            n += eqn.primitive.name == name
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else [value]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    n += count(sub, name) if hasattr(sub, "eqns") else 0
+        return n
+
+    def matmuls(remat, k=0):
+        return count(jax.make_jaxpr(jax.grad(lambda t: loss(t, unstacked, remat, k)))(trainable).jaxpr)
+
+    attn, dots, mixed = matmuls("attn_dots"), matmuls("dots"), matmuls("attn_dots", 2)
+    assert dots < attn and (attn - dots) % config.num_layers == 0
+    assert mixed == attn - 2 * (attn - dots) // config.num_layers
+    want = jax.grad(lambda t: loss(t, params, "none"))(trainable)
+    got = jax.grad(lambda t: loss(t, unstacked, "attn_dots", 2))(trainable)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want), strict=True):
+        assert_close(a, b, "f32_grad", err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="dots_layers=2 needs the unrolled layer loop"):
+        loss(trainable, params, "attn_dots", 2)
+    with pytest.raises(ValueError, match="needs layer_loop 'unrolled' or 'auto'"):
+        Profile("x", layer_loop="scan", dots_layers=2)
+    assert Profile("x", remat="full", layer_loop="auto", dots_layers=2).unrolled_layers
+
+
+def test_memory_model_counts_dots_layers_between_the_two_policies():
+    from jaxsloth.memory import estimate_step_memory
+    from jaxsloth.models.presets import preset
+
+    config, h200 = preset("llama3.1-8b"), profile_for_device(name="h200")
+
+    def gib(**overrides):
+        return estimate_step_memory(config, h200.replace(**overrides), batch=2, seq_len=2048, quantized=True).device_gib
+
+    attn, dots = gib(remat="attn_dots"), gib(remat="dots")
+    assert gib(remat="attn_dots", dots_layers=16) == pytest.approx((attn + dots) / 2)
+    assert gib(remat="attn_dots", dots_layers=32) == pytest.approx(dots)

@@ -127,7 +127,7 @@ def config_label(rec: dict) -> str:
         if default is None or getattr(default.kernels, op, impl) != impl:
             changed.setdefault(impl, []).append(op)
     parts += [f"{','.join(ops)}={impl}" for impl, ops in changed.items()]
-    for field in ("mlp_chunk", "loss_chunk", "remat_group"):  # long-context tiling, when off the profile's
+    for field in ("mlp_chunk", "loss_chunk", "remat_group", "dots_layers"):  # tiling and budgets off the profile's
         if rec.get(field) is not None and (default is None or getattr(default, field, None) != rec[field]):
             parts.append(f"{field}={rec[field]}")
     loop = rec.get("layer_loop", "scan")  # records before the unrolled loop existed ran the scan

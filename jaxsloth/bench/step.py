@@ -101,6 +101,7 @@ def run(args) -> dict:
                 ("loss_chunk", args.loss_chunk),
                 ("remat_group", args.remat_group),
                 ("layer_loop", args.layer_loop),
+                ("dots_layers", args.dots_layers),
             )
             if v
         }
@@ -214,6 +215,7 @@ def _record(args, model_name: str, profile, **fields) -> dict:
         "loss_chunk": profile.loss_chunk,
         "remat_group": profile.remat_group,
         "layer_loop": "unrolled" if profile.unrolled_layers and args.mesh is None else "scan",
+        "dots_layers": profile.dots_layers,
         "kernels": {k: getattr(profile.kernels, k) for k in KERNEL_OPS},
         **environment(),
     }
@@ -253,6 +255,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up; 0: time the first step alone")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")
     p.add_argument("--layer-loop", choices=LAYER_LOOPS, default=None, help="override the profile's")
+    p.add_argument("--dots-layers", type=int, default=None, help="the first N layers remat 'dots' (unrolled loop)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
     p.add_argument("--compile-only", action="store_true", help="report XLA's memory plan for the step; do not run")

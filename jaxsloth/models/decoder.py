@@ -389,12 +389,15 @@ def forward_hidden(
     compute_dtype=None,
     mlp_chunk: int | None = None,
     remat_group: int = 1,
+    dots_layers: int = 0,
 ):
     """tokens: [B, T] int32 -> final-normed hidden states [B, T, D].
 
     positions: [B, T] (default arange; packed rows restart per segment); segment_ids: [B, T] (packing; no attention
     across segments); lora: LoRA tree or None; remat: none / dots / attn_dots / full / offload, applied per scan step
-    of ``remat_group`` layers (one residual checkpoint per group); mlp_chunk: MLP sequence tile (long sequences).
+    of ``remat_group`` layers (one residual checkpoint per group); mlp_chunk: MLP sequence tile (long sequences);
+    dots_layers: the first this many layers (whole groups) remat "dots" instead (unstacked layers only): a memory
+    budget between ``remat`` and "dots", layer by layer.
     """
     b, t = tokens.shape
     if positions is None:
@@ -436,12 +439,14 @@ def forward_hidden(
         # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
         # into a buffer of their own, forward and backward: 29 ms of copies in the 393 ms Gemma-2-9B step, which
         # unrolled took 360 ms (H200, BENCHMARKS.md, fifth session).
-        group = _remat(run_group, remat)
+        group, group_dots = _remat(run_group, remat), _remat(run_group, "dots")
         for g in range(groups):
             lps = params["layers"][g * period : (g + 1) * period]
             lls = None if lora is None else [layer_of(lora["layers"], g * period + j) for j in range(period)]
-            h = group(h, lps, lls, g)
+            h = (group_dots if g * period < dots_layers else group)(h, lps, lls, g)
     else:
+        if dots_layers:
+            raise ValueError(f"dots_layers={dots_layers} needs the unrolled layer loop (unstack_layers)")
 
         def step(h, xs):
             lp_group, ll_group, idx = xs
