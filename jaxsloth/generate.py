@@ -26,6 +26,7 @@ from jaxsloth.models.decoder import (
     group_layers,
     layer_output,
     layer_period,
+    layer_slice,
     logits_from_hidden,
 )
 from jaxsloth.ops import Ops
@@ -121,8 +122,8 @@ def _prefill(params, lora_layers, tokens, pads, *, config, ops, lora_rt, compute
         lp_group, ll_group = xs
         ks, vs = [], []
         for j in range(period):
-            lp = jax.tree.map(lambda x, j=j: x[j], lp_group)
-            ll = None if ll_group is None else jax.tree.map(lambda x, j=j: x[j], ll_group)
+            lp = layer_slice(lp_group, j)
+            ll = None if ll_group is None else layer_slice(ll_group, j)
             q, k, v = attention_inputs(
                 h, lp, ll, positions=positions, inv_freq=inv_freq, rope_scaling=rope_scaling, **kw
             )
@@ -163,8 +164,8 @@ def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, co
         lp_group, ll_group, g = xs
         for j in range(period):
             layer = g * period + j
-            lp = jax.tree.map(lambda x, j=j: x[j], lp_group)
-            ll = None if ll_group is None else jax.tree.map(lambda x, j=j: x[j], ll_group)
+            lp = layer_slice(lp_group, j)
+            ll = None if ll_group is None else layer_slice(ll_group, j)
             q, k, v = attention_inputs(
                 h, lp, ll, positions=positions, inv_freq=inv_freq, rope_scaling=rope_scaling, **kw
             )

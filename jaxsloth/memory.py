@@ -72,8 +72,8 @@ def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
     L = config.num_layers
     k = min(profile.dots_layers, L)
     if k:  # the first k layers keep what "dots" keeps, the others what their own policy keeps
-        dots = _saved_by_policy(config, profile.replace(remat="dots", dots_layers=0, layer_loop="auto"), e)
-        rest = _saved_by_policy(config, profile.replace(dots_layers=0, layer_loop="auto"), e)
+        dots = _saved_by_policy(config, profile.replace(remat="dots", dots_layers=0), e)
+        rest = _saved_by_policy(config, profile.replace(dots_layers=0), e)
         return (k * dots + (L - k) * rest) / L
     shapes = linear_shapes(config)
     D, F = config.hidden_size, config.intermediate_size

@@ -13,8 +13,7 @@ from jaxsloth.models.config import config_from_hf_dict
 from jaxsloth.models.decoder import layers_unstacked, loss_sum_and_count, stack_layers, unstack_layers
 from jaxsloth.ops import KernelChoice, Ops
 from jaxsloth.profiles import Profile, profile_for_device
-from jaxsloth.quant import quantize_nf4
-from tests.test_models_kernels import CONFIGS
+from tests.test_models_kernels import CONFIGS, quantize_projections
 from tests.tolerances import assert_close
 
 DEMO = Path(__file__).parents[1] / "jaxsloth" / "demo_assets"
@@ -23,12 +22,7 @@ DEMO = Path(__file__).parents[1] / "jaxsloth" / "demo_assets"
 def _model(family: str, quantized: bool):
     config = config_from_hf_dict({**CONFIGS[family], "num_hidden_layers": 4})
     params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
-    if quantized:
-        layers = dict(params["layers"])
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            layers[name] = {"weight": quantize_nf4(np.asarray(layers[name]["weight"]))}
-        params = {**params, "layers": layers}
-    return config, params
+    return config, quantize_projections(params) if quantized else params
 
 
 @pytest.mark.parametrize("family,quantized", [("llama", True), ("gemma2", False)])

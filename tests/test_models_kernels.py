@@ -9,7 +9,7 @@ import pytest
 from jaxsloth.lora import LoraConfig, init_lora, with_trainable
 from jaxsloth.models import init_params
 from jaxsloth.models.config import config_from_hf_dict
-from jaxsloth.models.decoder import loss_sum_and_count
+from jaxsloth.models.decoder import LINEARS, loss_sum_and_count
 from jaxsloth.ops import KernelChoice, Ops
 from jaxsloth.quant import quantize_nf4
 from tests.tolerances import assert_close
@@ -40,6 +40,14 @@ CONFIGS = {
 }
 
 
+def quantize_projections(params: dict) -> dict:
+    """The same params with every projection weight quantized to NF4 (bitsandbytes' bytes)."""
+    layers = dict(params["layers"])
+    for name in LINEARS:
+        layers[name] = {"weight": quantize_nf4(np.asarray(layers[name]["weight"]))}
+    return {**params, "layers": layers}
+
+
 def _loss_and_grads(params, trainable, batch, config, lora, ops, loss_chunk=None):
     def f(t):
         p, lt = with_trainable(params, t)
@@ -56,10 +64,7 @@ def test_pallas_path_equals_reference(family, quantized):
     config = config_from_hf_dict(CONFIGS[family])
     params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
     if quantized:
-        layers = dict(params["layers"])
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            layers[name] = {"weight": quantize_nf4(np.asarray(layers[name]["weight"]))}
-        params = {**params, "layers": layers}
+        params = quantize_projections(params)
     lora = LoraConfig(r=4, alpha=8.0)
     trainable = init_lora(config, lora, jax.random.key(1))
     trainable = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), trainable)
@@ -92,10 +97,7 @@ def test_quantized_model_through_the_xla_nf4_paths(impl):
     # equal the reference path's.
     config = config_from_hf_dict(CONFIGS["llama"])
     params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
-    layers = dict(params["layers"])
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-        layers[name] = {"weight": quantize_nf4(np.asarray(layers[name]["weight"]))}
-    params = {**params, "layers": layers}
+    params = quantize_projections(params)
     lora = LoraConfig(r=4, alpha=8.0)
     trainable = jax.tree.map(
         lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), init_lora(config, lora, jax.random.key(1))

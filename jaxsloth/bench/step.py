@@ -125,7 +125,8 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     params = build_params(config, args.quant, profile.dtype, jax.random.key(0), mesh)
-    if profile.unrolled_layers and mesh is None:  # as jaxsloth.train does (a mesh keeps the scan)
+    layer_loop = "unrolled" if profile.unrolled_layers and mesh is None else "scan"  # as jaxsloth.train decides
+    if layer_loop == "unrolled":
         params = unstack_layers(params, consume=True)
     trainable = init_lora(config, lora, jax.random.key(1))
     optimizer = make_optimizer(tc, lora, trainable)
@@ -158,7 +159,7 @@ def run(args) -> dict:
     estimate = estimate_step_memory(config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4")
     if args.compile_only:
         return _record(
-            args, model_name, profile, compile_only=True, compile_s=compile_s, setup_s=setup_s,
+            args, model_name, profile, layer_loop, compile_only=True, compile_s=compile_s, setup_s=setup_s,
             **_compiled_memory(compiled), model_estimate=dataclasses.asdict(estimate),
         )  # fmt: skip
 
@@ -186,6 +187,7 @@ def run(args) -> dict:
         args,
         model_name,
         profile,
+        layer_loop,
         tokens_per_s=tokens / (ms / 1e3),
         step_ms=ms,
         peak_gib=peak_gib(),
@@ -202,7 +204,7 @@ def run(args) -> dict:
     )
 
 
-def _record(args, model_name: str, profile, **fields) -> dict:
+def _record(args, model_name: str, profile, layer_loop: str, **fields) -> dict:
     """One JSON record: system and workload, the measurement's ``fields``, then the profile's configuration and
     the environment."""
     return {
@@ -214,7 +216,7 @@ def _record(args, model_name: str, profile, **fields) -> dict:
         "mlp_chunk": profile.mlp_chunk,
         "loss_chunk": profile.loss_chunk,
         "remat_group": profile.remat_group,
-        "layer_loop": "unrolled" if profile.unrolled_layers and args.mesh is None else "scan",
+        "layer_loop": layer_loop,
         "dots_layers": profile.dots_layers,
         "kernels": {k: getattr(profile.kernels, k) for k in KERNEL_OPS},
         **environment(),

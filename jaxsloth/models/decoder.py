@@ -171,6 +171,11 @@ def group_layers(tree, period: int):
 LAYER_LOOPS = ("scan", "unrolled", "auto")
 
 
+def layer_slice(tree, i: int):
+    """Entry ``i`` along the leading (layer) axis of every leaf."""
+    return jax.tree.map(lambda x: x[i], tree)
+
+
 def layers_unstacked(params) -> bool:
     """Whether ``params["layers"]`` is a tuple of per-layer trees (``unstack_layers``) rather than stacked arrays."""
     return isinstance(params["layers"], (list, tuple))
@@ -431,9 +436,6 @@ def forward_hidden(
             )
         return h
 
-    def layer_of(tree, i):
-        return jax.tree.map(lambda x: x[i], tree)
-
     if layers_unstacked(params):
         # Unstacked layers (``unstack_layers``): a Python loop, every projection reading its own weight buffer.
         # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
@@ -442,7 +444,7 @@ def forward_hidden(
         group, group_dots = _remat(run_group, remat), _remat(run_group, "dots")
         for g in range(groups):
             lps = params["layers"][g * period : (g + 1) * period]
-            lls = None if lora is None else [layer_of(lora["layers"], g * period + j) for j in range(period)]
+            lls = None if lora is None else [layer_slice(lora["layers"], g * period + j) for j in range(period)]
             h = (group_dots if g * period < dots_layers else group)(h, lps, lls, g)
     else:
         if dots_layers:
@@ -450,8 +452,8 @@ def forward_hidden(
 
         def step(h, xs):
             lp_group, ll_group, idx = xs
-            lps = [layer_of(lp_group, j) for j in range(period)]
-            lls = None if ll_group is None else [layer_of(ll_group, j) for j in range(period)]
+            lps = [layer_slice(lp_group, j) for j in range(period)]
+            lls = None if ll_group is None else [layer_slice(ll_group, j) for j in range(period)]
             return run_group(h, lps, lls, idx), None
 
         layers = group_layers(params["layers"], period)
