@@ -24,6 +24,9 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _LOG2E = math.log2(math.e)
 
 
+DKV_BACKENDS = ("triton", "mosaic")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionBlocks:
     """Tile sizes and Triton launch settings (powers of two, at least 16 for the dots).
@@ -51,10 +54,21 @@ class AttentionBlocks:
     # Gemma-2 T=8192, but 0.83 against 0.68 at the Gemma-2 step's B2 x T2048 and 3.32 against 2.23 at the 8B
     # shape, so no default uses it.
     split_dkv: bool = False
+    # "mosaic": dK and dV from the Mosaic GPU kernel (``attention_mgpu``: wgmma, TMA, warp-specialised; 64 keys
+    # per CTA, ``block_q_dkv`` queries per step, ``num_stages_dkv`` steps in flight) where it applies (16-bit
+    # inputs, head dim a multiple of 64, no segment ids); elsewhere the Triton kernel with this head dim's
+    # default tiles.
+    dkv_backend: str = "triton"
 
     def __post_init__(self):
+        if self.dkv_backend not in DKV_BACKENDS:
+            raise ValueError(f"dkv_backend={self.dkv_backend!r} must be one of {DKV_BACKENDS}")
+        if self.dkv_backend == "mosaic" and self.block_k_dkv != 64:
+            raise ValueError(f"the Mosaic dK/dV kernel takes block_k_dkv=64, not {self.block_k_dkv}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if not isinstance(value, int):
+                continue
             if f.name.startswith("block_") and (value < 16 or value & (value - 1)):
                 raise ValueError(f"{f.name}={value} must be a power of two >= 16")
             if f.name.startswith("num_") and value < 1:
@@ -145,7 +159,12 @@ def _dot(a, b, st: _Static, *, trans_a: bool = False, trans_b: bool = False):
 
 def _scores(q, k, st: _Static):
     """q [m, d], k [n, d] -> (scores in log2 units [m, n], tanh of the softcap or None)."""
-    raw = _dot(q, k, st, trans_b=True)
+    return scale_scores(_dot(q, k, st, trans_b=True), st)
+
+
+def scale_scores(raw, st: _Static):
+    """Raw dot products -> (scores in log2 units, tanh of the softcap or None); shared with the Mosaic GPU
+    kernel, whose dots are wgmma instructions rather than ``lax.dot_general``."""
     if st.softcap is None:
         return raw * (st.scale * _LOG2E), None
     if st.fast_tanh:
@@ -158,12 +177,12 @@ def _scores(q, k, st: _Static):
     return t * (st.softcap * _LOG2E), t
 
 
-def _mask(q_start, k_start, bq: int, bk: int, qseg, kseg, st: _Static, kv_major: bool = False):
+def visible(q_start, k_start, bq: int, bk: int, qseg, kseg, st: _Static, kv_major=False, iota=lax.broadcasted_iota):
     """Boolean [bq, bk] visibility of keys k_start.. from queries q_start.. (None if all visible);
-    [bk, bq] when ``kv_major``."""
+    [bk, bq] when ``kv_major``. ``iota``: the Mosaic GPU kernel passes one that places it in wgmma layout."""
     shape, q_axis = ((bk, bq), 1) if kv_major else ((bq, bk), 0)
-    rows = q_start + st.offset + lax.broadcasted_iota(jnp.int32, shape, q_axis)
-    cols = k_start + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
+    rows = q_start + st.offset + iota(jnp.int32, shape, q_axis)
+    cols = k_start + iota(jnp.int32, shape, 1 - q_axis)
     conds = []
     if st.causal:
         conds.append(cols <= rows)
@@ -199,7 +218,7 @@ def _kv_block_range(q_start, bq: int, bk: int, st: _Static):
     return _split(lo, hi, full_lo, full_hi, st)
 
 
-def _q_block_range(k_start, bq: int, bk: int, st: _Static):
+def q_block_range(k_start, bq: int, bk: int, st: _Static):
     """Blocks of queries that see keys k_start..k_start+bk-1: (lo, m1, m2, hi) as in ``_kv_block_range``."""
     num_q = cdiv(st.q_len, bq)
     lo, hi = 0, num_q
@@ -226,7 +245,7 @@ def _split(lo, hi, full_lo, full_hi, st: _Static):
     return lo, m1, _clamp(full_hi, m1, hi), hi
 
 
-def _masked_loops(bounds, body, carry):
+def masked_loops(bounds, body, carry):
     """Runs ``body(i, carry, masked)`` over [lo, m1) and [m2, hi) with masking and over [m1, m2) without."""
     lo, m1, m2, hi = bounds
     carry = lax.fori_loop(lo, m1, functools.partial(body, masked=True), carry)
@@ -255,7 +274,7 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         v = v_ref[pl.ds(k_start, bk), :]
         s, _ = _scores(q, k, st)
         kseg = None if kseg_ref is None else kseg_ref[pl.ds(k_start, bk)]
-        mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
+        mask = visible(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, s.max(axis=1))
@@ -270,7 +289,7 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = _masked_loops(_kv_block_range(q_start, bq, bk, st), body, init)
+    acc, m, l = masked_loops(_kv_block_range(q_start, bq, bk, st), body, init)
     # Every real row sees its own key, so l > 0 there; l == 0 only on padding rows whose blocks were all
     # skipped. Their lse is made huge so the backward's exp2(s - lse) is 0 instead of NaN.
     empty = l == 0.0
@@ -309,7 +328,7 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, outputs: str):
     k = k_ref[...]
     v = v_ref[...] if outputs != "dv" else None  # dV needs P only, not dP = V dO^T
     kseg = None if kseg_ref is None else kseg_ref[...]
-    bounds = _q_block_range(k_start, bq, bk, st)
+    bounds = q_block_range(k_start, bq, bk, st)
     want_dk, want_dv = outputs in ("dkv", "dk"), outputs in ("dkv", "dv")
 
     def group_body(g, carry):
@@ -321,7 +340,7 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, outputs: str):
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
             qseg = None if qseg_ref is None else qseg_ref[rows]
-            mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st, kv_major=True) if masked else None
+            mask = visible(q_start, k_start, bq, bk, qseg, kseg, st, kv_major=True) if masked else None
             lse, delta = lse_ref[g, rows], delta_ref[g, rows]
             p_t, ds_t = _probs_and_dscores(q, k, v, do, lse, delta, mask, st, kv_major=True, probs_only=not want_dk)
             if want_dv:
@@ -330,7 +349,7 @@ def _dkv_kernel(*refs, st: _Static, bq: int, bk: int, outputs: str):
                 dk = dk + _dot(ds_t.astype(q.dtype), q, st)
             return dk, dv
 
-        return _masked_loops(bounds, body, carry)
+        return masked_loops(bounds, body, carry)
 
     zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
     dk, dv = lax.fori_loop(0, st.groups, group_body, (zeros if want_dk else None, zeros if want_dv else None))
@@ -354,11 +373,11 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         cols = pl.ds(k_start, bk)
         k = k_ref[cols, :]
         kseg = None if kseg_ref is None else kseg_ref[cols]
-        mask = _mask(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
+        mask = visible(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
         _, ds = _probs_and_dscores(q, k, v_ref[cols, :], do, lse, delta, mask, st)
         return dq + _dot(ds.astype(k.dtype), k, st)
 
-    dq = _masked_loops(_kv_block_range(q_start, bq, bk, st), body, jnp.zeros(q.shape, jnp.float32))
+    dq = masked_loops(_kv_block_range(q_start, bq, bk, st), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
@@ -401,6 +420,10 @@ def _forward(q, k, v, segs, st: _Static):
 def _backward_dkv(q, k, v, do, lse, delta, segs, st: _Static):
     """dK, dV [B, Sp, Hk, D]: one program per (kv block, batch, kv head), summing over its query heads; with
     ``split_dkv`` one such launch for dK and one for dV."""
+    if st.blocks.dkv_backend == "mosaic":
+        from pallas_kernels import attention_mgpu  # imports this module
+
+        return attention_mgpu.dkv(q, k, v, do, lse, delta, st)
     if st.blocks.split_dkv:
         (dk,) = _dkv_call(q, k, v, do, lse, delta, segs, st, "dk")
         (dv,) = _dkv_call(q, k, v, do, lse, delta, segs, st, "dv")
@@ -499,16 +522,29 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _fit_blocks(blocks: AttentionBlocks, q_len: int, kv_len: int) -> AttentionBlocks:
-    """Shrinks blocks longer than the sequence (rounded up to a power of two, at least 16)."""
+    """Shrinks blocks longer than the sequence (rounded up to a power of two, at least 16); the Mosaic dK/dV
+    kernel's 64 keys are fixed (short sequences are padded to them)."""
     q_cap, k_cap = max(16, next_power_of_2(q_len)), max(16, next_power_of_2(kv_len))
+    fixed = {"block_k_dkv"} if blocks.dkv_backend == "mosaic" else set()
     return dataclasses.replace(
         blocks,
         **{
             f.name: min(getattr(blocks, f.name), q_cap if f.name.startswith("block_q") else k_cap)
             for f in dataclasses.fields(blocks)
-            if f.name.startswith("block_")
+            if f.name.startswith("block_") and f.name not in fixed
         },
     )
+
+
+def _resolve_dkv_backend(blocks: AttentionBlocks, dtype, width: int, has_segments: bool) -> AttentionBlocks:
+    """The Mosaic dK/dV kernel where it applies, else the Triton kernel with this head dim's default tiles."""
+    from pallas_kernels import attention_mgpu  # imports this module
+
+    if blocks.dkv_backend != "mosaic" or attention_mgpu.supports(dtype, width, has_segments):
+        return blocks
+    triton = AttentionBlocks.for_head_dim(width, dtype)
+    names = ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv", "split_dkv", "dkv_backend")
+    return dataclasses.replace(blocks, **{name: getattr(triton, name) for name in names})
 
 
 def _pad_to(x: jax.Array, length: int, width: int | None = None) -> jax.Array:
@@ -546,7 +582,11 @@ def prepare(q, k, v, *, segment_ids, causal, sliding_window, softcap, scale, int
     per-kernel tuner (``jaxsloth.bench.kernel_attention --tune``) launches the three kernels from these."""
     b, t, hq, d = q.shape
     s, hk = k.shape[1], k.shape[2]
-    blocks = _fit_blocks(block or AttentionBlocks.for_head_dim(d, q.dtype), t, s)
+    # Zero head-dim padding changes no score and no output column; zero query/key padding is masked (keys)
+    # or gets a zero cotangent (queries, through the final slice).
+    width = max(16, next_power_of_2(d))
+    blocks = block or AttentionBlocks.for_head_dim(d, q.dtype)
+    blocks = _fit_blocks(_resolve_dkv_backend(blocks, q.dtype, width, segment_ids is not None), t, s)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     tp, sp = cdiv(t, q_multiple) * q_multiple, cdiv(s, k_multiple) * k_multiple
@@ -564,9 +604,6 @@ def prepare(q, k, v, *, segment_ids, causal, sliding_window, softcap, scale, int
         blocks=blocks,
         interpret=resolve_interpret(interpret),
     )
-    # Zero head-dim padding changes no score and no output column; zero query/key padding is masked (keys)
-    # or gets a zero cotangent (queries, through the final slice).
-    width = max(16, next_power_of_2(d))
     segs = ()
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)

@@ -1,3 +1,10 @@
+import os
+
+# XLA's CPU runtime sizes its thread pool by the cores (NPROC overrides it). The Mosaic GPU interpreter runs
+# each warpgroup of a CTA as a computation that blocks on simulated barriers; with fewer pool threads than
+# warpgroups (3) on a 2-core CI machine, the blocked ones starve the rest and the test hangs.
+os.environ.setdefault("NPROC", "8")
+
 import jax
 import pytest
 

@@ -109,6 +109,42 @@ def test_split_dkv_matches_reference(name):
     _check(seed=len(name), block=SPLIT, **CASES[name])
 
 
+# The Mosaic GPU dK/dV kernel (16-bit, head dim a multiple of 64, no segments), run by the GPU interpreter on
+# CPU: 64 keys per CTA, 32 query rows per step and a two-deep ring, so T = 100-150 spans several key blocks, a
+# padded key block, several ring wraps and (with GQA) the steps of several query heads.
+MOSAIC = dataclasses.replace(SMALL, block_q_dkv=32, block_k_dkv=64, num_stages_dkv=2, dkv_backend="mosaic")
+MOSAIC_CASES = {
+    "causal_gqa_bf16": dict(t=100, hq=4, hk=2, dtype=jnp.bfloat16),
+    "window_softcap_mqa_bf16": dict(t=150, hq=2, hk=1, sliding_window=40, softcap=20.0, dtype=jnp.bfloat16),
+    "window_not_causal_f16": dict(t=90, sliding_window=30, causal=False, dtype=jnp.float16),
+    "d128_scaled_bf16": dict(t=70, d=128, hq=2, hk=1, scale=0.2, softcap=5.0, dtype=jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("name", list(MOSAIC_CASES))
+def test_mosaic_dkv_matches_reference(name):
+    _check(seed=len(name), block=MOSAIC, **MOSAIC_CASES[name])
+
+
+def test_mosaic_dkv_runs_where_it_applies_and_falls_back_elsewhere(monkeypatch):
+    from pallas_kernels import attention_mgpu
+
+    calls = []
+    real = attention_mgpu.dkv
+    monkeypatch.setattr(attention_mgpu, "dkv", lambda *a: calls.append(1) or real(*a))
+    _check(seed=3, block=MOSAIC, t=20, hq=2, hk=1, dtype=jnp.bfloat16)  # one padded key block
+    assert len(calls) == 1
+    # Segment ids, f32 and head dims below 64 take the Triton kernel with the head dim's default dK/dV tiles.
+    _check(seed=4, block=MOSAIC, t=40, segments=True, b=2, dtype=jnp.bfloat16)
+    _check(seed=5, block=MOSAIC, t=40)
+    _check(seed=6, block=MOSAIC, t=40, d=32, dtype=jnp.bfloat16)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="block_k_dkv=64"):
+        dataclasses.replace(MOSAIC, block_k_dkv=32)
+    with pytest.raises(ValueError, match="dkv_backend"):
+        dataclasses.replace(SMALL, dkv_backend="cuda")
+
+
 def test_default_blocks():
     # The Hopper defaults shrink to the sequence: one block per program, no inner-loop steps skipped.
     _check(t=17, hq=4, hk=2, d=64, block=None, sliding_window=6)
@@ -170,17 +206,18 @@ def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     *rows, whole = rows
     timed = [r for r in rows if r["kernel"] != "best"]
-    assert {r["kernel"] for r in timed} == {"fwd", "dkv", "dkv_split", "dq"}
+    assert {r["kernel"] for r in timed} == {"fwd", "dkv", "dkv_split", "dkv_mosaic", "dq"}
     assert all("error" not in r and r["max_err"] < 0.05 and r["ms"] > 0 for r in timed), timed
     (best,) = [r for r in rows if r["kernel"] == "best"]
-    assert set(best["ms"]) == {"fwd", "dkv", "dkv_split", "dq"}
-    # The combined settings are a valid AttentionBlocks holding each kernel's fastest tile, and the faster of
-    # the fused and the split dK/dV.
+    assert set(best["ms"]) == {"fwd", "dkv", "dkv_split", "dkv_mosaic", "dq"}
+    # The combined settings are a valid AttentionBlocks holding each kernel's fastest tile, and the fastest of
+    # the fused, the split and the Mosaic dK/dV.
     blocks = AttentionBlocks(**best["settings"])
     fastest = {k: min((r for r in timed if r["kernel"] == k), key=lambda r: r["ms"]) for k in best["ms"]}
     assert blocks.block_q == fastest["fwd"]["settings"]["block_q"]
-    dkv = min(("dkv", "dkv_split"), key=lambda k: fastest[k]["ms"])
+    dkv = min(("dkv", "dkv_split", "dkv_mosaic"), key=lambda k: fastest[k]["ms"])
     assert blocks.split_dkv == (dkv == "dkv_split")
+    assert blocks.dkv_backend == ("mosaic" if dkv == "dkv_mosaic" else "triton")
     assert blocks.block_k_dkv == fastest[dkv]["settings"]["block_k_dkv"]
     # Last, the public op timed forward+backward with the combined settings, checked against the reference.
     assert whole["impl"] == "pallas" and whole["blocks"] == best["settings"], whole
@@ -295,6 +332,22 @@ GPU_CASES = {
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
 def test_gpu_matches_reference(name, dtype):
     _check(dtype=dtype, interpret=False, block=None, seed=1, **GPU_CASES[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gemma2_d256", "llama8b_d128", "ragged_d80", "packed_d128"])
+@pytest.mark.parametrize("tiles", [(64, 2), (32, 3)], ids=["q64s2", "q32s3"])
+def test_gpu_mosaic_dkv_matches_reference(name, tiles):
+    # ragged_d80: a padded head dim and a padded key block; packed_d128: segments fall back to Triton.
+    d = GPU_CASES[name]["d"]
+    block = dataclasses.replace(
+        AttentionBlocks.for_head_dim(d, jnp.bfloat16),
+        block_q_dkv=tiles[0],
+        block_k_dkv=64,
+        num_stages_dkv=tiles[1],
+        dkv_backend="mosaic",
+    )
+    _check(dtype=jnp.bfloat16, interpret=False, block=block, seed=3, **GPU_CASES[name])
 
 
 @pytest.mark.gpu

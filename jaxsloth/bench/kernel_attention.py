@@ -164,7 +164,7 @@ def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks 
     )
 
 
-TUNE_KERNELS = ("fwd", "dkv", "dkv_split", "dq")
+TUNE_KERNELS = ("fwd", "dkv", "dkv_split", "dkv_mosaic", "dq")
 # Per-kernel launch settings the tuner tries: (block_q, block_k, num_warps, num_stages) in each kernel's own
 # field names. Row bytes (head dim x 2 for bf16) bound what fits: 512-byte rows (d256) take the smaller tiles.
 # fmt: off
@@ -182,8 +182,14 @@ _TUNE_TILES = {
         # split_dkv: one accumulator per kernel, so the dQ kernel's shapes, mirrored (timed in the fourth session).
         "dkv_split": [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2),
                       (64, 32, 4, 2), (16, 64, 4, 3), (32, 64, 8, 2), (64, 128, 8, 2), (32, 128, 4, 2)],
+        # The Mosaic GPU kernel (see "d128"): at d256 K, V and one Q + dO stage of 64 rows take 128 KiB.
+        "dkv_mosaic": [(64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)],
     },
     "d128": {
+        # The Mosaic GPU kernel: 64 keys per CTA (fixed), three warpgroups (num_warps unused); the fields vary
+        # the query rows per step and the ring depth (shared memory: K, V + stages x (Q, dO) tiles).
+        "dkv_mosaic": [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4),
+                       (128, 64, 4, 2)],
         "fwd": [(256, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3),
                 (256, 128, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
                 (128, 64, 8, 2), (128, 32, 4, 4)],
@@ -201,6 +207,7 @@ _TUNE_FIELDS = {
     "fwd": ("block_q", "block_k", "num_warps", "num_stages"),
     "dkv": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
     "dkv_split": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
+    "dkv_mosaic": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
     "dq": ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"),
 }
 
@@ -223,7 +230,7 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
     expected = {"fwd": (out, lse), "dkv": dkv0(*args["dkv"]), "dq": dq0(*args["dq"])}
     tiles = _TUNE_TILES["d256" if shape.d > 128 else "d128"]
     best = {}
-    for kernel, index in (("fwd", 0), ("dkv", 1), ("dkv_split", 1), ("dq", 2)):
+    for kernel, index in (("fwd", 0), ("dkv", 1), ("dkv_split", 1), ("dkv_mosaic", 1), ("dq", 2)):
         if kernel not in kernels:
             continue
         # Tiles longer than the padded sequence shrink to it, as ``attention`` shrinks them (duplicates dropped).
@@ -233,13 +240,14 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
             settings = dict(zip(_TUNE_FIELDS[kernel], tile, strict=True))
             if kernel.startswith("dkv"):
                 settings["split_dkv"] = kernel == "dkv_split"
+                settings["dkv_backend"] = "mosaic" if kernel == "dkv_mosaic" else "triton"
             row = {"op": "attention_tune", "kernel": kernel, "shape": shape.label(), "settings": settings}
             try:
                 blocks = dataclasses.replace(default, **settings)
                 if qp.shape[1] % tile[0] or kp.shape[1] % tile[1]:
                     raise ValueError(f"tile {tile[:2]} does not divide the padded lengths {qp.shape[1]}, {kp.shape[1]}")
                 call = jax.jit(attention_kernels.kernel_calls(dataclasses.replace(st, blocks=blocks))[index])
-                launch = "dkv" if kernel.startswith("dkv") else kernel  # the split pair replaces the fused dK/dV
+                launch = "dkv" if kernel.startswith("dkv") else kernel  # each dK/dV variant replaces the others
                 row["max_err"] = timing.max_abs_err(call(*args[launch]), expected[launch])
                 row["ms"] = timing.kernel_ms(call, args[launch], iters)
                 if row["max_err"] <= 0.05 and row["ms"] < best.get(kernel, ({}, float("inf")))[1]:
@@ -247,8 +255,8 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
             except Exception as e:  # out of shared memory or registers: skip this tile
                 row["error"] = repr(e)[:300]
             yield {**row, **timing.device_fields()}
-    # dK/dV: the faster of the fused kernel and the split pair.
-    dkv = min((k for k in ("dkv", "dkv_split") if k in best), key=lambda k: best[k][1], default=None)
+    # dK/dV: the fastest of the fused kernel, the split pair and the Mosaic GPU kernel.
+    dkv = min((k for k in ("dkv", "dkv_split", "dkv_mosaic") if k in best), key=lambda k: best[k][1], default=None)
     chosen = [best[k] for k in ("fwd", dkv, "dq") if k in best]
     combined = dataclasses.replace(
         default, **{name: value for settings, _ in chosen for name, value in settings.items()}

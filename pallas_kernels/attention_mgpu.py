@@ -1,0 +1,192 @@
+"""Flash-attention dK and dV as a Mosaic GPU kernel (Hopper wgmma + TMA), for 16-bit inputs without segments.
+
+Why a second backend: at head dim 256 the Triton dK/dV kernel holds two f32 [block_k, 256] accumulators per
+program, which caps its key tile at 32 rows and keeps its dots off wgmma (BENCHMARKS.md, third session: ~250
+TFLOP/s). Here one CTA owns 64 keys of one kv head and runs three warpgroups: a memory warpgroup streams the
+Q, dO, log-sum-exp and delta tiles of every query head of the group through a ``stages``-deep ring in shared
+memory (TMA); compute warpgroup 0 accumulates dV = sum P^T dO and warpgroup 1 dK = sum dS^T Q, each in its
+own registers (one [64, D] f32 wgmma accumulator, 128 registers per thread at D = 256). Both recompute the
+transposed scores S^T = K Q^T: 25% more tensor work than one program holding both accumulators, which does
+not fit the register file at D = 256. The score transform, masks and block ranges are the Triton kernels'
+(``attention.scale_scores``, ``visible``, ``q_block_range``), so both backends skip the same blocks and mask
+the same pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import attention as att
+
+BLOCK_K = 64  # keys per CTA: one wgmma M tile, shared by both compute warpgroups
+_MEMORY_WG = 2
+
+
+def supports(dtype, head_dim: int, has_segments: bool) -> bool:
+    """Whether this kernel covers the case (padded head dim; the rest falls back to the Triton kernel)."""
+    return jnp.dtype(dtype).itemsize == 2 and head_dim % 64 == 0 and not has_segments
+
+
+def _mma(acc, a, b, shape, interpret: bool):
+    """acc + a @ b on the tensor cores (acc None: a fresh f32 accumulator of ``shape``).
+
+    The interpreter (CPU tests) cannot run an accumulator initialised from registers (``ACC.init``: no CPU
+    lowering in jax 0.11.2) nor a wgmma whose A operand is in registers, so there the sum is taken outside
+    the wgmma and a register operand goes through ``lax.dot``; same arithmetic, f32 accumulation either way.
+    """
+    if interpret and isinstance(a, jax.Array):
+        out = lax.dot(a, b[...], preferred_element_type=jnp.float32)
+        return out if acc is None else acc + out
+    if acc is None or interpret:
+
+        def fresh(ref):
+            plgpu.wgmma(ref, a, b)
+            return ref[...]
+
+        out = pl.run_scoped(fresh, plgpu.ACC(shape, jnp.float32))
+        return out if acc is None else acc + out
+
+    def accumulate(ref):
+        plgpu.wgmma(ref, a, b)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def dkv(q, k, v, do, lse, delta, st):
+    """dK, dV [B, Sp, Hk, D] for padded q, do [B, Tp, Hq, D], k, v [B, Sp, Hk, D], lse, delta [B, Hq, Tp] f32.
+
+    Tiles: ``st.blocks.block_q_dkv`` query rows per step, ``st.blocks.num_stages_dkv`` steps in flight.
+    """
+    b, tp, hq, d = q.shape
+    sp, hk = k.shape[1], k.shape[2]
+    bq, bk, stages, g = st.blocks.block_q_dkv, BLOCK_K, st.blocks.num_stages_dkv, st.groups
+    if sp % bk or tp % bq:
+        raise ValueError(f"padded lengths {tp=} {sp=} must be multiples of {bq=} and {bk=}")
+    dtype = q.dtype
+    wgmma_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(0)  # a [bq] vector broadcast along the keys of S^T [bk, bq]
+    iota = functools.partial(plgpu.broadcasted_iota, layout=wgmma_layout)
+    mma = functools.partial(_mma, interpret=bool(st.interpret))
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, smem, bars):
+        k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem = smem
+        kv_bar, q_bar, do_bar, lse_bar, delta_bar, consumed, done = bars
+        k_start = lax.axis_index("kv") * bk
+        bi, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        bounds = att.q_block_range(k_start, bq, bk, st)
+        lo, hi = bounds[0], bounds[3]
+        n_q = hi - lo
+        n_steps = g * n_q  # steps run over (query head of the group, query block), heads outermost
+
+        @pl.when(wg == _MEMORY_WG)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            keys = (bi, pl.ds(k_start, bk), h)
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_bar.at[0])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_bar.at[1])
+
+            def issue(step, slot):
+                head = h * g + lax.div(step, n_q)
+                rows = pl.ds((lo + lax.rem(step, n_q)) * bq, bq)
+                plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_smem.at[slot], q_bar.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, head], do_smem.at[slot], do_bar.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_smem.at[slot], lse_bar.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, rows], delta_smem.at[slot], delta_bar.at[slot])
+
+            for i in range(stages):
+                pl.when(i < n_steps)(functools.partial(issue, jnp.int32(i), i))
+
+            @pl.loop(jnp.int32(stages), n_steps)
+            def _(step):
+                slot = lax.rem(step, stages)
+                plgpu.barrier_wait(consumed.at[slot])  # both compute warpgroups are done with this slot
+                issue(step, slot)
+
+            # Observe the last slots' releases too: no effect on the GPU, but the interpreter requires every
+            # phase of a barrier a thread waits on to be observed.
+            @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+            def _(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+        def compute(want_dk: bool):
+            plgpu.set_max_registers(232, action="increase")
+            plgpu.barrier_wait(kv_bar.at[0])
+            if want_dk:
+                plgpu.barrier_wait(kv_bar.at[1])
+
+            def body(qb, carry, masked):
+                acc, step = carry
+                slot = lax.rem(step, stages)
+                for bar in (q_bar, do_bar, lse_bar) + ((delta_bar,) if want_dk else ()):
+                    plgpu.barrier_wait(bar.at[slot])
+                s_t = mma(None, k_smem, q_smem.at[slot].transpose((1, 0)), (bk, bq))
+                s_t, tanh = att.scale_scores(s_t, st)
+                if masked:
+                    vis = att.visible(qb * bq, k_start, bq, bk, None, None, st, kv_major=True, iota=iota)
+                    if vis is not None:
+                        s_t = jnp.where(vis, s_t, att.MASK_VALUE)
+                lse = plgpu.load(lse_smem.at[slot], layout=row_layout)
+                p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                if want_dk:
+                    if tanh is not None:
+                        p_t = p_t * (1.0 - tanh * tanh)  # d(cap * tanh(x / cap)) / dx, folded in before dP
+                    dp_t = mma(None, v_smem, do_smem.at[slot].transpose((1, 0)), (bk, bq))
+                    delta = plgpu.load(delta_smem.at[slot], layout=row_layout)
+                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                    acc = mma(acc, ds_t.astype(dtype), q_smem.at[slot], (bk, d))
+                else:
+                    acc = mma(acc, p_t.astype(dtype), do_smem.at[slot], (bk, d))
+                plgpu.barrier_arrive(consumed.at[slot])
+                return acc, step + 1
+
+            def group(_, carry):
+                return att.masked_loops(bounds, body, carry)
+
+            acc = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wgmma_layout)
+            acc, _ = lax.fori_loop(0, g, group, (acc, jnp.int32(0)))
+            # Both warpgroups are past their last read of K and V: each stages its result in one of them.
+            plgpu.barrier_arrive(done)
+            plgpu.barrier_wait(done)
+            out_smem, out_ref = (k_smem, dk_ref) if want_dk else (v_smem, dv_ref)
+            out_smem[...] = (acc * st.scale if want_dk else acc).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem, out_ref.at[bi, pl.ds(k_start, bk), h])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.when(wg == 0)(functools.partial(compute, False))
+        pl.when(wg == 1)(functools.partial(compute, True))
+
+    tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    smem = (
+        plgpu.SMEM((bk, d), dtype, transforms=tiles),  # K, then dK
+        plgpu.SMEM((bk, d), dtype, transforms=tiles),  # V, then dV
+        plgpu.SMEM((stages, bq, d), dtype, transforms=tiles),  # Q ring
+        plgpu.SMEM((stages, bq, d), dtype, transforms=tiles),  # dO ring
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((stages, bq), jnp.float32),
+    )
+    bars = (
+        plgpu.Barrier(num_barriers=2),
+        *(plgpu.Barrier(num_barriers=stages),) * 4,
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2),
+    )
+    interpret = plgpu.InterpretGPUParams() if st.interpret else None
+    return plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2,
+        scratch_types=(smem, bars),
+        grid=(sp // bk, b, hk),
+        grid_names=("kv", "batch", "heads"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+        kernel_name="flash_attention_bwd_dkv_mgpu",
+    )(q, k, v, do, lse, delta)
