@@ -63,8 +63,13 @@ class AttentionBlocks:
     def __post_init__(self):
         if self.dkv_backend not in DKV_BACKENDS:
             raise ValueError(f"dkv_backend={self.dkv_backend!r} must be one of {DKV_BACKENDS}")
-        if self.dkv_backend == "mosaic" and self.block_k_dkv != 64:
-            raise ValueError(f"the Mosaic dK/dV kernel takes block_k_dkv=64, not {self.block_k_dkv}")
+        if self.dkv_backend == "mosaic" and (self.block_k_dkv != 64 or self.block_q_dkv % 64):
+            # 64 keys: one wgmma M tile per warpgroup; query rows in 64s: the contraction of dV += P^T dO and
+            # dK += dS^T Q runs over them, in whole 128-byte swizzle groups.
+            raise ValueError(
+                "the Mosaic dK/dV kernel takes block_k_dkv=64 and block_q_dkv a multiple of 64, not "
+                f"{self.block_k_dkv} and {self.block_q_dkv}"
+            )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int):
@@ -75,13 +80,15 @@ class AttentionBlocks:
                 raise ValueError(f"{f.name}={value} must be >= 1")
 
     @classmethod
-    def for_head_dim(cls, head_dim: int, dtype=jnp.bfloat16) -> AttentionBlocks:
+    def for_head_dim(cls, head_dim: int, dtype=jnp.bfloat16, mosaic: bool = True) -> AttentionBlocks:
         """H200 defaults by bytes per tile row (padded head dim x itemsize), each kernel's tile the fastest
         of ``jaxsloth.bench.kernel_attention --tune`` (BENCHMARKS.md, 2026-11-29: bf16, T=8192; 256-byte
         rows on the Llama-3.1-8B shape, 512-byte rows on the Gemma-2-9B shape). The dK/dV kernel holds two
         f32 [block_k_dkv, d] accumulators in registers, hence its short key tiles at 512-byte rows. 1 KiB
         rows (f32 d256) were not tuned: they take half the 512-byte tiles to stay in registers and under
-        227 KiB of shared memory."""
+        227 KiB of shared memory. 16-bit d256 takes the Mosaic GPU dK/dV kernel (sixth session: 1.96 against
+        the Triton kernel's 3.28 ms at Gemma-2 T=8192) unless ``mosaic`` is False (the Triton tiles, for
+        the cases that kernel does not cover)."""
         row_bytes = next_power_of_2(head_dim) * jnp.dtype(dtype).itemsize
         if row_bytes > 512:
             return cls(
@@ -97,6 +104,10 @@ class AttentionBlocks:
                 num_warps_dq=4,
             )
         if row_bytes > 256:
+            if mosaic and row_bytes == 512 and jnp.dtype(dtype).itemsize == 2:
+                # K, V and two 64-row Q + dO stages: 192 KiB of shared memory, the most that fits at d256.
+                mosaic_dkv = dict(block_q_dkv=64, block_k_dkv=64, num_stages_dkv=2, dkv_backend="mosaic")
+                return dataclasses.replace(cls.for_head_dim(head_dim, dtype, mosaic=False), **mosaic_dkv)
             return cls(
                 block_q=128,
                 block_k=64,
@@ -523,9 +534,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _fit_blocks(blocks: AttentionBlocks, q_len: int, kv_len: int) -> AttentionBlocks:
     """Shrinks blocks longer than the sequence (rounded up to a power of two, at least 16); the Mosaic dK/dV
-    kernel's 64 keys are fixed (short sequences are padded to them)."""
+    kernel's tiles are fixed (64 keys, query rows in 64s: short sequences are padded to them)."""
     q_cap, k_cap = max(16, next_power_of_2(q_len)), max(16, next_power_of_2(kv_len))
-    fixed = {"block_k_dkv"} if blocks.dkv_backend == "mosaic" else set()
+    fixed = {"block_k_dkv", "block_q_dkv"} if blocks.dkv_backend == "mosaic" else set()
     return dataclasses.replace(
         blocks,
         **{
@@ -536,13 +547,13 @@ def _fit_blocks(blocks: AttentionBlocks, q_len: int, kv_len: int) -> AttentionBl
     )
 
 
-def _resolve_dkv_backend(blocks: AttentionBlocks, dtype, width: int, has_segments: bool) -> AttentionBlocks:
+def _resolve_dkv_backend(blocks: AttentionBlocks, dtype, width: int, has_segments: bool, interpret: bool):
     """The Mosaic dK/dV kernel where it applies, else the Triton kernel with this head dim's default tiles."""
     from pallas_kernels import attention_mgpu  # imports this module
 
-    if blocks.dkv_backend != "mosaic" or attention_mgpu.supports(dtype, width, has_segments):
+    if blocks.dkv_backend != "mosaic" or attention_mgpu.supports(dtype, width, has_segments, interpret):
         return blocks
-    triton = AttentionBlocks.for_head_dim(width, dtype)
+    triton = AttentionBlocks.for_head_dim(width, dtype, mosaic=False)
     names = ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv", "split_dkv", "dkv_backend")
     return dataclasses.replace(blocks, **{name: getattr(triton, name) for name in names})
 
@@ -585,8 +596,10 @@ def prepare(q, k, v, *, segment_ids, causal, sliding_window, softcap, scale, int
     # Zero head-dim padding changes no score and no output column; zero query/key padding is masked (keys)
     # or gets a zero cotangent (queries, through the final slice).
     width = max(16, next_power_of_2(d))
+    interpret = resolve_interpret(interpret)
     blocks = block or AttentionBlocks.for_head_dim(d, q.dtype)
-    blocks = _fit_blocks(_resolve_dkv_backend(blocks, q.dtype, width, segment_ids is not None), t, s)
+    blocks = _resolve_dkv_backend(blocks, q.dtype, width, segment_ids is not None, interpret)
+    blocks = _fit_blocks(blocks, t, s)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
     tp, sp = cdiv(t, q_multiple) * q_multiple, cdiv(s, k_multiple) * k_multiple
@@ -602,7 +615,7 @@ def prepare(q, k, v, *, segment_ids, causal, sliding_window, softcap, scale, int
         fast_tanh=q.dtype != jnp.float32,
         precision=dot_precision(q.dtype),
         blocks=blocks,
-        interpret=resolve_interpret(interpret),
+        interpret=interpret,
     )
     segs = ()
     if segment_ids is not None:

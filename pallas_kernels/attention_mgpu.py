@@ -28,9 +28,16 @@ BLOCK_K = 64  # keys per CTA: one wgmma M tile, shared by both compute warpgroup
 _MEMORY_WG = 2
 
 
-def supports(dtype, head_dim: int, has_segments: bool) -> bool:
-    """Whether this kernel covers the case (padded head dim; the rest falls back to the Triton kernel)."""
-    return jnp.dtype(dtype).itemsize == 2 and head_dim % 64 == 0 and not has_segments
+def supports(dtype, head_dim: int, has_segments: bool, interpret: bool) -> bool:
+    """Whether this kernel covers the case (padded head dim; the rest falls back to the Triton kernel): wgmma
+    exists on Hopper (compute capability 9.x) only; the interpreter runs it anywhere."""
+    if not (jnp.dtype(dtype).itemsize == 2 and head_dim % 64 == 0 and not has_segments):
+        return False
+    return interpret or on_hopper()
+
+
+def on_hopper() -> bool:
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def _mma(acc, a, b, shape, interpret: bool):
