@@ -22,4 +22,16 @@ tmp=$(mktemp -d)
 (cd "$tmp" && unzip -q "$OLDPWD/$w" && rm -rf studio && sed -i '/^studio\//d' unsloth-*.dist-info/RECORD \
   && rm "$OLDPWD/$w" && zip -q -r "$OLDPWD/$w" .)
 rm -rf "$tmp"
+# Google's tokamax for kernel_attention's tokamax_* rows, with what its import needs that the image lacks (pydantic's
+# set is above; jaxtyping and wadler_lindig are in the image, carried in case). Not xprof: 32 MB, imported for a
+# profiler we don't use, so bench_runs/install_tokamax.sh stubs it. Its TPU autotuning tables and tests are dropped.
+for spec in tokamax==0.0.17 einshape==1.0 immutabledict==4.3.1 qwix==0.1.8 jaxtyping==0.3.11 wadler_lindig==0.1.8; do
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .whl/tokamax "$spec"
+done
+w=$(ls .whl/tokamax/tokamax-*.whl)
+tmp=$(mktemp -d)
+(cd "$tmp" && unzip -q "$OLDPWD/$w" && rm -rf tokamax/data/autotuning/tpu* && find tokamax -name '*_test.py' -delete \
+  && sed -i -E '/^tokamax\/data\/autotuning\/tpu|_test\.py,/d' tokamax-*.dist-info/RECORD \
+  && rm "$OLDPWD/$w" && zip -q -r "$OLDPWD/$w" .)
+rm -rf "$tmp"
 du -sh .whl

@@ -4,7 +4,9 @@ Flash attention (FlashAttention-2, Dao 2023) in Pallas with the Triton lowering.
 max and sum per query row (online softmax, section 3.1) in f32 and saves the output and the log-sum-exp.
 The backward is the paper's split (section 3.2 / algorithm 2): one kernel per kv block that loops over the
 query blocks (dK, dV), one per query block that loops over the kv blocks (dQ), with
-delta = rowsum(dO * O) computed first. Scores are kept in log2 units so the kernels use exp2.
+delta = rowsum(dO * O) computed first. Scores are kept in log2 units so the kernels use exp2. On Hopper, dK and
+dV of 16-bit inputs can run as a Mosaic GPU kernel instead (``attention_mgpu``, ``AttentionBlocks.dkv_backend``;
+the d256 default), built from this module's score transform, masks and block ranges.
 """
 
 from __future__ import annotations
@@ -597,7 +599,9 @@ def prepare(q, k, v, *, segment_ids, causal, sliding_window, softcap, scale, int
     # or gets a zero cotangent (queries, through the final slice).
     width = max(16, next_power_of_2(d))
     interpret = resolve_interpret(interpret)
-    blocks = block or AttentionBlocks.for_head_dim(d, q.dtype)
+    # The default takes the Mosaic dK/dV kernel on the GPU only: interpreted, it needs at least three XLA CPU
+    # threads (see ``attention_mgpu.dkv``), so CPU runs keep the Triton kernel unless asked through ``block``.
+    blocks = block or AttentionBlocks.for_head_dim(d, q.dtype, mosaic=not interpret)
     blocks = _resolve_dkv_backend(blocks, q.dtype, width, segment_ids is not None, interpret)
     blocks = _fit_blocks(blocks, t, s)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)

@@ -69,6 +69,9 @@ def dkv(q, k, v, do, lse, delta, st):
     """dK, dV [B, Sp, Hk, D] for padded q, do [B, Tp, Hq, D], k, v [B, Sp, Hk, D], lse, delta [B, Hq, Tp] f32.
 
     Tiles: ``st.blocks.block_q_dkv`` query rows per step, ``st.blocks.num_stages_dkv`` steps in flight.
+    Interpreted (``st.interpret``), each warpgroup runs as an XLA CPU computation blocking on simulated barriers:
+    with fewer than three CPU runtime threads (XLA sizes its pool by the cores; ``NPROC`` overrides it) the
+    blocked ones starve the rest and the call hangs, hence ``NPROC=8`` in the tests' conftest.
     """
     b, tp, hq, d = q.shape
     sp, hk = k.shape[1], k.shape[2]
