@@ -1,12 +1,14 @@
-"""Micro-benchmark: Pallas flash attention against cuDNN and the jitted XLA reference.
+"""Micro-benchmark: Pallas flash attention against cuDNN, Google's tokamax and the jitted XLA reference.
 
 Shapes (bf16): Llama-3.1-8B attention (32 q / 8 kv heads, d128, causal) and Gemma-2-9B attention (16 q / 8
 kv heads, d256, causal, softcap 50, sliding window 4096) at T = 2048 (B=2), 8192 and 32768 (B=1). cuDNN runs
 the 8B shape only (it has no softcap); the XLA reference is skipped where its [B, H, T, T] f32 scores would
-not fit. Per measurement: forward and forward+backward median time and TFLOP/s (forward 4*B*Hq*T*T*hd,
-halved for causal, forward+backward 3.5x that: the usual convention, so windows are not discounted), the
-compiled forward+backward's temporary bytes (memory as T grows), and the max abs error of out/dq/dk/dv against
-the reference, checked before timing.
+not fit. tokamax's Mosaic GPU and Triton kernels run on GPU where tokamax is installed
+(bench_runs/install_tokamax.sh); a feature one lacks (its Triton backward has no softcap) gives an error row.
+Per measurement: forward and forward+backward median time and TFLOP/s (forward 4*B*Hq*T*T*hd, halved for
+causal, forward+backward 3.5x that: the usual convention, so windows are not discounted), the compiled
+forward+backward's temporary bytes (memory as T grows), and the max abs error of out/dq/dk/dv against the
+reference, checked before timing.
 
 Rows are appended to ``--out`` (several ``--only`` runs can share one file).
 
@@ -20,6 +22,7 @@ Rows are appended to ``--out`` (several ``--only`` runs can share one file).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 
 import jax
@@ -108,6 +111,16 @@ def _attention_fn(shape: Shape, impl: str, blocks: AttentionBlocks | None):
         return lambda q, k, v: attention(q, k, v, block=blocks, **kw)
     if impl == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl.startswith("tokamax_"):
+        import tokamax  # only where installed (the GPU machine), so imported here
+
+        # Our window counts the keys visible including self (i - j < window); tokamax's (left, right) counts the
+        # keys either side of the diagonal, as jax.nn's local_window_size does.
+        window = None if shape.window is None else (shape.window - 1, 0)
+        backend = impl.removeprefix("tokamax_")  # "mosaic", "triton" (or "xla", which runs on CPU)
+        return lambda q, k, v: tokamax.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=window, logits_soft_cap=shape.softcap, implementation=backend
+        )
     return lambda q, k, v: attention_reference(q, k, v, **kw)
 
 
@@ -275,6 +288,8 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
 
 def _plan(args) -> list[tuple[Shape, str, AttentionBlocks | None]]:
     on_gpu = jax.default_backend() == "gpu"
+    # Installed but failing to import still plans the rows: their error rows say why.
+    tokamax = on_gpu and importlib.util.find_spec("tokamax") is not None
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.only:
         shapes = tuple(s for s in shapes if args.only in s.label())
@@ -286,6 +301,8 @@ def _plan(args) -> list[tuple[Shape, str, AttentionBlocks | None]]:
         plan.append((shape, "pallas", None))
         if on_gpu and shape.softcap is None and shape.window is None:
             plan.append((shape, "cudnn", None))
+        if tokamax:
+            plan += [(shape, "tokamax_mosaic", None), (shape, "tokamax_triton", None)]
         if _xla_fits(shape):
             plan.append((shape, "xla_reference", None))
     return plan
