@@ -56,8 +56,8 @@ class AttentionBlocks:
     # Gemma-2 T=8192, but 0.83 against 0.68 at the Gemma-2 step's B2 x T2048 and 3.32 against 2.23 at the 8B
     # shape, so no default uses it.
     split_dkv: bool = False
-    # "mosaic": dK and dV from the Mosaic GPU kernel (``attention_mgpu``: wgmma, TMA, warp-specialised; 64 keys
-    # per CTA, ``block_q_dkv`` queries per step, ``num_stages_dkv`` steps in flight) where it applies (16-bit
+    # "mosaic": dK and dV from the Mosaic GPU kernel (``attention_mgpu``: wgmma, TMA, warp-specialised; 64 or 128
+    # keys per CTA, ``block_q_dkv`` queries per step, ``num_stages_dkv`` steps in flight) where it applies (16-bit
     # inputs, head dim a multiple of 64, no segment ids); elsewhere the Triton kernel with this head dim's
     # default tiles.
     dkv_backend: str = "triton"
@@ -65,11 +65,11 @@ class AttentionBlocks:
     def __post_init__(self):
         if self.dkv_backend not in DKV_BACKENDS:
             raise ValueError(f"dkv_backend={self.dkv_backend!r} must be one of {DKV_BACKENDS}")
-        if self.dkv_backend == "mosaic" and (self.block_k_dkv != 64 or self.block_q_dkv % 64):
-            # 64 keys: one wgmma M tile per warpgroup; query rows in 64s: the contraction of dV += P^T dO and
-            # dK += dS^T Q runs over them, in whole 128-byte swizzle groups.
+        if self.dkv_backend == "mosaic" and (self.block_k_dkv not in (64, 128) or self.block_q_dkv % 64):
+            # Keys: one or two wgmma M tiles of 64 (see attention_mgpu); query rows in 64s: the contraction of
+            # dV += P^T dO and dK += dS^T Q runs over them, in whole 128-byte swizzle groups.
             raise ValueError(
-                "the Mosaic dK/dV kernel takes block_k_dkv=64 and block_q_dkv a multiple of 64, not "
+                "the Mosaic dK/dV kernel takes block_k_dkv=64 or 128 and block_q_dkv a multiple of 64, not "
                 f"{self.block_k_dkv} and {self.block_q_dkv}"
             )
         for f in dataclasses.fields(self):

@@ -2,14 +2,15 @@
 
 Why a second backend: at head dim 256 the Triton dK/dV kernel holds two f32 [block_k, 256] accumulators per
 program, which caps its key tile at 32 rows and keeps its dots off wgmma (BENCHMARKS.md, third session: ~250
-TFLOP/s). Here one CTA owns 64 keys of one kv head and runs three warpgroups: a memory warpgroup streams the
-Q, dO, log-sum-exp and delta tiles of every query head of the group through a ``stages``-deep ring in shared
-memory (TMA); compute warpgroup 0 accumulates dV = sum P^T dO and warpgroup 1 dK = sum dS^T Q, each in its
-own registers (one [64, D] f32 wgmma accumulator, 128 registers per thread at D = 256). Both recompute the
-transposed scores S^T = K Q^T: 25% more tensor work than one program holding both accumulators, which does
-not fit the register file at D = 256. The score transform, masks and block ranges are the Triton kernels'
-(``attention.scale_scores``, ``visible``, ``q_block_range``), so both backends skip the same blocks and mask
-the same pairs.
+TFLOP/s). Here each CTA runs three warpgroups: a memory warpgroup streams the Q, dO, log-sum-exp and delta tiles
+of every query head of the kv head's group through a ``stages``-deep ring in shared memory (TMA), and two compute
+warpgroups hold f32 wgmma accumulators of 64 keys each in registers. At head dim 256 the CTA owns 64 keys and
+the warpgroups split the roles: warpgroup 0 accumulates dV = sum P^T dO, warpgroup 1 dK = sum dS^T Q (128
+registers per thread each), both recomputing the transposed scores S^T = K Q^T (25% more tensor work than one
+program holding both accumulators, which does not fit at D = 256). Up to head dim 128 the CTA can own 128 keys
+and each warpgroup computes dK and dV of its own 64. The score transform, masks and block ranges are the Triton
+kernels' (``attention.scale_scores``, ``visible``, ``q_block_range``), so both backends skip the same blocks and
+mask the same pairs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import attention as att
 
-BLOCK_K = 64  # keys per CTA: one wgmma M tile, shared by both compute warpgroups
+WG_KEYS = 64  # keys per compute warpgroup: one wgmma M tile
 _MEMORY_WG = 2
 
 
@@ -68,14 +69,19 @@ def _mma(acc, a, b, shape, interpret: bool):
 def dkv(q, k, v, do, lse, delta, st):
     """dK, dV [B, Sp, Hk, D] for padded q, do [B, Tp, Hq, D], k, v [B, Sp, Hk, D], lse, delta [B, Hq, Tp] f32.
 
-    Tiles: ``st.blocks.block_q_dkv`` query rows per step, ``st.blocks.num_stages_dkv`` steps in flight.
+    Tiles: ``st.blocks.block_k_dkv`` keys per CTA: 64 (warpgroup 0 dV, warpgroup 1 dK, for head dims whose two
+    accumulators do not fit one warpgroup's registers) or 128 (each warpgroup dK and dV of its own 64: no
+    recomputed scores; head dims up to 128); ``block_q_dkv`` query rows per step, ``num_stages_dkv`` steps in flight.
     Interpreted (``st.interpret``), each warpgroup runs as an XLA CPU computation blocking on simulated barriers:
     with fewer than three CPU runtime threads (XLA sizes its pool by the cores; ``NPROC`` overrides it) the
     blocked ones starve the rest and the call hangs, hence ``NPROC=8`` in the tests' conftest.
     """
     b, tp, hq, d = q.shape
     sp, hk = k.shape[1], k.shape[2]
-    bq, bk, stages, g = st.blocks.block_q_dkv, BLOCK_K, st.blocks.num_stages_dkv, st.groups
+    bq, bk, stages, g = st.blocks.block_q_dkv, st.blocks.block_k_dkv, st.blocks.num_stages_dkv, st.groups
+    fused = bk == 2 * WG_KEYS
+    if fused and d > 128:
+        raise ValueError(f"128 keys per CTA hold dK and dV of 64 keys per warpgroup: head dim {d} > 128 does not fit")
     if sp % bk or tp % bq:
         raise ValueError(f"padded lengths {tp=} {sp=} must be multiples of {bq=} and {bk=}")
     dtype = q.dtype
@@ -124,53 +130,71 @@ def dkv(q, k, v, do, lse, delta, st):
             def _(step):
                 plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
-        def compute(want_dk: bool):
+        def compute(wg_index: int, want_dk: bool, want_dv: bool):
             plgpu.set_max_registers(232, action="increase")
+            # This warpgroup's keys: all 64 of the CTA (roles split), or its own half of 128 (both outputs).
+            first = wg_index * WG_KEYS if fused else 0
+            keys = pl.ds(first, WG_KEYS)
+            k_tile, v_tile = k_smem.at[keys], v_smem.at[keys]
+            wg_start = k_start + first
             plgpu.barrier_wait(kv_bar.at[0])
             if want_dk:
                 plgpu.barrier_wait(kv_bar.at[1])
 
             def body(qb, carry, masked):
-                acc, step = carry
+                dk, dv, step = carry
                 slot = lax.rem(step, stages)
                 for bar in (q_bar, do_bar, lse_bar) + ((delta_bar,) if want_dk else ()):
                     plgpu.barrier_wait(bar.at[slot])
-                s_t = mma(None, k_smem, q_smem.at[slot].transpose((1, 0)), (bk, bq))
+                s_t = mma(None, k_tile, q_smem.at[slot].transpose((1, 0)), (WG_KEYS, bq))
                 s_t, tanh = att.scale_scores(s_t, st)
                 if masked:
-                    vis = att.visible(qb * bq, k_start, bq, bk, None, None, st, kv_major=True, iota=iota)
+                    vis = att.visible(qb * bq, wg_start, bq, WG_KEYS, None, None, st, kv_major=True, iota=iota)
                     if vis is not None:
                         s_t = jnp.where(vis, s_t, att.MASK_VALUE)
                 lse = plgpu.load(lse_smem.at[slot], layout=row_layout)
                 p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                if want_dv:
+                    dv = mma(dv, p_t.astype(dtype), do_smem.at[slot], (WG_KEYS, d))
                 if want_dk:
                     if tanh is not None:
                         p_t = p_t * (1.0 - tanh * tanh)  # d(cap * tanh(x / cap)) / dx, folded in before dP
-                    dp_t = mma(None, v_smem, do_smem.at[slot].transpose((1, 0)), (bk, bq))
+                    dp_t = mma(None, v_tile, do_smem.at[slot].transpose((1, 0)), (WG_KEYS, bq))
                     delta = plgpu.load(delta_smem.at[slot], layout=row_layout)
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-                    acc = mma(acc, ds_t.astype(dtype), q_smem.at[slot], (bk, d))
-                else:
-                    acc = mma(acc, p_t.astype(dtype), do_smem.at[slot], (bk, d))
+                    dk = mma(dk, ds_t.astype(dtype), q_smem.at[slot], (WG_KEYS, d))
                 plgpu.barrier_arrive(consumed.at[slot])
-                return acc, step + 1
+                return dk, dv, step + 1
 
             def group(_, carry):
+                # The CTA's block range: the union over its keys; with two 64-key halves a block left unmasked
+                # is fully visible to both, and each half masks its own keys elsewhere.
                 return att.masked_loops(bounds, body, carry)
 
-            acc = plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), wgmma_layout)
-            acc, _ = lax.fori_loop(0, g, group, (acc, jnp.int32(0)))
-            # Both warpgroups are past their last read of K and V: each stages its result in one of them.
+            zeros = plgpu.layout_cast(jnp.zeros((WG_KEYS, d), jnp.float32), wgmma_layout)
+            init = (zeros if want_dk else None, zeros if want_dv else None, jnp.int32(0))
+            dk, dv, _ = lax.fori_loop(0, g, group, init)
+            # Both warpgroups are past their last read of K and V: each stages its results in its own rows.
             plgpu.barrier_arrive(done)
             plgpu.barrier_wait(done)
-            out_smem, out_ref = (k_smem, dk_ref) if want_dk else (v_smem, dv_ref)
-            out_smem[...] = (acc * st.scale if want_dk else acc).astype(dtype)
+            rows = (bi, pl.ds(wg_start, WG_KEYS), h)
+            if want_dk:
+                k_tile[...] = (dk * st.scale).astype(dtype)
+            if want_dv:
+                v_tile[...] = dv.astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem, out_ref.at[bi, pl.ds(k_start, bk), h])
+            if want_dk:
+                plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[rows])
+            if want_dv:
+                plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[rows])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.when(wg == 0)(functools.partial(compute, False))
-        pl.when(wg == 1)(functools.partial(compute, True))
+        if fused:
+            pl.when(wg == 0)(functools.partial(compute, 0, True, True))
+            pl.when(wg == 1)(functools.partial(compute, 1, True, True))
+        else:
+            pl.when(wg == 0)(functools.partial(compute, 0, False, True))
+            pl.when(wg == 1)(functools.partial(compute, 1, True, False))
 
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (

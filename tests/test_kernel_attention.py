@@ -126,6 +126,16 @@ def test_mosaic_dkv_matches_reference(name):
     _check(seed=len(name), block=MOSAIC, **MOSAIC_CASES[name])
 
 
+# 128 keys per CTA, each compute warpgroup dK and dV of its own 64 (head dims up to 128): T = 150 and 200 leave
+# a CTA whose second half is partly or wholly padding, and windows that end inside one half.
+MOSAIC_128 = dataclasses.replace(MOSAIC, block_k_dkv=128)
+
+
+@pytest.mark.parametrize("name", ["causal_gqa_bf16", "window_softcap_mqa_bf16", "window_not_causal_f16"])
+def test_mosaic_dkv_128_keys_matches_reference(name):
+    _check(seed=len(name) + 1, block=MOSAIC_128, **MOSAIC_CASES[name])
+
+
 def test_mosaic_dkv_runs_where_it_applies_and_falls_back_elsewhere(monkeypatch):
     from pallas_kernels import attention_mgpu
 
@@ -139,7 +149,7 @@ def test_mosaic_dkv_runs_where_it_applies_and_falls_back_elsewhere(monkeypatch):
     _check(seed=5, block=MOSAIC, t=40)
     _check(seed=6, block=MOSAIC, t=40, d=32, dtype=jnp.bfloat16)
     assert len(calls) == 1
-    with pytest.raises(ValueError, match="block_k_dkv=64"):
+    with pytest.raises(ValueError, match="block_k_dkv=64 or 128"):
         dataclasses.replace(MOSAIC, block_k_dkv=32)
     with pytest.raises(ValueError, match="multiple of 64"):
         dataclasses.replace(MOSAIC, block_q_dkv=32)
@@ -276,8 +286,8 @@ def test_lowers_to_triton_on_cpu(monkeypatch, d, dtype, kw):
         assert all(("inputPrecision = tf32" in line) == want_tf32 for line in kernel_dots), kernel_dots
 
 
-@pytest.mark.parametrize("d, kw", [(256, dict(softcap=50.0, sliding_window=300)), (128, dict())])
-def test_mosaic_dkv_lowers_for_hopper_on_cpu(monkeypatch, d, kw):
+@pytest.mark.parametrize("d, keys, kw", [(256, 64, dict(softcap=50.0, sliding_window=300)), (128, 128, dict())])
+def test_mosaic_dkv_lowers_for_hopper_on_cpu(monkeypatch, d, keys, kw):
     # The Mosaic dK/dV kernel lowered for an H200 without one: its wgmma shapes, layouts and shared-memory
     # plan are checked at lowering, so a tile the hardware cannot take fails in CI.
     from pallas_kernels import attention_mgpu
@@ -286,7 +296,7 @@ def test_mosaic_dkv_lowers_for_hopper_on_cpu(monkeypatch, d, kw):
     monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
     monkeypatch.setattr(attention_mgpu, "on_hopper", lambda: True)
     block = dataclasses.replace(
-        AttentionBlocks.for_head_dim(d, jnp.bfloat16), block_q_dkv=64, block_k_dkv=64, dkv_backend="mosaic"
+        AttentionBlocks.for_head_dim(d, jnp.bfloat16), block_q_dkv=64, block_k_dkv=keys, dkv_backend="mosaic"
     )
     q = jax.ShapeDtypeStruct((1, 1000, 4, d), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 1000, 2, d), jnp.bfloat16)
@@ -362,17 +372,17 @@ def test_gpu_matches_reference(name, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["gemma2_d256", "llama8b_d128", "ragged_d80", "packed_d128"])
-@pytest.mark.parametrize("tiles", [(64, 2), (128, 2)], ids=["q64s2", "q128s2"])
+@pytest.mark.parametrize("tiles", [(64, 64, 2), (64, 128, 2), (128, 64, 3)], ids=["k64q64s2", "k64q128s2", "k128q64s3"])
 def test_gpu_mosaic_dkv_matches_reference(name, tiles):
     # ragged_d80: a padded head dim and a padded key block; packed_d128: segments fall back to Triton.
     d = GPU_CASES[name]["d"]
-    if d > 128 and tiles[0] > 64:
-        pytest.skip("at d256 K, V and two 128-row Q + dO stages exceed the 227 KiB of shared memory")
+    if d > 128 and max(tiles[:2]) > 64:
+        pytest.skip("d256: 128 query rows exceed shared memory, 128 keys the registers")
     block = dataclasses.replace(
         AttentionBlocks.for_head_dim(d, jnp.bfloat16),
-        block_q_dkv=tiles[0],
-        block_k_dkv=64,
-        num_stages_dkv=tiles[1],
+        block_k_dkv=tiles[0],
+        block_q_dkv=tiles[1],
+        num_stages_dkv=tiles[2],
         dkv_backend="mosaic",
     )
     _check(dtype=jnp.bfloat16, interpret=False, block=block, seed=3, **GPU_CASES[name])
