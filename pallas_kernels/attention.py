@@ -61,10 +61,18 @@ class AttentionBlocks:
     # inputs, head dim a multiple of 64, no segment ids); elsewhere the Triton kernel with this head dim's
     # default tiles.
     dkv_backend: str = "triton"
+    # "mosaic": the forward from the Mosaic GPU kernel (``attention_mgpu.forward``: 128 query rows per CTA, two
+    # warpgroups of 64; ``block_k`` keys per step, ``num_stages`` steps in flight), where it applies (as above).
+    fwd_backend: str = "triton"
 
     def __post_init__(self):
-        if self.dkv_backend not in DKV_BACKENDS:
-            raise ValueError(f"dkv_backend={self.dkv_backend!r} must be one of {DKV_BACKENDS}")
+        for name in ("dkv_backend", "fwd_backend"):
+            if getattr(self, name) not in DKV_BACKENDS:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {DKV_BACKENDS}")
+        if self.fwd_backend == "mosaic" and (self.block_q != 128 or self.block_k % 64):
+            raise ValueError(
+                f"the Mosaic forward takes block_q=128 and block_k a multiple of 64, not {self.block_q}, {self.block_k}"
+            )
         if self.dkv_backend == "mosaic" and (self.block_k_dkv not in (64, 128) or self.block_q_dkv % 64):
             # Keys: one or two wgmma M tiles of 64 (see attention_mgpu); query rows in 64s: the contraction of
             # dV += P^T dO and dK += dS^T Q runs over them, in whole 128-byte swizzle groups.
@@ -125,6 +133,11 @@ class AttentionBlocks:
                 # these tiles but keeps two, its K/V stages being twice the bytes.
                 num_stages_dq=3 if jnp.dtype(dtype).itemsize == 2 else 2,
             )
+        if mosaic and row_bytes == 256 and jnp.dtype(dtype).itemsize == 2:
+            # 128 keys per CTA, each compute warpgroup dK and dV of its own 64 (sixth session, 8B shape T=8192:
+            # 1.80 against the Triton kernel's 2.26 ms).
+            mosaic_dkv = dict(block_q_dkv=64, block_k_dkv=128, num_stages_dkv=2, dkv_backend="mosaic")
+            return dataclasses.replace(cls.for_head_dim(head_dim, dtype, mosaic=False), **mosaic_dkv)
         return cls(
             block_q=256,
             block_k=64,
@@ -214,7 +227,7 @@ def _clamp(x, lo, hi):
     return jnp.minimum(jnp.maximum(x, lo), hi)
 
 
-def _kv_block_range(q_start, bq: int, bk: int, st: _Static):
+def kv_block_range(q_start, bq: int, bk: int, st: _Static):
     """Blocks of keys seen by queries q_start..q_start+bq-1, from the block index (fully masked blocks are
     never visited): (lo, m1, m2, hi) with [m1, m2) the blocks that need no mask (none with segments)."""
     first = q_start + st.offset
@@ -232,7 +245,7 @@ def _kv_block_range(q_start, bq: int, bk: int, st: _Static):
 
 
 def q_block_range(k_start, bq: int, bk: int, st: _Static):
-    """Blocks of queries that see keys k_start..k_start+bk-1: (lo, m1, m2, hi) as in ``_kv_block_range``."""
+    """Blocks of queries that see keys k_start..k_start+bk-1: (lo, m1, m2, hi) as in ``kv_block_range``."""
     num_q = cdiv(st.q_len, bq)
     lo, hi = 0, num_q
     full_lo, full_hi = 0, num_q
@@ -302,7 +315,7 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = masked_loops(_kv_block_range(q_start, bq, bk, st), body, init)
+    acc, m, l = masked_loops(kv_block_range(q_start, bq, bk, st), body, init)
     # Every real row sees its own key, so l > 0 there; l == 0 only on padding rows whose blocks were all
     # skipped. Their lse is made huge so the backward's exp2(s - lse) is 0 instead of NaN.
     empty = l == 0.0
@@ -390,12 +403,16 @@ def _dq_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         _, ds = _probs_and_dscores(q, k, v_ref[cols, :], do, lse, delta, mask, st)
         return dq + _dot(ds.astype(k.dtype), k, st)
 
-    dq = masked_loops(_kv_block_range(q_start, bq, bk, st), body, jnp.zeros(q.shape, jnp.float32))
+    dq = masked_loops(kv_block_range(q_start, bq, bk, st), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
 def _forward(q, k, v, segs, st: _Static):
     """Padded q [B, Tp, Hq, D], k, v [B, Sp, Hk, D] -> (out [B, Tp, Hq, D], lse [B, Hq, Tp] f32, log2)."""
+    if st.blocks.fwd_backend == "mosaic":
+        from pallas_kernels import attention_mgpu  # imports this module
+
+        return attention_mgpu.forward(q, k, v, st)
     b, tp, hq, d = q.shape
     sp = k.shape[1]
     bq, bk, g = st.blocks.block_q, st.blocks.block_k, st.groups
@@ -539,6 +556,7 @@ def _fit_blocks(blocks: AttentionBlocks, q_len: int, kv_len: int) -> AttentionBl
     kernel's tiles are fixed (64 keys, query rows in 64s: short sequences are padded to them)."""
     q_cap, k_cap = max(16, next_power_of_2(q_len)), max(16, next_power_of_2(kv_len))
     fixed = {"block_k_dkv", "block_q_dkv"} if blocks.dkv_backend == "mosaic" else set()
+    fixed |= {"block_q", "block_k"} if blocks.fwd_backend == "mosaic" else set()
     return dataclasses.replace(
         blocks,
         **{
@@ -549,14 +567,18 @@ def _fit_blocks(blocks: AttentionBlocks, q_len: int, kv_len: int) -> AttentionBl
     )
 
 
-def _resolve_dkv_backend(blocks: AttentionBlocks, dtype, width: int, has_segments: bool, interpret: bool):
-    """The Mosaic dK/dV kernel where it applies, else the Triton kernel with this head dim's default tiles."""
+def _resolve_backends(blocks: AttentionBlocks, dtype, width: int, has_segments: bool, interpret: bool):
+    """The Mosaic kernels where they apply, else the Triton kernels with this head dim's default tiles."""
     from pallas_kernels import attention_mgpu  # imports this module
 
-    if blocks.dkv_backend != "mosaic" or attention_mgpu.supports(dtype, width, has_segments, interpret):
+    if attention_mgpu.supports(dtype, width, has_segments, interpret):
         return blocks
     triton = AttentionBlocks.for_head_dim(width, dtype, mosaic=False)
-    names = ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv", "split_dkv", "dkv_backend")
+    names = []
+    if blocks.dkv_backend == "mosaic":
+        names += ["block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv", "split_dkv", "dkv_backend"]
+    if blocks.fwd_backend == "mosaic":
+        names += ["block_q", "block_k", "num_warps", "num_stages", "fwd_backend"]
     return dataclasses.replace(blocks, **{name: getattr(triton, name) for name in names})
 
 
@@ -602,7 +624,7 @@ def prepare(q, k, v, *, segment_ids, causal, sliding_window, softcap, scale, int
     # The default takes the Mosaic dK/dV kernel on the GPU only: interpreted, it needs at least three XLA CPU
     # threads (see ``attention_mgpu.dkv``), so CPU runs keep the Triton kernel unless asked through ``block``.
     blocks = block or AttentionBlocks.for_head_dim(d, q.dtype, mosaic=not interpret)
-    blocks = _resolve_dkv_backend(blocks, q.dtype, width, segment_ids is not None, interpret)
+    blocks = _resolve_backends(blocks, q.dtype, width, segment_ids is not None, interpret)
     blocks = _fit_blocks(blocks, t, s)
     q_multiple = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     k_multiple = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)

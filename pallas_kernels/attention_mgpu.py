@@ -25,7 +25,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import attention as att
 
-WG_KEYS = 64  # keys per compute warpgroup: one wgmma M tile
+WG_KEYS = 64  # keys per compute warpgroup in dK/dV: one wgmma M tile
+WG_ROWS = 64  # query rows per compute warpgroup in the forward: one wgmma M tile
+_LOG2_E = 1.4426950408889634  # log2(x) = ln(x) * log2(e)
 _MEMORY_WG = 2
 
 
@@ -66,6 +68,45 @@ def _mma(acc, a, b, shape, interpret: bool):
     return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
+def _stream(n_steps, stages: int, issue, consumed) -> None:
+    """The memory warpgroup's ring: ``issue(step, slot)`` starts the TMA copies of each step into slot
+    ``step % stages``, once both compute warpgroups have released that slot (``consumed``)."""
+    plgpu.set_max_registers(40, action="decrease")
+    for i in range(stages):
+        pl.when(i < n_steps)(functools.partial(issue, jnp.int32(i), i))
+
+    @pl.loop(jnp.int32(stages), n_steps)
+    def _(step):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(consumed.at[slot])
+        issue(step, slot)
+
+    # Observe the last slots' releases too: no effect on the GPU, but the interpreter requires every phase of a
+    # barrier a thread waits on to be observed.
+    @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
+    def _(step):
+        plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+
+
+def _launch(kernel, st, out_type, scratch, grid, grid_names, name):
+    """Three warpgroups per CTA: two compute, one memory (``_MEMORY_WG``)."""
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if st.interpret else None,
+        kernel_name=name,
+    )
+
+
+_TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # 64 16-bit columns per 128-byte row
+
+
 def dkv(q, k, v, do, lse, delta, st):
     """dK, dV [B, Sp, Hk, D] for padded q, do [B, Tp, Hq, D], k, v [B, Sp, Hk, D], lse, delta [B, Hq, Tp] f32.
 
@@ -102,7 +143,6 @@ def dkv(q, k, v, do, lse, delta, st):
 
         @pl.when(wg == _MEMORY_WG)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
             keys = (bi, pl.ds(k_start, bk), h)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_bar.at[0])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_bar.at[1])
@@ -115,20 +155,7 @@ def dkv(q, k, v, do, lse, delta, st):
                 plgpu.copy_gmem_to_smem(lse_ref.at[bi, head, rows], lse_smem.at[slot], lse_bar.at[slot])
                 plgpu.copy_gmem_to_smem(delta_ref.at[bi, head, rows], delta_smem.at[slot], delta_bar.at[slot])
 
-            for i in range(stages):
-                pl.when(i < n_steps)(functools.partial(issue, jnp.int32(i), i))
-
-            @pl.loop(jnp.int32(stages), n_steps)
-            def _(step):
-                slot = lax.rem(step, stages)
-                plgpu.barrier_wait(consumed.at[slot])  # both compute warpgroups are done with this slot
-                issue(step, slot)
-
-            # Observe the last slots' releases too: no effect on the GPU, but the interpreter requires every
-            # phase of a barrier a thread waits on to be observed.
-            @pl.loop(jnp.maximum(n_steps - stages, 0), n_steps)
-            def _(step):
-                plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+            _stream(n_steps, stages, issue, consumed)
 
         def compute(wg_index: int, want_dk: bool, want_dv: bool):
             plgpu.set_max_registers(232, action="increase")
@@ -196,12 +223,11 @@ def dkv(q, k, v, do, lse, delta, st):
             pl.when(wg == 0)(functools.partial(compute, 0, False, True))
             pl.when(wg == 1)(functools.partial(compute, 1, True, False))
 
-    tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = (
-        plgpu.SMEM((bk, d), dtype, transforms=tiles),  # K, then dK
-        plgpu.SMEM((bk, d), dtype, transforms=tiles),  # V, then dV
-        plgpu.SMEM((stages, bq, d), dtype, transforms=tiles),  # Q ring
-        plgpu.SMEM((stages, bq, d), dtype, transforms=tiles),  # dO ring
+        plgpu.SMEM((bk, d), dtype, transforms=_TILES),  # K, then dK
+        plgpu.SMEM((bk, d), dtype, transforms=_TILES),  # V, then dV
+        plgpu.SMEM((stages, bq, d), dtype, transforms=_TILES),  # Q ring
+        plgpu.SMEM((stages, bq, d), dtype, transforms=_TILES),  # dO ring
         plgpu.SMEM((stages, bq), jnp.float32),
         plgpu.SMEM((stages, bq), jnp.float32),
     )
@@ -211,16 +237,107 @@ def dkv(q, k, v, do, lse, delta, st):
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2),
     )
-    interpret = plgpu.InterpretGPUParams() if st.interpret else None
-    return plgpu.kernel(
-        kernel,
-        out_type=(jax.ShapeDtypeStruct(k.shape, dtype),) * 2,
-        scratch_types=(smem, bars),
-        grid=(sp // bk, b, hk),
-        grid_names=("kv", "batch", "heads"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret,
-        kernel_name="flash_attention_bwd_dkv_mgpu",
-    )(q, k, v, do, lse, delta)
+    out_type = (jax.ShapeDtypeStruct(k.shape, dtype),) * 2
+    call = _launch(kernel, st, out_type, (smem, bars), (sp // bk, b, hk), ("kv", "batch", "heads"), "flash_dkv_mgpu")
+    return call(q, k, v, do, lse, delta)
+
+
+def forward(q, k, v, st):
+    """(out [B, Tp, Hq, D], lse [B, Hq, Tp] f32, log2 units) for padded q [B, Tp, Hq, D], k, v [B, Sp, Hk, D]:
+    the Triton forward's online softmax (same formulas, so the backward kernels take either's lse), with each
+    compute warpgroup owning 64 query rows of the CTA's 128 and the memory warpgroup streaming K and V tiles of
+    ``st.blocks.block_k`` keys through a ``num_stages``-deep ring."""
+    b, tp, hq, d = q.shape
+    sp = k.shape[1]
+    bq, bk, stages, g = 2 * WG_ROWS, st.blocks.block_k, st.blocks.num_stages, st.groups
+    if sp % bk or tp % bq:
+        raise ValueError(f"padded lengths {tp=} {sp=} must be multiples of {bq=} and {bk=}")
+    dtype = q.dtype
+    nq = tp // bq
+    wgmma_layout = plgpu.Layout.WGMMA
+    iota = functools.partial(plgpu.broadcasted_iota, layout=wgmma_layout)
+    mma = functools.partial(_mma, interpret=bool(st.interpret))
+
+    def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars):
+        q_smem, k_smem, v_smem, lse_smem = smem
+        q_bar, k_bar, v_bar, consumed = bars
+        q_start = (nq - 1 - lax.axis_index("q")) * bq  # longest rows first, as the Triton forward
+        bi, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        kv_head = lax.div(h, g)
+        bounds = att.kv_block_range(q_start, bq, bk, st)  # the union over the CTA's 128 rows
+        lo, hi = bounds[0], bounds[3]
+
+        @pl.when(wg == _MEMORY_WG)
+        def _memory():
+            for w in range(2):
+                rows = (bi, pl.ds(q_start + w * WG_ROWS, WG_ROWS), h)
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[w], q_bar.at[w])
+
+            def issue(step, slot):
+                keys = (bi, pl.ds((lo + step) * bk, bk), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bar.at[slot])
+
+            _stream(hi - lo, stages, issue, consumed)
+
+        def compute(w: int):
+            plgpu.set_max_registers(232, action="increase")
+            rows_start = q_start + w * WG_ROWS
+            q_tile = q_smem.at[w]
+            plgpu.barrier_wait(q_bar.at[w])
+
+            def body(kb, carry, masked):
+                acc, m, l = carry
+                slot = lax.rem(kb - lo, stages)
+                plgpu.barrier_wait(k_bar.at[slot])
+                s_ = mma(None, q_tile, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
+                s_, _ = att.scale_scores(s_, st)
+                if masked:
+                    vis = att.visible(rows_start, kb * bk, WG_ROWS, bk, None, None, st, iota=iota)
+                    if vis is not None:
+                        s_ = jnp.where(vis, s_, att.MASK_VALUE)
+                m_new = jnp.maximum(m, s_.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s_ - lax.broadcast_in_dim(m_new, s_.shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_bar.at[slot])
+                acc = mma(acc, p.astype(dtype), v_smem.at[slot], (WG_ROWS, d))
+                plgpu.barrier_arrive(consumed.at[slot])
+                return acc, m_new, l
+
+            init = (
+                plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), wgmma_layout),
+                plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), wgmma_layout.reduce(1)),
+            )
+            acc, m, l = att.masked_loops(bounds, body, init)
+            # As the Triton forward: rows that saw no key (padding) get a huge lse, so the backward's P is 0.
+            empty = l == 0.0
+            l = jnp.where(empty, 1.0, l)
+            q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+            lse_smem.at[w][...] = jnp.where(empty, -att.MASK_VALUE, m + jnp.log(l) * _LOG2_E)
+            plgpu.commit_smem()
+            rows = pl.ds(rows_start, WG_ROWS)
+            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[bi, rows, h])
+            plgpu.copy_smem_to_gmem(lse_smem.at[w], lse_ref.at[bi, h, rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.when(wg == 0)(functools.partial(compute, 0))
+        pl.when(wg == 1)(functools.partial(compute, 1))
+
+    smem = (
+        plgpu.SMEM((2, WG_ROWS, d), dtype, transforms=_TILES),  # each warpgroup's Q, then its output
+        plgpu.SMEM((stages, bk, d), dtype, transforms=_TILES),
+        plgpu.SMEM((stages, bk, d), dtype, transforms=_TILES),
+        plgpu.SMEM((2, WG_ROWS), jnp.float32),
+    )
+    bars = (
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+    )
+    out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32))
+    call = _launch(kernel, st, out_type, (smem, bars), (nq, b, hq), ("q", "batch", "heads"), "flash_fwd_mgpu")
+    return call(q, k, v)

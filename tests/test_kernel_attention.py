@@ -136,25 +136,40 @@ def test_mosaic_dkv_128_keys_matches_reference(name):
     _check(seed=len(name) + 1, block=MOSAIC_128, **MOSAIC_CASES[name])
 
 
-def test_mosaic_dkv_runs_where_it_applies_and_falls_back_elsewhere(monkeypatch):
+# The Mosaic forward: 128 query rows per CTA (two warpgroups of 64), 64 keys per step, a two-deep ring; T = 90-200
+# spans CTAs whose second warpgroup holds only padding rows, and key blocks masked for one warpgroup only.
+MOSAIC_FWD = dataclasses.replace(MOSAIC_128, block_q=128, block_k=64, num_stages=2, fwd_backend="mosaic")
+
+
+@pytest.mark.parametrize("name", list(MOSAIC_CASES))
+def test_mosaic_forward_matches_reference(name):
+    _check(seed=len(name) + 2, block=MOSAIC_FWD, **MOSAIC_CASES[name])
+
+
+def test_mosaic_kernels_run_where_they_apply_and_fall_back_elsewhere(monkeypatch):
     from pallas_kernels import attention_mgpu
 
     calls = []
-    real = attention_mgpu.dkv
-    monkeypatch.setattr(attention_mgpu, "dkv", lambda *a: calls.append(1) or real(*a))
-    _check(seed=3, block=MOSAIC, t=20, hq=2, hk=1, dtype=jnp.bfloat16)  # one padded key block
-    assert len(calls) == 1
-    # Segment ids, f32 and head dims below 64 take the Triton kernel with the head dim's default dK/dV tiles.
-    _check(seed=4, block=MOSAIC, t=40, segments=True, b=2, dtype=jnp.bfloat16)
-    _check(seed=5, block=MOSAIC, t=40)
-    _check(seed=6, block=MOSAIC, t=40, d=32, dtype=jnp.bfloat16)
-    assert len(calls) == 1
+    for name in ("dkv", "forward"):
+        real = getattr(attention_mgpu, name)
+        monkeypatch.setattr(
+            attention_mgpu, name, functools.partial(lambda real, name, *a: calls.append(name) or real(*a), real, name)
+        )
+    _check(seed=3, block=MOSAIC_FWD, t=20, hq=2, hk=1, dtype=jnp.bfloat16)  # one padded key block
+    assert sorted(calls) == ["dkv", "forward"]
+    # Segment ids, f32 and head dims below 64 take the Triton kernels with the head dim's default tiles.
+    _check(seed=4, block=MOSAIC_FWD, t=40, segments=True, b=2, dtype=jnp.bfloat16)
+    _check(seed=5, block=MOSAIC_FWD, t=40)
+    _check(seed=6, block=MOSAIC_FWD, t=40, d=32, dtype=jnp.bfloat16)
+    assert len(calls) == 2
     with pytest.raises(ValueError, match="block_k_dkv=64 or 128"):
         dataclasses.replace(MOSAIC, block_k_dkv=32)
     with pytest.raises(ValueError, match="multiple of 64"):
         dataclasses.replace(MOSAIC, block_q_dkv=32)
     with pytest.raises(ValueError, match="dkv_backend"):
         dataclasses.replace(SMALL, dkv_backend="cuda")
+    with pytest.raises(ValueError, match="block_q=128"):
+        dataclasses.replace(MOSAIC_FWD, block_q=64)
 
 
 def test_default_blocks():
@@ -218,15 +233,17 @@ def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     *rows, whole = rows
     timed = [r for r in rows if r["kernel"] != "best"]
-    assert {r["kernel"] for r in timed} == {"fwd", "dkv", "dkv_split", "dkv_mosaic", "dq"}
+    assert {r["kernel"] for r in timed} == {"fwd", "fwd_mosaic", "dkv", "dkv_split", "dkv_mosaic", "dq"}
     assert all("error" not in r and r["max_err"] < 0.05 and r["ms"] > 0 for r in timed), timed
     (best,) = [r for r in rows if r["kernel"] == "best"]
-    assert set(best["ms"]) == {"fwd", "dkv", "dkv_split", "dkv_mosaic", "dq"}
+    assert set(best["ms"]) == {"fwd", "fwd_mosaic", "dkv", "dkv_split", "dkv_mosaic", "dq"}
     # The combined settings are a valid AttentionBlocks holding each kernel's fastest tile, and the fastest of
     # the fused, the split and the Mosaic dK/dV.
     blocks = AttentionBlocks(**best["settings"])
     fastest = {k: min((r for r in timed if r["kernel"] == k), key=lambda r: r["ms"]) for k in best["ms"]}
-    assert blocks.block_q == fastest["fwd"]["settings"]["block_q"]
+    fwd = min(("fwd", "fwd_mosaic"), key=lambda k: fastest[k]["ms"])
+    assert blocks.block_q == fastest[fwd]["settings"]["block_q"]
+    assert blocks.fwd_backend == ("mosaic" if fwd == "fwd_mosaic" else "triton")
     dkv = min(("dkv", "dkv_split", "dkv_mosaic"), key=lambda k: fastest[k]["ms"])
     assert blocks.split_dkv == (dkv == "dkv_split")
     assert blocks.dkv_backend == ("mosaic" if dkv == "dkv_mosaic" else "triton")
@@ -286,8 +303,10 @@ def test_lowers_to_triton_on_cpu(monkeypatch, d, dtype, kw):
         assert all(("inputPrecision = tf32" in line) == want_tf32 for line in kernel_dots), kernel_dots
 
 
-@pytest.mark.parametrize("d, keys, kw", [(256, 64, dict(softcap=50.0, sliding_window=300)), (128, 128, dict())])
-def test_mosaic_dkv_lowers_for_hopper_on_cpu(monkeypatch, d, keys, kw):
+@pytest.mark.parametrize(
+    "d, keys, fwd, kw", [(256, 64, True, dict(softcap=50.0, sliding_window=300)), (128, 128, False, dict())]
+)
+def test_mosaic_kernels_lower_for_hopper_on_cpu(monkeypatch, d, keys, fwd, kw):
     # The Mosaic dK/dV kernel lowered for an H200 without one: its wgmma shapes, layouts and shared-memory
     # plan are checked at lowering, so a tile the hardware cannot take fails in CI.
     from pallas_kernels import attention_mgpu
@@ -298,6 +317,8 @@ def test_mosaic_dkv_lowers_for_hopper_on_cpu(monkeypatch, d, keys, kw):
     block = dataclasses.replace(
         AttentionBlocks.for_head_dim(d, jnp.bfloat16), block_q_dkv=64, block_k_dkv=keys, dkv_backend="mosaic"
     )
+    if fwd:
+        block = dataclasses.replace(block, block_q=128, block_k=64, num_stages=2, fwd_backend="mosaic")
     q = jax.ShapeDtypeStruct((1, 1000, 4, d), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((1, 1000, 2, d), jnp.bfloat16)
 
@@ -306,8 +327,8 @@ def test_mosaic_dkv_lowers_for_hopper_on_cpu(monkeypatch, d, keys, kw):
         return jax.vjp(g, q, k, v)[1](do)
 
     text = jax.jit(f).trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 2  # forward and dQ
-    assert text.count("custom_call @mosaic_gpu") == 1
+    assert text.count("xla.gpu.triton") == (1 if fwd else 2)  # dQ, and the forward unless Mosaic
+    assert text.count("custom_call @mosaic_gpu") == (2 if fwd else 1)
 
 
 def test_split_dkv_lowers_to_triton_on_cpu(monkeypatch):
@@ -386,6 +407,19 @@ def test_gpu_mosaic_dkv_matches_reference(name, tiles):
         dkv_backend="mosaic",
     )
     _check(dtype=jnp.bfloat16, interpret=False, block=block, seed=3, **GPU_CASES[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gemma2_d256", "llama8b_d128", "ragged_d80"])
+@pytest.mark.parametrize("keys", [64, 128])
+def test_gpu_mosaic_forward_matches_reference(name, keys):
+    d = GPU_CASES[name]["d"]
+    if d > 128 and keys > 64:
+        pytest.skip("d256: two 128-key K + V stages exceed shared memory")
+    block = dataclasses.replace(
+        AttentionBlocks.for_head_dim(d, jnp.bfloat16), block_q=128, block_k=keys, num_stages=2, fwd_backend="mosaic"
+    )
+    _check(dtype=jnp.bfloat16, interpret=False, block=block, seed=4, **GPU_CASES[name])
 
 
 @pytest.mark.gpu
