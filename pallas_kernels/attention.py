@@ -96,9 +96,9 @@ class AttentionBlocks:
         rows on the Llama-3.1-8B shape, 512-byte rows on the Gemma-2-9B shape). The dK/dV kernel holds two
         f32 [block_k_dkv, d] accumulators in registers, hence its short key tiles at 512-byte rows. 1 KiB
         rows (f32 d256) were not tuned: they take half the 512-byte tiles to stay in registers and under
-        227 KiB of shared memory. 16-bit d256 takes the Mosaic GPU dK/dV kernel (sixth session: 1.96 against
-        the Triton kernel's 3.28 ms at Gemma-2 T=8192) unless ``mosaic`` is False (the Triton tiles, for
-        the cases that kernel does not cover)."""
+        227 KiB of shared memory. 16-bit d128 and d256 take the Mosaic GPU forward and dK/dV kernels (sixth
+        session, T=8192: Gemma-2 shape forward+backward 4.35 against 5.94 ms, 8B shape 4.51 against 5.18)
+        unless ``mosaic`` is False (the Triton tiles, for the cases those kernels do not cover)."""
         row_bytes = next_power_of_2(head_dim) * jnp.dtype(dtype).itemsize
         if row_bytes > 512:
             return cls(
@@ -115,9 +115,12 @@ class AttentionBlocks:
             )
         if row_bytes > 256:
             if mosaic and row_bytes == 512 and jnp.dtype(dtype).itemsize == 2:
-                # K, V and two 64-row Q + dO stages: 192 KiB of shared memory, the most that fits at d256.
-                mosaic_dkv = dict(block_q_dkv=64, block_k_dkv=64, num_stages_dkv=2, dkv_backend="mosaic")
-                return dataclasses.replace(cls.for_head_dim(head_dim, dtype, mosaic=False), **mosaic_dkv)
+                # dK/dV: K, V and two 64-row Q + dO stages, 192 KiB of shared memory, the most that fits at d256.
+                # Forward: two 64-key K + V stages beside the 128 query rows (sixth session: 0.84 against the
+                # Triton forward's 1.20 ms at Gemma-2 T=8192).
+                mosaic_tiles = dict(block_q_dkv=64, block_k_dkv=64, num_stages_dkv=2, dkv_backend="mosaic")
+                mosaic_tiles.update(block_q=128, block_k=64, num_stages=2, fwd_backend="mosaic")
+                return dataclasses.replace(cls.for_head_dim(head_dim, dtype, mosaic=False), **mosaic_tiles)
             return cls(
                 block_q=128,
                 block_k=64,
@@ -134,10 +137,12 @@ class AttentionBlocks:
                 num_stages_dq=3 if jnp.dtype(dtype).itemsize == 2 else 2,
             )
         if mosaic and row_bytes == 256 and jnp.dtype(dtype).itemsize == 2:
-            # 128 keys per CTA, each compute warpgroup dK and dV of its own 64 (sixth session, 8B shape T=8192:
-            # 1.80 against the Triton kernel's 2.26 ms).
-            mosaic_dkv = dict(block_q_dkv=64, block_k_dkv=128, num_stages_dkv=2, dkv_backend="mosaic")
-            return dataclasses.replace(cls.for_head_dim(head_dim, dtype, mosaic=False), **mosaic_dkv)
+            # dK/dV: 128 keys per CTA, each compute warpgroup dK and dV of its own 64 (sixth session, 8B shape
+            # T=8192: 1.80 against the Triton kernel's 2.26 ms). Forward: 128 keys per step, two stages (1.01
+            # against 1.30 ms; three stages exceed shared memory by 88 bytes).
+            mosaic_tiles = dict(block_q_dkv=64, block_k_dkv=128, num_stages_dkv=2, dkv_backend="mosaic")
+            mosaic_tiles.update(block_q=128, block_k=128, num_stages=2, fwd_backend="mosaic")
+            return dataclasses.replace(cls.for_head_dim(head_dim, dtype, mosaic=False), **mosaic_tiles)
         return cls(
             block_q=256,
             block_k=64,

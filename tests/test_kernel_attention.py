@@ -146,6 +146,12 @@ def test_mosaic_forward_matches_reference(name):
     _check(seed=len(name) + 2, block=MOSAIC_FWD, **MOSAIC_CASES[name])
 
 
+@pytest.mark.parametrize("name", ["causal_gqa_bf16", "d128_scaled_bf16"])
+def test_mosaic_forward_128_keys_matches_reference(name):
+    # The d128 default's 128 keys per step: T = 70 and 100 pad the keys inside the only block.
+    _check(seed=len(name) + 3, block=dataclasses.replace(MOSAIC_FWD, block_k=128), **MOSAIC_CASES[name])
+
+
 def test_mosaic_kernels_run_where_they_apply_and_fall_back_elsewhere(monkeypatch):
     from pallas_kernels import attention_mgpu
 
@@ -315,7 +321,10 @@ def test_mosaic_kernels_lower_for_hopper_on_cpu(monkeypatch, d, keys, fwd, kw):
     monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
     monkeypatch.setattr(attention_mgpu, "on_hopper", lambda: True)
     block = dataclasses.replace(
-        AttentionBlocks.for_head_dim(d, jnp.bfloat16), block_q_dkv=64, block_k_dkv=keys, dkv_backend="mosaic"
+        AttentionBlocks.for_head_dim(d, jnp.bfloat16, mosaic=False),
+        block_q_dkv=64,
+        block_k_dkv=keys,
+        dkv_backend="mosaic",
     )
     if fwd:
         block = dataclasses.replace(block, block_q=128, block_k=64, num_stages=2, fwd_backend="mosaic")
