@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import cdiv, dot_precision, next_power_of_2, resolve_interpret, triton_compiler_params
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-_LOG2E = math.log2(math.e)
+LOG2E = math.log2(math.e)
 
 
 DKV_BACKENDS = ("triton", "mosaic")
@@ -197,15 +197,15 @@ def scale_scores(raw, st: _Static):
     """Raw dot products -> (scores in log2 units, tanh of the softcap or None); shared with the Mosaic GPU
     kernel, whose dots are wgmma instructions rather than ``lax.dot_general``."""
     if st.softcap is None:
-        return raw * (st.scale * _LOG2E), None
+        return raw * (st.scale * LOG2E), None
     if st.fast_tanh:
         # tanh(x) = 1 - 2 / (exp(2x) + 1): one exp2 and a division instead of libdevice's longer tanhf;
         # saturates correctly at both ends. Near 0 it loses ~1e-7 absolute to cancellation: far below
         # bf16/f16 rounding, but visible at f32 tolerances, so f32 inputs keep the exact tanh.
-        t = 1.0 - 2.0 / (jnp.exp2(raw * (2.0 * _LOG2E * st.scale / st.softcap)) + 1.0)
+        t = 1.0 - 2.0 / (jnp.exp2(raw * (2.0 * LOG2E * st.scale / st.softcap)) + 1.0)
     else:
         t = jnp.tanh(raw * (st.scale / st.softcap))
-    return t * (st.softcap * _LOG2E), t
+    return t * (st.softcap * LOG2E), t
 
 
 def visible(q_start, k_start, bq: int, bk: int, qseg, kseg, st: _Static, kv_major=False, iota=lax.broadcasted_iota):

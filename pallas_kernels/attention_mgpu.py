@@ -27,12 +27,11 @@ from pallas_kernels import attention as att
 
 WG_KEYS = 64  # keys per compute warpgroup in dK/dV: one wgmma M tile
 WG_ROWS = 64  # query rows per compute warpgroup in the forward: one wgmma M tile
-_LOG2_E = 1.4426950408889634  # log2(x) = ln(x) * log2(e)
 _MEMORY_WG = 2
 
 
 def supports(dtype, head_dim: int, has_segments: bool, interpret: bool) -> bool:
-    """Whether this kernel covers the case (padded head dim; the rest falls back to the Triton kernel): wgmma
+    """Whether these kernels cover the case (padded head dim; the rest falls back to the Triton kernels): wgmma
     exists on Hopper (compute capability 9.x) only; the interpreter runs it anywhere."""
     if not (jnp.dtype(dtype).itemsize == 2 and head_dim % 64 == 0 and not has_segments):
         return False
@@ -316,7 +315,7 @@ def forward(q, k, v, st):
             empty = l == 0.0
             l = jnp.where(empty, 1.0, l)
             q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-            lse_smem.at[w][...] = jnp.where(empty, -att.MASK_VALUE, m + jnp.log(l) * _LOG2_E)
+            lse_smem.at[w][...] = jnp.where(empty, -att.MASK_VALUE, m + jnp.log(l) * att.LOG2E)
             plgpu.commit_smem()
             rows = pl.ds(rows_start, WG_ROWS)
             plgpu.copy_smem_to_gmem(q_tile, o_ref.at[bi, rows, h])
