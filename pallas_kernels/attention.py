@@ -26,7 +26,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 
 
-DKV_BACKENDS = ("triton", "mosaic")
+BACKENDS = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,15 +64,21 @@ class AttentionBlocks:
     # "mosaic": the forward from the Mosaic GPU kernel (``attention_mgpu.forward``: 128 query rows per CTA, two
     # warpgroups of 64; ``block_k`` keys per step, ``num_stages`` steps in flight), where it applies (as above).
     fwd_backend: str = "triton"
+    # "mosaic": dQ from the Mosaic GPU kernel (``attention_mgpu.dq``: the forward's layout, ``block_k_dq`` keys per
+    # step, ``num_stages_dq`` stages; head dims up to 128). Not timed on the GPU yet, so no default takes it.
+    dq_backend: str = "triton"
 
     def __post_init__(self):
-        for name in ("dkv_backend", "fwd_backend"):
-            if getattr(self, name) not in DKV_BACKENDS:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {DKV_BACKENDS}")
-        if self.fwd_backend == "mosaic" and (self.block_q != 128 or self.block_k % 64):
-            raise ValueError(
-                f"the Mosaic forward takes block_q=128 and block_k a multiple of 64, not {self.block_q}, {self.block_k}"
-            )
+        for name in ("dkv_backend", "fwd_backend", "dq_backend"):
+            if getattr(self, name) not in BACKENDS:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {BACKENDS}")
+        for kernel, bq, bk in (("forward", "block_q", "block_k"), ("dQ", "block_q_dq", "block_k_dq")):
+            backend = self.fwd_backend if kernel == "forward" else self.dq_backend
+            if backend == "mosaic" and (getattr(self, bq) != 128 or getattr(self, bk) % 64):
+                raise ValueError(
+                    f"the Mosaic {kernel} takes {bq}=128 and {bk} a multiple of 64, not "
+                    f"{getattr(self, bq)}, {getattr(self, bk)}"
+                )
         if self.dkv_backend == "mosaic" and (self.block_k_dkv not in (64, 128) or self.block_q_dkv % 64):
             # Keys: one or two wgmma M tiles of 64 (see attention_mgpu); query rows in 64s: the contraction of
             # dV += P^T dO and dK += dS^T Q runs over them, in whole 128-byte swizzle groups.
@@ -500,6 +506,10 @@ def _dkv_call(q, k, v, do, lse, delta, segs, st: _Static, outputs: str):
 
 def _backward_dq(q, k, v, do, lse, delta, segs, st: _Static):
     """dQ [B, Tp, Hq, D]: one program per (query block, batch, query head)."""
+    if st.blocks.dq_backend == "mosaic":
+        from pallas_kernels import attention_mgpu  # imports this module
+
+        return attention_mgpu.dq(q, k, v, do, lse, delta, st)
     b, tp, hq, d = q.shape
     sp = k.shape[1]
     bq, bk, g = st.blocks.block_q_dq, st.blocks.block_k_dq, st.groups
@@ -562,6 +572,7 @@ def _fit_blocks(blocks: AttentionBlocks, q_len: int, kv_len: int) -> AttentionBl
     q_cap, k_cap = max(16, next_power_of_2(q_len)), max(16, next_power_of_2(kv_len))
     fixed = {"block_k_dkv", "block_q_dkv"} if blocks.dkv_backend == "mosaic" else set()
     fixed |= {"block_q", "block_k"} if blocks.fwd_backend == "mosaic" else set()
+    fixed |= {"block_q_dq", "block_k_dq"} if blocks.dq_backend == "mosaic" else set()
     return dataclasses.replace(
         blocks,
         **{
@@ -576,14 +587,15 @@ def _resolve_backends(blocks: AttentionBlocks, dtype, width: int, has_segments: 
     """The Mosaic kernels where they apply, else the Triton kernels with this head dim's default tiles."""
     from pallas_kernels import attention_mgpu  # imports this module
 
-    if attention_mgpu.supports(dtype, width, has_segments, interpret):
-        return blocks
+    supported = attention_mgpu.supports(dtype, width, has_segments, interpret)
     triton = AttentionBlocks.for_head_dim(width, dtype, mosaic=False)
     names = []
-    if blocks.dkv_backend == "mosaic":
+    if blocks.dkv_backend == "mosaic" and not supported:
         names += ["block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv", "split_dkv", "dkv_backend"]
-    if blocks.fwd_backend == "mosaic":
+    if blocks.fwd_backend == "mosaic" and not supported:
         names += ["block_q", "block_k", "num_warps", "num_stages", "fwd_backend"]
+    if blocks.dq_backend == "mosaic" and not (supported and width <= 128):
+        names += ["block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq", "dq_backend"]
     return dataclasses.replace(blocks, **{name: getattr(triton, name) for name in names})
 
 

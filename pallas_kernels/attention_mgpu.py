@@ -246,21 +246,44 @@ def forward(q, k, v, st):
     the Triton forward's online softmax (same formulas, so the backward kernels take either's lse), with each
     compute warpgroup owning 64 query rows of the CTA's 128 and the memory warpgroup streaming K and V tiles of
     ``st.blocks.block_k`` keys through a ``num_stages``-deep ring."""
+    return _query_major(st, q, k, v)
+
+
+def dq(q, k, v, do, lse, delta, st):
+    """dQ [B, Tp, Hq, D]: the forward's layout (two warpgroups of 64 query rows, K and V tiles of
+    ``block_k_dq`` keys streamed through ``num_stages_dq`` stages), each warpgroup recomputing P and dP and
+    accumulating dQ = sum dS K in registers. Head dims up to 128: at 256 the Q and dO tiles and two K + V stages
+    exceed shared memory."""
+    return _query_major(st, q, k, v, (do, lse, delta))
+
+
+def _query_major(st, q, k, v, grad_inputs=None):
+    """The forward (``grad_inputs`` None) or the dQ kernel (``grad_inputs`` = (dO, lse, delta))."""
+    want_dq = grad_inputs is not None
     b, tp, hq, d = q.shape
     sp = k.shape[1]
-    bq, bk, stages, g = 2 * WG_ROWS, st.blocks.block_k, st.blocks.num_stages, st.groups
+    blocks = st.blocks
+    bk, stages = (blocks.block_k_dq, blocks.num_stages_dq) if want_dq else (blocks.block_k, blocks.num_stages)
+    bq, g = 2 * WG_ROWS, st.groups
     if sp % bk or tp % bq:
         raise ValueError(f"padded lengths {tp=} {sp=} must be multiples of {bq=} and {bk=}")
+    if want_dq and d > 128:
+        raise ValueError(f"the Mosaic dQ kernel takes head dims up to 128 (shared memory), not {d}")
     dtype = q.dtype
     nq = tp // bq
     wgmma_layout = plgpu.Layout.WGMMA
+    row_layout = wgmma_layout.reduce(1)  # a [64] vector broadcast along the keys of S [64, bk]
     iota = functools.partial(plgpu.broadcasted_iota, layout=wgmma_layout)
     mma = functools.partial(_mma, interpret=bool(st.interpret))
+    # Per warpgroup: its query rows of Q (then the output), and for dQ of dO, lse and delta.
+    n_tiles, n_rows = (2, 2) if want_dq else (1, 0)
 
-    def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars):
-        q_smem, k_smem, v_smem, lse_smem = smem
-        q_bar, k_bar, v_bar, consumed = bars
-        q_start = (nq - 1 - lax.axis_index("q")) * bq  # longest rows first, as the Triton forward
+    def kernel(*refs):
+        q_ref, k_ref, v_ref = refs[:3]
+        grad_refs = refs[3:6] if want_dq else ()
+        out_refs = refs[3 + len(grad_refs) : -2]
+        (tiles, rows_smem, k_smem, v_smem, lse_out), (in_bars, k_bar, v_bar, consumed) = refs[-2:]
+        q_start = (nq - 1 - lax.axis_index("q")) * bq  # longest rows first, as the Triton kernels
         bi, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         kv_head = lax.div(h, g)
         bounds = att.kv_block_range(q_start, bq, bk, st)  # the union over the CTA's 128 rows
@@ -269,8 +292,14 @@ def forward(q, k, v, st):
         @pl.when(wg == _MEMORY_WG)
         def _memory():
             for w in range(2):
-                rows = (bi, pl.ds(q_start + w * WG_ROWS, WG_ROWS), h)
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[w], q_bar.at[w])
+                rows = pl.ds(q_start + w * WG_ROWS, WG_ROWS)
+                sources = [q_ref.at[bi, rows, h]]
+                if want_dq:
+                    do_ref, lse_ref, delta_ref = grad_refs
+                    sources += [do_ref.at[bi, rows, h], lse_ref.at[bi, h, rows], delta_ref.at[bi, h, rows]]
+                targets = [tiles.at[i, w] for i in range(n_tiles)] + [rows_smem.at[i, w] for i in range(n_rows)]
+                for i, (src, dst) in enumerate(zip(sources, targets, strict=True)):
+                    plgpu.copy_gmem_to_smem(src, dst, in_bars.at[i, w])
 
             def issue(step, slot):
                 keys = (bi, pl.ds((lo + step) * bk, bk), kv_head)
@@ -282,61 +311,83 @@ def forward(q, k, v, st):
         def compute(w: int):
             plgpu.set_max_registers(232, action="increase")
             rows_start = q_start + w * WG_ROWS
-            q_tile = q_smem.at[w]
-            plgpu.barrier_wait(q_bar.at[w])
+            q_tile = tiles.at[0, w]
+            for i in range(n_tiles + n_rows):
+                plgpu.barrier_wait(in_bars.at[i, w])
+            if want_dq:
+                lse = plgpu.load(rows_smem.at[0, w], layout=row_layout)
+                delta = plgpu.load(rows_smem.at[1, w], layout=row_layout)
 
             def body(kb, carry, masked):
-                acc, m, l = carry
                 slot = lax.rem(kb - lo, stages)
                 plgpu.barrier_wait(k_bar.at[slot])
                 s_ = mma(None, q_tile, k_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
-                s_, _ = att.scale_scores(s_, st)
+                s_, tanh = att.scale_scores(s_, st)
                 if masked:
                     vis = att.visible(rows_start, kb * bk, WG_ROWS, bk, None, None, st, iota=iota)
                     if vis is not None:
                         s_ = jnp.where(vis, s_, att.MASK_VALUE)
-                m_new = jnp.maximum(m, s_.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s_ - lax.broadcast_in_dim(m_new, s_.shape, [0]))
-                l = l * alpha + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                plgpu.barrier_wait(v_bar.at[slot])
-                acc = mma(acc, p.astype(dtype), v_smem.at[slot], (WG_ROWS, d))
+                if want_dq:
+                    p = jnp.exp2(s_ - lax.broadcast_in_dim(lse, s_.shape, [0]))
+                    if tanh is not None:
+                        p = p * (1.0 - tanh * tanh)  # d(cap * tanh(x / cap)) / dx, folded in before dP
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    dp = mma(None, tiles.at[1, w], v_smem.at[slot].transpose((1, 0)), (WG_ROWS, bk))
+                    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                    carry = mma(carry, ds.astype(dtype), k_smem.at[slot], (WG_ROWS, d))
+                else:
+                    acc, m, l = carry
+                    m_new = jnp.maximum(m, s_.max(axis=1))
+                    alpha = jnp.exp2(m - m_new)
+                    p = jnp.exp2(s_ - lax.broadcast_in_dim(m_new, s_.shape, [0]))
+                    l = l * alpha + p.sum(axis=1)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    plgpu.barrier_wait(v_bar.at[slot])
+                    carry = mma(acc, p.astype(dtype), v_smem.at[slot], (WG_ROWS, d)), m_new, l
                 plgpu.barrier_arrive(consumed.at[slot])
-                return acc, m_new, l
+                return carry
 
-            init = (
-                plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), wgmma_layout),
-                plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), wgmma_layout.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), wgmma_layout.reduce(1)),
-            )
-            acc, m, l = att.masked_loops(bounds, body, init)
-            # As the Triton forward: rows that saw no key (padding) get a huge lse, so the backward's P is 0.
-            empty = l == 0.0
-            l = jnp.where(empty, 1.0, l)
-            q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-            lse_smem.at[w][...] = jnp.where(empty, -att.MASK_VALUE, m + jnp.log(l) * att.LOG2E)
-            plgpu.commit_smem()
+            zeros = plgpu.layout_cast(jnp.zeros((WG_ROWS, d), jnp.float32), wgmma_layout)
             rows = pl.ds(rows_start, WG_ROWS)
-            plgpu.copy_smem_to_gmem(q_tile, o_ref.at[bi, rows, h])
-            plgpu.copy_smem_to_gmem(lse_smem.at[w], lse_ref.at[bi, h, rows])
+            if want_dq:
+                q_tile[...] = (att.masked_loops(bounds, body, zeros) * st.scale).astype(dtype)
+            else:
+                init = (
+                    zeros,
+                    plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout),
+                    plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout),
+                )
+                acc, m, l = att.masked_loops(bounds, body, init)
+                # As the Triton forward: rows that saw no key (padding) get a huge lse, so the backward's P is 0.
+                empty = l == 0.0
+                l = jnp.where(empty, 1.0, l)
+                q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+                lse_out.at[w][...] = jnp.where(empty, -att.MASK_VALUE, m + jnp.log(l) * att.LOG2E)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, out_refs[0].at[bi, rows, h])
+            if not want_dq:
+                plgpu.copy_smem_to_gmem(lse_out.at[w], out_refs[1].at[bi, h, rows])
             plgpu.wait_smem_to_gmem(0)
 
         pl.when(wg == 0)(functools.partial(compute, 0))
         pl.when(wg == 1)(functools.partial(compute, 1))
 
     smem = (
-        plgpu.SMEM((2, WG_ROWS, d), dtype, transforms=_TILES),  # each warpgroup's Q, then its output
+        plgpu.SMEM((n_tiles, 2, WG_ROWS, d), dtype, transforms=_TILES),  # [Q (then the output), dO] x warpgroup
+        plgpu.SMEM((max(n_rows, 1), 2, WG_ROWS), jnp.float32),  # [lse, delta] x warpgroup (dQ)
         plgpu.SMEM((stages, bk, d), dtype, transforms=_TILES),
         plgpu.SMEM((stages, bk, d), dtype, transforms=_TILES),
-        plgpu.SMEM((2, WG_ROWS), jnp.float32),
+        plgpu.SMEM((2, WG_ROWS), jnp.float32),  # the forward's lse out
     )
     bars = (
-        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=(n_tiles + n_rows, 2)),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     )
+    grid, names = (nq, b, hq), ("q", "batch", "heads")
+    if want_dq:
+        call = _launch(kernel, st, jax.ShapeDtypeStruct(q.shape, dtype), (smem, bars), grid, names, "flash_dq_mgpu")
+        return call(q, k, v, *grad_inputs)
     out_type = (jax.ShapeDtypeStruct(q.shape, dtype), jax.ShapeDtypeStruct((b, hq, tp), jnp.float32))
-    call = _launch(kernel, st, out_type, (smem, bars), (nq, b, hq), ("q", "batch", "heads"), "flash_fwd_mgpu")
-    return call(q, k, v)
+    return _launch(kernel, st, out_type, (smem, bars), grid, names, "flash_fwd_mgpu")(q, k, v)

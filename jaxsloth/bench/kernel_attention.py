@@ -177,7 +177,7 @@ def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks 
     )
 
 
-TUNE_KERNELS = ("fwd", "fwd_mosaic", "dkv", "dkv_split", "dkv_mosaic", "dq")
+TUNE_KERNELS = ("fwd", "fwd_mosaic", "dkv", "dkv_split", "dkv_mosaic", "dq", "dq_mosaic")
 # Per-kernel launch settings the tuner tries: (block_q, block_k, num_warps, num_stages) in each kernel's own
 # field names. Row bytes (head dim x 2 for bf16) bound what fits: 512-byte rows (d256) take the smaller tiles.
 # fmt: off
@@ -208,6 +208,8 @@ _TUNE_TILES = {
         "dkv_mosaic": [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2)],
         # The Mosaic forward: 128 query rows per CTA (fixed), keys per step and ring depth.
         "fwd_mosaic": [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3)],
+        # The Mosaic dQ (the forward's layout; head dims up to 128): keys per step and ring depth.
+        "dq_mosaic": [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2)],
         "fwd": [(256, 64, 8, 4), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3),
                 (256, 128, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
                 (128, 64, 8, 2), (128, 32, 4, 4)],
@@ -228,6 +230,7 @@ _TUNE_FIELDS = {
     "dkv_split": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
     "dkv_mosaic": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
     "dq": ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"),
+    "dq_mosaic": ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"),
 }
 
 
@@ -255,19 +258,21 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
         return [x[:, : shape.t] if x.ndim == 4 else x[..., : shape.t] for x in jax.tree.leaves(outputs)]
 
     best = {}
-    for kernel, index in (("fwd", 0), ("fwd_mosaic", 0), ("dkv", 1), ("dkv_split", 1), ("dkv_mosaic", 1), ("dq", 2)):
+    launches = {"fwd": 0, "fwd_mosaic": 0, "dkv": 1, "dkv_split": 1, "dkv_mosaic": 1, "dq": 2, "dq_mosaic": 2}
+    for kernel, index in launches.items():
         if kernel not in kernels:
             continue
         # Tiles longer than the padded sequence shrink to it, as ``attention`` shrinks them (duplicates dropped).
-        clipped = ((min(bq, qp.shape[1]), min(bk, kp.shape[1]), *rest) for bq, bk, *rest in tiles[kernel])
+        clipped = ((min(bq, qp.shape[1]), min(bk, kp.shape[1]), *rest) for bq, bk, *rest in tiles.get(kernel, ()))
         fitting = list(dict.fromkeys(clipped))
         for tile in fitting[: 2 if smoke else None]:
             settings = dict(zip(_TUNE_FIELDS[kernel], tile, strict=True))
             if kernel.startswith("dkv"):
                 settings["split_dkv"] = kernel == "dkv_split"
                 settings["dkv_backend"] = "mosaic" if kernel == "dkv_mosaic" else "triton"
-            if kernel.startswith("fwd"):
-                settings["fwd_backend"] = "mosaic" if kernel == "fwd_mosaic" else "triton"
+            for name in ("fwd", "dq"):
+                if kernel.startswith(name):
+                    settings[f"{name}_backend"] = "mosaic" if kernel.endswith("_mosaic") else "triton"
             row = {"op": "attention_tune", "kernel": kernel, "shape": shape.label(), "settings": settings}
             try:
                 blocks = dataclasses.replace(default, **settings)
@@ -285,7 +290,8 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
     # dK/dV: the fastest of the fused kernel, the split pair and the Mosaic GPU kernel.
     dkv = min((k for k in ("dkv", "dkv_split", "dkv_mosaic") if k in best), key=lambda k: best[k][1], default=None)
     fwd = min((k for k in ("fwd", "fwd_mosaic") if k in best), key=lambda k: best[k][1], default=None)
-    chosen = [best[k] for k in (fwd, dkv, "dq") if k in best]
+    dq = min((k for k in ("dq", "dq_mosaic") if k in best), key=lambda k: best[k][1], default=None)
+    chosen = [best[k] for k in (fwd, dkv, dq) if k in best]
     combined = dataclasses.replace(
         default, **{name: value for settings, _ in chosen for name, value in settings.items()}
     )
