@@ -4,9 +4,10 @@ Flash attention (FlashAttention-2, Dao 2023) in Pallas with the Triton lowering.
 max and sum per query row (online softmax, section 3.1) in f32 and saves the output and the log-sum-exp.
 The backward is the paper's split (section 3.2 / algorithm 2): one kernel per kv block that loops over the
 query blocks (dK, dV), one per query block that loops over the kv blocks (dQ), with
-delta = rowsum(dO * O) computed first. Scores are kept in log2 units so the kernels use exp2. On Hopper, dK and
-dV of 16-bit inputs can run as a Mosaic GPU kernel instead (``attention_mgpu``, ``AttentionBlocks.dkv_backend``;
-the d256 default), built from this module's score transform, masks and block ranges.
+delta = rowsum(dO * O) computed first. Scores are kept in log2 units so the kernels use exp2. On Hopper, each of
+the three can run as a Mosaic GPU kernel instead for 16-bit inputs (``attention_mgpu``; ``AttentionBlocks``'s
+``fwd_backend``, ``dkv_backend``, ``dq_backend``: the forward and dK/dV are the d128 and d256 defaults), built from
+this module's score transform, softmax steps, masks and block ranges.
 """
 
 from __future__ import annotations
@@ -298,6 +299,25 @@ def _split_refs(refs, n_in: int, has_segments: bool):
     return ins, (None, None), rest
 
 
+def online_softmax(s, m, l):
+    """One key block of the online softmax (FlashAttention-2, section 3.1; scores in log2 units): (p, alpha,
+    m_new, l_new), alpha rescaling what was accumulated before. Shared with the Mosaic GPU forward, hence
+    ``broadcast_in_dim`` (which both lowerings take) for the per-row broadcasts."""
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    return p, alpha, m_new, l * alpha + p.sum(axis=1)
+
+
+def softmax_result(acc, m, l):
+    """(acc / l in f32, lse in log2 units) at the end of the online softmax. Every real row sees its own key, so
+    l > 0 there; l == 0 only on padding rows whose blocks were all skipped. Their lse is made huge so the
+    backward's exp2(s - lse) is 0 instead of NaN. ln(l) * log2(e): Mosaic GPU has no log2."""
+    empty = l == 0.0
+    l = jnp.where(empty, 1.0, l)
+    return acc / lax.broadcast_in_dim(l, acc.shape, [0]), jnp.where(empty, -MASK_VALUE, m + jnp.log(l) * LOG2E)
+
+
 def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
     (q_ref, k_ref, v_ref), (qseg_ref, kseg_ref), (o_ref, lse_ref) = _split_refs(refs, 3, st.has_segments)
     q_start = (num_q - 1 - pl.program_id(0)) * bq  # longest rows first (see the index maps)
@@ -314,24 +334,17 @@ def _fwd_kernel(*refs, st: _Static, bq: int, bk: int, num_q: int):
         mask = visible(q_start, k_start, bq, bk, qseg, kseg, st) if masked else None
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + p.sum(axis=1)
+        p, alpha, m, l = online_softmax(s, m, l)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, st)
-        return acc, m_new, l
+        return acc, m, l
 
     init = (
         jnp.zeros((bq, q.shape[1]), jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = masked_loops(kv_block_range(q_start, bq, bk, st), body, init)
-    # Every real row sees its own key, so l > 0 there; l == 0 only on padding rows whose blocks were all
-    # skipped. Their lse is made huge so the backward's exp2(s - lse) is 0 instead of NaN.
-    empty = l == 0.0
-    o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(empty, -MASK_VALUE, m + jnp.log2(jnp.where(empty, 1.0, l)))
+    out, lse_ref[...] = softmax_result(*masked_loops(kv_block_range(q_start, bq, bk, st), body, init))
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 def _probs_and_dscores(q, k, v, do, lse, delta, mask, st: _Static, kv_major: bool = False, probs_only=False):

@@ -275,14 +275,15 @@ def _query_major(st, q, k, v, grad_inputs=None):
     row_layout = wgmma_layout.reduce(1)  # a [64] vector broadcast along the keys of S [64, bk]
     iota = functools.partial(plgpu.broadcasted_iota, layout=wgmma_layout)
     mma = functools.partial(_mma, interpret=bool(st.interpret))
-    # Per warpgroup: its query rows of Q (then the output), and for dQ of dO, lse and delta.
-    n_tiles, n_rows = (2, 2) if want_dq else (1, 0)
+    # Per warpgroup: [64, d] tiles of Q (then the output) and for dQ of dO; [64] rows of lse and delta read by dQ,
+    # or of the lse the forward writes.
+    n_tiles, n_rows, n_row_inputs = (2, 2, 2) if want_dq else (1, 1, 0)
 
     def kernel(*refs):
         q_ref, k_ref, v_ref = refs[:3]
         grad_refs = refs[3:6] if want_dq else ()
         out_refs = refs[3 + len(grad_refs) : -2]
-        (tiles, rows_smem, k_smem, v_smem, lse_out), (in_bars, k_bar, v_bar, consumed) = refs[-2:]
+        (tiles, rows_smem, k_smem, v_smem), (in_bars, k_bar, v_bar, consumed) = refs[-2:]
         q_start = (nq - 1 - lax.axis_index("q")) * bq  # longest rows first, as the Triton kernels
         bi, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         kv_head = lax.div(h, g)
@@ -297,7 +298,8 @@ def _query_major(st, q, k, v, grad_inputs=None):
                 if want_dq:
                     do_ref, lse_ref, delta_ref = grad_refs
                     sources += [do_ref.at[bi, rows, h], lse_ref.at[bi, h, rows], delta_ref.at[bi, h, rows]]
-                targets = [tiles.at[i, w] for i in range(n_tiles)] + [rows_smem.at[i, w] for i in range(n_rows)]
+                targets = [tiles.at[i, w] for i in range(n_tiles)]
+                targets += [rows_smem.at[i, w] for i in range(n_row_inputs)]
                 for i, (src, dst) in enumerate(zip(sources, targets, strict=True)):
                     plgpu.copy_gmem_to_smem(src, dst, in_bars.at[i, w])
 
@@ -312,7 +314,7 @@ def _query_major(st, q, k, v, grad_inputs=None):
             plgpu.set_max_registers(232, action="increase")
             rows_start = q_start + w * WG_ROWS
             q_tile = tiles.at[0, w]
-            for i in range(n_tiles + n_rows):
+            for i in range(n_tiles + n_row_inputs):
                 plgpu.barrier_wait(in_bars.at[i, w])
             if want_dq:
                 lse = plgpu.load(rows_smem.at[0, w], layout=row_layout)
@@ -337,13 +339,10 @@ def _query_major(st, q, k, v, grad_inputs=None):
                     carry = mma(carry, ds.astype(dtype), k_smem.at[slot], (WG_ROWS, d))
                 else:
                     acc, m, l = carry
-                    m_new = jnp.maximum(m, s_.max(axis=1))
-                    alpha = jnp.exp2(m - m_new)
-                    p = jnp.exp2(s_ - lax.broadcast_in_dim(m_new, s_.shape, [0]))
-                    l = l * alpha + p.sum(axis=1)
+                    p, alpha, m, l = att.online_softmax(s_, m, l)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     plgpu.barrier_wait(v_bar.at[slot])
-                    carry = mma(acc, p.astype(dtype), v_smem.at[slot], (WG_ROWS, d)), m_new, l
+                    carry = mma(acc, p.astype(dtype), v_smem.at[slot], (WG_ROWS, d)), m, l
                 plgpu.barrier_arrive(consumed.at[slot])
                 return carry
 
@@ -357,16 +356,12 @@ def _query_major(st, q, k, v, grad_inputs=None):
                     plgpu.layout_cast(jnp.full((WG_ROWS,), -jnp.inf, jnp.float32), row_layout),
                     plgpu.layout_cast(jnp.zeros((WG_ROWS,), jnp.float32), row_layout),
                 )
-                acc, m, l = att.masked_loops(bounds, body, init)
-                # As the Triton forward: rows that saw no key (padding) get a huge lse, so the backward's P is 0.
-                empty = l == 0.0
-                l = jnp.where(empty, 1.0, l)
-                q_tile[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-                lse_out.at[w][...] = jnp.where(empty, -att.MASK_VALUE, m + jnp.log(l) * att.LOG2E)
+                out, rows_smem.at[0, w][...] = att.softmax_result(*att.masked_loops(bounds, body, init))
+                q_tile[...] = out.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_tile, out_refs[0].at[bi, rows, h])
             if not want_dq:
-                plgpu.copy_smem_to_gmem(lse_out.at[w], out_refs[1].at[bi, h, rows])
+                plgpu.copy_smem_to_gmem(rows_smem.at[0, w], out_refs[1].at[bi, h, rows])
             plgpu.wait_smem_to_gmem(0)
 
         pl.when(wg == 0)(functools.partial(compute, 0))
@@ -374,13 +369,12 @@ def _query_major(st, q, k, v, grad_inputs=None):
 
     smem = (
         plgpu.SMEM((n_tiles, 2, WG_ROWS, d), dtype, transforms=_TILES),  # [Q (then the output), dO] x warpgroup
-        plgpu.SMEM((max(n_rows, 1), 2, WG_ROWS), jnp.float32),  # [lse, delta] x warpgroup (dQ)
+        plgpu.SMEM((n_rows, 2, WG_ROWS), jnp.float32),  # [lse, delta] (dQ) or [lse out] (forward) x warpgroup
         plgpu.SMEM((stages, bk, d), dtype, transforms=_TILES),
         plgpu.SMEM((stages, bk, d), dtype, transforms=_TILES),
-        plgpu.SMEM((2, WG_ROWS), jnp.float32),  # the forward's lse out
     )
     bars = (
-        plgpu.Barrier(num_barriers=(n_tiles + n_rows, 2)),
+        plgpu.Barrier(num_barriers=(n_tiles + n_row_inputs, 2)),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),

@@ -223,14 +223,10 @@ _TUNE_TILES = {
     },
 }
 # fmt: on
-_TUNE_FIELDS = {
+_TUNE_FIELDS = {  # per launch, shared by its variants
     "fwd": ("block_q", "block_k", "num_warps", "num_stages"),
-    "fwd_mosaic": ("block_q", "block_k", "num_warps", "num_stages"),
     "dkv": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
-    "dkv_split": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
-    "dkv_mosaic": ("block_q_dkv", "block_k_dkv", "num_warps_dkv", "num_stages_dkv"),
     "dq": ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"),
-    "dq_mosaic": ("block_q_dq", "block_k_dq", "num_warps_dq", "num_stages_dq"),
 }
 
 
@@ -258,28 +254,26 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
         return [x[:, : shape.t] if x.ndim == 4 else x[..., : shape.t] for x in jax.tree.leaves(outputs)]
 
     best = {}
-    launches = {"fwd": 0, "fwd_mosaic": 0, "dkv": 1, "dkv_split": 1, "dkv_mosaic": 1, "dq": 2, "dq_mosaic": 2}
-    for kernel, index in launches.items():
+    launches = ("fwd", "dkv", "dq")  # kernel_calls' order; each variant ("dkv_split", "fwd_mosaic") replaces its base
+    for kernel in TUNE_KERNELS:
         if kernel not in kernels:
             continue
+        launch = kernel.split("_")[0]
         # Tiles longer than the padded sequence shrink to it, as ``attention`` shrinks them (duplicates dropped).
         clipped = ((min(bq, qp.shape[1]), min(bk, kp.shape[1]), *rest) for bq, bk, *rest in tiles.get(kernel, ()))
         fitting = list(dict.fromkeys(clipped))
         for tile in fitting[: 2 if smoke else None]:
-            settings = dict(zip(_TUNE_FIELDS[kernel], tile, strict=True))
-            if kernel.startswith("dkv"):
+            settings = dict(zip(_TUNE_FIELDS[launch], tile, strict=True))
+            settings[f"{launch}_backend"] = "mosaic" if kernel.endswith("_mosaic") else "triton"
+            if launch == "dkv":
                 settings["split_dkv"] = kernel == "dkv_split"
-                settings["dkv_backend"] = "mosaic" if kernel == "dkv_mosaic" else "triton"
-            for name in ("fwd", "dq"):
-                if kernel.startswith(name):
-                    settings[f"{name}_backend"] = "mosaic" if kernel.endswith("_mosaic") else "triton"
             row = {"op": "attention_tune", "kernel": kernel, "shape": shape.label(), "settings": settings}
             try:
                 blocks = dataclasses.replace(default, **settings)
                 if qp.shape[1] % tile[0] or kp.shape[1] % tile[1]:
                     raise ValueError(f"tile {tile[:2]} does not divide the padded lengths {qp.shape[1]}, {kp.shape[1]}")
-                call = jax.jit(attention_kernels.kernel_calls(dataclasses.replace(st, blocks=blocks))[index])
-                launch = kernel.split("_")[0]  # each variant of a kernel replaces the others
+                calls = attention_kernels.kernel_calls(dataclasses.replace(st, blocks=blocks))
+                call = jax.jit(calls[launches.index(launch)])
                 row["max_err"] = timing.max_abs_err(real(call(*args[launch])), real(expected[launch]))
                 row["ms"] = timing.kernel_ms(call, args[launch], iters)
                 if row["max_err"] <= 0.05 and row["ms"] < best.get(kernel, ({}, float("inf")))[1]:
@@ -287,11 +281,12 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
             except Exception as e:  # out of shared memory or registers: skip this tile
                 row["error"] = repr(e)[:300]
             yield {**row, **timing.device_fields()}
-    # dK/dV: the fastest of the fused kernel, the split pair and the Mosaic GPU kernel.
-    dkv = min((k for k in ("dkv", "dkv_split", "dkv_mosaic") if k in best), key=lambda k: best[k][1], default=None)
-    fwd = min((k for k in ("fwd", "fwd_mosaic") if k in best), key=lambda k: best[k][1], default=None)
-    dq = min((k for k in ("dq", "dq_mosaic") if k in best), key=lambda k: best[k][1], default=None)
-    chosen = [best[k] for k in (fwd, dkv, dq) if k in best]
+    # Per launch, the fastest of its variants (dK/dV: the fused kernel, the split pair, the Mosaic GPU kernel).
+    chosen = [
+        min((v for k, v in best.items() if k.split("_")[0] == launch), key=lambda v: v[1])
+        for launch in launches
+        if any(k.split("_")[0] == launch for k in best)
+    ]
     combined = dataclasses.replace(
         default, **{name: value for settings, _ in chosen for name, value in settings.items()}
     )
