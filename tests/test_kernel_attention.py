@@ -186,18 +186,18 @@ def test_mosaic_kernels_run_where_they_apply_and_fall_back_elsewhere(monkeypatch
     from pallas_kernels import attention_mgpu
 
     calls = []
-    for name in ("dkv", "forward"):
+    for name in ("dkv", "forward", "dq"):
         real = getattr(attention_mgpu, name)
         monkeypatch.setattr(
             attention_mgpu, name, functools.partial(lambda real, name, *a: calls.append(name) or real(*a), real, name)
         )
-    _check(seed=3, block=MOSAIC_FWD, t=20, hq=2, hk=1, dtype=jnp.bfloat16)  # one padded key block
-    assert sorted(calls) == ["dkv", "forward"]
+    _check(seed=3, block=MOSAIC_DQ, t=20, hq=2, hk=1, dtype=jnp.bfloat16)  # one padded key block
+    assert sorted(calls) == ["dkv", "dq", "forward"]
     # Segment ids, f32 and head dims below 64 take the Triton kernels with the head dim's default tiles.
-    _check(seed=4, block=MOSAIC_FWD, t=40, segments=True, b=2, dtype=jnp.bfloat16)
-    _check(seed=5, block=MOSAIC_FWD, t=40)
-    _check(seed=6, block=MOSAIC_FWD, t=40, d=32, dtype=jnp.bfloat16)
-    assert len(calls) == 2
+    _check(seed=4, block=MOSAIC_DQ, t=40, segments=True, b=2, dtype=jnp.bfloat16)
+    _check(seed=5, block=MOSAIC_DQ, t=40)
+    _check(seed=6, block=MOSAIC_DQ, t=40, d=32, dtype=jnp.bfloat16)
+    assert len(calls) == 3
     with pytest.raises(ValueError, match="block_k_dkv=64 or 128"):
         dataclasses.replace(MOSAIC, block_k_dkv=32)
     with pytest.raises(ValueError, match="multiple of 64"):
