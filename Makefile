@@ -9,7 +9,7 @@ PYTHON ?= $(shell for p in "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python" pyth
 VENV ?= $(HOME)/.cache/jaxsloth/venv312
 BIN := $(VENV)/bin
 
-.PHONY: install test demo lint
+.PHONY: install test demo lint demo-bare
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: install it (e.g. pyenv install 3.12.1) or pass PYTHON=/path/to/python3.12"; exit 1; }
@@ -23,7 +23,18 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The package alone, without the test extras (which would bring in anything it forgot to declare), must run the
+# demo: a fresh venv each time, so a dependency dropped from pyproject.toml cannot hide in an old one.
+BARE_VENV ?= $(HOME)/.cache/jaxsloth/venv312-bare
+demo-bare:
+	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: install it (e.g. pyenv install 3.12.1) or pass PYTHON=/path/to/python3.12"; exit 1; }
+	rm -rf $(BARE_VENV)
+	$(PYTHON) -m venv $(BARE_VENV)
+	$(BARE_VENV)/bin/pip install -q --upgrade pip
+	$(BARE_VENV)/bin/pip install -q .
+	cd $$(mktemp -d) && JAX_PLATFORMS=cpu $(BARE_VENV)/bin/jaxsloth demo --steps 3 --output-dir demo-out
+
+test: lint demo-bare
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n 2 --timeout=900 $(PYTEST_ARGS)
 
 demo: $(BIN)/python

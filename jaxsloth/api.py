@@ -23,7 +23,7 @@ from jaxsloth.lora import LoraConfig, init_lora, merge
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import layers_unstacked, stack_layers, unstack_layers
 from jaxsloth.profiles import Profile, profile_for_device
-from jaxsloth.train import TrainConfig
+from jaxsloth.train.step import TrainConfig
 
 log = logging.getLogger("jaxsloth")
 
@@ -162,8 +162,8 @@ def train(
     both layouts, beyond one projection's stack while they are converted).
     """
     from jaxsloth.data import BatchLoader, load_records, tokenize_dataset
-    from jaxsloth.metrics import standard_callbacks
-    from jaxsloth.trainer import fit
+    from jaxsloth.train.loop import fit
+    from jaxsloth.train.metrics import standard_callbacks
 
     if model.trainable is None:
         raise ValueError("the model has no adapter to train: call jaxsloth.add_lora(model, ...) first")

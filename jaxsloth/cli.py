@@ -76,7 +76,7 @@ TRAIN_OPTIONS = (
         "long_context",
         bool,
         False,
-        "long-sequence settings: offloaded per-layer checkpoints, MLP and loss in tiles (see jaxsloth.memory)",
+        "long-sequence settings: offloaded per-layer checkpoints, MLP and loss in tiles (see jaxsloth.train.memory)",
     ),
     Option("kernels", str, None, "profile override: op=impl pairs, e.g. attention=pallas,glu=reference"),
 )

@@ -220,7 +220,7 @@ def run_demo(output_dir: str | Path = "jaxsloth-demo", *, steps: int | None = No
     the PEFT adapter, metrics.jsonl and loss.png to ``output_dir``. Returns accuracies, seconds and paths."""
     import jaxsloth
     from jaxsloth.data import load_records
-    from jaxsloth.metrics import standard_callbacks
+    from jaxsloth.train.metrics import standard_callbacks
 
     t0 = time.perf_counter()
     out = Path(output_dir)

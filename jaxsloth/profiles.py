@@ -128,7 +128,7 @@ _DEVICE_KINDS = (
 # The long-sequence settings: per-layer residual checkpoints offloaded to pinned host memory, the MLP in 8192-token
 # tiles, the loss in 16384-token tiles through the Pallas loss (the leanest: no [1024, V] logits chunk; the loss's
 # time is small beside attention's at these lengths; the configuration the long runs measured, with the layer scan).
-# Every remaining per-token term is in jaxsloth.memory.
+# Every remaining per-token term is in jaxsloth.train.memory.
 LONG_CONTEXT = {
     "remat": "offload",
     "mlp_chunk": 8192,

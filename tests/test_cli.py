@@ -167,14 +167,14 @@ def test_bench_dispatch_or_message(capsys, monkeypatch):
 
 
 def test_ctrl_c_saves_checkpoint_and_exits_130(tmp_path, data_file, capsys, monkeypatch):
-    import jaxsloth.metrics
+    from jaxsloth.train import metrics as train_metrics
 
     def interrupt_at_2(record):
         if record["step"] == 2:
             raise KeyboardInterrupt
 
-    real = jaxsloth.metrics.standard_callbacks
-    monkeypatch.setattr(jaxsloth.metrics, "standard_callbacks", lambda *a, **k: [interrupt_at_2, *real(*a, **k)])
+    real = train_metrics.standard_callbacks
+    monkeypatch.setattr(train_metrics, "standard_callbacks", lambda *a, **k: [interrupt_at_2, *real(*a, **k)])
     out = tmp_path / "run"
     code, _, err = _run(
         ["train", "--model", demo.MODEL_DIR, "--data", data_file, "--output-dir", out, "--max-steps", 6,

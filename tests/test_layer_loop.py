@@ -167,8 +167,8 @@ def test_dots_layers_keep_dots_outputs_in_the_first_layers_only():
 
 
 def test_memory_model_counts_dots_layers_between_the_two_policies():
-    from jaxsloth.memory import estimate_step_memory
     from jaxsloth.models.presets import preset
+    from jaxsloth.train.memory import estimate_step_memory
 
     config, h200 = preset("llama3.1-8b"), profile_for_device(name="h200")
 

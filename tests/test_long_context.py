@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from jaxsloth.lora import LoraConfig, init_lora
-from jaxsloth.memory import estimate_step_memory, longest_sequence
 from jaxsloth.models import init_params
 from jaxsloth.models.config import config_from_hf_dict
 from jaxsloth.models.presets import preset
 from jaxsloth.profiles import long_context, profile_for_device
-from jaxsloth.train import make_loss_fn
+from jaxsloth.train.memory import estimate_step_memory, longest_sequence
+from jaxsloth.train.step import make_loss_fn
 from tests.test_models_kernels import CONFIGS
 from tests.tolerances import assert_close
 
@@ -69,7 +69,7 @@ def test_memory_model_names_longest_length():
     assert 100_000 < longest.tokens < 2_000_000
     assert longest.limited_by in ("device", "host")
     with pytest.raises(MemoryError, match=r"longest that fits .* \d[\d,]* tokens"):
-        from jaxsloth.memory import check_fits
+        from jaxsloth.train.memory import check_fits
 
         check_fits(config, profile, batch=1, seq_len=10_000_000, quantized=True, device_gib=139, host_gib=120)
 

@@ -9,7 +9,7 @@ import torch
 from converters.hf import load_hf_model
 from jaxsloth.lora import LoraConfig, init_lora
 from jaxsloth.profiles import profile_for_device
-from jaxsloth.train import TrainConfig, make_optimizer, make_train_step
+from jaxsloth.train.step import TrainConfig, make_optimizer, make_train_step
 from tests.tiny_models import hf_model, saved_model
 from tests.tolerances import assert_close
 
@@ -86,7 +86,7 @@ def test_one_step_matches_peft(use_rslora):
     batch = {"tokens": jnp.asarray(ids, jnp.int32), "targets": jnp.asarray(targets, jnp.int32)}
 
     # Gradients, through the same loss the step uses.
-    from jaxsloth.train import make_loss_fn
+    from jaxsloth.train.step import make_loss_fn
 
     loss_fn = make_loss_fn(config, lora, profile)
     (l_sum, count), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, jax.random.key(0))

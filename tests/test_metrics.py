@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from jaxsloth.metrics import standard_callbacks
+from jaxsloth.train.metrics import standard_callbacks
 
 
 def _records(n: int, seed: int = 0, peak: bool = True) -> list[dict]:

@@ -51,8 +51,8 @@ def _worker(scenario: str, workdir: Path) -> None:
     from jaxsloth.lora import LoraConfig, init_lora
     from jaxsloth.profiles import profile_for_device
     from jaxsloth.sharding import make_mesh, param_shardings
-    from jaxsloth.train import TrainConfig
-    from jaxsloth.trainer import fit
+    from jaxsloth.train.loop import fit
+    from jaxsloth.train.step import TrainConfig
     from tests.tiny_models import saved_model
 
     assert jax.device_count() == 8, jax.devices()
@@ -101,7 +101,7 @@ def _worker(scenario: str, workdir: Path) -> None:
         # micro-batch equal the unsharded call's.
         from jaxsloth.ops import KernelChoice
         from jaxsloth.sharding import ShardedOps
-        from jaxsloth.train import make_loss_fn
+        from jaxsloth.train.step import make_loss_fn
 
         assert scenario == "pallas", scenario
         config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32)

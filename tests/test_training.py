@@ -9,8 +9,8 @@ from converters.hf import load_hf_model
 from jaxsloth.data import BatchLoader, Example, TokenizedDataset
 from jaxsloth.lora import LoraConfig, init_lora
 from jaxsloth.profiles import profile_for_device
-from jaxsloth.train import NonFiniteLossError, TrainConfig
-from jaxsloth.trainer import fit
+from jaxsloth.train.loop import fit
+from jaxsloth.train.step import NonFiniteLossError, TrainConfig
 from tests.tiny_models import saved_model
 
 LORA = LoraConfig(r=4, alpha=8.0)
@@ -124,7 +124,7 @@ def test_out_of_vocab_tokens_rejected_before_training():
 
 
 def test_out_of_memory_is_explained():
-    from jaxsloth.train import StepDoesNotFitError, explain_oom, is_oom
+    from jaxsloth.train.step import StepDoesNotFitError, explain_oom, is_oom
 
     xla = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.00GiB.")
     assert is_oom(xla) and not is_oom(RuntimeError("INVALID_ARGUMENT: shapes"))
@@ -136,10 +136,10 @@ def test_out_of_memory_is_explained():
 
 def test_fit_refuses_a_step_the_memory_model_says_cannot_fit(monkeypatch):
     """On a GPU the loop checks the memory model before compiling (CPU reports no device limit: simulate one)."""
-    import jaxsloth.memory
+    from jaxsloth.train import memory as train_memory
 
     config, params, trainable = _setup()
-    monkeypatch.setattr(jaxsloth.memory, "machine_memory_gib", lambda: (1e-6, 1e-6))
+    monkeypatch.setattr(train_memory, "machine_memory_gib", lambda: (1e-6, 1e-6))
     with pytest.raises(MemoryError, match="longest that fits"):
         _run(config, params, trainable, 2)
 
@@ -147,11 +147,11 @@ def test_fit_refuses_a_step_the_memory_model_says_cannot_fit(monkeypatch):
 def test_fit_checks_xla_compiled_plan_before_running(monkeypatch):
     """After compiling and before running, XLA's own memory plan is checked (here with the model check switched off
     and a simulated 1 KiB device, so only the compiled plan can refuse)."""
-    import jaxsloth.memory
+    from jaxsloth.train import memory as train_memory
 
     config, params, trainable = _setup()
-    monkeypatch.setattr(jaxsloth.memory, "check_fits", lambda *a, **k: None)
-    monkeypatch.setattr(jaxsloth.memory, "machine_memory_gib", lambda: (2**-20, 1.0))
+    monkeypatch.setattr(train_memory, "check_fits", lambda *a, **k: None)
+    monkeypatch.setattr(train_memory, "machine_memory_gib", lambda: (2**-20, 1.0))
     with pytest.raises(MemoryError, match=r"XLA's compiled step needs .* GiB of device memory .* temporaries"):
         _run(config, params, trainable, 2)
 
@@ -159,7 +159,7 @@ def test_fit_checks_xla_compiled_plan_before_running(monkeypatch):
 def test_compiled_plan_check_names_plan_and_longest():
     from types import SimpleNamespace
 
-    from jaxsloth.memory import check_compiled_plan
+    from jaxsloth.train.memory import check_compiled_plan
 
     gib = 2**30
     stats = SimpleNamespace(

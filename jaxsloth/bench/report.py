@@ -347,16 +347,16 @@ PERF_LONG_CONTEXT = {
 
 def plot_memory_vs_length(records: Sequence[dict], path: str | os.PathLike, device_gib: float = 139.0) -> Path:
     """Peak device memory against sequence length, 8B QLoRA at batch 1: jaxsloth's measured points, the memory
-    model's device and host curves (jaxsloth.memory, long-context settings, remat_group 1 and 2), PERF.md's
+    model's device and host curves (jaxsloth.train.memory, long-context settings, remat_group 1 and 2), PERF.md's
     HF and Unsloth points, and the card's capacity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from jaxsloth.memory import estimate_step_memory
     from jaxsloth.models.presets import preset
     from jaxsloth.profiles import long_context, profile_for_device
+    from jaxsloth.train.memory import estimate_step_memory
 
     config = preset("llama3.1-8b")
     base = long_context(profile_for_device(name="h200"))

@@ -28,14 +28,14 @@ from converters.hf import load_config  # noqa: E402
 from jaxsloth.bench import trace_summary  # noqa: E402
 from jaxsloth.bench.timing import emit_jsonl, environment, median_ms, peak_gib  # noqa: E402
 from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
-from jaxsloth.memory import estimate_step_memory  # noqa: E402
 from jaxsloth.models.decoder import LAYER_LOOPS, init_params, linear_shapes, unstack_layers  # noqa: E402
 from jaxsloth.models.presets import preset  # noqa: E402
 from jaxsloth.ops import KERNEL_OPS  # noqa: E402
 from jaxsloth.profiles import LONG_CONTEXT, profile_for_device  # noqa: E402
 from jaxsloth.quant import NF4Weight  # noqa: E402
 from jaxsloth.sharding import make_mesh, param_shardings, place_train_state, put_key, shard_batch  # noqa: E402
-from jaxsloth.train import TrainConfig, make_optimizer, make_train_step  # noqa: E402
+from jaxsloth.train.memory import estimate_step_memory  # noqa: E402
+from jaxsloth.train.step import TrainConfig, make_optimizer, make_train_step  # noqa: E402
 
 TRACED_STEPS = 2  # steps recorded by --trace
 

@@ -1,6 +1,6 @@
 """Training metrics sinks: a progress bar, a JSONL log, TensorBoard scalars and a loss-curve PNG.
 
-Each sink is a callable taking the per-step record of ``jaxsloth.trainer.fit`` (step, loss, grad_norm, tokens,
+Each sink is a callable taking the per-step record of ``jaxsloth.train.loop.fit`` (step, loss, grad_norm, tokens,
 seq_tokens, step_time_s, tokens_per_s, peak_gib or None, total_steps, maybe skipped) and has ``close()``.
 """
 

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxsloth.checkpoint import Checkpointer, array_to_key, key_to_array
 from jaxsloth.lora import LoraConfig
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.profiles import Profile
 from jaxsloth.sharding import batch_devices, place_train_state, put_key, shard_batch
-from jaxsloth.train import (
+from jaxsloth.train.checkpoint import Checkpointer, array_to_key, key_to_array
+from jaxsloth.train.step import (
     NonFiniteLossError,
     TrainConfig,
     explain_oom,
@@ -71,7 +71,7 @@ def _is_quantized(params) -> bool:
 
 def _check_memory(config, profile, params, micro_batch, seq_len, lora_r) -> None:
     """Before the first compile: a step the memory model says cannot fit fails now, naming the longest length."""
-    from jaxsloth.memory import check_fits, machine_memory_gib
+    from jaxsloth.train.memory import check_fits, machine_memory_gib
 
     mem = machine_memory_gib()
     if mem is None:
@@ -91,7 +91,7 @@ def _check_memory(config, profile, params, micro_batch, seq_len, lora_r) -> None
 
 def _compile_step(step_fn, args, config, profile, params, micro_batch, seq_len, lora_r):
     """The step compiled ahead of time for one batch shape, its XLA memory plan checked against the machine."""
-    from jaxsloth.memory import check_compiled_plan, longest_sequence, machine_memory_gib
+    from jaxsloth.train.memory import check_compiled_plan, longest_sequence, machine_memory_gib
 
     log.info("compiling the training step for %d x %d tokens per device", micro_batch, seq_len)
     t0 = time.perf_counter()
