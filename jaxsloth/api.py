@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxsloth.hub import resolve_model
 from jaxsloth.lora import LoraConfig, init_lora, merge
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import layers_unstacked, stack_layers, unstack_layers
@@ -39,6 +40,7 @@ class Model:
     path: str | None = None
     lora: LoraConfig | None = None
     trainable: dict | None = None
+    local_dir: str | None = None  # where `path` (a directory or a Hub id) was read from
 
     def generate(self, tokenizer, prompts: Sequence[str] | str, max_new_tokens: int = 64, **sampling) -> list[str]:
         """Completes each prompt (KV cache; greedy unless temperature > 0). Returns the new text per prompt.
@@ -57,10 +59,14 @@ def load(
     max_seq_length: int = 2048,
     dtype: str | None = None,
     profile: str | Profile | None = None,
+    revision: str | None = None,
+    token: str | None = None,
     **profile_overrides,
 ):
-    """Loads a Hugging Face model directory -> (Model, tokenizer or None when the directory has none).
+    """Loads a Hugging Face model directory or Hub id ("org/name") -> (Model, tokenizer or None when it has none).
 
+    revision, token: a Hub model's branch/tag/commit and access token (see jaxsloth.hub.resolve_model; the Hub cache,
+    HF_TOKEN and HF_HUB_OFFLINE are honoured).
     dtype: frozen weights and activations (default: the profile's, bf16 on GPUs). profile: a profile name or
     object (default: chosen from jax.devices()[0]); profile_overrides: any Profile/KernelChoice field.
     """
@@ -72,19 +78,21 @@ def load(
         prof = profile_for_device(name=profile, **profile_overrides)
     if dtype is not None:
         prof = prof.replace(compute_dtype=jnp.dtype(dtype).name)
-    config, params = load_hf_model(path, dtype=prof.dtype, load_in_4bit=load_in_4bit)
+    local = resolve_model(path, revision=revision, token=token)
+    config, params = load_hf_model(local, dtype=prof.dtype, load_in_4bit=load_in_4bit)
     if max_seq_length > config.max_position_embeddings:
         log.warning(
             "max_seq_length %d exceeds the model's max_position_embeddings %d",
             max_seq_length,
             config.max_position_embeddings,
         )
-    return Model(config, params, prof, max_seq_length, str(path)), load_tokenizer(path)
+    model = Model(config, params, prof, max_seq_length, os.fspath(path), local_dir=str(local))
+    return model, load_tokenizer(local)
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved beside the weights (tokenizer.json etc.), or None."""
-    path = Path(path)
+def load_tokenizer(path: str | os.PathLike, revision: str | None = None, token: str | None = None):
+    """The tokenizer saved beside the weights (tokenizer.json etc.) of a model directory or Hub id, or None."""
+    path = resolve_model(path, revision=revision, token=token)
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         log.warning("no tokenizer files in %s", path)
         return None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +34,15 @@ class Option:
 
 
 TRAIN_OPTIONS = (
-    Option("model", str, None, "Hugging Face model directory (config.json + safetensors + tokenizer)"),
-    Option("data", str, None, "training data: .jsonl, .json or .parquet"),
-    Option("format", str, "auto", "data format: auto, text, alpaca, messages (sharegpt)"),
+    Option("model", str, None, "Hugging Face model directory or Hub id (org/name; token from HF_TOKEN)"),
+    Option("revision", str, None, "branch, tag or commit of a Hub model (default: main)"),
+    Option("data", str, None, "training data: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, dataset folder or Hub id"),
+    Option("split", str, "train", "dataset split to train on (files and folders: train)"),
+    Option("dataset_config", str, None, "dataset configuration name (load_dataset's name=)"),
+    Option("streaming", bool, False, "stream the dataset in order instead of loading it whole (needs --max-steps)"),
+    Option("dataset_num_proc", int, None, "processes tokenizing the dataset (default: 1)"),
+    Option("format", str, "auto", "data format: auto, text, alpaca, messages (sharegpt), prompt_completion"),
+    Option("dataset_text_field", str, None, "train on the raw text of this column (format text)"),
     Option("output_dir", str, "jaxsloth-run", "checkpoints, metrics.jsonl, tensorboard/, loss.png and adapter/"),
     Option("lora_r", int, 16, "LoRA rank"),
     Option("lora_alpha", float, 16.0, "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --use-rslora)"),
@@ -198,7 +204,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--kernels: unknown op {sorted(unknown)[0]!r}; ops: {', '.join(ops)}")
     model, tokenizer = jaxsloth.load(
-        _existing_dir(s["model"], "model"),
+        s["model"],
+        revision=s["revision"],
         load_in_4bit=s["load_in_4bit"],
         max_seq_length=s["max_seq_length"],
         dtype=s["dtype"],
@@ -222,6 +229,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             tokenizer,
             s["data"],
             format=s["format"],
+            split=s["split"],
+            dataset_config=s["dataset_config"],
+            dataset_text_field=s["dataset_text_field"],
+            dataset_num_proc=s["dataset_num_proc"],
+            streaming=s["streaming"],
             batch_size=s["batch_size"],
             grad_accum=s["grad_accum"],
             max_steps=s["max_steps"],
@@ -257,7 +269,7 @@ def _load_with_adapter(args: argparse.Namespace):
     import jaxsloth
 
     model, tokenizer = jaxsloth.load(
-        _existing_dir(args.model, "model"), load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length
+        args.model, revision=args.revision, load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length
     )
     if args.adapter is not None:
         from converters.peft import load_peft_adapter
@@ -268,7 +280,8 @@ def _load_with_adapter(args: argparse.Namespace):
 
 
 def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--model", required=True, help="Hugging Face model directory or Hub id (org/name)")
+    p.add_argument("--revision", help="branch, tag or commit of a Hub model (default: main)")
     p.add_argument("--adapter", required=adapter_required, help="PEFT LoRA adapter directory")
     p.add_argument("--load-in-4bit", action="store_true", help="quantize the base weights to NF4 while loading")
     p.add_argument("--max-seq-length", type=int, default=2048, help="longest sequence (prompt + new tokens)")
