@@ -89,9 +89,9 @@ def test_bad_inputs(tmp_path):
         load_records(bad_line)
     with pytest.raises(TypeError, match="row 1 of list is a str"):
         load_records([{"text": "a"}, "b"])
-    other = tmp_path / "d.csv"
+    other = tmp_path / "d.xlsx"
     other.write_text("text\na\n")
-    with pytest.raises(ValueError, match="unknown dataset file type '.csv'"):
+    with pytest.raises(ValueError, match="unknown dataset file type '.xlsx'"):
         load_records(other)
     with pytest.raises(ValueError, match="not found"):
         load_records(tmp_path / "missing.jsonl")

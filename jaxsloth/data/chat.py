@@ -27,48 +27,61 @@ def require_chat_template(tokenizer: Any, why: str) -> None:
 
 
 def encode_chat(
-    tokenizer: Any, messages: Sequence[dict[str, str]], *, train_on_inputs: bool
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    *,
+    train_on_inputs: bool,
+    tools: list[dict] | None = None,
+    first_trained: int = 0,
 ) -> tuple[list[int], list[bool]]:
     """Render and tokenize one conversation.
 
     Returns (input_ids: [len], trained: [len]) where trained[j] says whether token j is a training target:
-    every token when `train_on_inputs`, else the assistant answers and their end-of-turn token.
+    every token when `train_on_inputs`, else the assistant answers (tool calls included) and their end-of-turn
+    token. tools: function schemas for the template (`tools=` of apply_chat_template). first_trained: assistant
+    turns before this message index are context, not trained (a prompt-completion pair's prompt).
     Raises ValueError when the template renders earlier turns differently once later turns are added
     (and has no `{% generation %}` blocks), since the answer spans cannot then be found.
     """
     messages = list(messages)
     if train_on_inputs:
-        ids = tokenizer(_render(tokenizer, messages), add_special_tokens=False)["input_ids"]
+        ids = tokenizer(_render(tokenizer, messages, tools=tools), add_special_tokens=False)["input_ids"]
         return list(ids), [True] * len(ids)
-    if _GENERATION_TAG.search(tokenizer.get_chat_template()):
+    if _GENERATION_TAG.search(tokenizer.get_chat_template()) and not first_trained:
         out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-    text = _render(tokenizer, messages)
-    spans = _assistant_char_spans(tokenizer, messages, text)
+    text = _render(tokenizer, messages, tools=tools)
+    spans = _assistant_char_spans(tokenizer, messages, text, tools, first_trained)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     trained = [any(start <= a < end for start, end in spans) for a, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), trained
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False, tools: list | None = None
+) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
-def _assistant_char_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+def _assistant_char_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], text: str, tools: list | None, first_trained: int
+) -> list[tuple[int, int]]:
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_trained:
             continue
-        upto = _render(tokenizer, messages[: i + 1])
+        upto = _render(tokenizer, messages[: i + 1], tools=tools)
         if not text.startswith(upto):
             raise ValueError(
                 f"the chat template renders turns 0..{i} differently once later turns follow, so the "
                 "assistant answers cannot be located; use a template with {% generation %} blocks or "
                 "train_on_inputs=True"
             )
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
         if i and upto.startswith(prompt):
             start = len(prompt)
         else:

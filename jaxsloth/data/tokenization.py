@@ -2,15 +2,18 @@
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxsloth.data import chat, formats
-from jaxsloth.data.sources import load_records
+from jaxsloth.data.sources import open_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class TokenizedDataset:
 
 
 def tokenize_dataset(
-    records: str | os.PathLike | Iterable[Mapping[str, Any]],
+    records: Any,
     tokenizer: Any,
     *,
     format: str = "auto",
@@ -79,35 +82,164 @@ def tokenize_dataset(
     truncate: bool = True,
     vocab_size: int | None = None,
     use_chat_template: bool = False,
+    text_field: str | None = None,
+    num_proc: int | None = None,
+    split: str = "train",
+    name: str | None = None,
 ) -> TokenizedDataset:
     """Tokenize and validate a dataset.
 
-    records: anything `load_records` accepts. tokenizer: a Hugging Face (fast) tokenizer.
-    format: "auto" (from the first row's keys), "text", "alpaca", "messages" (alias "sharegpt").
+    records: anything `open_dataset` accepts (a file, dataset folder, Hub id, list of dicts, `datasets.Dataset`;
+    split/name pick a folder's or Hub dataset's split and configuration). tokenizer: a Hugging Face (fast)
+    tokenizer. format: "auto" (from the first row's keys), "text", "alpaca", "messages" (alias "sharegpt"),
+    "prompt_completion". text_field: train on the raw text of this column (format "text").
     train_on_inputs: also train on prompts / user turns (text data always trains every token).
     truncate: cut examples longer than max_seq_length (counted, logged) instead of raising ValueError.
     vocab_size: the model's vocabulary size; any token id >= it raises ValueError.
     use_chat_template: render alpaca rows with the tokenizer's chat template instead of the alpaca prompt.
+    num_proc: processes tokenizing a `datasets.Dataset` (files, folders and Hub ids are read as one).
 
-    Raises ValueError/TypeError naming the row for a missing or mistyped field, an out-of-vocab id or an
-    over-long example (truncate=False); ValueError for an empty dataset, a missing chat template, or when
-    no example has a trained token.
+    A `datasets.Dataset` is tokenized with `Dataset.map`, cached on disk beside its Arrow files under a
+    fingerprint of the data, the tokenizer, the settings and this code: a second run, a resumed run or another
+    host of the same run reads the tokens back instead of tokenizing again. Lists are tokenized in memory.
+
+    Raises ValueError/TypeError naming the file (when given one) and row for a missing or mistyped field, a
+    conversation the chat template rejects, an out-of-vocab id or an over-long example (truncate=False);
+    ValueError for an empty dataset, a missing chat template, or when no example has a trained token.
     """
     if max_seq_length < 2:
         raise ValueError(f"max_seq_length must be >= 2 (one input and one target), got {max_seq_length}")
-    rows = load_records(records)
-    name = formats.resolve_format(format, rows[0])
+    source = open_dataset(records, split=split, name=name)
+    encoder = make_encoder(source[0], tokenizer, format, train_on_inputs, use_chat_template, text_field)
+    encoder.where = _where(records)
+    if isinstance(source, list):
+        encoded = encoder.encode(source, range(len(source)))
+        rows = range(len(source))
+    else:
+        encoded, rows = _map_dataset(source, encoder, num_proc)
+    return _collect(
+        encoded, rows, len(source), encoder.format, max_seq_length, truncate, vocab_size, tokenizer, train_on_inputs
+    )
+
+
+def make_encoder(
+    first_row: Mapping[str, Any],
+    tokenizer: Any,
+    format: str = "auto",
+    train_on_inputs: bool = False,
+    use_chat_template: bool = False,
+    text_field: str | None = None,
+) -> "Encoder":
+    """The row encoder for a dataset whose first row is `first_row` (format resolved, chat template checked)."""
+    name = formats.resolve_format(format, first_row, text_field)
     if name == "messages":
         chat.require_chat_template(tokenizer, "format 'messages'")
     if name == "alpaca" and use_chat_template:
         chat.require_chat_template(tokenizer, "alpaca with use_chat_template=True")
+    if name == "prompt_completion" and not isinstance(first_row.get("prompt"), str):
+        chat.require_chat_template(tokenizer, "conversational prompt-completion rows")
+    return Encoder(tokenizer, name, train_on_inputs, use_chat_template, text_field or "text")
 
-    encoded = _encode(rows, tokenizer, name, train_on_inputs, use_chat_template)
 
+@dataclasses.dataclass
+class Encoder:
+    """Rows -> (input_ids, trained) pairs for one format; picklable, so `Dataset.map` can run it in processes."""
+
+    tokenizer: Any
+    format: str
+    train_on_inputs: bool
+    use_chat_template: bool
+    text_field: str = "text"
+    where: str = ""  # the file or id errors name
+
+    def encode(self, rows: Sequence[Mapping[str, Any]], indices: Iterable[int]) -> list[tuple[list[int], list[bool]]]:
+        """(input_ids, trained) of each row; `indices` are the rows' numbers in the dataset, for errors."""
+        indices = list(indices)
+        try:
+            return _encode(rows, indices, self)
+        except (ValueError, TypeError) as e:
+            if not self.where:
+                raise
+            raise type(e)(f"{self.where} {e}") from None
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        """`Dataset.map(batched=True, with_indices=True)` form: columns in, input_ids/trained/row out."""
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values(), strict=True)]
+        encoded = self.encode(rows, indices)
+        return {"input_ids": [e[0] for e in encoded], "trained": [e[1] for e in encoded], "row": list(indices)}
+
+    def fingerprint(self, data_fingerprint: str) -> str:
+        """Names the tokenized cache: the data, every tokenizer part that changes ids, the settings, this code."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        parts = [
+            data_fingerprint,
+            backend.to_str() if backend is not None else repr(tok),
+            repr(getattr(tok, "chat_template", None)),
+            repr(tok.special_tokens_map),
+            repr((tok.bos_token_id, tok.eos_token_id, self.format, self.train_on_inputs, self.use_chat_template)),
+            self.text_field,
+        ]
+        digest = hashlib.sha256()
+        for part in parts + [Path(m.__file__).read_text() for m in (chat, formats, sys.modules[__name__])]:
+            digest.update(part.encode())
+            digest.update(b"\0")
+        return digest.hexdigest()[:32]
+
+
+def _where(records: Any) -> str:
+    return os.fspath(records) if isinstance(records, str | os.PathLike) else ""
+
+
+def _map_dataset(dataset: Any, encoder: Encoder, num_proc: int | None) -> tuple[Iterable, np.ndarray]:
+    """Tokenize a `datasets.Dataset` with `map` (cached on disk when the dataset lives in files)."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "trained": datasets.List(datasets.Value("bool")),
+            "row": datasets.Value("int64"),
+        }
+    )
+    mapped = dataset.map(
+        encoder,
+        batched=True,
+        with_indices=True,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        remove_columns=dataset.column_names,
+        features=features,
+        new_fingerprint=encoder.fingerprint(dataset._fingerprint),
+        desc="tokenizing",
+    )
+    table = mapped.with_format("arrow")[:]
+    ids, trained = table.column("input_ids").combine_chunks(), table.column("trained").combine_chunks()
+    offsets = ids.offsets.to_numpy()
+    id_values = ids.values.to_numpy()
+    trained_values = trained.values.to_numpy(zero_copy_only=False)
+    encoded = (
+        (id_values[offsets[k] : offsets[k + 1]], trained_values[offsets[k] : offsets[k + 1]])
+        for k in range(len(offsets) - 1)
+    )
+    return encoded, table.column("row").to_numpy()
+
+
+def _collect(
+    encoded: Iterable,
+    rows: Sequence[int],
+    num_rows: int,
+    name: str,
+    max_seq_length: int,
+    truncate: bool,
+    vocab_size: int | None,
+    tokenizer: Any,
+    train_on_inputs: bool,
+) -> TokenizedDataset:
     examples, row_index, num_truncated = [], [], 0
-    for i, (ids, trained) in enumerate(encoded):
-        if vocab_size is not None and ids:
-            bad = max(ids)
+    for i, (ids, trained) in zip(rows, encoded, strict=True):
+        ids, trained = np.asarray(ids, np.int32), np.asarray(trained, np.bool_)
+        if vocab_size is not None and len(ids):
+            bad = int(ids.max())
             if bad >= vocab_size:
                 raise ValueError(f"row {i}: token id {bad} >= the model's vocab_size {vocab_size}")
         if len(ids) > max_seq_length:
@@ -115,24 +247,24 @@ def tokenize_dataset(
                 raise ValueError(f"row {i}: {len(ids)} tokens > max_seq_length {max_seq_length} (truncate=False)")
             ids, trained = ids[:max_seq_length], trained[:max_seq_length]
             num_truncated += 1
-        if not any(trained[1:]):
+        if not trained[1:].any():
             continue
-        examples.append(Example(np.asarray(ids, np.int32), np.asarray(trained, np.bool_)))
-        row_index.append(i)
+        examples.append(Example(ids, trained))
+        row_index.append(int(i))
 
-    num_dropped = len(rows) - len(examples)
+    num_dropped = num_rows - len(examples)
     if num_truncated:
         logger.warning(
             "truncated %d of %d examples to max_seq_length=%d tokens",
             num_truncated,
-            len(rows),
+            num_rows,
             max_seq_length,
         )
     if num_dropped:
-        logger.warning("dropped %d of %d examples with no trained token", num_dropped, len(rows))
+        logger.warning("dropped %d of %d examples with no trained token", num_dropped, num_rows)
     if not examples:
         raise ValueError(
-            f"none of the {len(rows)} examples has a trained token (format {name!r}, "
+            f"none of the {num_rows} examples has a trained token (format {name!r}, "
             f"train_on_inputs={train_on_inputs}, max_seq_length={max_seq_length})"
         )
     return TokenizedDataset(
@@ -146,31 +278,60 @@ def tokenize_dataset(
     )
 
 
-def _encode(
-    rows: list[dict[str, Any]], tokenizer: Any, name: str, train_on_inputs: bool, use_chat_template: bool
-) -> list[tuple[list[int], list[bool]]]:
-    if name == "messages" or (name == "alpaca" and use_chat_template):
+def _encode(rows: Sequence[Mapping[str, Any]], indices: list[int], enc: Encoder) -> list[tuple[list[int], list[bool]]]:
+    tokenizer, name = enc.tokenizer, enc.format
+    if name == "messages" or (name == "alpaca" and enc.use_chat_template):
         to_messages = formats.chat_messages if name == "messages" else formats.alpaca_messages
         return [
-            chat.encode_chat(tokenizer, to_messages(row, i), train_on_inputs=train_on_inputs)
-            for i, row in enumerate(rows)
+            _encode_chat(tokenizer, to_messages(row, i), i, enc.train_on_inputs, formats.tools_field(row, i))
+            for i, row in zip(indices, rows, strict=True)
         ]
     bos, eos = _bos_eos(tokenizer)
     if name == "text":
-        texts = [formats.text_field(row, i) for i, row in enumerate(rows)]
+        texts = [formats.text_field(row, i, enc.text_field) for i, row in zip(indices, rows, strict=True)]
         out = []
         for ids in _batch_ids(tokenizer, texts):
             ids = bos + ids + eos
             out.append((ids, [True] * len(ids)))
         return out
-    pairs = [formats.alpaca_fields(row, i) for i, row in enumerate(rows)]
+    if name == "prompt_completion":
+        pairs = [formats.prompt_completion(row, i) for i, row in zip(indices, rows, strict=True)]
+        if pairs and not isinstance(pairs[0][0], str):
+            return [
+                _encode_chat(tokenizer, p + c, i, enc.train_on_inputs, formats.tools_field(row, i), len(p))
+                for (p, c), i, row in zip(pairs, indices, rows, strict=True)
+            ]
+        for (p, _), i in zip(pairs, indices, strict=True):
+            if not isinstance(p, str):
+                raise TypeError(f"row {i}: 'prompt' is a list of messages but row {indices[0]}'s is a string")
+    else:
+        pairs = [formats.alpaca_fields(row, i) for i, row in zip(indices, rows, strict=True)]
     prompts = _batch_ids(tokenizer, [p for p, _ in pairs])
     answers = _batch_ids(tokenizer, [a for _, a in pairs])
     out = []
-    for prompt, answer in zip(prompts, answers):
+    for prompt, answer in zip(prompts, answers, strict=True):
         head, tail = bos + prompt, answer + eos
-        out.append((head + tail, [train_on_inputs] * len(head) + [True] * len(tail)))
+        out.append((head + tail, [enc.train_on_inputs] * len(head) + [True] * len(tail)))
     return out
+
+
+def _encode_chat(
+    tokenizer: Any, messages: list[dict], index: int, train_on_inputs: bool, tools: list | None, first_trained=0
+) -> tuple[list[int], list[bool]]:
+    from jinja2 import TemplateError
+
+    try:
+        return chat.encode_chat(
+            tokenizer, messages, train_on_inputs=train_on_inputs, tools=tools, first_trained=first_trained
+        )
+    except TemplateError as e:  # a strict template's raise_exception("roles must alternate ...") and the like
+        raise ValueError(f"row {index}: the chat template rejects this conversation: {_one_line(e)}") from None
+    except ValueError as e:
+        raise ValueError(f"row {index}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
