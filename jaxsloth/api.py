@@ -134,6 +134,11 @@ def train(
     data,
     *,
     format: str = "auto",
+    split: str = "train",
+    dataset_config: str | None = None,
+    dataset_text_field: str | None = None,
+    dataset_num_proc: int | None = None,
+    streaming: bool = False,
     batch_size: int | None = None,
     grad_accum: int = 1,
     max_steps: int | None = None,
@@ -155,7 +160,12 @@ def train(
     mesh=None,
     shard_lora: bool = False,
 ):
-    """Fine-tunes ``model``'s adapter on ``data`` (a file path, a list of records, or a datasets.Dataset).
+    """Fine-tunes ``model``'s adapter on ``data``: a data file, a dataset folder or Hub id (``split``, and
+    ``dataset_config`` for load_dataset's name), a list of records, or a datasets.Dataset / IterableDataset.
+
+    dataset_text_field: train on that column's raw text. dataset_num_proc: tokenizing processes (the tokens are
+    cached by the datasets library and reused by later runs). streaming: read the data in order without loading it
+    whole (an IterableDataset always streams); needs max_steps, and resume skips the rows already trained on.
 
     Steps: max_steps, or num_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable),
     metrics.jsonl, TensorBoard events and loss.png are written there. Updates ``model.trainable`` in place and
@@ -169,7 +179,7 @@ def train(
     run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds
     both layouts, beyond one projection's stack while they are converted).
     """
-    from jaxsloth.data import BatchLoader, load_records, tokenize_dataset
+    from jaxsloth.data import BatchLoader, streaming_loader, tokenize_dataset
     from jaxsloth.train.loop import fit
     from jaxsloth.train.metrics import standard_callbacks
 
@@ -177,20 +187,32 @@ def train(
         raise ValueError("the model has no adapter to train: call jaxsloth.add_lora(model, ...) first")
     if tokenizer is None:
         raise ValueError("train needs a tokenizer (the model directory has none; pass one)")
-    records = data if isinstance(data, list) else load_records(data)
-    dataset = tokenize_dataset(
-        records,
-        tokenizer,
-        format=format,
-        max_seq_length=model.max_seq_length,
-        train_on_inputs=train_on_inputs,
-        vocab_size=model.config.vocab_size,
-    )
     from jaxsloth.sharding import batch_devices, resolve_mesh
 
     device_mesh = resolve_mesh(mesh)
     micro = (batch_size or model.profile.micro_batch) * batch_devices(device_mesh)
-    loader = BatchLoader(dataset, batch_size=micro * grad_accum, seq_len=model.max_seq_length, pack=pack, seed=seed)
+    where = dict(split=split, name=dataset_config)
+    if streaming or type(data).__name__ == "IterableDataset":
+        if max_steps is None:
+            raise ValueError("a streamed dataset has no known length: give max_steps")
+        loader = streaming_loader(
+            data, tokenizer, format=format, text_field=dataset_text_field, train_on_inputs=train_on_inputs,
+            batch_size=micro * grad_accum, seq_len=model.max_seq_length, pack=pack,
+            vocab_size=model.config.vocab_size, **where,
+        )  # fmt: skip
+    else:
+        dataset = tokenize_dataset(
+            data,
+            tokenizer,
+            format=format,
+            max_seq_length=model.max_seq_length,
+            train_on_inputs=train_on_inputs,
+            vocab_size=model.config.vocab_size,
+            text_field=dataset_text_field,
+            num_proc=dataset_num_proc,
+            **where,
+        )
+        loader = BatchLoader(dataset, batch_size=micro * grad_accum, seq_len=model.max_seq_length, pack=pack, seed=seed)
     if max_steps is None:
         max_steps = sum(loader.num_batches(e) for e in range(num_epochs or 1))
     tc = TrainConfig(

@@ -38,18 +38,23 @@ Batch contract (numpy int32, all [batch, seq]):
 from jaxsloth.data.formats import FORMATS, detect_format
 from jaxsloth.data.loader import BatchLoader
 from jaxsloth.data.packing import build_batch, plan_rows
-from jaxsloth.data.sources import load_records
-from jaxsloth.data.tokenization import IGNORE_INDEX, Example, TokenizedDataset, tokenize_dataset
+from jaxsloth.data.sources import load_records, open_dataset
+from jaxsloth.data.streaming import StreamingBatchLoader, streaming_loader
+from jaxsloth.data.tokenization import IGNORE_INDEX, Example, TokenizedDataset, make_encoder, tokenize_dataset
 
 __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "BatchLoader",
     "Example",
+    "StreamingBatchLoader",
     "TokenizedDataset",
     "build_batch",
     "detect_format",
     "load_records",
+    "make_encoder",
+    "open_dataset",
     "plan_rows",
+    "streaming_loader",
     "tokenize_dataset",
 ]

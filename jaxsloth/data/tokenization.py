@@ -111,7 +111,7 @@ def tokenize_dataset(
         raise ValueError(f"max_seq_length must be >= 2 (one input and one target), got {max_seq_length}")
     source = open_dataset(records, split=split, name=name)
     encoder = make_encoder(source[0], tokenizer, format, train_on_inputs, use_chat_template, text_field)
-    encoder.where = _where(records)
+    encoder.where = source_name(records)
     if isinstance(source, list):
         encoded = encoder.encode(source, range(len(source)))
         rows = range(len(source))
@@ -187,7 +187,8 @@ class Encoder:
         return digest.hexdigest()[:32]
 
 
-def _where(records: Any) -> str:
+def source_name(records: Any) -> str:
+    """The file or id a dataset came from, for errors ('' for objects)."""
     return os.fspath(records) if isinstance(records, str | os.PathLike) else ""
 
 
@@ -271,7 +272,7 @@ def _collect(
         examples=examples,
         format=name,
         max_seq_length=max_seq_length,
-        pad_id=_pad_id(tokenizer, vocab_size),
+        pad_id=pad_id_for(tokenizer, vocab_size),
         num_truncated=num_truncated,
         num_dropped=num_dropped,
         row_index=np.asarray(row_index, np.int64),
@@ -346,7 +347,8 @@ def _bos_eos(tokenizer: Any) -> tuple[list[int], list[int]]:
     return bos, ([eos_id] if eos_id is not None else [])
 
 
-def _pad_id(tokenizer: Any, vocab_size: int | None) -> int:
+def pad_id_for(tokenizer: Any, vocab_size: int | None) -> int:
+    """The id padding uses: the tokenizer's pad token, else EOS, else 0 (each only if < vocab_size)."""
     # Padding is masked out everywhere, but the id still goes through the embedding: keep it in range.
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None and (vocab_size is None or candidate < vocab_size):
