@@ -1,30 +1,43 @@
-"""Data pipeline: files or datasets -> tokenized, loss-masked, packed fixed-shape batches.
+"""Data pipeline: files, dataset folders, Hub ids or datasets -> tokenized, loss-masked, packed fixed-shape batches.
 
-    records = load_records("train.jsonl")            # or .json, .parquet, a list of dicts, a datasets.Dataset
-    data = tokenize_dataset(records, tokenizer, format="auto", max_seq_length=2048,
-                            train_on_inputs=False, truncate=True, vocab_size=model_vocab)
+    data = tokenize_dataset("train.jsonl", tokenizer, format="auto", max_seq_length=2048,   # or a list of dicts,
+                            train_on_inputs=False, truncate=True, vocab_size=model_vocab)   # "org/name", a Dataset
     loader = BatchLoader(data, batch_size=8, seq_len=2048, pack=True, seed=0)
     for batch in loader: ...                         # forever, or num_epochs=N
     state = loader.state_dict(); loader.load_state_dict(state)   # resume at the same batch
+    stream = streaming_loader("big.jsonl", tokenizer, batch_size=8, seq_len=2048)   # in order, never all in memory
 
 Public API:
-- `load_records(source) -> list[dict]`: JSONL, JSON (a list or {"data": [...]}), Parquet, lists of dicts,
-  and any object iterating dict rows (Hugging Face `datasets.Dataset`, duck-typed: `datasets` is optional).
+- `open_dataset(source, split="train", name=None, streaming=False)`: a list of dicts or a `datasets.Dataset` /
+  `IterableDataset` from a data file (.jsonl/.json/.parquet/.csv/.tsv/.arrow/.txt), a dataset folder (data files
+  or `save_to_disk` output), a Hub dataset id, a `datasets` object (a DatasetDict by `split`) or a list of dicts.
+  `load_records(source, split=..., name=...) -> list[dict]`: the same rows as a list.
 - `tokenize_dataset(records, tokenizer, *, format="auto", max_seq_length=2048, train_on_inputs=False,
-  truncate=True, vocab_size=None, use_chat_template=False) -> TokenizedDataset`. Formats, detected from
-  the first row's keys or forced:
-  "text" ({"text"}: every token trained, BOS if the tokenizer adds one, EOS appended);
+  truncate=True, vocab_size=None, use_chat_template=False, text_field=None, num_proc=None, split="train",
+  name=None) -> TokenizedDataset`. A `datasets.Dataset` (every file, folder and Hub id) is tokenized with
+  `Dataset.map(num_proc=...)` and cached on disk by datasets, keyed by the data, tokenizer, settings and this
+  code: later runs, resumes and the other hosts of a run read the tokens back. Formats, detected from the first
+  row's keys or forced:
+  "text" ({"text"}, or any column named by text_field: every token trained, BOS if the tokenizer adds one, EOS
+  appended);
   "alpaca" ({"instruction", "input"?, "output"}: the Stanford Alpaca prompt, or the chat template with
   use_chat_template=True; loss on the output and EOS only unless train_on_inputs);
   "messages" ({"messages": [{"role", "content"}]}, or sharegpt {"conversations": [{"from", "value"}]}
   with human/gpt roles; alias format "sharegpt"): rendered with `tokenizer.apply_chat_template`, loss
-  on assistant turns (answer + end-of-turn token) only unless train_on_inputs.
-  Validation errors name the row: missing/mistyped fields, token ids >= vocab_size, too-long examples
-  with truncate=False; also an empty dataset or a missing chat template. Truncations are logged and
-  counted in `TokenizedDataset.num_truncated`; examples left with no trained token are dropped
-  (`num_dropped`).
+  on assistant turns (answer + end-of-turn token) only unless train_on_inputs. Tool calling: assistant turns
+  with "tool_calls", "tool" turns, and a "tools" column (schemas, or their JSON) passed as the template's tools;
+  "prompt_completion" (TRL's {"prompt", "completion"}: strings, or lists of messages rendered with the chat
+  template): loss on the completion (and EOS) only unless train_on_inputs.
+  Validation errors name the file and row: missing/mistyped fields, a conversation the chat template
+  rejects, token ids >= vocab_size, too-long examples with truncate=False; also non-UTF-8 bytes (with the
+  line), an empty dataset, a folder without data files, an undetectable format (with the columns) or a
+  missing chat template. Truncations are logged and counted in `TokenizedDataset.num_truncated`; examples
+  left with no trained token are dropped (`num_dropped`).
 - `BatchLoader(dataset, batch_size, seq_len, *, pack=True, seed=0, shuffle=True, num_epochs=None,
   drop_last=False)`: iterator of batches; `state_dict()` / `load_state_dict()`; `num_batches(epoch)`.
+- `streaming_loader(data, tokenizer, *, batch_size, seq_len, ...) -> StreamingBatchLoader`: the same batches
+  from a stream read in order (packed greedily, not shuffled); its state is the number of source rows consumed,
+  and resuming skips exactly those (see jaxsloth.data.streaming).
 - `plan_rows`, `build_batch`: the packing steps, for callers that schedule rows themselves.
 
 Batch contract (numpy int32, all [batch, seq]):
