@@ -196,10 +196,17 @@ def train(
         if max_steps is None:
             raise ValueError("a streamed dataset has no known length: give max_steps")
         loader = streaming_loader(
-            data, tokenizer, format=format, text_field=dataset_text_field, train_on_inputs=train_on_inputs,
-            batch_size=micro * grad_accum, seq_len=model.max_seq_length, pack=pack,
-            vocab_size=model.config.vocab_size, **where,
-        )  # fmt: skip
+            data,
+            tokenizer,
+            format=format,
+            text_field=dataset_text_field,
+            train_on_inputs=train_on_inputs,
+            batch_size=micro * grad_accum,
+            seq_len=model.max_seq_length,
+            pack=pack,
+            vocab_size=model.config.vocab_size,
+            **where,
+        )
     else:
         dataset = tokenize_dataset(
             data,
