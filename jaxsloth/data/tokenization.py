@@ -97,7 +97,8 @@ def tokenize_dataset(
     truncate: cut examples longer than max_seq_length (counted, logged) instead of raising ValueError.
     vocab_size: the model's vocabulary size; any token id >= it raises ValueError.
     use_chat_template: render alpaca rows with the tokenizer's chat template instead of the alpaca prompt.
-    num_proc: processes tokenizing a `datasets.Dataset` (files, folders and Hub ids are read as one).
+    num_proc: processes tokenizing a `datasets.Dataset` (files, folders and Hub ids are read as one); datasets
+    forks them, which only tokenize (no JAX work runs in them).
 
     A `datasets.Dataset` is tokenized with `Dataset.map`, cached on disk beside its Arrow files under a
     fingerprint of the data, the tokenizer, the settings and this code: a second run, a resumed run or another
