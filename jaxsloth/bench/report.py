@@ -147,10 +147,14 @@ def _fmt(x: float | None, spec: str, unit: str = "") -> str:
 
 
 def _pick_baseline(rows: list[dict], rec: dict, system: str) -> dict | None:
-    """The baseline record compared with ``rec``: same bench run if there is one, else the last measured."""
+    """The baseline record compared with ``rec``: the fastest configuration of ``system`` in the same bench run if it
+    ran there, else the fastest of the latest date measured."""
     same = [r for r in rows if r.get("system") == system and r.get("tokens_per_s")]
     same_run = [r for r in same if rec.get("run") and r.get("run") == rec.get("run")]
-    return (same_run or same or [None])[-1]
+    if not same_run and same:
+        latest = max(r.get("date", "") for r in same)
+        same_run = [r for r in same if r.get("date", "") == latest]
+    return max(same_run, key=lambda r: r["tokens_per_s"], default=None)
 
 
 def _group(records: Sequence[dict], max_context: bool) -> dict[tuple[str, str], list[dict]]:
