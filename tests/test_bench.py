@@ -2,6 +2,7 @@
 longest-sequence search, report tables / ratios / MFU / plots, BENCHMARKS.md regeneration and the comparison
 notebook."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -349,3 +350,38 @@ def test_trace_categories_on_gpu_kernel_names(tmp_path):
         "Pallas: norm / rope / glu / loss / nf4": 0.5,
         "XLA fusions (elementwise, dequantize, optimizer)": 0.5,
     }
+
+
+def test_step_attention_blocks_from_json_or_a_tune_file(tmp_path):
+    # --attention-blocks: the tuner's best tiles (or a JSON object) in place of the head dim's defaults.
+    from jaxsloth.bench import step
+    from pallas_kernels.attention import AttentionBlocks
+
+    default = AttentionBlocks.for_head_dim(128)
+    assert step.attention_blocks('{"block_q_dq": 64}', 128) == dataclasses.replace(default, block_q_dq=64)
+    tune = tmp_path / "tune.jsonl"
+    rows = [{"kernel": "dq", "settings": {"block_q_dq": 32}}, {"kernel": "best", "settings": {"block_k_dq": 32}}]
+    tune.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert step.attention_blocks(str(tune), 128) == dataclasses.replace(default, block_k_dq=32)
+    with pytest.raises(ValueError, match="unknown AttentionBlocks fields"):
+        step.attention_blocks('{"block_z": 1}', 128)
+    with pytest.raises(ValueError, match="neither a file nor a JSON object"):
+        step.attention_blocks("nope.jsonl", 128)
+    out = tmp_path / "step.jsonl"
+    step.main(
+        ["--model-path", str(DEMO_MODEL), "--quant", "bf16", "--batch", "1", "--seq", "32", "--steps", "1"]
+        + ["--warmup", "0", "--op", "attention=pallas", "--attention-blocks", '{"block_q": 32}', "--out", str(out)]
+    )
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert rec["attention_blocks"] == {"block_q": 32} and "attention tiles block_q=32" in report.config_label(rec)
+
+
+def test_records_store_commands_relative_to_the_checkout(tmp_path):
+    # A record names no machine's directories: module files become -m, checkout paths relative, others their name.
+    from jaxsloth.bench.timing import ROOT, portable_command
+
+    argv = [str(ROOT / "jaxsloth" / "bench" / "step.py"), "--model-path", str(DEMO_MODEL), "--out", "/root/out/s.jsonl"]
+    assert portable_command(argv) == (
+        "python -m jaxsloth.bench.step --model-path jaxsloth/demo_assets/model --out s.jsonl"
+    )
+    assert portable_command(["-m", "x", f"--trace={tmp_path}/t"]) == "python -m x --trace=t"

@@ -135,6 +135,8 @@ def config_label(rec: dict) -> str:
         expected = "unrolled" if default.replace(remat=rec["remat"]).unrolled_layers else "scan"
         if loop != expected:
             parts.append(f"layers={loop}")
+    if rec.get("attention_blocks"):
+        parts.append("attention tiles " + ",".join(f"{k}={v}" for k, v in sorted(rec["attention_blocks"].items())))
     if rec.get("mesh"):
         parts.append(f"mesh={rec['mesh']}")
     if rec.get("xla_flags"):

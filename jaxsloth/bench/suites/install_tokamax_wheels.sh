@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs tokamax on the GPU machine (no network there) for kernel_attention's tokamax_* rows, from the wheels
-# fetch_wheels.sh put in .whl/tokamax plus pydantic's set from .whl/ (the image has neither). Carry ".whl", then:
-#   bash bench_runs/install_tokamax.sh [SITE] && export PYTHONPATH=SITE:$PWD   (SITE defaults to /tmp/site)
+# Installs tokamax on a GPU machine without network, for kernel_attention's tokamax_* rows, from the wheels
+# fetch_baseline_wheels.sh put in .whl/tokamax plus pydantic's set from .whl/:
+#   bash jaxsloth/bench/suites/install_tokamax_wheels.sh [SITE] && export PYTHONPATH=SITE:$PWD   (SITE: /tmp/site)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../../.."
 PY=${PYTHON:-python3}
 SITE=${1:-/tmp/site}
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/tokamax/*.whl \

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Downloads (here, not on the GPU machine) the wheels the PyTorch baselines need there and KINDS.md's image lacks:
-# bitsandbytes for HF + PEFT QLoRA, and PERF.md's Unsloth set. Unsloth's wheel carries a 28 MB web UI (studio/),
-# dropped here so everything fits the device tool's 64 MiB carry. Then: `run(carry=[".whl"], command="python3 -m
-# pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export
-# PYTHONPATH=/tmp/site:$PWD && ...")`.
+# Downloads into .whl/ (on a machine with network) the wheels that the baselines need on a GPU machine without
+# network: bitsandbytes for HF + PEFT QLoRA, Unsloth with what it imports, and tokamax for the attention table.
+# Unsloth's wheel carries a 28 MB web UI (studio/), dropped here so everything stays under 64 MiB to copy.
+# baselines_h200.sh and attention_h200.sh install them from .whl/ when it is there.
+#   PYTHON=python3.12 bash jaxsloth/bench/suites/fetch_baseline_wheels.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(pyenv prefix 3.12.1 2>/dev/null)/bin/python}
+cd "$(dirname "$0")/../../.."
+PY=${PYTHON:-python3}
 grep -qx "/.whl/" .gitignore || echo "/.whl/" >> .git/info/exclude
 mkdir -p .whl
 for spec in bitsandbytes==0.50.2 unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 torchao==0.18.0 \
@@ -24,7 +24,7 @@ tmp=$(mktemp -d)
 rm -rf "$tmp"
 # Google's tokamax for kernel_attention's tokamax_* rows, with what its import needs that the image lacks (pydantic's
 # set is above; jaxtyping and wadler_lindig are in the image, carried in case). Not xprof: 32 MB, imported for a
-# profiler we don't use, so bench_runs/install_tokamax.sh stubs it. Its TPU autotuning tables and tests are dropped.
+# profiler we don't use, so install_tokamax_wheels.sh stubs it. Its TPU autotuning tables and tests are dropped.
 for spec in tokamax==0.0.17 einshape==1.0 immutabledict==4.3.1 qwix==0.1.8 jaxtyping==0.3.11 wadler_lindig==0.1.8; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .whl/tokamax "$spec"
 done
