@@ -385,3 +385,15 @@ def test_records_store_commands_relative_to_the_checkout(tmp_path):
         "python -m jaxsloth.bench.step --model-path jaxsloth/demo_assets/model --out s.jsonl"
     )
     assert portable_command(["-m", "x", f"--trace={tmp_path}/t"]) == "python -m x --trace=t"
+
+
+def test_committed_benchmarks_md_is_generated_from_the_results():
+    # BENCHMARKS.md's tables are the results files, rendered: regenerate with `jaxsloth bench benchmarks-md`.
+    _, committed, _ = report.split_benchmarks_md((ROOT / "BENCHMARKS.md").read_text())
+    assert committed == report.benchmarks_section(RESULTS), "run `jaxsloth bench benchmarks-md` and commit the result"
+    kernels = report.load_records([RESULTS / "kernels"])
+    assert {r["op"] for r in kernels} >= {"attention", "nf4_matmul", "rms_norm", "rope", "swiglu", "cross_entropy"}
+    for r in kernels:
+        assert {"shape", "date", "command", "device_kind"} <= set(r), r
+    for r in report.load_records([RESULTS]) + kernels:  # no record names a machine's directories
+        assert not any(p in r["command"] for p in ("/root", "/tmp/", "/work/", "/home/")), r["command"]
