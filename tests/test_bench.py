@@ -26,7 +26,7 @@ def _is_png(path: Path) -> bool:
 
 
 def test_flops_per_token_matches_perf_md_and_brute_force():
-    # PERF.md: Llama-3.1-8B at 2048 tokens, about 31.6 GFLOP per token; counted here from the raw shapes.
+    # Llama-3.1-8B at 2048 tokens: about 31.6 GFLOP per token (BENCHMARKS.md's MFU note); counted from the raw shapes.
     d, f, layers, v, heads, kv, hd, t = 4096, 14336, 32, 128256, 32, 8, 128, 2048
     matmul = layers * (d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * f) + v * d
     attention = layers * 4 * hd * heads * np.mean(np.arange(1, t + 1))
@@ -188,7 +188,7 @@ def test_xla_flags_are_part_of_the_record_and_its_label(monkeypatch):
     assert env["xla_flags"] == "--xla_gpu_enable_dynamic_slice_fusion=true"
     assert env["command"].startswith("XLA_FLAGS='--xla_gpu_enable_dynamic_slice_fusion=true' python")
     rec = _rec("jaxsloth", 12000.0, 6.0, remat="dots", profile="h200", xla_flags=env["xla_flags"])
-    # A record from before the unrolled layer loop existed ran the scan, off the h200 profile's loop now.
+    # A record without a layer_loop field ran the scan, which is off the h200 profile's loop for dots.
     assert report.config_label(rec) == "remat=dots; layers=scan; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
     rec["layer_loop"] = "unrolled"
     assert report.config_label(rec) == "remat=dots; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"

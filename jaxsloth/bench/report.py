@@ -130,7 +130,7 @@ def config_label(rec: dict) -> str:
     for field in ("mlp_chunk", "loss_chunk", "remat_group", "dots_layers"):  # tiling and budgets off the profile's
         if rec.get(field) is not None and (default is None or getattr(default, field, None) != rec[field]):
             parts.append(f"{field}={rec[field]}")
-    loop = rec.get("layer_loop", "scan")  # records before the unrolled loop existed ran the scan
+    loop = rec.get("layer_loop", "scan")  # a record without the field ran the scan
     if default is not None and rec.get("remat") in REMAT_POLICIES and rec.get("mesh") is None:
         expected = "unrolled" if default.replace(remat=rec["remat"]).unrolled_layers else "scan"
         if loop != expected:

@@ -1,5 +1,5 @@
 # Sourced by every suite. Takes --tree DIR (the checkout whose code runs; default: this repository) and --out DIR
-# (where records and logs go; default: $OUT, the device tool's output folder, else ./bench-out) from the arguments
+# (where records and logs go; default: $OUT when set, else ./bench-out) from the arguments
 # and leaves the rest in ARGS. Then: cd to the tree, PYTHONPATH on it (and on $SITE, where carried wheels went),
 # and `timed NAME SECONDS COMMAND...`, which runs one measurement under a time limit with its log in OUT/logs.
 TREE=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
