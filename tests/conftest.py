@@ -8,13 +8,33 @@ os.environ.setdefault("NPROC", "8")
 import jax
 import pytest
 
+# The GPU tests in parts that each finish within ten minutes on one H200 (README, "Tests"):
+# `pytest -m gpu_attention`, `pytest -m gpu_kernels`, `pytest -m gpu_models`; `pytest -m gpu` runs them all.
+GPU_PARTS = {
+    "test_kernel_attention.py": "gpu_attention",
+    "test_bench.py": "gpu_models",
+    "test_generate.py": "gpu_models",
+}
+GPU_PARTS.update({"test_models_kernels.py": "gpu_models"})
+
+
+def pytest_configure(config):
+    for part, what in (
+        ("gpu_attention", "attention kernels"),
+        ("gpu_kernels", "other kernels"),
+        ("gpu_models", "models"),
+    ):
+        config.addinivalue_line("markers", f"{part}: the GPU tests of the {what} (a part of `gpu`)")
+
 
 def pytest_collection_modifyitems(config, items):
-    if jax.default_backend() == "gpu":
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run through the device tool)")
+    on_gpu = jax.default_backend() == "gpu"
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" not in item.keywords:
+            continue
+        item.add_marker(getattr(pytest.mark, GPU_PARTS.get(item.path.name, "gpu_kernels")))
+        if not on_gpu:
             item.add_marker(skip)
 
 

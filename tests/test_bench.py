@@ -2,6 +2,7 @@
 longest-sequence search, report tables / ratios / MFU / plots, BENCHMARKS.md regeneration and the comparison
 notebook."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -25,7 +26,7 @@ def _is_png(path: Path) -> bool:
 
 
 def test_flops_per_token_matches_perf_md_and_brute_force():
-    # PERF.md: Llama-3.1-8B at 2048 tokens, about 31.6 GFLOP per token; counted here from the raw shapes.
+    # Llama-3.1-8B at 2048 tokens: about 31.6 GFLOP per token (BENCHMARKS.md's MFU note); counted from the raw shapes.
     d, f, layers, v, heads, kv, hd, t = 4096, 14336, 32, 128256, 32, 8, 128, 2048
     matmul = layers * (d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * f) + v * d
     attention = layers * 4 * hd * heads * np.mean(np.arange(1, t + 1))
@@ -187,7 +188,7 @@ def test_xla_flags_are_part_of_the_record_and_its_label(monkeypatch):
     assert env["xla_flags"] == "--xla_gpu_enable_dynamic_slice_fusion=true"
     assert env["command"].startswith("XLA_FLAGS='--xla_gpu_enable_dynamic_slice_fusion=true' python")
     rec = _rec("jaxsloth", 12000.0, 6.0, remat="dots", profile="h200", xla_flags=env["xla_flags"])
-    # A record from before the unrolled layer loop existed ran the scan, off the h200 profile's loop now.
+    # A record without a layer_loop field ran the scan, which is off the h200 profile's loop for dots.
     assert report.config_label(rec) == "remat=dots; layers=scan; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
     rec["layer_loop"] = "unrolled"
     assert report.config_label(rec) == "remat=dots; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
@@ -239,21 +240,9 @@ def test_cli_rejects_bad_values(capsys):
 
 
 def test_compare_notebook_runs(tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
+    from tests.test_notebooks import run_notebook
 
-    from tests.test_notebooks import _ThisInterpreter
-
-    nb = nbformat.read(ROOT / "notebooks" / "02_compare_pytorch.ipynb", as_version=4)
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    client = NotebookClient(
-        nb,
-        timeout=300,
-        kernel_name="python3",
-        kernel_manager_kwargs={"kernel_spec_manager": _ThisInterpreter()},
-        resources={"metadata": {"path": str(ROOT / "notebooks")}},
-    )
-    client.execute(env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path})
+    nb = run_notebook(ROOT / "notebooks" / "02_compare_pytorch.ipynb", ROOT / "notebooks")
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)
     assert f"{len(report.load_records([RESULTS]))} records from" in text
@@ -267,7 +256,9 @@ def test_bench_on_gpu_against_hf_qlora(tmp_path):
         ["llama3.2-1b"], systems=["jaxsloth", "hf-peft-bnb"], quants=["nf4"], batch=1, seq=512, steps=2,
         timeout_s=600, out_dir=tmp_path,
     )  # fmt: skip
-    assert [r["system"] for r in records] == ["jaxsloth", "hf-peft-bnb"]
+    # hf-peft-bnb runs with and without prepare_model_for_kbit_training
+    assert [r["system"] for r in records] == ["jaxsloth", "hf-peft-bnb", "hf-peft-bnb"]
+    assert all(r["train_mode"] and r["gradient_checkpointing"] for r in records[1:]), records
     assert all(r["tokens_per_s"] > 0 and r["peak_gib"] > 0 for r in records), records
     assert report.mfu(records[0]) > 0
 
@@ -349,3 +340,50 @@ def test_trace_categories_on_gpu_kernel_names(tmp_path):
         "Pallas: norm / rope / glu / loss / nf4": 0.5,
         "XLA fusions (elementwise, dequantize, optimizer)": 0.5,
     }
+
+
+def test_step_attention_blocks_from_json_or_a_tune_file(tmp_path):
+    # --attention-blocks: the tuner's best tiles (or a JSON object) in place of the head dim's defaults.
+    from jaxsloth.bench import step
+    from pallas_kernels.attention import AttentionBlocks
+
+    default = AttentionBlocks.for_head_dim(128)
+    assert step.attention_blocks('{"block_q_dq": 64}', 128) == dataclasses.replace(default, block_q_dq=64)
+    tune = tmp_path / "tune.jsonl"
+    rows = [{"kernel": "dq", "settings": {"block_q_dq": 32}}, {"kernel": "best", "settings": {"block_k_dq": 32}}]
+    tune.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert step.attention_blocks(str(tune), 128) == dataclasses.replace(default, block_k_dq=32)
+    with pytest.raises(ValueError, match="unknown AttentionBlocks fields"):
+        step.attention_blocks('{"block_z": 1}', 128)
+    with pytest.raises(ValueError, match="neither a file nor a JSON object"):
+        step.attention_blocks("nope.jsonl", 128)
+    out = tmp_path / "step.jsonl"
+    step.main(
+        ["--model-path", str(DEMO_MODEL), "--quant", "bf16", "--batch", "1", "--seq", "32", "--steps", "1"]
+        + ["--warmup", "0", "--op", "attention=pallas", "--attention-blocks", '{"block_q": 32}', "--out", str(out)]
+    )
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert rec["attention_blocks"] == {"block_q": 32} and "attention tiles block_q=32" in report.config_label(rec)
+
+
+def test_records_store_commands_relative_to_the_checkout(tmp_path):
+    # A record names no machine's directories: module files become -m, checkout paths relative, others their name.
+    from jaxsloth.bench.timing import ROOT, portable_command
+
+    argv = [str(ROOT / "jaxsloth" / "bench" / "step.py"), "--model-path", str(DEMO_MODEL), "--out", "/root/out/s.jsonl"]
+    assert portable_command(argv) == (
+        "python -m jaxsloth.bench.step --model-path jaxsloth/demo_assets/model --out s.jsonl"
+    )
+    assert portable_command(["-m", "x", f"--trace={tmp_path}/t"]) == "python -m x --trace=t"
+
+
+def test_committed_benchmarks_md_is_generated_from_the_results():
+    # BENCHMARKS.md's tables are the results files, rendered: regenerate with `jaxsloth bench benchmarks-md`.
+    _, committed, _ = report.split_benchmarks_md((ROOT / "BENCHMARKS.md").read_text())
+    assert committed == report.benchmarks_section(RESULTS), "run `jaxsloth bench benchmarks-md` and commit the result"
+    kernels = report.load_records([RESULTS / "kernels"])
+    assert {r["op"] for r in kernels} >= {"attention", "nf4_matmul", "rms_norm", "rope", "swiglu", "cross_entropy"}
+    for r in kernels:
+        assert {"shape", "date", "command", "device_kind"} <= set(r), r
+    for r in report.load_records([RESULTS]) + kernels:  # no record names a machine's directories
+        assert not any(p in r["command"] for p in ("/root", "/tmp/", "/work/", "/home/")), r["command"]

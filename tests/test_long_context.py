@@ -76,8 +76,8 @@ def test_memory_model_names_longest_length():
 
 @pytest.mark.parametrize("remat,measured_gib", [("full", 8.73), ("attn_dots", 11.04), ("dots", 17.87), ("none", 56.7)])
 def test_memory_model_follows_remat_policy(remat, measured_gib):
-    # H200 peaks of the 8B QLoRA step at 2 x 2048 (BENCHMARKS.md, 2026-11-28, the XLA NF4 path and the Pallas loss,
-    # the kernels those runs used): the estimate
+    # H200 peaks of the 8B QLoRA step at 2 x 2048 (notebooks/results/step_h200.jsonl: the XLA NF4 path and the
+    # Pallas loss, the kernels those measurements used): the estimate
     # must not fall below what was measured (the pre-compile check would let an OOM through) nor exceed it by 20%.
     config = preset("llama3.1-8b")
     est = estimate_step_memory(
@@ -103,7 +103,7 @@ def test_memory_model_follows_remat_policy(remat, measured_gib):
 )
 def test_memory_model_follows_the_current_profile(arch, quantized, remat, measured_gib):
     # H200 peaks at 2 x 2048 with the h200 profile's current kernels (chunked loss, xla16 NF4 path, "dots" keeping
-    # the attention outputs; BENCHMARKS.md, fourth session): same bounds as above.
+    # the attention outputs; notebooks/results/step_h200.jsonl): same bounds as above.
     est = estimate_step_memory(
         preset(arch), profile_for_device(name="h200", remat=remat), batch=2, seq_len=2048, quantized=quantized
     )
@@ -115,7 +115,7 @@ def test_memory_model_follows_the_current_profile(arch, quantized, remat, measur
     [(131_072, 1, 21.6), (327_680, 2, 56.6), (600_000, 2, 101.5)],  # the last: XLA's compiled plan, not a run
 )
 def test_memory_model_bounds_long_context_measurements(seq_len, group, measured_gib):
-    # H200, 8B QLoRA at batch 1 with the long-context settings (BENCHMARKS.md, 2026-11-28): the pre-compile
+    # H200, 8B QLoRA at batch 1 with the long-context settings (notebooks/results/long_context_h200.jsonl): the pre-compile
     # estimate stays above what the device held, and within 20% of it, so it neither lets an OOM through nor
     # refuses much that fits.
     profile = long_context(profile_for_device(name="h200")).replace(remat_group=group)

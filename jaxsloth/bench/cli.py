@@ -9,8 +9,9 @@
 Every (system, workload) runs in its own subprocess (so each peak is its own) under a time limit; each result is
 appended to ``<out-dir>/results.jsonl`` as it arrives, then report.md, throughput.png and memory.png (and
 max_context.png) are written. Systems: jaxsloth (``jaxsloth.bench.step``), hf-peft (transformers + PEFT LoRA,
-bf16 workloads only) and hf-peft-bnb (+ bitsandbytes QLoRA, nf4 workloads only), both with gradient checkpointing
-(``jaxsloth.bench.torch_baseline``), and unsloth (``jaxsloth.bench.unsloth_baseline``; skipped with a message
+bf16 workloads only) and hf-peft-bnb (+ bitsandbytes QLoRA, nf4 workloads only), both in train mode with gradient
+checkpointing (``jaxsloth.bench.torch_baseline``; hf-peft-bnb runs with and without PEFT's
+``prepare_model_for_kbit_training``, both recorded, and the faster is the baseline), and unsloth (``jaxsloth.bench.unsloth_baseline``; skipped with a message
 when unsloth is not importable). ``--max-context`` searches, per system at batch 1, the longest sequence whose
 training step runs: doubling from ``--start-seq`` until a probe fails (out of memory, an error or the time limit),
 then bisection down to ``--resolution`` tokens.
@@ -31,11 +32,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxsloth.bench import report
+from jaxsloth.bench.timing import portable_command
 
 SYSTEMS = ("jaxsloth", "hf-peft", "hf-peft-bnb", "unsloth")
 DEFAULT_SYSTEMS = ("jaxsloth", "hf-peft", "hf-peft-bnb")
 # Which workloads each system runs: hf-peft is the LoRA (bf16) baseline, hf-peft-bnb the QLoRA (nf4) one.
 QUANTS = {"jaxsloth": ("nf4", "bf16"), "hf-peft": ("bf16",), "hf-peft-bnb": ("nf4",), "unsloth": ("nf4", "bf16")}
+# Configurations of one system that the bench runs each time (extra runner flags); tables compare with the faster.
+RUNNER_VARIANTS = {"hf-peft-bnb": (("--variant", "plain"), ("--variant", "kbit"))}
 EXIT_UNAVAILABLE = 3  # a runner's "this system cannot run here" (unsloth not importable)
 # What a summary record copies from its longest passing probe: the configuration and versions behind it.
 _CONFIG_KEYS = ("remat", "profile", "kernels", "mlp_chunk", "loss_chunk", "remat_group", "mesh", "variant")
@@ -172,17 +176,28 @@ class Bench:
             return None
         return (out.stdout.strip().splitlines() or [None])[0]
 
-    def measure(self, system: str, model: str, quant: str, batch: int, seq: int, *, probe: bool = False) -> dict:
+    def measure(
+        self,
+        system: str,
+        model: str,
+        quant: str,
+        batch: int,
+        seq: int,
+        *,
+        probe: bool = False,
+        extra: Sequence[str] = (),
+    ) -> dict:
         """One measurement in its own subprocess -> its record (with flops_per_token), or a failure record
         (tokens_per_s None, error, oom, timed_out); also appended to results.jsonl. An unavailable system
-        (runner exit status 3) gives a record with ``skipped`` and is not appended."""
+        (runner exit status 3) gives a record with ``skipped`` and is not appended. ``extra``: runner flags of
+        one of its configurations (RUNNER_VARIANTS)."""
         workload = workload_name(model, quant, batch, seq)
         if system in self.unavailable:
             return {"system": system, "workload": workload, "skipped": self.unavailable[system]}
         with tempfile.TemporaryDirectory(prefix="jaxsloth-bench-") as tmp:
             out = Path(tmp) / "record.jsonl"
             argv = self.runner(system, model, quant, batch, seq, self.steps, str(out))
-            argv += self.extra_args.get(system, [])
+            argv += list(extra) + self.extra_args.get(system, [])
             self.log(f"[bench] {system} {workload}: {shlex.join(argv[1:])}")
             rec, outcome = run_subprocess(argv, self.timeout_s, out)
         if outcome["returncode"] == EXIT_UNAVAILABLE and rec is None:
@@ -202,7 +217,7 @@ class Bench:
                 **{k: outcome[k] for k in ("error", "oom", "timed_out", "returncode")},
                 "gpu": self._gpu(),
                 "date": datetime.date.today().isoformat(),
-                "command": shlex.join(["python", *argv[1:]]),
+                "command": portable_command(argv[1:]),
             }
         else:
             self.log(f"[bench] {system} {workload}: {rec['tokens_per_s']:,.0f} tokens/s, peak {rec.get('peak_gib')}")
@@ -321,17 +336,26 @@ def run_benchmarks(
             raise FileNotFoundError(f"no config.json in checkpoint directory {m}")
     steps = steps if steps is not None else (0 if max_context else 10)
     bench = Bench(out_dir, steps=steps, timeout_s=timeout_s, extra_args=extra_args, bench_command=bench_command)
-    for model in models:
-        for quant in quants:
-            for system in systems:
-                if quant not in QUANTS[system]:
-                    continue
-                if max_context:
+    if max_context:
+        for model in models:
+            for quant in quants:
+                for system in (s for s in systems if quant in QUANTS[s]):
                     bench.max_context(system, model, quant, start=start_seq, limit=max_seq, resolution=resolution)
-                else:
-                    bench.measure(system, model, quant, batch, seq)
+    else:
+        run_all(bench, models, systems, quants, batch=batch, seq=seq)
     report.write_report(report.load_records([bench.results]), bench.out_dir)
     return bench.records
+
+
+def run_all(
+    bench: Bench, models: Sequence[str], systems: Sequence[str], quants: Sequence[str], *, batch: int, seq: int
+):
+    """Every applicable (model, quant, system) at (batch, seq), each configuration of RUNNER_VARIANTS in turn."""
+    for model in models:
+        for quant in quants:
+            for system in (s for s in systems if quant in QUANTS[s]):
+                for extra in RUNNER_VARIANTS.get(system, ((),)):
+                    bench.measure(system, model, quant, batch, seq, extra=extra)
 
 
 def _csv(value: str) -> list[str]:

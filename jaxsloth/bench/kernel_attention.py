@@ -4,7 +4,7 @@ Shapes (bf16): Llama-3.1-8B attention (32 q / 8 kv heads, d128, causal) and Gemm
 kv heads, d256, causal, softcap 50, sliding window 4096) at T = 2048 (B=2), 8192 and 32768 (B=1). cuDNN runs
 the 8B shape only (it has no softcap); the XLA reference is skipped where its [B, H, T, T] f32 scores would
 not fit. tokamax's Mosaic GPU and Triton kernels run on GPU where tokamax is installed
-(bench_runs/install_tokamax.sh); a feature one lacks (its Triton backward has no softcap) gives an error row.
+(jaxsloth/bench/suites/install_tokamax_wheels.sh); a feature one lacks (its Triton backward has no softcap) gives an error row.
 Per measurement: forward and forward+backward median time and TFLOP/s (forward 4*B*Hq*T*T*hd, halved for
 causal, forward+backward 3.5x that: the usual convention, so windows are not discounted), the compiled
 forward+backward's temporary bytes (memory as T grows), and the max abs error of out/dq/dk/dv against the
@@ -183,7 +183,7 @@ TUNE_KERNELS = ("fwd", "fwd_mosaic", "dkv", "dkv_split", "dkv_mosaic", "dq", "dq
 # fmt: off
 _TUNE_TILES = {
     # The 12 fastest of each kernel over rounds 1 and 2 at T=8192 (2026-11-29; round 1 tried 16-48 tiles per
-    # kernel, round 2 the neighbours of its winners: notebooks/results/kernels/attention_tune_2026-11-29_*.jsonl),
+    # kernel, round 2 the neighbours of its winners: notebooks/results/kernels/attention_tiles_h200.jsonl),
     # fastest first: the short list to re-tune at other lengths and batch sizes.
     "d256": {
         "fwd": [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3), (64, 64, 4, 1), (128, 128, 8, 1), (64, 64, 4, 3),

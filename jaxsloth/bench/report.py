@@ -6,7 +6,7 @@ against the same work): a LoRA step runs the frozen matmuls forward (2 N) and ba
 no weight gradient for them, so ``4 N`` for N = the projection weights of every layer plus the LM head (the
 embedding is a lookup); plus attention, ``3 x`` its forward ``4 * keys * head_dim * heads`` per token and layer
 (QK^T and PV; ``keys`` = the mean number of keys a causal query sees, (T + 1) / 2 or fewer under a sliding window;
-backward = 2 x forward). The LoRA adapters add under 0.3% and are left out, as in PERF.md: 31.6 GFLOP/token for
+backward = 2 x forward). The LoRA adapters add under 0.3% and are left out: 31.6 GFLOP/token for
 Llama-3.1-8B at 2048 tokens. MFU = tokens/s x FLOPs/token / the GPU's dense bf16 peak from its data sheet
 (H100/H200 SXM: 989 TFLOP/s); the 793 TFLOP/s that XLA measured for an 8192^3 bf16 matmul on the H200 is the
 practical ceiling (80% MFU).
@@ -130,11 +130,13 @@ def config_label(rec: dict) -> str:
     for field in ("mlp_chunk", "loss_chunk", "remat_group", "dots_layers"):  # tiling and budgets off the profile's
         if rec.get(field) is not None and (default is None or getattr(default, field, None) != rec[field]):
             parts.append(f"{field}={rec[field]}")
-    loop = rec.get("layer_loop", "scan")  # records before the unrolled loop existed ran the scan
+    loop = rec.get("layer_loop", "scan")  # a record without the field ran the scan
     if default is not None and rec.get("remat") in REMAT_POLICIES and rec.get("mesh") is None:
         expected = "unrolled" if default.replace(remat=rec["remat"]).unrolled_layers else "scan"
         if loop != expected:
             parts.append(f"layers={loop}")
+    if rec.get("attention_blocks"):
+        parts.append("attention tiles " + ",".join(f"{k}={v}" for k, v in sorted(rec["attention_blocks"].items())))
     if rec.get("mesh"):
         parts.append(f"mesh={rec['mesh']}")
     if rec.get("xla_flags"):
@@ -147,10 +149,14 @@ def _fmt(x: float | None, spec: str, unit: str = "") -> str:
 
 
 def _pick_baseline(rows: list[dict], rec: dict, system: str) -> dict | None:
-    """The baseline record compared with ``rec``: same bench run if there is one, else the last measured."""
+    """The baseline record compared with ``rec``: the fastest configuration of ``system`` in the same bench run if it
+    ran there, else the fastest of the latest date measured."""
     same = [r for r in rows if r.get("system") == system and r.get("tokens_per_s")]
     same_run = [r for r in same if rec.get("run") and r.get("run") == rec.get("run")]
-    return (same_run or same or [None])[-1]
+    if not same_run and same:
+        latest = max(r.get("date", "") for r in same)
+        same_run = [r for r in same if r.get("date", "") == latest]
+    return max(same_run, key=lambda r: r["tokens_per_s"], default=None)
 
 
 def _group(records: Sequence[dict], max_context: bool) -> dict[tuple[str, str], list[dict]]:
@@ -235,23 +241,26 @@ def max_context_table(gpu: str, workload: str, rows: list[dict]) -> str:
     return "\n".join(lines + [""] + cmds.markdown())
 
 
-def markdown_report(records: Sequence[dict]) -> str:
-    """Every table: throughput per (GPU, workload), then longest sequence per (GPU, workload)."""
-    parts = [
-        "MFU: model FLOPs per token = 4 x (projection + LM-head weights) + 3 x causal attention forward "
-        "(recomputation not counted), against the GPU's dense bf16 peak (H100/H200: 989 TFLOP/s; XLA's measured "
-        "matmul ceiling on the H200 is 793, 80%). Speed ratio = tokens/s over the baseline's (higher is better); "
-        "memory ratio = peak over the baseline's (lower is better); baselines from the same bench run when there "
-        "is one, else the latest measured.",
-        "",
-    ]
+MFU_NOTE = (
+    "MFU: model FLOPs per token = 4 x (projection + LM-head weights) + 3 x causal attention forward "
+    "(recomputation not counted), against the GPU's dense bf16 peak (H100/H200: 989 TFLOP/s; XLA's measured "
+    "matmul ceiling on the H200 is 793, 80%). Speed ratio = tokens/s over the baseline's (higher is better); "
+    "memory ratio = peak over the baseline's (lower is better); the baseline is the fastest configuration of that "
+    "system in the same bench run when there is one, else the fastest of its latest date."
+)
+
+
+def markdown_report(records: Sequence[dict], *, intro: bool = True) -> str:
+    """Every table: throughput per (GPU, workload), then longest sequence per (GPU, workload). ``intro``: the MFU
+    note and a heading before each kind of table."""
+    parts = [MFU_NOTE, ""] if intro else []
     throughput, longest = _group(records, False), _group(records, True)
     if throughput:
-        parts += ["### Throughput and peak memory", ""]
+        parts += ["### Throughput and peak memory", ""] if intro else []
         for (gpu, workload), rows in sorted(throughput.items()):
             parts += [throughput_table(gpu, workload, rows), ""]
     if longest:
-        parts += ["### Longest trainable sequence, batch 1", ""]
+        parts += ["### Longest trainable sequence, batch 1", ""] if intro else []
         for (gpu, workload), rows in sorted(longest.items()):
             parts += [max_context_table(gpu, workload, rows), ""]
     if not throughput and not longest:
@@ -315,40 +324,133 @@ def write_report(records: Sequence[dict], out_dir: str | os.PathLike) -> dict[st
     return {"report.md": md, **{p.name: p for p in plot_report(records, out)}}
 
 
+# The results files BENCHMARKS.md tables, in its order, with their section titles (relative to the results
+# folder, without .jsonl). Any other file follows under its own name.
+TOPICS = {
+    "step_h200": "Training step on one H200",
+    "long_context_h200": "Long context on one H200, batch 1",
+    "step_h200x2": "Training step on two H200s (device mesh; the one-GPU rows ran on GPU 0 of the same host)",
+    "kernels/attention_h200": "Attention, forward and forward+backward (`jaxsloth.bench.kernel_attention`)",
+    "kernels/attention_tiles_h200": "Attention kernels alone on their fastest tiles (`kernel_attention --tune`)",
+    "kernels/nf4_matmul_h200": "NF4 projections with LoRA r=16 (`jaxsloth.bench.kernel_nf4_matmul`)",
+    "kernels/cross_entropy_h200": "LM-head cross-entropy (`jaxsloth.bench.kernel_cross_entropy`)",
+    "kernels/rms_norm_h200": "RMSNorm (`jaxsloth.bench.kernel_rms_norm`)",
+    "kernels/glu_h200": "SwiGLU (`jaxsloth.bench.kernel_glu`)",
+    "kernels/rope_h200": "RoPE (`jaxsloth.bench.kernel_rope`)",
+}
+
+
+def results_files(results_dir: str | os.PathLike) -> list[Path]:
+    """The results files under ``results_dir`` (``*.jsonl`` and ``kernels/*.jsonl``), in TOPICS' order."""
+    root = Path(results_dir)
+    files = sorted(root.glob("*.jsonl")) + sorted(root.glob("kernels/*.jsonl"))
+    order = list(TOPICS)
+    return sorted(
+        files,
+        key=lambda f: (
+            _topic(root, f) not in order,
+            order.index(_topic(root, f)) if _topic(root, f) in order else 0,
+            f,
+        ),
+    )
+
+
+def _topic(root: Path, f: Path) -> str:
+    return f.relative_to(root).with_suffix("").as_posix()
+
+
+def _ms(x) -> str:
+    """A time in ms, or a tuner's per-kernel times ({kernel: ms})."""
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {v:.3f}" for k, v in x.items())
+    return _fmt(x, ".3f")
+
+
+def kernel_table(gpu: str, op: str, rows: list[dict]) -> str:
+    """One markdown table of kernel micro-benchmark rows (``timing.kernel_record``, or the tuner's rows): times,
+    throughput, temporaries and error against the reference, with the date and command of each."""
+    tune = any("kernel" in r for r in rows)
+    head = ["shape", "kernel" if tune else "impl", "dtype"]
+    head += ["ms alone", "tiles"] if tune else []
+    head += ["fwd ms", "fwd+bwd ms", "throughput", "temporaries fwd+bwd", "max err", "date", "cmd"]
+    cmds = _Commands()
+    lines = [f"#### {op} on {gpu}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r.get("shape", "?"), r.get("kernel") or r.get("impl", "?"), r.get("dtype", "bfloat16")]
+        if tune:
+            settings = r.get("settings") or {}
+            cells += [_ms(r.get("ms")), ", ".join(f"{k}={v}" for k, v in settings.items())]
+        temp = r.get("temp_bytes_fwd_bwd") or r.get("fwd_bwd_temp_bytes")
+        unit = (r.get("unit") or "").split(" ")[0]
+        if r.get("error"):
+            cells += [f"error: {r['error'][:120]}", "–", "–"]
+        else:
+            cells += [_ms(r.get("fwd_ms")), _ms(r.get("fwd_bwd_ms")), _fmt(r.get("gbps_or_tflops"), ",.0f", f" {unit}")]
+        cells += [
+            _fmt(temp and temp / 2**20, ",.1f", " MiB"),
+            _fmt(r.get("max_err"), ".3g"),
+            r.get("date", "?"),
+            cmds.ref(r),
+        ]
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines + [""] + cmds.markdown())
+
+
+def kernel_report(records: Sequence[dict]) -> str:
+    """Every kernel table of ``records``: one per (GPU, op)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r.get("device_kind") or r.get("gpu") or "unknown", r.get("op", "?")), []).append(r)
+    return "\n\n".join(kernel_table(gpu, op, rows) for (gpu, op), rows in sorted(groups.items())) + "\n"
+
+
+def benchmarks_section(results_dir: str | os.PathLike = "notebooks/results") -> str:
+    """The generated part of BENCHMARKS.md: for each results file (TOPICS' order), its tables."""
+    root = Path(results_dir)
+    checkout = Path(__file__).resolve().parents[2]
+    shown = root.resolve().relative_to(checkout).as_posix() if root.resolve().is_relative_to(checkout) else root.name
+    parts = [
+        f"<!-- generated by `jaxsloth bench benchmarks-md` from {shown}/; edits here are overwritten -->",
+        "",
+        MFU_NOTE,
+        "",
+    ]
+    for f in results_files(root):
+        topic = _topic(root, f)
+        records = load_records([f])
+        parts += [f"### {TOPICS.get(topic, topic)}", "", f"Records: `{shown}/{topic}.jsonl`.", ""]
+        body = kernel_report(records) if topic.startswith("kernels/") else markdown_report(records, intro=False)
+        parts += [body.rstrip(), ""]
+    return "\n" + "\n".join(parts)
+
+
 def update_benchmarks_md(
     path: str | os.PathLike = "BENCHMARKS.md", results_dir: str | os.PathLike = "notebooks/results"
 ) -> Path:
-    """Regenerates the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in ``path`` from every
-    ``results_dir/*.jsonl``; creates ``path`` holding only the markers when it does not exist."""
+    """Regenerates the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in ``path`` from the
+    results files (``benchmarks_section``); creates ``path`` holding only the markers when it does not exist."""
     path = Path(path)
     if not path.exists():
         path.write_text(f"{BEGIN}\n{END}\n")
     text = path.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{path} must hold exactly one {BEGIN} followed by one {END}")
-    files = sorted(Path(results_dir).glob("*.jsonl"))
-    body = (
-        f"\n<!-- generated by `jaxsloth bench benchmarks-md` from {results_dir}/*.jsonl "
-        f"({', '.join(f.name for f in files) or 'no files'}); edits here are overwritten -->\n\n"
-        + markdown_report(load_records(files))
-    )
-    head, rest = text.split(BEGIN)
-    path.write_text(head + BEGIN + body + END + rest.split(END, 1)[1])
+    head, body, rest = split_benchmarks_md(text, path)
+    path.write_text(head + BEGIN + benchmarks_section(results_dir) + END + rest)
     return path
 
 
-# Longest-sequence figures for 8B QLoRA at batch 1 that PERF.md measured on the H200 in an earlier session
-# (tokens, peak GiB or None where the run failed): the reference points of the memory-vs-length plot.
-PERF_LONG_CONTEXT = {
-    "hf-peft-bnb (PERF.md)": [(49_152, None), (65_536, float("nan"))],
-    "unsloth (PERF.md)": [(262_144, 73.7)],
-}
+def split_benchmarks_md(text: str, name: str | os.PathLike = "BENCHMARKS.md") -> tuple[str, str, str]:
+    """(text before the begin marker, the generated part, text after the end marker)."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{name} must hold exactly one {BEGIN} followed by one {END}")
+    head, rest = text.split(BEGIN)
+    body, tail = rest.split(END)
+    return head, body, tail
 
 
 def plot_memory_vs_length(records: Sequence[dict], path: str | os.PathLike, device_gib: float = 139.0) -> Path:
     """Peak device memory against sequence length, 8B QLoRA at batch 1: jaxsloth's measured points, the memory
-    model's device and host curves (jaxsloth.train.memory, long-context settings, remat_group 1 and 2), PERF.md's
-    HF and Unsloth points, and the card's capacity."""
+    model's device and host curves (jaxsloth.train.memory, long-context settings, remat_group 1 and 2), the
+    baselines' longest-sequence records (``llama3.1-8b-qlora-b1-maxctx``), and the card's capacity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,17 +487,24 @@ def plot_memory_vs_length(records: Sequence[dict], path: str | os.PathLike, devi
             markersize=8,
             label="jaxsloth measured (H200)",
         )
-    for i, (name, points) in enumerate(PERF_LONG_CONTEXT.items()):
-        ok = [(t, m) for t, m in points if m is not None and m == m]
-        failed = [t for t, m in points if m is not None and m != m]
-        longest = [t for t, m in points if m is None]
-        color = f"C{i + 2}"
-        if ok:
-            ax.plot([t for t, _ in ok], [m for _, m in ok], color + "s", markersize=8, label=f"{name}, measured")
-        for t in longest:
-            ax.axvline(t, color=color, linestyle=":", label=f"{name}: longest that trained ({t:,})")
-        for t in failed:
-            ax.axvline(t, color=color, linestyle="-.", label=f"{name}: out of memory ({t:,})")
+    baselines = [
+        r for r in records if r.get("system") != "jaxsloth" and r.get("workload") == "llama3.1-8b-qlora-b1-maxctx"
+    ]
+    for i, r in enumerate(baselines):
+        color, name = f"C{i + 2}", r["system"]
+        if r.get("max_context") and r.get("peak_gib"):
+            ax.plot([r["max_context"]], [r["peak_gib"]], color + "s", markersize=8, label=f"{name}, measured")
+        elif r.get("max_context"):
+            ax.axvline(
+                r["max_context"],
+                color=color,
+                linestyle=":",
+                label=f"{name}: longest that trained ({r['max_context']:,})",
+            )
+        if r.get("first_failing"):
+            ax.axvline(
+                r["first_failing"], color=color, linestyle="-.", label=f"{name}: out of memory ({r['first_failing']:,})"
+            )
     ax.axhline(device_gib, color="k", linewidth=0.8, label=f"H200 capacity ({device_gib:.0f} GiB)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens, batch 1)")

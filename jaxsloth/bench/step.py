@@ -1,4 +1,4 @@
-"""End-to-end training-step benchmark on a full-size architecture with random weights (PERF.md's workload).
+"""End-to-end training-step benchmark on a full-size architecture with random weights (BENCHMARKS.md's workload).
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python -m jaxsloth.bench.step --arch llama3.1-8b --quant nf4 \\
         --batch 2 --seq 2048 --profile h200 --out step.jsonl
@@ -86,6 +86,28 @@ def build_params(config, quant: str, dtype, key, mesh=None):
     return params
 
 
+def attention_blocks(spec: str, head_dim: int):
+    """The Pallas attention tiles ``--attention-blocks`` names, on top of the head dim's defaults: a JSON object of
+    ``AttentionBlocks`` fields, or a ``jaxsloth.bench.kernel_attention --tune`` JSONL file (its last ``best`` row)."""
+    from pallas_kernels.attention import AttentionBlocks
+
+    if os.path.isfile(spec):
+        rows = [json.loads(line) for line in open(spec) if line.strip()]
+        best = [r for r in rows if r.get("kernel") == "best"]
+        if not best:
+            raise ValueError(f"{spec}: no 'best' row of a kernel_attention --tune run")
+        settings = best[-1]["settings"]
+    else:
+        try:
+            settings = json.loads(spec)
+        except json.JSONDecodeError:
+            raise ValueError(f"--attention-blocks {spec!r}: neither a file nor a JSON object") from None
+    fields = {f.name for f in dataclasses.fields(AttentionBlocks)}
+    if not isinstance(settings, dict) or set(settings) - fields:
+        raise ValueError(f"--attention-blocks: unknown AttentionBlocks fields {sorted(set(settings) - fields)}")
+    return dataclasses.replace(AttentionBlocks.for_head_dim(head_dim), **settings)
+
+
 def run(args) -> dict:
     # --model-path: the architecture of a local checkpoint (its config.json); weights stay random, as with --arch.
     config = load_config(args.model_path) if args.model_path else preset(args.arch)
@@ -119,6 +141,12 @@ def run(args) -> dict:
     for op_impl in args.op or ():
         op, impl = op_impl.split("=")
         overrides[op] = impl
+    tiles = {}
+    if args.attention_blocks:
+        blocks = attention_blocks(args.attention_blocks, config.head_dim)
+        overrides["blocks"] = (("attention", blocks),)
+        default = dataclasses.asdict(type(blocks).for_head_dim(config.head_dim))
+        tiles = {k: v for k, v in dataclasses.asdict(blocks).items() if v != default[k]}  # what the record names
     profile = profile_for_device(name=args.profile, **overrides)
     lora = LoraConfig(r=16, alpha=16.0)
     tc = TrainConfig(learning_rate=2e-4, total_steps=10_000, grad_accum=args.grad_accum)
@@ -188,6 +216,7 @@ def run(args) -> dict:
         model_name,
         profile,
         layer_loop,
+        **({"attention_blocks": tiles} if tiles else {}),
         tokens_per_s=tokens / (ms / 1e3),
         step_ms=ms,
         peak_gib=peak_gib(),
@@ -250,6 +279,11 @@ def main(argv=None) -> None:
     p.add_argument("--op", action="append", help="per-op override, e.g. --op attention=pallas")
     p.add_argument("--remat", default=None)
     p.add_argument("--attention", default=None)
+    p.add_argument(
+        "--attention-blocks",
+        default=None,
+        help="Pallas attention tiles: a JSON object of AttentionBlocks fields or a kernel_attention --tune JSONL file",
+    )
     p.add_argument("--long-context", action="store_true", help="offloaded checkpoints, MLP and loss tiles")
     p.add_argument("--mlp-chunk", type=int, default=None)
     p.add_argument("--loss-chunk", type=int, default=None)

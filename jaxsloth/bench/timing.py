@@ -9,10 +9,12 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +49,39 @@ def kernel_ms(fn, args, iters: int, repeats: int = 5) -> float:
     return 1e3 * statistics.median(batches)
 
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose code runs
+
+
+def portable_command(argv: Sequence[str] | None = None) -> str:
+    """The command line of this process as anyone can rerun it from the checkout: ``python -m <module>`` for a
+    module file of the checkout, paths inside the checkout relative to it, and any other absolute path (an output
+    folder, a temporary checkpoint) reduced to its file name, so no record names a machine's directories."""
+    argv = list(sys.argv if argv is None else argv)
+    head = ["python"]
+    if argv and argv[0].endswith(".py"):
+        script = Path(argv[0]).resolve()
+        if script.is_relative_to(ROOT):
+            module = ".".join(script.relative_to(ROOT).with_suffix("").parts)
+            head, argv = ["python", "-m", module], argv[1:]
+    return shlex.join(head + [_portable_path(a) for a in argv])
+
+
+def _portable_path(arg: str) -> str:
+    if "=" in arg and arg.startswith("-"):  # --flag=/some/path
+        flag, value = arg.split("=", 1)
+        return f"{flag}={_portable_path(value)}"
+    if not os.path.isabs(arg):
+        return arg
+    path = Path(arg).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def environment() -> dict:
     """GPU, versions, date and command: what BENCHMARKS.md records beside every number. XLA_FLAGS, when set, change
     what XLA compiles, so they are part of the command and of the record."""
     dev = jax.devices()[0]
     xla_flags = os.environ.get("XLA_FLAGS", "").strip()
-    command = " ".join(["python"] + sys.argv)
+    command = portable_command()
     return {
         "gpu": dev.device_kind,
         "platform": dev.platform,
@@ -72,8 +101,13 @@ def peak_gib() -> float | None:
 
 
 def device_fields() -> dict:
-    """The two environment keys every kernel micro-benchmark row carries."""
-    return {"jax": jax.__version__, "device_kind": jax.devices()[0].device_kind}
+    """The environment keys every kernel micro-benchmark row carries: versions, device, date and command."""
+    return {
+        "jax": jax.__version__,
+        "device_kind": jax.devices()[0].device_kind,
+        "date": datetime.date.today().isoformat(),
+        "command": portable_command(),
+    }
 
 
 def kernel_record(

@@ -84,7 +84,7 @@ def summarize(path: str | pathlib.Path, steps: int = 1, top: int = 30) -> dict:
     span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) if events else 0.0
     per_step = lambda us: us / 1e3 / steps  # noqa: E731  (microseconds over the trace -> ms per step)
     return {
-        "trace": str(path),
+        "trace": pathlib.Path(path).name,  # the file name only: a record names no machine directory
         "device_tracks": sorted(names[p] for p in pids) if pids else "none found: every track counted",
         "steps": steps,
         "kernel_ms_per_step": per_step(total),

@@ -7,6 +7,9 @@ of the architecture with transformers into a temporary directory (``--work-dir``
 jaxsloth's demo model (speed and memory do not depend on the token ids or the weight values). ``--quant nf4`` loads
 it with ``load_in_4bit=True`` (Unsloth's QLoRA), ``bf16`` in 16 bits. LoRA r=16, alpha=16 on q,k,v,o,gate,up,down,
 no dropout, ``use_gradient_checkpointing="unsloth"``; AdamW on LoRA; random ids with labels = inputs.
+``from_pretrained`` returns the model in inference mode, where Unsloth's checkpointing never runs, so the runner
+calls ``FastLanguageModel.for_training(model)`` before the timed steps, as Unsloth's trainers do, records the evidence
+(train mode, the layers' checkpointing flag) and refuses to report without it.
 Exits with status 3 and a one-line message when unsloth cannot be imported.
 """
 
@@ -21,7 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jaxsloth.bench.torch_baseline import time_lora_training
+from jaxsloth.bench import torch_baseline
+from jaxsloth.bench.timing import portable_command
 
 EXIT_UNAVAILABLE = 3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -104,27 +108,41 @@ def run(args, work_dir: Path) -> dict:
         use_gradient_checkpointing="unsloth",
         random_state=0,
     )
+    FastLanguageModel.for_training(model)
+    evidence = torch_baseline.training_evidence(model)
+    torch_baseline.check_training(evidence, True, "unsloth")
     # What was actually loaded: a QLoRA baseline whose linears silently stayed 16-bit would not be one.
     linear4bit = sum(type(m).__name__ == "Linear4bit" for m in model.modules())
-    loaded_gib = torch.cuda.memory_allocated() / 2**30
+    on_gpu = torch.cuda.is_available()
+    loaded_gib = torch.cuda.memory_allocated() / 2**30 if on_gpu else None
     if args.quant == "nf4" and not linear4bit:
         print("unsloth baseline: load_in_4bit=True left no Linear4bit module; the record says so", file=sys.stderr)
-    ms, peak_gib = time_lora_training(model, model.config.vocab_size, args.batch, args.seq, args.steps, args.warmup)
+    ms, peak_gib = torch_baseline.time_lora_training(
+        model, model.config.vocab_size, args.batch, args.seq, args.steps, args.warmup
+    )
     return {
         "system": "unsloth",
         "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
         "tokens_per_s": args.batch * args.seq / (ms / 1e3),
         "step_ms": ms,
         "peak_gib": peak_gib,
-        "variant": 'checkpointing="unsloth"',
+        "variant": 'for_training, checkpointing="unsloth"',
+        **evidence,
         "linear4bit_modules": linear4bit,
         "loaded_gib": loaded_gib,
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if on_gpu else "cpu",
         "torch": torch.__version__,
-        "unsloth": importlib.metadata.version("unsloth"),
+        "unsloth": _version("unsloth"),
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python"] + sys.argv),
+        "command": portable_command(),
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def main(argv=None) -> int:

@@ -439,8 +439,7 @@ def forward_hidden(
     if layers_unstacked(params):
         # Unstacked layers (``unstack_layers``): a Python loop, every projection reading its own weight buffer.
         # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
-        # into a buffer of their own, forward and backward: 29 ms of copies in the 393 ms Gemma-2-9B step, which
-        # unrolled took 360 ms (H200, BENCHMARKS.md, fifth session).
+        # into a buffer of their own, forward and backward; the loop reads them in place (BENCHMARKS.md, layer loop).
         group, group_dots = _remat(run_group, remat), _remat(run_group, "dots")
         for g in range(groups):
             lps = params["layers"][g * period : (g + 1) * period]

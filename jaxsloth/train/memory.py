@@ -16,11 +16,10 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
   arrays (16), and when the loss is not tiled the Pallas loss's gradient tile (8192 e), or the reference loss's
   f32 logits and their gradient (8 V); the chunked loss's f32 dhidden is the f32 gradient already counted.
 - per token and layer, what the remat policy saves besides the residual (``_saved_by_policy``).
-Checked against the H200 (8B QLoRA, BENCHMARKS.md): with the long-context settings, 21.6 GiB measured at 131,072
-tokens against this model's 22.3, 56.6 at 327,680 with remat_group 2 against 63.8, and XLA's compiled plan for
-600,000 (101.5 GiB) against 109.6: the "gradients in flight" term, 4 D e until these runs, is now 2 D e, which keeps
-every long-context estimate above what was measured. 8.7 GiB measured at 2 x 2048 with full remat against 9.1. Below: 17.8 GiB
-measured at 32,768 tokens with offload but an untiled MLP, against 16.1 (that configuration is no profile's).
+Checked against the H200 (8B QLoRA; BENCHMARKS.md, long context, and tests/test_long_context.py): the estimate stays
+above every long-context measurement and XLA's compiled plan for 600,000 tokens, and within 20% of them; the
+"gradients in flight" term is 2 D e, which keeps it so. It falls below one configuration no profile uses: offload
+with an untiled MLP.
 """
 
 from __future__ import annotations
@@ -66,9 +65,9 @@ def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
     """Per-token bytes a remat policy keeps for every layer beyond the residual checkpoint: the projection outputs
     it saves by name ("dots": all, and the attention output and its f32 log-sum-exp per head; "attn_dots": q, k, v,
     o, down; with ``dots_layers``, "dots" for that many layers), or, without remat, every activation the
-    backward reads. The no-remat term is fitted to the H200 (8B QLoRA, 2 x 2048: 56.7 GiB measured against
-    8.7 with full remat, 2026-11-28): (13 D + 2 K) e + 10 F e per layer, the f32 norm and SwiGLU intermediates
-    included."""
+    backward reads. The no-remat term is fitted to the 8B QLoRA step at 2 x 2048 on the H200 without remat and with
+    full remat (BENCHMARKS.md, training step): (13 D + 2 K) e + 10 F e per layer, the f32 norm and SwiGLU
+    intermediates included."""
     L = config.num_layers
     k = min(profile.dots_layers, L)
     if k:  # the first k layers keep what "dots" keeps, the others what their own policy keeps
