@@ -118,7 +118,7 @@ def test_module_entry_point_help():
 
 def _bad(tmp_path, data_file):
     yaml_unknown = tmp_path / "unknown.yaml"
-    yaml_unknown.write_text(f"model: {demo.MODEL_DIR}\ndata: {data_file}\nlearning_rate: 1e-3\n")
+    yaml_unknown.write_text(f"model: {demo.MODEL_DIR}\ndata: {data_file}\nlearnin_rate: 1e-3\n")
     yaml_type = tmp_path / "type.yaml"
     yaml_type.write_text(f"model: {demo.MODEL_DIR}\ndata: {data_file}\nlora_r: sixteen\n")
     return {
