@@ -133,17 +133,19 @@ def spellings(schemas: Iterable[type]) -> dict[str, str]:
 
 def resolve_name(name: str, names: Mapping[str, str], where: str, spell: Callable[[str], str] = str) -> str:
     """The field ``name`` stands for (``-`` read as ``_``). An old spelling warns (FutureWarning naming the new one);
-    an unknown name raises ValueError naming the closest known one. spell: how messages write a name (a flag)."""
+    an unknown name raises ValueError naming the closest known one. where: what messages start with (a file, a
+    class); spell: how they write a name (a flag)."""
     key = str(name).replace("-", "_")
+    where = f"{where}: " if where else ""
     if key not in names:
         close = difflib.get_close_matches(key, list(names), n=1)
         hint = (
             f"did you mean {spell(names[close[0]])!r}?" if close else f"known: {', '.join(sorted(set(names.values())))}"
         )
-        raise ValueError(f"{where}: unknown setting {spell(key)!r}; {hint}")
+        raise ValueError(f"{where}unknown setting {spell(key)!r}; {hint}")
     if names[key] != key:
         warnings.warn(
-            f"{where}: {spell(key)!r} is deprecated; use {spell(names[key])!r}",
+            f"{where}{spell(key)!r} is deprecated; use {spell(names[key])!r}",
             FutureWarning,
             skip_file_prefixes=(_PACKAGE_DIR,),
         )
@@ -359,8 +361,9 @@ class _LoadFields(Settings):
         """The Profile / KernelChoice fields these settings override."""
         out = dict(LONG_CONTEXT) if self.long_context else {}
         out.update(parse_kernels(self.kernels))
-        out.update({name: getattr(self, name) for name in (*PROFILE_OVERRIDES, *ops.KERNEL_OPS)})
-        return {k: v for k, v in out.items() if v is not None}
+        given = {name: getattr(self, name) for name in (*PROFILE_OVERRIDES, *ops.KERNEL_OPS)}
+        out.update({k: v for k, v in given.items() if v is not None})
+        return out
 
     def build_profile(self) -> Profile:
         """The profile to run with: named (or the device's), with every override and the dtype applied."""
@@ -601,7 +604,7 @@ def flag_values(args: argparse.Namespace, schemas: Iterable[type]) -> dict[str, 
         value = getattr(args, spelling, None)
         if value is None:
             continue
-        resolve_name(spelling, names, "jaxsloth train", spell=flag)
+        resolve_name(spelling, names, "", spell=flag)
         if name in out:
             raise ValueError(f"{out[name][0]} and {flag(spelling)} set the same setting; give one")
         out[name] = (flag(spelling), value)
