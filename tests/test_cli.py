@@ -203,6 +203,6 @@ def test_train_help_lists_choices_and_each_default_once(capsys):
     assert "--remat {" + ",".join(REMAT_POLICIES) + "}" in entries["--remat"]
     assert "{linear,cosine,constant}" in entries["--lr-scheduler-type"]
     assert "--learning-rate" in entries and "--warmup-ratio" in entries and "--lr" not in entries  # old: hidden
-    for key, entry in entries.items():
+    for entry in entries.values():
         assert entry.count("(default:") <= 1, entry
         assert "(default: None)" not in entry, entry
