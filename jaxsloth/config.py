@@ -34,8 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxsloth import ops
-from jaxsloth.data.formats import _ALIASES as FORMAT_ALIASES
-from jaxsloth.data.formats import FORMATS
+from jaxsloth.data.formats import FORMATS, resolve_format
 from jaxsloth.models.decoder import LAYER_LOOPS, LINEARS, REMAT_POLICIES, LoraRuntime
 from jaxsloth.profiles import LONG_CONTEXT, PROFILES, Profile, profile_for_device
 
@@ -246,6 +245,13 @@ def _dtype_name(value) -> str:
         return value  # not a dtype: the choices check names it
 
 
+def _known_format(value):
+    """``value`` unchanged once the data layer knows it (it raises naming the formats it reads)."""
+    if isinstance(value, str) and value != "auto":
+        resolve_format(value, {})
+    return value
+
+
 def _kernel_pairs(value) -> str:
     """A mapping {op: impl} (YAML) as the flag's "op=impl,..." string."""
     if isinstance(value, Mapping):
@@ -437,7 +443,11 @@ class TrainConfig(Settings):
     title = "training"
 
     data: str | None = setting(None, "training data: a .jsonl, .json or .parquet file", positional=True)
-    format: str = setting("auto", "data format (sharegpt: messages)", choices=("auto", *FORMATS, *FORMAT_ALIASES))
+    format: str = setting(
+        "auto",
+        f"data format: auto (from the first row's keys), {', '.join(FORMATS)} (sharegpt and other aliases too)",
+        convert=_known_format,
+    )
     output_dir: str | os.PathLike | None = setting(
         None,
         "checkpoints, metrics.jsonl, tensorboard/, loss.png (and the CLI's adapter/)",

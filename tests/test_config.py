@@ -69,8 +69,12 @@ def test_profile_overrides_are_read_from_profile_and_kernel_choice():
     parser = cli.build_parser()
     train_flags = parser._subparsers._group_actions[0].choices["train"]._option_string_actions
     profile_fields = {f.name for f in dataclasses.fields(Profile)} - set(config._PROFILE_FIELDS_ELSEWHERE)
-    assert set(config.PROFILE_OVERRIDES) == profile_fields
-    for name in (*profile_fields, *KERNEL_OPS):
+    assert (
+        {"remat", "mlp_chunk", "loss_chunk", "remat_group", "layer_loop", "dots_layers"}
+        <= set(config.PROFILE_OVERRIDES)
+        <= profile_fields
+    )
+    for name in (*config.PROFILE_OVERRIDES, *KERNEL_OPS):
         assert name in {f.name for f in dataclasses.fields(config.LoadConfig)}
         assert config.flag(name) in train_flags
         assert name in inspect.signature(jaxsloth.load).parameters
@@ -165,6 +169,7 @@ BAD = {
     "warmup ratio above 1": ({"warmup_ratio": 1.5}, "warmup_ratio"),
     "warmup steps and ratio": ({"warmup_steps": 2, "warmup_ratio": 0.1}, "warmup_ratio"),
     "unknown schedule": ({"lr_scheduler_type": "cosine_restarts"}, "lr_scheduler_type"),
+    "unknown format": ({"format": "csv"}, "format"),
     "learning rate not a number": ({"learning_rate": "fast"}, "learning_rate"),
 }
 
