@@ -100,8 +100,8 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     returns the TrainResult (history of per-step metrics).
 
     mesh: a spec like "data=2,fsdp=4", a jax.sharding.Mesh, or None: every device data-parallel (one device: no
-    mesh). per_device_train_batch_size is per data-parallel rank (each of data x fsdp devices takes that many sequences per
-    micro-batch). shard_lora: shard LoRA and optimizer state over fsdp too (default: replicated).
+    mesh). per_device_train_batch_size is per data-parallel rank (each of data x fsdp devices takes that many
+    sequences per micro-batch). shard_lora: shard LoRA and optimizer state over fsdp too (default: replicated).
     callbacks: called with each step's metrics record; progress: draw a progress bar.
 
     Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the

@@ -532,11 +532,14 @@ def _default_text(f: dataclasses.Field) -> str | None:
     return None if default is None else str(default)
 
 
-def describe(f: dataclasses.Field) -> str:
-    """One line of help: the doc, the accepted names of a list setting, then the default once."""
-    text = f.metadata["help"]
-    if isinstance(f.default, tuple) and f.metadata["choices"]:
-        text += f"; comma-separated, of: {','.join(f.metadata['choices'])}"
+def describe(f: dataclasses.Field, cli: bool = False) -> str:
+    """One line of help: the doc, the accepted values (the CLI shows single choices in the flag's metavar), then
+    the default once."""
+    text, choices = f.metadata["help"], f.metadata["choices"]
+    if choices and isinstance(f.default, tuple):
+        text += f"; {'comma-separated' if cli else 'any'} of: {','.join(choices)}"
+    elif choices and not cli:
+        text += f"; one of: {', '.join(choices)}"
     default = _default_text(f)
     return text if default is None else f"{text} (default: {default})"
 
@@ -560,7 +563,7 @@ def takes_settings(*schemas: type) -> Callable:
                 lines.append(f"    {f.name}: {describe(f)}")
         fn.__signature__ = sig.replace(parameters=params)
         names = " / ".join(f"jaxsloth.config.{c.__name__}" for c in schemas)
-        fn.__doc__ = f"{fn.__doc__ or ''}\n\n    Settings ({names}):\n\n" + "\n".join(lines)
+        fn.__doc__ = f"{(fn.__doc__ or '').rstrip()}\n\n    Settings ({names}):\n\n" + "\n".join(lines)
         return fn
 
     return wrap
@@ -594,7 +597,7 @@ def add_arguments(parser: argparse.ArgumentParser, schemas: Iterable[type], only
             kind = _flag_type(hints[f.name])
             choices = f.metadata["choices"]
             for name in (f.name, *f.metadata["aliases"]):
-                help = describe(f) if name == f.name else argparse.SUPPRESS
+                help = describe(f, cli=True) if name == f.name else argparse.SUPPRESS
                 if kind is bool:
                     group.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                        help=help)  # fmt: skip
