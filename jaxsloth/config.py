@@ -97,10 +97,6 @@ class Settings:
         """The fields the Python API takes as keywords."""
         return tuple(f for f in dataclasses.fields(cls) if not f.metadata["positional"])
 
-    def api_kwargs(self) -> dict:
-        """This object's keyword settings, to pass to the API function that takes them."""
-        return {f.name: getattr(self, f.name) for f in self.api_fields()}
-
 
 def schema(cls):
     """Makes ``cls`` a frozen settings dataclass whose constructor also takes the fields' old spellings."""
@@ -109,8 +105,13 @@ def schema(cls):
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
-        names = spellings((cls,))
-        init(self, *args, **{resolve_name(k, names, cls.__name__): v for k, v in kwargs.items()})
+        names, given = spellings((cls,)), {}
+        for key, value in kwargs.items():
+            name = resolve_name(key, names, cls.__name__)
+            if name in given:
+                raise ValueError(f"{cls.__name__}: {name} given twice (once as {key!r})")
+            given[name] = value
+        init(self, *args, **given)
 
     cls.__init__ = __init__
     return cls

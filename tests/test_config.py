@@ -137,6 +137,8 @@ def test_unknown_keyword_names_the_closest_setting():
         jaxsloth.train(None, None, None, lerning_rate=1e-3)
     with pytest.raises(ValueError, match="unknown setting 'lora_aplha'; did you mean 'lora_alpha'"):
         LoraConfig(lora_aplha=8)
+    with pytest.raises(ValueError, match="learning_rate given twice"), pytest.warns(FutureWarning):
+        TrainConfig(learning_rate=1e-3, lr=2e-3)
 
 
 def test_old_flag_and_yaml_key_warn_on_one_line(tmp_path, data_file, capsys):
