@@ -134,8 +134,8 @@ def save_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "r": lora_config.r,
-        "lora_alpha": _number(lora_config.alpha),
-        "lora_dropout": lora_config.dropout,
+        "lora_alpha": _number(lora_config.lora_alpha),
+        "lora_dropout": lora_config.lora_dropout,
         "use_rslora": lora_config.use_rslora,
         "target_modules": targets,
         "rank_pattern": rank_pattern,
@@ -215,7 +215,7 @@ def load_peft_adapter(path: str | os.PathLike, model_config: ModelConfig) -> tup
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path} (pickled adapter_model.bin is not read)")
     f = SafetensorsFile(weights)
     r, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
-    lora = LoraConfig(r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=rslora)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=rslora)
     modules = _hf_modules(model_config)
     found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     trainable: dict = {}
@@ -276,8 +276,8 @@ def load_peft_adapter(path: str | os.PathLike, model_config: ModelConfig) -> tup
         raise ValueError(f"{weights}: no LoRA weights found")
     lora = LoraConfig(
         r=r,
-        alpha=alpha,
-        dropout=lora.dropout,
+        lora_alpha=alpha,
+        lora_dropout=lora.lora_dropout,
         use_rslora=rslora,
         target_modules=tuple(n for n in LINEARS if n in layers),
         train_embeddings="embed" in trainable,

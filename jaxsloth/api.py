@@ -19,12 +19,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxsloth.config import LoadConfig, LoraConfig, TrainConfig, takes_settings
 from jaxsloth.hub import resolve_model
-from jaxsloth.lora import LoraConfig, init_lora, merge
+from jaxsloth.lora import init_lora, merge
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import layers_unstacked, stack_layers, unstack_layers
-from jaxsloth.profiles import Profile, profile_for_device
-from jaxsloth.train.step import TrainConfig
+from jaxsloth.profiles import Profile
 
 log = logging.getLogger("jaxsloth")
 
@@ -52,34 +52,21 @@ class Model:
         return generate_text(self, tokenizer, prompts, max_new_tokens=max_new_tokens, **sampling)
 
 
-def load(
-    path: str | os.PathLike,
-    *,
-    load_in_4bit: bool = False,
-    max_seq_length: int = 2048,
-    dtype: str | None = None,
-    profile: str | Profile | None = None,
-    revision: str | None = None,
-    token: str | None = None,
-    **profile_overrides,
-):
+@takes_settings(LoadConfig)
+def load(path: str | os.PathLike, *, token: str | None = None, **settings):
     """Loads a Hugging Face model directory or Hub id ("org/name") -> (Model, tokenizer or None when it has none).
 
-    revision, token: a Hub model's branch/tag/commit and access token (see jaxsloth.hub.resolve_model; the Hub cache,
-    HF_TOKEN and HF_HUB_OFFLINE are honoured).
-    dtype: frozen weights and activations (default: the profile's, bf16 on GPUs). profile: a profile name or
-    object (default: chosen from jax.devices()[0]); profile_overrides: any Profile/KernelChoice field.
+    The profile is the named one (default: chosen from jax.devices()[0]) with every given override applied; dtype
+    (frozen weights and activations) defaults to the profile's, bf16 on GPUs. token: a Hub access token (default:
+    HF_TOKEN; see jaxsloth.hub.resolve_model: the Hub cache and HF_HUB_OFFLINE are honoured).
     """
     from converters.hf import load_hf_model
 
-    if isinstance(profile, Profile):
-        prof = profile.replace(**profile_overrides) if profile_overrides else profile
-    else:
-        prof = profile_for_device(name=profile, **profile_overrides)
-    if dtype is not None:
-        prof = prof.replace(compute_dtype=jnp.dtype(dtype).name)
-    local = resolve_model(path, revision=revision, token=token)
-    config, params = load_hf_model(local, dtype=prof.dtype, load_in_4bit=load_in_4bit)
+    cfg = LoadConfig(model=os.fspath(path), **settings)
+    prof = cfg.build_profile()
+    max_seq_length = cfg.max_seq_length
+    local = resolve_model(path, revision=cfg.revision, token=token)
+    config, params = load_hf_model(local, dtype=prof.dtype, load_in_4bit=cfg.load_in_4bit)
     if max_seq_length > config.max_position_embeddings:
         log.warning(
             "max_seq_length %d exceeds the model's max_position_embeddings %d",
@@ -101,79 +88,27 @@ def load_tokenizer(path: str | os.PathLike, revision: str | None = None, token: 
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def add_lora(
-    model: Model,
-    r: int = 16,
-    lora_alpha: float = 16.0,
-    lora_dropout: float = 0.0,
-    target_modules: Sequence[str] | None = None,
-    use_rslora: bool = False,
-    train_embeddings: bool = False,
-    train_lm_head: bool = False,
-    embedding_lr: float | None = None,
-    seed: int = 0,
-) -> Model:
+@takes_settings(LoraConfig)
+def add_lora(model: Model, *, seed: int = 0, **settings) -> Model:
     """Returns the model with a fresh LoRA adapter (PEFT's initialisation, from ``seed``)."""
-    lora = LoraConfig(
-        r=r,
-        alpha=lora_alpha,
-        dropout=lora_dropout,
-        use_rslora=use_rslora,
-        train_embeddings=train_embeddings,
-        train_lm_head=train_lm_head,
-        embedding_lr=embedding_lr,
-        **({} if target_modules is None else {"target_modules": tuple(target_modules)}),
-    )
+    lora = LoraConfig(**settings)
     trainable = init_lora(model.config, lora, jax.random.key(seed), params=model.params)
     return dataclasses.replace(model, lora=lora, trainable=trainable)
 
 
-def train(
-    model: Model,
-    tokenizer,
-    data,
-    *,
-    format: str = "auto",
-    split: str = "train",
-    dataset_config: str | None = None,
-    dataset_text_field: str | None = None,
-    dataset_num_proc: int | None = None,
-    streaming: bool = False,
-    batch_size: int | None = None,
-    grad_accum: int = 1,
-    max_steps: int | None = None,
-    num_epochs: int | None = None,
-    learning_rate: float = 2e-4,
-    warmup_steps: int = 0,
-    schedule: str = "linear",
-    weight_decay: float = 0.0,
-    max_grad_norm: float | None = 1.0,
-    pack: bool = True,
-    train_on_inputs: bool = False,
-    output_dir: str | os.PathLike | None = None,
-    save_every: int = 0,
-    resume: bool = True,
-    on_nonfinite: str = "stop",
-    seed: int = 0,
-    callbacks: Sequence = (),
-    progress: bool = True,
-    mesh=None,
-    shard_lora: bool = False,
-):
+@takes_settings(TrainConfig)
+def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: bool = True, **settings):
     """Fine-tunes ``model``'s adapter on ``data``: a data file, a dataset folder or Hub id (``split``, and
     ``dataset_config`` for load_dataset's name), a list of records, or a datasets.Dataset / IterableDataset.
 
-    dataset_text_field: train on that column's raw text. dataset_num_proc: tokenizing processes (the tokens are
-    cached by the datasets library and reused by later runs). streaming: read the data in order without loading it
-    whole (an IterableDataset always streams); needs max_steps, and resume skips the rows already trained on.
-
-    Steps: max_steps, or num_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable),
+    Steps: max_steps, or num_train_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable),
     metrics.jsonl, TensorBoard events and loss.png are written there. Updates ``model.trainable`` in place and
     returns the TrainResult (history of per-step metrics).
 
     mesh: a spec like "data=2,fsdp=4", a jax.sharding.Mesh, or None: every device data-parallel (one device: no
-    mesh). batch_size is per data-parallel rank (each of data x fsdp devices takes that many sequences per
-    micro-batch). shard_lora: shard LoRA and optimizer state over fsdp too (default: replicated).
+    mesh). per_device_train_batch_size is per data-parallel rank (each of data x fsdp devices takes that many
+    sequences per micro-batch). shard_lora: shard LoRA and optimizer state over fsdp too (default: replicated).
+    callbacks: called with each step's metrics record; progress: draw a progress bar.
 
     Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the
     run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds
@@ -183,27 +118,30 @@ def train(
     from jaxsloth.train.loop import fit
     from jaxsloth.train.metrics import standard_callbacks
 
+    tc = TrainConfig(**settings)  # every setting checked before anything is loaded
     if model.trainable is None:
         raise ValueError("the model has no adapter to train: call jaxsloth.add_lora(model, ...) first")
     if tokenizer is None:
         raise ValueError("train needs a tokenizer (the model directory has none; pass one)")
     from jaxsloth.sharding import batch_devices, resolve_mesh
 
-    device_mesh = resolve_mesh(mesh)
-    micro = (batch_size or model.profile.micro_batch) * batch_devices(device_mesh)
-    where = dict(split=split, name=dataset_config)
-    if streaming or type(data).__name__ == "IterableDataset":
-        if max_steps is None:
+    device_mesh = resolve_mesh(tc.mesh)
+    per_device = tc.per_device_train_batch_size
+    micro = (model.profile.micro_batch if per_device is None else per_device) * batch_devices(device_mesh)
+    rows = micro * tc.gradient_accumulation_steps
+    where = dict(split=tc.split, name=tc.dataset_config)
+    if tc.streaming or type(data).__name__ == "IterableDataset":
+        if tc.max_steps is None:
             raise ValueError("a streamed dataset has no known length: give max_steps")
         loader = streaming_loader(
             data,
             tokenizer,
-            format=format,
-            text_field=dataset_text_field,
-            train_on_inputs=train_on_inputs,
-            batch_size=micro * grad_accum,
+            format=tc.format,
+            text_field=tc.dataset_text_field,
+            train_on_inputs=tc.train_on_inputs,
+            batch_size=rows,
             seq_len=model.max_seq_length,
-            pack=pack,
+            pack=tc.packing,
             vocab_size=model.config.vocab_size,
             **where,
         )
@@ -211,29 +149,20 @@ def train(
         dataset = tokenize_dataset(
             data,
             tokenizer,
-            format=format,
+            format=tc.format,
             max_seq_length=model.max_seq_length,
-            train_on_inputs=train_on_inputs,
+            train_on_inputs=tc.train_on_inputs,
             vocab_size=model.config.vocab_size,
-            text_field=dataset_text_field,
-            num_proc=dataset_num_proc,
+            text_field=tc.dataset_text_field,
+            num_proc=tc.dataset_num_proc,
             **where,
         )
-        loader = BatchLoader(dataset, batch_size=micro * grad_accum, seq_len=model.max_seq_length, pack=pack, seed=seed)
-    if max_steps is None:
-        max_steps = sum(loader.num_batches(e) for e in range(num_epochs or 1))
-    tc = TrainConfig(
-        learning_rate=learning_rate,
-        warmup_steps=warmup_steps,
-        total_steps=max_steps,
-        schedule=schedule,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        grad_accum=grad_accum,
-        on_nonfinite=on_nonfinite,
-        seed=seed,
-    )
-    out = Path(output_dir) if output_dir is not None else None
+        loader = BatchLoader(dataset, batch_size=rows, seq_len=model.max_seq_length, pack=tc.packing, seed=tc.seed)
+    if tc.max_steps is None:  # the run's length in steps, checked again (warmup within it)
+        steps = sum(loader.num_batches(e) for e in range(tc.num_train_epochs or 1))
+        tc = dataclasses.replace(tc, max_steps=steps, num_train_epochs=None)
+    max_steps = tc.max_steps
+    out = Path(tc.output_dir) if tc.output_dir is not None else None
     # On several hosts every process trains; only the first writes metrics, plots and the progress bar.
     writers = standard_callbacks(out, progress=progress, total_steps=max_steps) if jax.process_index() == 0 else []
     cbs = list(callbacks) + writers
@@ -252,11 +181,11 @@ def train(
             train_config=tc,
             profile=model.profile,
             checkpoint_dir=None if out is None else str(out / "checkpoints"),
-            save_every=save_every,
-            resume=resume,
+            save_every=tc.save_steps,
+            resume=tc.resume,
             callbacks=cbs,
             mesh=device_mesh,
-            shard_lora=shard_lora,
+            shard_lora=tc.shard_lora,
         )
     finally:
         for cb in cbs:

@@ -15,82 +15,16 @@ import argparse
 import dataclasses
 import importlib.util
 import logging
+import re
 import sys
+import warnings
 from pathlib import Path
+
+from jaxsloth import config
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError)
-
-
-@dataclasses.dataclass(frozen=True)
-class Option:
-    """One train setting: a YAML key and a ``--flag`` (underscores become dashes)."""
-
-    name: str
-    type: type
-    default: object
-    help: str
-
-
-TRAIN_OPTIONS = (
-    Option("model", str, None, "Hugging Face model directory or Hub id (org/name; token from HF_TOKEN)"),
-    Option("revision", str, None, "branch, tag or commit of a Hub model (default: main)"),
-    Option("data", str, None, "training data: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, dataset folder or Hub id"),
-    Option("split", str, "train", "dataset split to train on (files and folders: train)"),
-    Option("dataset_config", str, None, "dataset configuration name (load_dataset's name=)"),
-    Option("streaming", bool, False, "stream the dataset in order instead of loading it whole (needs --max-steps)"),
-    Option("dataset_num_proc", int, None, "processes tokenizing the dataset (default: 1)"),
-    Option("format", str, "auto", "data format: auto, text, alpaca, messages (sharegpt), prompt_completion"),
-    Option("dataset_text_field", str, None, "train on the raw text of this column (format text)"),
-    Option("output_dir", str, "jaxsloth-run", "checkpoints, metrics.jsonl, tensorboard/, loss.png and adapter/"),
-    Option("lora_r", int, 16, "LoRA rank"),
-    Option("lora_alpha", float, 16.0, "LoRA alpha (scale alpha / r, or alpha / sqrt(r) with --use-rslora)"),
-    Option("lora_dropout", float, 0.0, "dropout on the LoRA input"),
-    Option("target_modules", list, None, "comma-separated projections (default: all of q,k,v,o,gate,up,down_proj)"),
-    Option("use_rslora", bool, False, "rank-stabilised LoRA scaling"),
-    Option("load_in_4bit", bool, False, "QLoRA: quantize the frozen weights to NF4 while loading"),
-    Option("max_seq_length", int, 2048, "tokens per packed row; longer examples are truncated"),
-    Option("batch_size", int, None, "sequences per micro-batch (default: the profile's)"),
-    Option("grad_accum", int, 1, "micro-batches per optimizer step"),
-    Option("max_steps", int, None, "optimizer steps (default: --epochs over the data)"),
-    Option("epochs", int, None, "epochs over the data when --max-steps is not given (default 1)"),
-    Option("lr", float, 2e-4, "peak learning rate"),
-    Option("warmup", int, 0, "linear warmup steps"),
-    Option("schedule", str, "linear", "learning-rate decay after warmup: linear, cosine or constant"),
-    Option("weight_decay", float, 0.0, "AdamW weight decay"),
-    Option("max_grad_norm", float, 1.0, "gradient clipping by global norm (0 = off)"),
-    Option("train_on_inputs", bool, False, "also train on prompts / user turns"),
-    Option("pack", bool, True, "pack several examples per row"),
-    Option("save_every", int, 0, "checkpoint every N steps (0: only at the end and on Ctrl-C)"),
-    Option("resume", bool, True, "continue from the latest checkpoint in output_dir"),
-    Option("on_nonfinite", str, "stop", "on a NaN/Inf loss: stop (naming the step) or skip the update"),
-    Option("seed", int, 0, "seed for LoRA init, data order and dropout"),
-    Option("mesh", str, None, "device mesh, e.g. data=2,fsdp=4 (default: every device data-parallel)"),
-    Option("shard_lora", bool, False, "also shard LoRA and optimizer state over the fsdp axis"),
-    Option("profile", str, None, "GPU profile name (default: from the device): h200, h100, a100, ada, t4, cpu, ..."),
-    Option("dtype", str, None, "compute dtype override: bfloat16, float16, float32"),
-    Option("remat", str, None, "profile override: rematerialisation per layer (none, dots, full, offload)"),
-    Option("mlp_chunk", int, None, "profile override: tokens per MLP tile for long sequences"),
-    Option("loss_chunk", int, None, "profile override: tokens per loss tile for long sequences"),
-    Option("remat_group", int, None, "profile override: layers per residual checkpoint (longest sequences: 2)"),
-    Option(
-        "layer_loop", str, None, "profile override: scan, unrolled, or auto (Hopper: unrolled but for full/offload)"
-    ),
-    Option("dots_layers", int, None, "profile override: the first N layers keep every projection output (dots)"),
-    Option(
-        "long_context",
-        bool,
-        False,
-        "long-sequence settings: offloaded per-layer checkpoints, MLP and loss in tiles (see jaxsloth.train.memory)",
-    ),
-    Option("kernels", str, None, "profile override: op=impl pairs, e.g. attention=pallas,glu=reference"),
-)
-_TRAIN = {o.name: o for o in TRAIN_OPTIONS}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _add_train_parser(sub) -> None:
@@ -98,90 +32,58 @@ def _add_train_parser(sub) -> None:
         "train",
         help="LoRA/QLoRA fine-tune a model on a dataset",
         description="Fine-tune from a YAML config file and/or flags (flags override the file; YAML keys are the "
-        "flag names with - or _). Writes checkpoints, metrics.jsonl, tensorboard/, loss.png and a PEFT adapter "
-        "to --output-dir.",
+        "flag names with - or _, as in jaxsloth.config). Writes checkpoints, metrics.jsonl, tensorboard/, loss.png "
+        "and a PEFT adapter to --output-dir.",
     )
     p.add_argument("config", nargs="?", help="YAML file of settings")
-    for o in TRAIN_OPTIONS:
-        # Every default is None here so a given flag can be told from an absent one; the real defaults apply later.
-        if o.type is bool:
-            p.add_argument(_flag(o.name), action=argparse.BooleanOptionalAction, default=None, help=o.help)
-        else:
-            kind = str if o.type is list else o.type
-            p.add_argument(_flag(o.name), type=kind, default=None, help=f"{o.help} (default: {o.default})")
+    config.add_arguments(p, config.TRAIN_SCHEMAS)
 
 
-def _check_value(o: Option, value, where: str):
-    if value is None:
-        return None
-    if o.type is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{where}: {o.name} must be a list of names or a comma-separated string, got {value!r}")
-        return value
-    if o.type is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if o.type is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "2e-4" (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, o.type) or (o.type is int and isinstance(value, bool)):
-        raise ValueError(f"{where}: {o.name} must be {o.type.__name__}, got {value!r}")
-    return value
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got a {type(loaded).__name__}")
+    return loaded
 
 
 def train_settings(args: argparse.Namespace) -> dict:
-    """Defaults < YAML file < flags, validated: the resolved settings of a train run."""
-    settings = {o.name: o.default for o in TRAIN_OPTIONS}
-    if args.config is not None:
-        import yaml
-
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got a {type(loaded).__name__}")
-        for key, value in loaded.items():
-            name = str(key).replace("-", "_")
-            if name not in _TRAIN:
-                raise ValueError(f"{path}: unknown setting {key!r}; known: {', '.join(_TRAIN)}")
-            settings[name] = _check_value(_TRAIN[name], value, str(path))
-    for o in TRAIN_OPTIONS:
-        given = getattr(args, o.name)
-        if given is not None:
-            settings[o.name] = _check_value(o, given, _flag(o.name))
+    """Defaults < YAML file < flags, validated by the schema (jaxsloth.config): field name -> value for every
+    setting of a train run. Old spellings print a one-line warning naming the new one."""
+    names = config.spellings(config.TRAIN_SCHEMAS)
+    given = config.cli_defaults(config.TRAIN_SCHEMAS)
+    source: dict[str, str] = {}  # where each given setting came from, for error messages
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        if args.config is not None:
+            path = Path(args.config)
+            for key, value in _read_yaml(path).items():
+                name = config.resolve_name(key, names, str(path))
+                given[name], source[name] = value, f"{path}: {key}"
+        for name, (spelling, value) in config.flag_values(args, config.TRAIN_SCHEMAS).items():
+            given[name], source[name] = value, spelling
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     for required in ("model", "data"):
-        if settings[required] is None:
-            raise ValueError(f"no {required} given: pass {_flag(required)} or set {required}: in the YAML file")
-    if settings["max_steps"] is not None and settings["epochs"] is not None:
-        raise ValueError("give --max-steps or --epochs, not both")
-    return settings
+        if given.get(required) is None:
+            raise ValueError(f"no {required} given: pass {config.flag(required)} or set {required}: in the YAML file")
+    try:
+        built = config.split_settings(given)
+    except ValueError as e:
+        named = [where for name, where in source.items() if re.search(rf"\b{name}\b", str(e))]
+        raise ValueError(f"{e} (from {', '.join(named)})" if named else str(e)) from None
+    return {f.name: getattr(obj, f.name) for obj in built for f in dataclasses.fields(obj)}
 
 
-_PROFILE_FIELDS = ("remat", "mlp_chunk", "loss_chunk", "remat_group", "layer_loop", "dots_layers")
-
-
-def _profile_overrides(s: dict) -> dict:
-    overrides = {}
-    if s["long_context"]:
-        from jaxsloth.profiles import LONG_CONTEXT
-
-        overrides.update(LONG_CONTEXT)
-    overrides.update({k: s[k] for k in _PROFILE_FIELDS if s[k] is not None})
-    for pair in (s["kernels"] or "").split(","):
-        if not pair.strip():
-            continue
-        op, sep, impl = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--kernels: expected op=impl pairs, got {pair!r}")
-        overrides[op.strip()] = impl.strip()
-    return overrides
+def _api_settings(schema: type, s: dict) -> dict:
+    """The keyword settings of the API function that takes ``schema``."""
+    return {f.name: s[f.name] for f in schema.api_fields()}
 
 
 def _existing_dir(path: str, what: str) -> str:
@@ -193,65 +95,17 @@ def _existing_dir(path: str, what: str) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     s = train_settings(args)
     import jaxsloth
-    from jaxsloth.ops import KernelChoice
     from jaxsloth.sharding import initialize_distributed
 
     initialize_distributed()  # several hosts: JAX_COORDINATOR_ADDRESS etc. or SLURM; before any device is touched
 
-    overrides = _profile_overrides(s)
-    ops = [f.name for f in dataclasses.fields(KernelChoice)]
-    unknown = set(overrides) - set(ops) - set(_PROFILE_FIELDS)
-    if unknown:
-        raise ValueError(f"--kernels: unknown op {sorted(unknown)[0]!r}; ops: {', '.join(ops)}")
-    model, tokenizer = jaxsloth.load(
-        s["model"],
-        revision=s["revision"],
-        load_in_4bit=s["load_in_4bit"],
-        max_seq_length=s["max_seq_length"],
-        dtype=s["dtype"],
-        profile=s["profile"],
-        **overrides,
-    )
-    model = jaxsloth.add_lora(
-        model,
-        r=s["lora_r"],
-        lora_alpha=s["lora_alpha"],
-        lora_dropout=s["lora_dropout"],
-        target_modules=s["target_modules"],
-        use_rslora=s["use_rslora"],
-        seed=s["seed"],
-    )
+    model, tokenizer = jaxsloth.load(s["model"], **_api_settings(config.LoadConfig, s))
+    model = jaxsloth.add_lora(model, seed=s["seed"], **_api_settings(config.LoraConfig, s))
     out = Path(s["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     try:
         result = jaxsloth.train(
-            model,
-            tokenizer,
-            s["data"],
-            format=s["format"],
-            split=s["split"],
-            dataset_config=s["dataset_config"],
-            dataset_text_field=s["dataset_text_field"],
-            dataset_num_proc=s["dataset_num_proc"],
-            streaming=s["streaming"],
-            batch_size=s["batch_size"],
-            grad_accum=s["grad_accum"],
-            max_steps=s["max_steps"],
-            num_epochs=s["epochs"],
-            learning_rate=s["lr"],
-            warmup_steps=s["warmup"],
-            schedule=s["schedule"],
-            weight_decay=s["weight_decay"],
-            max_grad_norm=s["max_grad_norm"] or None,
-            pack=s["pack"],
-            train_on_inputs=s["train_on_inputs"],
-            output_dir=out,
-            save_every=s["save_every"],
-            resume=s["resume"],
-            on_nonfinite=s["on_nonfinite"],
-            seed=s["seed"],
-            mesh=s["mesh"],
-            shard_lora=s["shard_lora"],
+            model, tokenizer, s["data"], **{**_api_settings(config.TrainConfig, s), "output_dir": out}
         )
     except KeyboardInterrupt:
         print(

@@ -244,7 +244,14 @@ def run_demo(output_dir: str | Path = "jaxsloth-demo", *, steps: int | None = No
     (out / "metrics.jsonl").unlink(missing_ok=True)
     sinks = standard_callbacks(out, progress=False, total_steps=steps)
     result = jaxsloth.train(
-        model, tokenizer, train, batch_size=8, max_steps=steps, learning_rate=2e-3, warmup_steps=10, callbacks=sinks
+        model,
+        tokenizer,
+        train,
+        per_device_train_batch_size=8,
+        max_steps=steps,
+        learning_rate=2e-3,
+        warmup_steps=min(10, steps),  # a short run (--steps) warms up over all of it
+        callbacks=sinks,
     )
     after, answers = evaluate(model, tokenizer, heldout)
     _show("After fine-tuning:", heldout, answers, after)

@@ -2,7 +2,8 @@
 
 Layout follows PEFT so export is a rename: for a projection W [out, in], A [r, in] (``lora_A.weight``) and
 B [out, r] (``lora_B.weight``); the layer computes ``x @ W^T + scale * (dropout(x) @ A^T) @ B^T`` with
-scale = alpha / r, or alpha / sqrt(r) for rsLoRA. Stacked per layer like the params: A [L, r, in], B [L, out, r].
+scale = lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA (``LoraConfig``, defined in jaxsloth.config). Stacked
+per layer like the params: A [L, r, in], B [L, out, r].
 
 Trainable tree::
 
@@ -13,50 +14,16 @@ Embeddings and LM head, when trained (continued pretraining), are full copies, l
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
+from jaxsloth.config import LoraConfig
 from jaxsloth.models.config import ModelConfig
-from jaxsloth.models.decoder import LINEARS, LoraRuntime, linear_shapes
+from jaxsloth.models.decoder import linear_shapes
 
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """r: rank; alpha: scaling numerator; dropout on the LoRA input; target_modules: projection names.
-
-    use_rslora: scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r. train_embeddings / train_lm_head:
-    also train full copies of those (continued pretraining), at ``embedding_lr`` when set.
-    """
-
-    r: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = LINEARS
-    use_rslora: bool = False
-    train_embeddings: bool = False
-    train_lm_head: bool = False
-    embedding_lr: float | None = None
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        unknown = set(self.target_modules) - set(LINEARS)
-        if unknown:
-            raise ValueError(f"unknown target_modules {sorted(unknown)}; choose from {list(LINEARS)}")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    @property
-    def runtime(self) -> LoraRuntime:
-        return LoraRuntime(scale=self.scale, dropout=self.dropout)
+__all__ = ["LoraConfig", "count_trainable", "init_lora", "lora_delta", "merge", "unmerge", "with_trainable"]
 
 
 def init_lora(config: ModelConfig, lora: LoraConfig, key: jax.Array, params=None, dtype=jnp.float32) -> dict:

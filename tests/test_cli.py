@@ -118,7 +118,7 @@ def test_module_entry_point_help():
 
 def _bad(tmp_path, data_file):
     yaml_unknown = tmp_path / "unknown.yaml"
-    yaml_unknown.write_text(f"model: {demo.MODEL_DIR}\ndata: {data_file}\nlearning_rate: 1e-3\n")
+    yaml_unknown.write_text(f"model: {demo.MODEL_DIR}\ndata: {data_file}\nlearnin_rate: 1e-3\n")
     yaml_type = tmp_path / "type.yaml"
     yaml_type.write_text(f"model: {demo.MODEL_DIR}\ndata: {data_file}\nlora_r: sixteen\n")
     return {
@@ -185,3 +185,24 @@ def test_ctrl_c_saves_checkpoint_and_exits_130(tmp_path, data_file, capsys, monk
     assert str(out / "checkpoints") in err and "resume" in err
     assert (out / "checkpoints" / "2").is_dir()
     assert not (out / "adapter").exists()
+
+
+def test_train_help_lists_choices_and_each_default_once(capsys):
+    from jaxsloth.models.decoder import REMAT_POLICIES
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    entries = {}  # "--flag ..." -> its whole help entry, continuation lines joined
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            key = line.split()[0].rstrip(",")
+            entries[key] = line
+        elif line.startswith("   ") and entries:
+            entries[key] += " " + line.strip()
+    assert "--remat {" + ",".join(REMAT_POLICIES) + "}" in entries["--remat"]
+    assert "{linear,cosine,constant}" in entries["--lr-scheduler-type"]
+    assert "--learning-rate" in entries and "--warmup-ratio" in entries and "--lr" not in entries  # old: hidden
+    for entry in entries.values():
+        assert entry.count("(default:") <= 1, entry
+        assert "(default: None)" not in entry, entry

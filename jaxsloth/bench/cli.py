@@ -33,6 +33,7 @@ from pathlib import Path
 
 from jaxsloth.bench import report
 from jaxsloth.bench.timing import portable_command
+from jaxsloth.config import PROFILE_OVERRIDES
 
 SYSTEMS = ("jaxsloth", "hf-peft", "hf-peft-bnb", "unsloth")
 DEFAULT_SYSTEMS = ("jaxsloth", "hf-peft", "hf-peft-bnb")
@@ -42,7 +43,7 @@ QUANTS = {"jaxsloth": ("nf4", "bf16"), "hf-peft": ("bf16",), "hf-peft-bnb": ("nf
 RUNNER_VARIANTS = {"hf-peft-bnb": (("--variant", "plain"), ("--variant", "kbit"))}
 EXIT_UNAVAILABLE = 3  # a runner's "this system cannot run here" (unsloth not importable)
 # What a summary record copies from its longest passing probe: the configuration and versions behind it.
-_CONFIG_KEYS = ("remat", "profile", "kernels", "mlp_chunk", "loss_chunk", "remat_group", "mesh", "variant")
+_CONFIG_KEYS = ("profile", "kernels", *PROFILE_OVERRIDES, "mesh", "variant")
 _CONFIG_KEYS += ("jax", "torch", "unsloth", "python")
 _OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemoryError", "Out of memory")
 

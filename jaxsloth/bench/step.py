@@ -27,17 +27,20 @@ import numpy as np  # noqa: E402
 from converters.hf import load_config  # noqa: E402
 from jaxsloth.bench import trace_summary  # noqa: E402
 from jaxsloth.bench.timing import emit_jsonl, environment, median_ms, peak_gib  # noqa: E402
-from jaxsloth.lora import LoraConfig, init_lora  # noqa: E402
-from jaxsloth.models.decoder import LAYER_LOOPS, init_params, linear_shapes, unstack_layers  # noqa: E402
+from jaxsloth.config import PROFILE_OVERRIDES, LoadConfig, LoraConfig, TrainConfig, add_arguments  # noqa: E402
+from jaxsloth.lora import init_lora  # noqa: E402
+from jaxsloth.models.decoder import init_params, linear_shapes, unstack_layers  # noqa: E402
 from jaxsloth.models.presets import preset  # noqa: E402
 from jaxsloth.ops import KERNEL_OPS  # noqa: E402
-from jaxsloth.profiles import LONG_CONTEXT, profile_for_device  # noqa: E402
+from jaxsloth.profiles import profile_for_device  # noqa: E402
 from jaxsloth.quant import NF4Weight  # noqa: E402
 from jaxsloth.sharding import make_mesh, param_shardings, place_train_state, put_key, shard_batch  # noqa: E402
 from jaxsloth.train.memory import estimate_step_memory  # noqa: E402
-from jaxsloth.train.step import TrainConfig, make_optimizer, make_train_step  # noqa: E402
+from jaxsloth.train.step import make_optimizer, make_train_step  # noqa: E402
 
 TRACED_STEPS = 2  # steps recorded by --trace
+# The profile flags, derived from the settings schema: every Profile field and kernel op, and --long-context.
+PROFILE_FLAGS = (*PROFILE_OVERRIDES, *KERNEL_OPS, "long_context")
 
 
 def random_nf4(key, layers: int, out_f: int, in_f: int, blocksize: int = 64) -> NF4Weight:
@@ -112,22 +115,8 @@ def run(args) -> dict:
     # --model-path: the architecture of a local checkpoint (its config.json); weights stay random, as with --arch.
     config = load_config(args.model_path) if args.model_path else preset(args.arch)
     model_name = os.path.basename(os.path.normpath(args.model_path)) if args.model_path else args.arch
-    overrides = dict(LONG_CONTEXT) if args.long_context else {}
-    overrides.update(
-        {
-            k: v
-            for k, v in (
-                ("remat", args.remat),
-                ("attention", args.attention),
-                ("mlp_chunk", args.mlp_chunk),
-                ("loss_chunk", args.loss_chunk),
-                ("remat_group", args.remat_group),
-                ("layer_loop", args.layer_loop),
-                ("dots_layers", args.dots_layers),
-            )
-            if v
-        }
-    )
+    overrides = LoadConfig(**{k: getattr(args, k) for k in PROFILE_FLAGS if getattr(args, k) is not None})
+    overrides = overrides.profile_overrides()
     if args.kernels == "reference":
         overrides.update(
             rms_norm="reference",
@@ -148,8 +137,8 @@ def run(args) -> dict:
         default = dataclasses.asdict(type(blocks).for_head_dim(config.head_dim))
         tiles = {k: v for k, v in dataclasses.asdict(blocks).items() if v != default[k]}  # what the record names
     profile = profile_for_device(name=args.profile, **overrides)
-    lora = LoraConfig(r=16, alpha=16.0)
-    tc = TrainConfig(learning_rate=2e-4, total_steps=10_000, grad_accum=args.grad_accum)
+    lora = LoraConfig(r=16, lora_alpha=16.0)
+    tc = TrainConfig(learning_rate=2e-4, max_steps=10_000, gradient_accumulation_steps=args.grad_accum)
     t0 = time.perf_counter()
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     params = build_params(config, args.quant, profile.dtype, jax.random.key(0), mesh)
@@ -241,12 +230,8 @@ def _record(args, model_name: str, profile, layer_loop: str, **fields) -> dict:
         "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
         **fields,
         "profile": profile.name,
-        "remat": profile.remat,
-        "mlp_chunk": profile.mlp_chunk,
-        "loss_chunk": profile.loss_chunk,
-        "remat_group": profile.remat_group,
+        **{k: getattr(profile, k) for k in PROFILE_OVERRIDES},
         "layer_loop": layer_loop,
-        "dots_layers": profile.dots_layers,
         "kernels": {k: getattr(profile.kernels, k) for k in KERNEL_OPS},
         **environment(),
     }
@@ -277,26 +262,19 @@ def main(argv=None) -> None:
     p.add_argument("--profile", default=None, help="profile name (default: from the device)")
     p.add_argument("--kernels", choices=("profile", "reference"), default="profile")
     p.add_argument("--op", action="append", help="per-op override, e.g. --op attention=pallas")
-    p.add_argument("--remat", default=None)
-    p.add_argument("--attention", default=None)
     p.add_argument(
         "--attention-blocks",
         default=None,
         help="Pallas attention tiles: a JSON object of AttentionBlocks fields or a kernel_attention --tune JSONL file",
     )
-    p.add_argument("--long-context", action="store_true", help="offloaded checkpoints, MLP and loss tiles")
-    p.add_argument("--mlp-chunk", type=int, default=None)
-    p.add_argument("--loss-chunk", type=int, default=None)
-    p.add_argument("--remat-group", type=int, default=None)
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up; 0: time the first step alone")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")
-    p.add_argument("--layer-loop", choices=LAYER_LOOPS, default=None, help="override the profile's")
-    p.add_argument("--dots-layers", type=int, default=None, help="the first N layers remat 'dots' (unrolled loop)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
     p.add_argument("--compile-only", action="store_true", help="report XLA's memory plan for the step; do not run")
     p.add_argument("--trace", default=None, help=f"directory: profile {TRACED_STEPS} more steps, summarize device time")
     p.add_argument("--out", default=None)
+    add_arguments(p, (LoadConfig,), only=PROFILE_FLAGS)
     p.add_argument("--model-path", default=None, help="local checkpoint directory: its config.json replaces --arch")
     args = p.parse_args(argv)
     emit_jsonl([run(args)], args.out, append=True)

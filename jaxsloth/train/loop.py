@@ -138,7 +138,7 @@ def fit(
     mesh: Mesh | None = None,
     shard_lora: bool = False,
 ) -> TrainResult:
-    """Trains ``trainable`` for train_config.total_steps steps over batches from ``loader``.
+    """Trains ``trainable`` for train_config.max_steps steps over batches from ``loader``.
 
     loader yields dicts of [grad_accum * micro_batch, seq] int32 arrays (see jaxsloth.data) and, to resume at the
     same batch, has state_dict()/load_state_dict(). With ``checkpoint_dir``: resumes from its latest checkpoint
@@ -154,6 +154,7 @@ def fit(
     sharded and restore onto the current mesh, so a run may resume on a different device count.
     """
     tc = train_config
+    accum = tc.gradient_accumulation_steps
     # The step donates its state buffers; copy (LoRA is small) so the caller's arrays stay valid.
     trainable = jax.tree.map(jnp.copy, trainable)
     optimizer = make_optimizer(tc, lora, trainable)
@@ -193,7 +194,7 @@ def fit(
     history: list[dict] = []
     interrupted = False
     try:
-        while step < tc.total_steps:
+        while step < tc.max_steps:
             try:
                 batch = next(loader)
             except StopIteration:
@@ -202,14 +203,12 @@ def fit(
             validate_batch(batch, config.vocab_size, step + 1)
             n_seq, seq_len = batch["tokens"].shape
             if not history:
-                _check_memory(config, profile, params, n_seq // tc.grad_accum // batch_devices(mesh), seq_len, lora.r)
-            if n_seq % tc.grad_accum:
+                _check_memory(config, profile, params, n_seq // accum // batch_devices(mesh), seq_len, lora.r)
+            if n_seq % accum:
+                raise ValueError(f"batch of {n_seq} sequences does not split into {accum} accumulated micro-batches")
+            if mesh is not None and (n_seq // accum) % batch_devices(mesh):
                 raise ValueError(
-                    f"batch of {n_seq} sequences does not split into grad_accum={tc.grad_accum} micro-batches"
-                )
-            if mesh is not None and (n_seq // tc.grad_accum) % batch_devices(mesh):
-                raise ValueError(
-                    f"micro-batch of {n_seq // tc.grad_accum} sequences does not split over the "
+                    f"micro-batch of {n_seq // accum} sequences does not split over the "
                     f"{batch_devices(mesh)} data x fsdp devices of mesh {dict(mesh.shape)}"
                 )
             key, sub = jax.random.split(key)
@@ -221,7 +220,7 @@ def fit(
             try:
                 args = (trainable, opt_state, params, device_batch, sub)
                 if (n_seq, seq_len) not in compiled_steps:
-                    micro = n_seq // tc.grad_accum // batch_devices(mesh)
+                    micro = n_seq // accum // batch_devices(mesh)
                     compiled_steps[n_seq, seq_len] = _compile_step(
                         step_fn, args, config, profile, params, micro, seq_len, lora.r
                     )
@@ -242,7 +241,7 @@ def fit(
                 "step_time_s": dt,
                 "tokens_per_s": n_seq * seq_len / dt,
                 "peak_gib": _device_memory_gib(),
-                "total_steps": tc.total_steps,
+                "total_steps": tc.max_steps,
             }
             if not bool(m["finite"]):
                 if tc.on_nonfinite == "stop":

@@ -4,11 +4,11 @@ optax AdamW with warmup + schedule, global-norm clipping and a weight-decay mask
 Loss = (sum of token losses over every micro-batch) / (number of counted tokens over every micro-batch), so
 accumulation gives exactly the large-batch loss. A non-finite loss or gradient never reaches the weights: the step
 keeps the old state and reports ``finite=False``; the host loop stops (naming the step) or skips, per TrainConfig.
+TrainConfig (every training setting) is defined in jaxsloth.config.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -17,7 +17,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxsloth.lora import LoraConfig, with_trainable
+from jaxsloth.config import LoraConfig, TrainConfig
+from jaxsloth.lora import with_trainable
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import loss_sum_and_count
 from jaxsloth.ops import Ops
@@ -25,46 +26,18 @@ from jaxsloth.profiles import Profile
 from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, replicated
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """learning_rate: peak; schedule: cosine / linear / constant (after linear warmup over warmup_steps);
-    total_steps: schedule length; grad_accum: micro-batches per step; on_nonfinite: "stop" or "skip"."""
-
-    learning_rate: float = 2e-4
-    warmup_steps: int = 0
-    total_steps: int = 100
-    schedule: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_accum: int = 1
-    on_nonfinite: str = "stop"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose cosine, linear or constant")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-
-
 def learning_rate_schedule(tc: TrainConfig, peak: float | None = None) -> optax.Schedule:
-    """Linear warmup from 0, then cosine / linear decay to 0 at total_steps, or constant (as HF Trainer)."""
+    """Linear warmup from 0, then cosine / linear decay to 0 at max_steps, or constant (as HF Trainer)."""
     peak = tc.learning_rate if peak is None else peak
-    warm = max(tc.warmup_steps, 0)
-    rest = max(tc.total_steps - warm, 1)
-    if tc.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, rest)
-    elif tc.schedule == "linear":
-        decay = optax.linear_schedule(peak, 0.0, rest)
-    else:
+    warm = tc.num_warmup_steps
+    if tc.lr_scheduler_type == "constant":
         decay = optax.constant_schedule(peak)
+    elif tc.max_steps is None:
+        raise ValueError(f"the {tc.lr_scheduler_type} learning-rate schedule needs max_steps")
+    elif tc.lr_scheduler_type == "cosine":
+        decay = optax.cosine_decay_schedule(peak, max(tc.max_steps - warm, 1))
+    else:
+        decay = optax.linear_schedule(peak, 0.0, max(tc.max_steps - warm, 1))
     if warm == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm])
@@ -79,19 +52,19 @@ def make_optimizer(tc: TrainConfig, lora: LoraConfig, trainable: dict) -> optax.
     def adamw(peak):
         return optax.adamw(
             learning_rate_schedule(tc, peak),
-            b1=tc.adam_b1,
-            b2=tc.adam_b2,
-            eps=tc.adam_eps,
+            b1=tc.adam_beta1,
+            b2=tc.adam_beta2,
+            eps=tc.adam_epsilon,
             weight_decay=tc.weight_decay,
             mask=_decay_mask,
         )
 
-    if lora.embedding_lr is not None and any(k in trainable for k in ("embed", "lm_head")):
+    if lora.embedding_learning_rate is not None and any(k in trainable for k in ("embed", "lm_head")):
         labels = {k: ("embedding" if k in ("embed", "lm_head") else "lora") for k in trainable}
-        inner = optax.multi_transform({"lora": adamw(None), "embedding": adamw(lora.embedding_lr)}, labels)
+        inner = optax.multi_transform({"lora": adamw(None), "embedding": adamw(lora.embedding_learning_rate)}, labels)
     else:
         inner = adamw(None)
-    if tc.max_grad_norm is None:
+    if not tc.max_grad_norm:  # None or 0: no clipping (clipping to norm 0 would zero every update)
         return inner
     return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), inner)
 
@@ -110,7 +83,7 @@ def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile, ops: O
             lora=lora_tree,
             lora_rt=lora.runtime,
             remat=profile.remat,
-            dropout_key=key if lora.dropout > 0 else None,
+            dropout_key=key if lora.lora_dropout > 0 else None,
             compute_dtype=profile.dtype,
             head_grad="embed" in trainable or "lm_head" in trainable,
             mlp_chunk=profile.mlp_chunk,
@@ -134,7 +107,7 @@ def make_train_step(
 ) -> Callable:
     """Returns jitted ``step(trainable, opt_state, params, batch, key) -> (trainable, opt_state, metrics)``.
 
-    batch: dict of [grad_accum * micro_batch, seq] int32 arrays (tokens, targets, positions, segment_ids).
+    batch: dict of [gradient_accumulation_steps * micro_batch, seq] int32 arrays (tokens, targets, positions, segment_ids).
     trainable and opt_state are donated. Compiles once per (shapes, profile).
 
     mesh: run over a ("data", "fsdp") device mesh (jaxsloth.sharding): every micro-batch is split by rows over
@@ -145,7 +118,7 @@ def make_train_step(
     grad_fn = jax.value_and_grad(make_loss_fn(config, lora, profile, ops), has_aux=True)
 
     def step(trainable, opt_state, params, batch, key):
-        n = tc.grad_accum
+        n = tc.gradient_accumulation_steps
         micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
         if mesh is not None:  # each micro-batch over every device (not micro-batch i on a subset of them)
             micro = jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, BATCH_AXES)))
@@ -195,7 +168,8 @@ def explain_oom(err: Exception, *, batch: int, seq_len: int, profile: Profile) -
     return StepDoesNotFitError(
         f"the training step does not fit in device memory (batch={batch} sequences of seq_len={seq_len} tokens, "
         f"profile {profile.name!r}: remat={profile.remat!r}, kernels={profile.kernels}). Try, in order: "
-        "remat='full' or 'offload', a smaller micro-batch with more grad_accum, load_in_4bit=True, "
+        "remat='full' or 'offload', a smaller per_device_train_batch_size with more gradient_accumulation_steps, "
+        "load_in_4bit=True, "
         f"a shorter max_seq_length. XLA said: {str(err).splitlines()[0][:300]}"
     )
 

@@ -1,0 +1,650 @@
+"""The one settings schema: every setting of ``jaxsloth.load``, ``jaxsloth.add_lora`` and ``jaxsloth.train`` (and so
+of ``jaxsloth train``) is one field of a frozen dataclass here, with its type, default and help.
+
+    LoadConfig   the model and its GPU profile           jaxsloth.load(path, **settings)
+    LoraConfig   the adapter, in PEFT's names            jaxsloth.add_lora(model, **settings)
+    TrainConfig  the run, in transformers' / TRL's names jaxsloth.train(model, tokenizer, data, **settings)
+
+The API keywords, the YAML keys and the ``jaxsloth train`` flags (``learning_rate`` -> ``--learning-rate``) are all
+derived from these fields, so a setting is added in one place: one ``setting(default, "help", ...)`` field. Values are
+coerced and checked in ``__post_init__`` however they arrive (a negative learning rate fails in the API, the YAML file
+and the CLI alike). Old spellings (``lr``, ``epochs``, ``lora_r``, ...) keep working everywhere with a FutureWarning
+naming the new one; an unknown name is an error naming the closest known one.
+
+The GPU-profile overrides (``remat``, ``attention``, ...) are not restated: LoadConfig has one field per field of
+``Profile`` and per op of ``KernelChoice``, documented from the Profile docstring's ``name: text;`` entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import functools
+import inspect
+import math
+import os
+import re
+import types
+import typing
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxsloth import ops
+from jaxsloth.data.formats import FORMATS, resolve_format
+from jaxsloth.models.decoder import LAYER_LOOPS, LINEARS, REMAT_POLICIES, LoraRuntime
+from jaxsloth.profiles import LONG_CONTEXT, PROFILES, Profile, profile_for_device
+
+SCHEDULES = ("linear", "cosine", "constant")
+DTYPES = ("bfloat16", "float16", "float32")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def setting(
+    default,
+    help: str,
+    *,
+    aliases: Iterable[str] = (),
+    choices: Iterable[str] | None = None,
+    minimum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    maximum: float | None = None,
+    default_help: str | None = None,
+    cli_default=None,
+    positional: bool = False,
+    convert: Callable | None = None,
+):
+    """A settings field. help: its one-line doc (CLI help, API docstring); aliases: old spellings, accepted with a
+    FutureWarning; choices: every accepted value; minimum/maximum (inclusive), above/below (exclusive): its range;
+    default_help: how help words a None default; cli_default: the ``jaxsloth train`` default where it differs from
+    the API's; positional: the API takes it as a positional argument, not a keyword; convert: normalizes a value
+    before it is checked."""
+    meta = {
+        "help": help,
+        "aliases": tuple(aliases),
+        "choices": None if choices is None else tuple(choices),
+        "range": (minimum, above, below, maximum),
+        "default_help": default_help,
+        "cli_default": cli_default,
+        "positional": positional,
+        "convert": convert,
+    }
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class Settings:
+    """Base of the schema dataclasses: after ``__init__`` every field is coerced to its type (an int where a float
+    goes, "2e-4" from YAML, a list of names as a tuple) and checked against its choices and range, then ``_validate``
+    checks what involves several fields."""
+
+    title = "settings"
+
+    def __post_init__(self):
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f, hints[f.name], getattr(self, f.name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        """Checks across fields (subclasses)."""
+
+    @classmethod
+    def api_fields(cls) -> tuple[dataclasses.Field, ...]:
+        """The fields the Python API takes as keywords."""
+        return tuple(f for f in dataclasses.fields(cls) if not f.metadata["positional"])
+
+
+def schema(cls):
+    """Makes ``cls`` a frozen settings dataclass whose constructor also takes the fields' old spellings."""
+    cls = dataclasses.dataclass(frozen=True)(cls) if not dataclasses.is_dataclass(cls) else cls
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        names, given = spellings((cls,)), {}
+        for key, value in kwargs.items():
+            name = resolve_name(key, names, cls.__name__)
+            if name in given:
+                raise ValueError(f"{cls.__name__}: {name} given twice (once as {key!r})")
+            given[name] = value
+        init(self, *args, **given)
+
+    cls.__init__ = __init__
+    return cls
+
+
+# --- names -------------------------------------------------------------------------------------------------------
+
+
+def spellings(schemas: Iterable[type]) -> dict[str, str]:
+    """Every accepted name (field names and their old spellings) -> its field name."""
+    names: dict[str, str] = {}
+    for cls in schemas:
+        for f in dataclasses.fields(cls):
+            for name in (f.name, *f.metadata["aliases"]):
+                if names.setdefault(name, f.name) != f.name:
+                    raise TypeError(f"setting name {name!r} is defined twice")
+    return names
+
+
+def resolve_name(name: str, names: Mapping[str, str], where: str, spell: Callable[[str], str] = str) -> str:
+    """The field ``name`` stands for (``-`` read as ``_``). An old spelling warns (FutureWarning naming the new one);
+    an unknown name raises ValueError naming the closest known one. where: what messages start with (a file, a
+    class); spell: how they write a name (a flag)."""
+    key = str(name).replace("-", "_")
+    where = f"{where}: " if where else ""
+    if key not in names:
+        close = difflib.get_close_matches(key, list(names), n=1)
+        hint = (
+            f"did you mean {spell(names[close[0]])!r}?" if close else f"known: {', '.join(sorted(set(names.values())))}"
+        )
+        raise ValueError(f"{where}unknown setting {spell(key)!r}; {hint}")
+    if names[key] != key:
+        warnings.warn(
+            f"{where}{spell(key)!r} is deprecated; use {spell(names[key])!r}",
+            FutureWarning,
+            skip_file_prefixes=(_PACKAGE_DIR,),
+        )
+    return names[key]
+
+
+# --- values ------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _type_hints(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _members(tp) -> tuple:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _type_name(tp) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    parts = [
+        "a list of names" if typing.get_origin(m) is tuple else names.get(m, getattr(m, "__name__", str(m)))
+        for m in _members(tp)
+        if m is not type(None)
+    ]
+    return " or ".join(parts)
+
+
+def _as_member(m, value):
+    """``value`` as type ``m``, or None when it is not one."""
+    if typing.get_origin(m) is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        return None
+    if isinstance(value, bool):
+        return value if m is bool else None
+    if m is int:
+        if isinstance(value, float) and value.is_integer():  # num_train_epochs: 3.0, as transformers writes it
+            return int(value)
+        return value if isinstance(value, int) else None
+    if m is float:
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "2e-4" (no dot) as a string
+                return float(value)
+            except ValueError:
+                return None
+        return None
+    return value if isinstance(value, m) else None
+
+
+def _coerce(f: dataclasses.Field, tp, value):
+    if value is None:
+        if type(None) in _members(tp):
+            return None
+        raise ValueError(f"{f.name} must be {_type_name(tp)}, got None")
+    if f.metadata["convert"] is not None:
+        value = f.metadata["convert"](value)
+    for m in _members(tp):
+        if m is type(None):
+            continue
+        got = _as_member(m, value)
+        if got is not None:
+            value = got
+            break
+    else:
+        raise ValueError(f"{f.name} must be {_type_name(tp)}, got {value!r}")
+    choices = f.metadata["choices"]
+    if choices is not None:
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, str) and v not in choices:
+                raise ValueError(f"unknown {f.name} {v!r}; choose one of: {', '.join(choices)}")
+    minimum, above, below, maximum = f.metadata["range"]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        for bound, ok, word in (
+            (minimum, lambda b: value >= b, ">="),
+            (above, lambda b: value > b, ">"),
+            (below, lambda b: value < b, "<"),
+            (maximum, lambda b: value <= b, "<="),
+        ):
+            if bound is not None and not ok(bound):  # (NaN fails every bound)
+                raise ValueError(f"{f.name} must be {word} {bound}, got {value}")
+    return value
+
+
+# --- the schema --------------------------------------------------------------------------------------------------
+
+
+def _dtype_name(value) -> str:
+    try:
+        return jnp.dtype(value).name
+    except TypeError:
+        return value  # not a dtype: the choices check names it
+
+
+def _known_format(value):
+    """``value`` unchanged once the data layer knows it (it raises naming the formats it reads)."""
+    if isinstance(value, str) and value != "auto":
+        resolve_format(value, {})
+    return value
+
+
+def _kernel_pairs(value) -> str:
+    """A mapping {op: impl} (YAML) as the flag's "op=impl,..." string."""
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return value
+
+
+def kernel_choices(op: str) -> tuple[str, ...]:
+    """The implementations KernelChoice accepts for ``op`` (glu: those both swiglu and geglu have)."""
+    impls = ops._IMPLEMENTATIONS  # the dispatch table is the one list of implementations
+    names = ("swiglu", "geglu") if op == "glu" else (op,)
+    return tuple(k for k in impls[names[0]] if all(k in impls[n] for n in names))
+
+
+def parse_kernels(spec: str | None) -> dict[str, str]:
+    """ "attention=pallas,glu=reference" -> {"attention": "pallas", "glu": "reference"}, each op and implementation
+    checked."""
+    out = {}
+    for pair in (spec or "").split(","):
+        if not pair.strip():
+            continue
+        op, sep, impl = (s.strip() for s in pair.partition("="))
+        if not sep:
+            raise ValueError(f"kernels: expected op=impl pairs, got {pair!r}")
+        if op not in ops.KERNEL_OPS:
+            raise ValueError(f"kernels: unknown op {op!r}; ops: {', '.join(ops.KERNEL_OPS)}")
+        if impl not in kernel_choices(op):
+            raise ValueError(
+                f"kernels: unknown {op} implementation {impl!r}; choose one of: {', '.join(kernel_choices(op))}"
+            )
+        out[op] = impl
+    return out
+
+
+def _profile_doc(name: str) -> str:
+    """Field ``name``'s entry in the Profile docstring ("name: text; other: ..."), without its parentheticals."""
+    names = "|".join(re.escape(f.name) for f in dataclasses.fields(Profile))
+    doc = " ".join((Profile.__doc__ or "").split())
+    m = re.search(rf"(?:^|[;.] ){re.escape(name)}: (.*?)(?=; (?:{names}): |$)", doc)
+    if m is None:
+        return f"the profile's {name}"
+    text = m.group(1)
+    while re.search(r"\([^()]*\)", text):
+        text = re.sub(r"\s*\([^()]*\)", "", text)
+    return text.replace("``", "").rstrip(".; ")
+
+
+# Profile fields set through other settings; every other Profile field is an override of its own.
+_PROFILE_FIELDS_ELSEWHERE = {
+    "name": "profile",
+    "compute_dtype": "dtype",
+    "kernels": "kernels and the per-op fields",
+    "micro_batch": "per_device_train_batch_size",
+}
+_PROFILE_CHOICES = {"remat": REMAT_POLICIES, "layer_loop": LAYER_LOOPS}
+
+
+def _override_fields() -> list[tuple]:
+    """LoadConfig's profile-override fields: one per simple Profile field, one per KernelChoice op; None = the
+    profile's."""
+    hints = typing.get_type_hints(Profile)
+    out = []
+    for f in dataclasses.fields(Profile):
+        kinds = [m for m in _members(hints[f.name]) if m is not type(None)]
+        if f.name in _PROFILE_FIELDS_ELSEWHERE or len(kinds) != 1 or kinds[0] not in (int, float, str, bool):
+            continue
+        help = f"profile override: {_profile_doc(f.name)}"
+        field = setting(None, help, choices=_PROFILE_CHOICES.get(f.name), default_help="the profile's")
+        out.append((f.name, kinds[0] | None, field))
+    for op in ops.KERNEL_OPS:
+        field = setting(None, f"kernel for the {op} op", choices=kernel_choices(op), default_help="the profile's")
+        out.append((op, str | None, field))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadFields(Settings):
+    """The model to load and the GPU profile to run it with (LoadConfig adds the per-field profile overrides)."""
+
+    title = "model and GPU profile"
+
+    model: str | None = setting(
+        None, "Hugging Face model directory or Hub id (org/name; token from HF_TOKEN)", positional=True
+    )
+    revision: str | None = setting(None, "branch, tag or commit of a Hub model", default_help="main")
+    load_in_4bit: bool = setting(False, "QLoRA: quantize the frozen weights to NF4 while loading")
+    max_seq_length: int = setting(2048, "tokens per packed row; longer examples are truncated", minimum=1)
+    dtype: str | None = setting(
+        None,
+        "compute dtype of activations and frozen weights",
+        choices=DTYPES,
+        default_help="the profile's, bfloat16 on GPUs",
+        convert=_dtype_name,
+    )
+    profile: str | Profile | None = setting(
+        None, "GPU profile (a name, or a Profile in Python)", choices=tuple(PROFILES), default_help="from the device"
+    )
+    long_context: bool = setting(
+        False,
+        "long-sequence settings: offloaded per-layer checkpoints, MLP and loss in tiles (jaxsloth.train.memory); "
+        "the other overrides apply on top",
+    )
+    kernels: str | None = setting(
+        None, "several kernel overrides at once: op=impl pairs, e.g. attention=pallas,glu=reference",
+        convert=_kernel_pairs,
+    )  # fmt: skip
+
+    def _validate(self) -> None:
+        both = set(parse_kernels(self.kernels)) & {op for op in ops.KERNEL_OPS if getattr(self, op) is not None}
+        if both:
+            raise ValueError(f"kernel for {sorted(both)[0]} given twice: in kernels and as its own setting")
+
+    def profile_overrides(self) -> dict:
+        """The Profile / KernelChoice fields these settings override."""
+        out = dict(LONG_CONTEXT) if self.long_context else {}
+        out.update(parse_kernels(self.kernels))
+        given = {name: getattr(self, name) for name in (*PROFILE_OVERRIDES, *ops.KERNEL_OPS)}
+        out.update({k: v for k, v in given.items() if v is not None})
+        return out
+
+    def build_profile(self) -> Profile:
+        """The profile to run with: named (or the device's), with every override and the dtype applied."""
+        overrides = self.profile_overrides()
+        if isinstance(self.profile, Profile):
+            prof = self.profile.replace(**overrides)
+        else:
+            prof = profile_for_device(name=self.profile, **overrides)
+        return prof if self.dtype is None else prof.replace(compute_dtype=self.dtype)
+
+
+_OVERRIDES = _override_fields()
+PROFILE_OVERRIDES = tuple(name for name, _, _ in _OVERRIDES if name not in ops.KERNEL_OPS)
+LoadConfig = schema(
+    dataclasses.make_dataclass(
+        "LoadConfig",
+        _OVERRIDES,
+        bases=(_LoadFields,),
+        frozen=True,
+        module=__name__,
+        namespace={"__doc__": "The model to load and the GPU profile to run it with, each profile field overridable."},
+    )
+)
+
+
+@schema
+class LoraConfig(Settings):
+    """A LoRA adapter, in PEFT's names: the layer computes ``x @ W^T + scale * (dropout(x) @ A^T) @ B^T`` with
+    scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
+
+    title = "LoRA adapter"
+
+    r: int = setting(16, "LoRA rank", aliases=("lora_r",), minimum=1)
+    lora_alpha: float = setting(
+        16.0, "LoRA alpha: scale alpha / r, or alpha / sqrt(r) with use_rslora", aliases=("alpha",)
+    )
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input", aliases=("dropout",), minimum=0.0, below=1.0)
+    target_modules: tuple[str, ...] = setting(
+        LINEARS, "projections to adapt", choices=LINEARS, default_help="every projection"
+    )
+    use_rslora: bool = setting(False, "rank-stabilised LoRA: scale alpha / sqrt(r) (Kalajdzievski 2023)")
+    train_embeddings: bool = setting(False, "also train a full copy of the input embeddings (continued pretraining)")
+    train_lm_head: bool = setting(False, "also train a full copy of the LM head (continued pretraining)")
+    embedding_learning_rate: float | None = setting(
+        None,
+        "learning rate of the trained embeddings / LM head (as Unsloth's)",
+        aliases=("embedding_lr",),
+        above=0.0,
+        default_help="learning_rate",
+    )
+
+    def _validate(self) -> None:
+        if not self.target_modules:
+            raise ValueError(f"target_modules is empty; choose from: {', '.join(LINEARS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def runtime(self) -> LoraRuntime:
+        return LoraRuntime(scale=self.scale, dropout=self.lora_dropout)
+
+
+@schema
+class TrainConfig(Settings):
+    """A training run, in transformers' TrainingArguments / TRL's SFTConfig names. Linear warmup from 0 over
+    warmup_steps (or warmup_ratio of the run), then lr_scheduler_type to 0 at max_steps; AdamW with weight decay
+    on matrices; global-norm clipping; loss averaged over every counted token of the accumulated micro-batches."""
+
+    title = "training"
+
+    data: str | None = setting(
+        None,
+        "training data: a .jsonl/.json/.parquet/.csv/.arrow/.txt file, a dataset folder or a Hub dataset id",
+        positional=True,
+    )
+    split: str = setting("train", "dataset split to train on (files and folders: train)")
+    dataset_config: str | None = setting(None, "dataset configuration name (load_dataset's name=)")
+    streaming: bool = setting(False, "stream the dataset in order instead of loading it whole (needs max_steps)")
+    dataset_num_proc: int | None = setting(None, "processes tokenizing the dataset", minimum=1, default_help="1")
+    dataset_text_field: str | None = setting(None, "train on the raw text of this column (format text)")
+    format: str = setting(
+        "auto",
+        f"data format: auto (from the first row's keys), {', '.join(FORMATS)} (sharegpt and other aliases too)",
+        convert=_known_format,
+    )
+    output_dir: str | os.PathLike | None = setting(
+        None,
+        "checkpoints, metrics.jsonl, tensorboard/, loss.png (and the CLI's adapter/)",
+        default_help="nothing written",
+        cli_default="jaxsloth-run",
+    )
+    max_steps: int | None = setting(
+        None, "optimizer steps", aliases=("total_steps",), minimum=1, default_help="num_train_epochs over the data"
+    )
+    num_train_epochs: int | None = setting(
+        None, "epochs over the data when max_steps is not given", aliases=("epochs", "num_epochs"), minimum=1,
+        default_help="1",
+    )  # fmt: skip
+    per_device_train_batch_size: int | None = setting(
+        None,
+        "sequences per micro-batch per data-parallel rank (each of data x fsdp devices)",
+        aliases=("batch_size",),
+        minimum=1,
+        default_help="the profile's",
+    )
+    gradient_accumulation_steps: int = setting(
+        1, "micro-batches per optimizer step", aliases=("grad_accum",), minimum=1
+    )
+    learning_rate: float = setting(2e-4, "peak learning rate", aliases=("lr",), above=0.0)
+    lr_scheduler_type: str = setting(
+        "linear", "learning-rate decay after warmup", aliases=("schedule",), choices=SCHEDULES
+    )
+    warmup_steps: int = setting(0, "linear warmup steps from 0", aliases=("warmup",), minimum=0)
+    warmup_ratio: float = setting(
+        0.0, "warmup as a fraction of max_steps (instead of warmup_steps)", minimum=0.0, maximum=1.0
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay (matrices only)", minimum=0.0)
+    max_grad_norm: float | None = setting(1.0, "gradient clipping by global norm (0 or None: off)", minimum=0.0)
+    adam_beta1: float = setting(0.9, "AdamW beta1", aliases=("adam_b1",), minimum=0.0, below=1.0)
+    adam_beta2: float = setting(0.999, "AdamW beta2", aliases=("adam_b2",), minimum=0.0, below=1.0)
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon", aliases=("adam_eps",), above=0.0)
+    packing: bool = setting(True, "pack several examples per row", aliases=("pack",))
+    train_on_inputs: bool = setting(False, "also train on prompts / user turns")
+    save_steps: int = setting(
+        0, "checkpoint every N steps (0: only at the end and on Ctrl-C)", aliases=("save_every",), minimum=0
+    )
+    resume: bool = setting(True, "continue from the latest checkpoint in output_dir")
+    on_nonfinite: str = setting(
+        "stop", "on a NaN/Inf loss: stop (naming the step) or skip the update", choices=("stop", "skip")
+    )
+    seed: int = setting(0, "seed for data order and dropout (and, in the CLI, LoRA init)")
+    mesh: str | Mesh | None = setting(
+        None, "device mesh, e.g. data=2,fsdp=4", default_help="every device data-parallel"
+    )
+    shard_lora: bool = setting(False, "also shard LoRA and optimizer state over the fsdp axis")
+
+    def _validate(self) -> None:
+        if self.max_steps is not None and self.num_train_epochs is not None:
+            raise ValueError("give max_steps or num_train_epochs, not both")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} is longer than the run (max_steps={self.max_steps})")
+
+    @property
+    def num_warmup_steps(self) -> int:
+        """Warmup steps: warmup_steps, or warmup_ratio of max_steps rounded up (as transformers)."""
+        if not self.warmup_ratio:
+            return self.warmup_steps
+        if self.max_steps is None:
+            raise ValueError("warmup_ratio needs max_steps (jaxsloth.train sets it from num_train_epochs)")
+        return math.ceil(self.warmup_ratio * self.max_steps)
+
+
+TRAIN_SCHEMAS = (LoadConfig, LoraConfig, TrainConfig)
+spellings(TRAIN_SCHEMAS)  # one name, one setting, across the whole command
+
+
+# --- derived faces: API signatures and docs, CLI flags -------------------------------------------------------------
+
+
+def _default_text(f: dataclasses.Field) -> str | None:
+    m = f.metadata
+    if m["default_help"] is not None:
+        return m["default_help"]
+    default = m["cli_default"] if m["cli_default"] is not None else f.default
+    return None if default is None else str(default)
+
+
+def describe(f: dataclasses.Field, cli: bool = False) -> str:
+    """One line of help: the doc, the accepted values (the CLI shows single choices in the flag's metavar), then
+    the default once."""
+    text, choices = f.metadata["help"], f.metadata["choices"]
+    if choices and isinstance(f.default, tuple):
+        text += f"; {'comma-separated' if cli else 'any'} of: {','.join(choices)}"
+    elif choices and not cli:
+        text += f"; one of: {', '.join(choices)}"
+    default = _default_text(f)
+    return text if default is None else f"{text} (default: {default})"
+
+
+def takes_settings(*schemas: type) -> Callable:
+    """Decorator for an API function whose ``**settings`` are the keyword fields of ``schemas``: its signature
+    (``help()``, IDEs) and docstring list them, with their types, defaults and help."""
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        taken = {p.name for p in params}
+        lines = []
+        for cls in schemas:
+            hints = _type_hints(cls)
+            for f in cls.api_fields():
+                if f.name in taken:
+                    continue
+                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                                annotation=hints[f.name]))  # fmt: skip
+                lines.append(f"    {f.name}: {describe(f)}")
+        fn.__signature__ = sig.replace(parameters=params)
+        names = " / ".join(f"jaxsloth.config.{c.__name__}" for c in schemas)
+        fn.__doc__ = f"{(fn.__doc__ or '').rstrip()}\n\n    Settings ({names}):\n\n" + "\n".join(lines)
+        return fn
+
+    return wrap
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flag_type(tp):
+    kinds = [m for m in _members(tp) if m is not type(None)]
+    if bool in kinds:
+        return bool
+    for kind in kinds:
+        if kind in (int, float):
+            return kind
+    return str
+
+
+def add_arguments(parser: argparse.ArgumentParser, schemas: Iterable[type], only: Iterable[str] | None = None) -> None:
+    """One ``--flag`` per field of ``schemas`` (or of those named in ``only``), in a group per schema; every default
+    is None so that a given flag can be told from an absent one (the schema's defaults apply later). Old spellings
+    are hidden flags of their own (``flag_values`` warns about them)."""
+    only = None if only is None else set(only)
+    for cls in schemas:
+        group = parser.add_argument_group(cls.title)
+        hints = _type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if only is not None and f.name not in only:
+                continue
+            kind = _flag_type(hints[f.name])
+            choices = f.metadata["choices"]
+            for name in (f.name, *f.metadata["aliases"]):
+                help = describe(f, cli=True) if name == f.name else argparse.SUPPRESS
+                if kind is bool:
+                    group.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                       help=help)  # fmt: skip
+                else:
+                    metavar = (
+                        "NAMES" if isinstance(f.default, tuple) else "{" + ",".join(choices) + "}" if choices else None
+                    )
+                    group.add_argument(flag(name), dest=name, type=kind, default=None, metavar=metavar, help=help)
+
+
+def flag_values(args: argparse.Namespace, schemas: Iterable[type]) -> dict[str, tuple[str, object]]:
+    """The flags given on the command line: field name -> (the flag as typed, value). An old spelling warns; a
+    setting given under two spellings is an error."""
+    names = spellings(schemas)
+    out: dict[str, tuple[str, object]] = {}
+    for spelling, name in names.items():
+        value = getattr(args, spelling, None)
+        if value is None:
+            continue
+        resolve_name(spelling, names, "", spell=flag)
+        if name in out:
+            raise ValueError(f"{out[name][0]} and {flag(spelling)} set the same setting; give one")
+        out[name] = (flag(spelling), value)
+    return out
+
+
+def cli_defaults(schemas: Iterable[type]) -> dict[str, object]:
+    """The settings whose ``jaxsloth train`` default differs from the API's."""
+    return {
+        f.name: f.metadata["cli_default"]
+        for cls in schemas
+        for f in dataclasses.fields(cls)
+        if f.metadata["cli_default"] is not None
+    }
+
+
+def split_settings(values: Mapping[str, object], schemas: Iterable[type] = TRAIN_SCHEMAS) -> list:
+    """One validated object per schema from a flat field name -> value mapping."""
+    return [cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}) for cls in schemas]
