@@ -5,8 +5,9 @@
     jaxsloth export --model M --adapter runs/x/adapter --merged --out merged/
     jaxsloth demo
 
-Errors a user causes (a missing file, a bad value) print one line and exit 2; Ctrl-C during training saves a
-checkpoint, says where, and exits 130.
+Errors a user causes (a missing file, a bad value) print one line and exit 2; a failed write (disk full) prints
+one line naming the path and exits 1; Ctrl-C (SIGTERM) during training saves a checkpoint, says which and where,
+and exits 130 (143).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Option:
 
 TRAIN_OPTIONS = (
     Option("model", str, None, "Hugging Face model directory (config.json + safetensors + tokenizer)"),
+    Option("tokenizer", str, None, "tokenizer directory, when the model directory has none"),
     Option("data", str, None, "training data: .jsonl, .json or .parquet"),
     Option("format", str, "auto", "data format: auto, text, alpaca, messages (sharegpt)"),
     Option("output_dir", str, "jaxsloth-run", "checkpoints, metrics.jsonl, tensorboard/, loss.png and adapter/"),
@@ -56,8 +58,9 @@ TRAIN_OPTIONS = (
     Option("max_grad_norm", float, 1.0, "gradient clipping by global norm (0 = off)"),
     Option("train_on_inputs", bool, False, "also train on prompts / user turns"),
     Option("pack", bool, True, "pack several examples per row"),
-    Option("save_every", int, 0, "checkpoint every N steps (0: only at the end and on Ctrl-C)"),
+    Option("save_every", int, 500, "checkpoint every N steps and every 30 minutes (0: only at the end and on Ctrl-C)"),
     Option("resume", bool, True, "continue from the latest checkpoint in output_dir"),
+    Option("overwrite", bool, False, "start fresh in an output_dir that holds another run (removes its outputs)"),
     Option("on_nonfinite", str, "stop", "on a NaN/Inf loss: stop (naming the step) or skip the update"),
     Option("seed", int, 0, "seed for LoRA init, data order and dropout"),
     Option("mesh", str, None, "device mesh, e.g. data=2,fsdp=4 (default: every device data-parallel)"),
@@ -197,6 +200,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     unknown = set(overrides) - set(ops) - set(_PROFILE_FIELDS)
     if unknown:
         raise ValueError(f"--kernels: unknown op {sorted(unknown)[0]!r}; ops: {', '.join(ops)}")
+    out = Path(s["output_dir"])
+    records = _checked_before_loading(s, out)
     model, tokenizer = jaxsloth.load(
         _existing_dir(s["model"], "model"),
         load_in_4bit=s["load_in_4bit"],
@@ -214,13 +219,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         use_rslora=s["use_rslora"],
         seed=s["seed"],
     )
-    out = Path(s["output_dir"])
+    tokenizer = _tokenizer(s["tokenizer"], tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     try:
         result = jaxsloth.train(
             model,
             tokenizer,
-            s["data"],
+            records,
             format=s["format"],
             batch_size=s["batch_size"],
             grad_accum=s["grad_accum"],
@@ -236,21 +241,53 @@ def cmd_train(args: argparse.Namespace) -> int:
             output_dir=out,
             save_every=s["save_every"],
             resume=s["resume"],
+            overwrite=s["overwrite"],
             on_nonfinite=s["on_nonfinite"],
             seed=s["seed"],
             mesh=s["mesh"],
             shard_lora=s["shard_lora"],
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from jaxsloth.train.interrupts import interrupted_message
+
+        message, code = interrupted_message(e, out / "checkpoints")
+        print(f"\n{message}", file=sys.stderr)
+        return code
+    adapter = jaxsloth.save_adapter(model, out / "adapter", overwrite=True)  # this run's own adapter folder
+    if not result.history:
         print(
-            f"\ninterrupted: checkpoint saved in {out / 'checkpoints'}; run the same command again to resume",
-            file=sys.stderr,
+            f"the run in {out} is already complete (step {result.step} of {result.step}); nothing to train. Pass a "
+            f"larger --max-steps to train further, or --overwrite to start again. PEFT adapter: {adapter}"
         )
-        return EXIT_INTERRUPTED
-    adapter = jaxsloth.save_adapter(model, out / "adapter")
-    last = result.history[-1]["loss"] if result.history else float("nan")
+        return 0
+    last = result.history[-1]["loss"]
     print(f"trained {result.step} steps (final loss {last:.4f}); PEFT adapter: {adapter}; metrics: {out}")
     return 0
+
+
+def _checked_before_loading(s: dict, out: Path) -> list[dict]:
+    """What can be checked without the model, checked before it loads (minutes for a large one): the data file
+    is read and its format detected, and the output directory may be written as asked."""
+    from jaxsloth.data import load_records
+    from jaxsloth.data.formats import resolve_format
+    from jaxsloth.train.run_dir import check_output_dir
+
+    check_output_dir(out, resume=s["resume"], overwrite=s["overwrite"])
+    records = load_records(s["data"])
+    resolve_format(s["format"], records[0])
+    return records
+
+
+def _tokenizer(path: str | None, found):
+    """The --tokenizer directory's tokenizer when given, else the one found beside the model."""
+    if path is None:
+        return found
+    import jaxsloth
+
+    tokenizer = jaxsloth.api.load_tokenizer(_existing_dir(path, "tokenizer"))
+    if tokenizer is None:
+        raise FileNotFoundError(f"no tokenizer files (tokenizer.json, tokenizer_config.json) in --tokenizer {path}")
+    return tokenizer
 
 
 def _load_with_adapter(args: argparse.Namespace):
@@ -264,12 +301,13 @@ def _load_with_adapter(args: argparse.Namespace):
 
         trainable, lora = load_peft_adapter(_existing_dir(args.adapter, "adapter"), model.config)
         model = dataclasses.replace(model, lora=lora, trainable=trainable)
-    return model, tokenizer
+    return model, _tokenizer(args.tokenizer, tokenizer)
 
 
 def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--adapter", required=adapter_required, help="PEFT LoRA adapter directory")
+    p.add_argument("--tokenizer", help="tokenizer directory, when the model directory has none")
     p.add_argument("--load-in-4bit", action="store_true", help="quantize the base weights to NF4 while loading")
     p.add_argument("--max-seq-length", type=int, default=2048, help="longest sequence (prompt + new tokens)")
 
@@ -285,7 +323,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("no prompts: give them as arguments or with --prompts-file")
     model, tokenizer = _load_with_adapter(args)
     if tokenizer is None:
-        raise ValueError(f"no tokenizer files in {args.model}")
+        raise ValueError(f"no tokenizer files in {args.model}: pass --tokenizer PATH (a directory with tokenizer.json)")
     if args.chat:
         from jaxsloth.data.chat import require_chat_template
 
@@ -312,12 +350,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise FileExistsError(f"output directory {args.out} is not empty (pass --overwrite)")
     model, tokenizer = _load_with_adapter(args)
     if args.merged:
-        path = jaxsloth.save_merged(model, args.out, dtype=args.dtype)
+        path = jaxsloth.save_merged(model, args.out, dtype=args.dtype, overwrite=args.overwrite)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         print(f"merged {args.dtype} checkpoint: {path}")
     else:
-        path = jaxsloth.save_adapter(model, args.out)
+        path = jaxsloth.save_adapter(model, args.out, overwrite=args.overwrite)
         print(f"PEFT adapter: {path}")
     return 0
 
@@ -410,4 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (FloatingPointError, MemoryError) as e:  # non-finite loss, a step that does not fit: explained already
         print(f"jaxsloth {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, no permission: not the user's command; partial files are removed already
+        print(f"jaxsloth {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -79,3 +80,19 @@ class InterruptGuard:
         if self._pending:
             self._pending = False
             raise TrainingInterrupted(self.signum or signal.SIGINT)
+
+
+def interrupted_message(e: KeyboardInterrupt, checkpoints: str | os.PathLike) -> tuple[str, int]:
+    """The one line the CLI prints when training was interrupted, and its exit code (130 Ctrl-C, 143 SIGTERM).
+
+    It says "saved" only when a checkpoint of the last completed step was written."""
+    if not isinstance(e, TrainingInterrupted):
+        e = TrainingInterrupted()
+    what = f"interrupted ({e})"
+    if e.saved_step is not None:
+        line = f"{what}: checkpoint of step {e.saved_step} saved in {checkpoints}; run the same command to resume"
+    elif e.kept_step is not None:
+        line = f"{what}: the latest checkpoint is step {e.kept_step} in {checkpoints}; run the same command to resume"
+    else:
+        line = f"{what}: no checkpoint was saved (no step had completed)"
+    return line, e.exit_code
