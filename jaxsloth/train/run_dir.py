@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 import socket
@@ -145,7 +144,3 @@ def remove_partial_files(path: str | os.PathLike) -> None:
     for p in Path(path).glob("*.tmp"):
         with contextlib.suppress(OSError):
             p.unlink()
-
-
-def is_disk_full(e: BaseException) -> bool:
-    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
