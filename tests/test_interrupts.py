@@ -141,3 +141,14 @@ def test_interrupt_anywhere_resumes_exactly(tmp_path, monkeypatch):
     other = type(LORA)(r=LORA.r, alpha=LORA.alpha * 2)
     with pytest.raises(ResumeMismatchError, match=r"LoRA alpha \(--lora-alpha\) = 8.0, this run has 16.0"):
         _fit(config, params, ckpt, lora=other)
+
+
+def test_the_cli_says_saved_only_when_it_saved():
+    from jaxsloth.train.interrupts import interrupted_message
+
+    saved, code = interrupted_message(TrainingInterrupted(signal.SIGTERM, saved_step=7, kept_step=7), "o/checkpoints")
+    assert code == 143 and "checkpoint of step 7 saved in o/checkpoints" in saved
+    kept, code = interrupted_message(TrainingInterrupted(signal.SIGINT, saved_step=None, kept_step=5), "o/c")
+    assert code == 130 and "saved" not in kept and "latest checkpoint is step 5" in kept
+    none, _ = interrupted_message(KeyboardInterrupt(), "o/c")
+    assert "no checkpoint was saved" in none
