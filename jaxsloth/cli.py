@@ -267,12 +267,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _checked_before_loading(s: dict, out: Path) -> list[dict]:
     """What can be checked without the model, checked before it loads (minutes for a large one): the data file
-    is read and its format detected, and the output directory may be written as asked."""
+    is read and its format detected, the --tokenizer directory exists, and the output directory may be written as
+    asked."""
     from jaxsloth.data import load_records
     from jaxsloth.data.formats import resolve_format
     from jaxsloth.train.run_dir import check_output_dir
 
     check_output_dir(out, resume=s["resume"], overwrite=s["overwrite"])
+    if s["tokenizer"] is not None:
+        _existing_dir(s["tokenizer"], "tokenizer")
     records = load_records(s["data"])
     resolve_format(s["format"], records[0])
     return records
