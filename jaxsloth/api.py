@@ -10,6 +10,7 @@ jaxsloth.save_merged(model, "runs/x/merged")        # 16-bit Hugging Face checkp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -74,7 +75,7 @@ def load(path: str | os.PathLike, *, token: str | None = None, **settings):
             config.max_position_embeddings,
         )
     model = Model(config, params, prof, max_seq_length, os.fspath(path), local_dir=str(local))
-    return model, load_tokenizer(local)
+    return model, load_tokenizer(local if cfg.tokenizer is None else cfg.tokenizer, token=token)
 
 
 def load_tokenizer(path: str | os.PathLike, revision: str | None = None, token: str | None = None):
@@ -89,9 +90,18 @@ def load_tokenizer(path: str | os.PathLike, revision: str | None = None, token: 
 
 
 @takes_settings(LoraConfig)
-def add_lora(model: Model, *, seed: int = 0, **settings) -> Model:
-    """Returns the model with a fresh LoRA adapter (PEFT's initialisation, from ``seed``)."""
+def add_lora(model: Model, *, seed: int = 0, overwrite: bool = False, **settings) -> Model:
+    """Returns the model with a fresh LoRA adapter (PEFT's initialisation, from ``seed``).
+
+    A model that already has an adapter (trained, or loaded from PEFT) is refused unless ``overwrite=True``, which
+    replaces it with a fresh one: calling add_lora again must not silently discard training.
+    """
     lora = LoraConfig(**settings)
+    if model.trainable is not None and not overwrite:
+        raise ValueError(
+            f"the model already has a LoRA adapter (r={model.lora.r}); keep training it by passing the model to "
+            "jaxsloth.train as it is, or pass overwrite=True to replace it with a fresh one"
+        )
     trainable = init_lora(model.config, lora, jax.random.key(seed), params=model.params)
     return dataclasses.replace(model, lora=lora, trainable=trainable)
 
@@ -101,8 +111,12 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     """Fine-tunes ``model``'s adapter on ``data``: a data file, a dataset folder or Hub id (``split``, and
     ``dataset_config`` for load_dataset's name), a list of records, or a datasets.Dataset / IterableDataset.
 
-    Steps: max_steps, or num_train_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable),
-    metrics.jsonl, TensorBoard events and loss.png are written there. Updates ``model.trainable`` in place and
+    Steps: max_steps, or num_train_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable;
+    every save_steps steps and every 30 minutes, at the end, and on Ctrl-C / SIGTERM), metrics.jsonl, TensorBoard
+    events and loss.png are written there. An output_dir holding another run's checkpoints is resumed (resume,
+    the default: the model, LoRA, optimizer settings and data must match) or, with resume=False, refused unless
+    overwrite=True, which starts fresh there; overwrite=True always starts fresh. One run at a time per
+    output_dir (a lock file; another live run's is refused). Updates ``model.trainable`` in place and
     returns the TrainResult (history of per-step metrics).
 
     mesh: a spec like "data=2,fsdp=4", a jax.sharding.Mesh, or None: every device data-parallel (one device: no
@@ -116,13 +130,19 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     """
     from jaxsloth.data import BatchLoader, streaming_loader, tokenize_dataset
     from jaxsloth.train.loop import fit
-    from jaxsloth.train.metrics import standard_callbacks
+    from jaxsloth.train.metrics import close_all, standard_callbacks
+    from jaxsloth.train.run_dir import check_output_dir, clear_run_outputs, run_lock
 
     tc = TrainConfig(**settings)  # every setting checked before anything is loaded
     if model.trainable is None:
         raise ValueError("the model has no adapter to train: call jaxsloth.add_lora(model, ...) first")
     if tokenizer is None:
-        raise ValueError("train needs a tokenizer (the model directory has none; pass one)")
+        raise ValueError(
+            f"train needs a tokenizer and the model directory {model.path} has none: pass one as the tokenizer "
+            "argument (jaxsloth.train(model, tokenizer, ...)), or --tokenizer PATH on the command line"
+        )
+    if tc.output_dir is not None:
+        check_output_dir(Path(tc.output_dir), resume=tc.resume, overwrite=tc.overwrite)
     from jaxsloth.sharding import batch_devices, resolve_mesh
 
     device_mesh = resolve_mesh(tc.mesh)
@@ -164,14 +184,20 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     max_steps = tc.max_steps
     out = Path(tc.output_dir) if tc.output_dir is not None else None
     # On several hosts every process trains; only the first writes metrics, plots and the progress bar.
-    writers = standard_callbacks(out, progress=progress, total_steps=max_steps) if jax.process_index() == 0 else []
-    cbs = list(callbacks) + writers
+    first = jax.process_index() == 0
+    held = contextlib.ExitStack()  # the output directory's lock, held until training ends however it ends
+    if out is not None and first:
+        held.enter_context(run_lock(out))
+        if tc.overwrite:
+            clear_run_outputs(out)
+    cbs = list(callbacks)
     # The profile's unrolled layer loop reads per-layer weight arrays: the model's own stacked weights are split for
     # the run (consumed, so the device never holds both layouts) and stacked back however it ends.
     unroll = model.profile.unrolled_layers and device_mesh is None and not layers_unstacked(model.params)
     if unroll:
         model.params = unstack_layers(model.params, consume=True)
     try:
+        cbs += standard_callbacks(out, progress=progress, total_steps=max_steps) if first else []
         result = fit(
             model.config,
             model.params,
@@ -188,17 +214,20 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             shard_lora=tc.shard_lora,
         )
     finally:
-        for cb in cbs:
-            if hasattr(cb, "close"):
-                cb.close()
+        # Every sink is closed even when one fails; a failing close never hides the error that stopped training.
+        close_errors = close_all(cbs)
         if unroll:
             model.params = stack_layers(model.params, consume=True)
+        held.close()
+    if close_errors:
+        raise close_errors[0]
     model.trainable = result.trainable
     return result
 
 
-def save_adapter(model: Model, path: str | os.PathLike) -> Path:
-    """Writes the adapter in PEFT format (adapter_model.safetensors + adapter_config.json)."""
+def save_adapter(model: Model, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Writes the adapter in PEFT format (adapter_model.safetensors + adapter_config.json) into a new or empty
+    directory; ``overwrite=True`` replaces the files of an earlier export there (see ``_export``)."""
     from converters.peft import save_peft_adapter
 
     if model.trainable is None:
@@ -206,7 +235,24 @@ def save_adapter(model: Model, path: str | os.PathLike) -> Path:
     trainable = _on_host(model.trainable)
     if jax.process_index() != 0:
         return Path(path)
-    return save_peft_adapter(trainable, model.lora, model.config, path, base_model_name_or_path=model.path)
+    return _export(
+        path,
+        overwrite,
+        lambda p: save_peft_adapter(trainable, model.lora, model.config, p, base_model_name_or_path=model.path),
+    )
+
+
+def _export(path: str | os.PathLike, overwrite: bool, write) -> Path:
+    """Runs ``write(path)`` into a directory that holds nothing else from us (jaxsloth.train.run_dir); a failed
+    write (disk full) leaves no partial file and raises one OSError naming the directory."""
+    from jaxsloth.train.run_dir import prepare_export_dir, remove_partial_files
+
+    path = prepare_export_dir(path, overwrite=overwrite)
+    try:
+        return write(path)
+    except OSError as e:
+        remove_partial_files(path)
+        raise OSError(e.errno, f"{e.strerror or e} while exporting", str(path)) from e
 
 
 def _on_host(tree):
@@ -227,8 +273,9 @@ def _on_host(tree):
     )
 
 
-def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16") -> Path:
-    """Writes a 16-bit Hugging Face checkpoint with the adapter merged in (NF4 weights dequantized first)."""
+def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
+    """Writes a 16-bit Hugging Face checkpoint with the adapter merged in (NF4 weights dequantized first), into a
+    new or empty directory; ``overwrite=True`` replaces the files of an earlier export there."""
     from converters.hf import save_hf_model
 
     params = (
@@ -237,4 +284,4 @@ def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16") 
     params = _on_host(params)
     if jax.process_index() != 0:
         return Path(path)
-    return save_hf_model(params, model.config, path, dtype=jnp.dtype(dtype))
+    return _export(path, overwrite, lambda p: save_hf_model(params, model.config, p, dtype=jnp.dtype(dtype)))

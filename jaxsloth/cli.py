@@ -5,8 +5,9 @@
     jaxsloth export --model M --adapter runs/x/adapter --merged --out merged/
     jaxsloth demo
 
-Errors a user causes (a missing file, a bad value) print one line and exit 2; Ctrl-C during training saves a
-checkpoint, says where, and exits 130.
+Errors a user causes (a missing file, a bad value) print one line and exit 2; a failed write (disk full) prints
+one line naming the path and exits 1; Ctrl-C (SIGTERM) during training saves a checkpoint, says which and where,
+and exits 130 (143).
 """
 
 from __future__ import annotations
@@ -99,31 +100,60 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     initialize_distributed()  # several hosts: JAX_COORDINATOR_ADDRESS etc. or SLURM; before any device is touched
 
+    out = Path(s["output_dir"])
+    data = _checked_before_loading(s, out)
     model, tokenizer = jaxsloth.load(s["model"], **_api_settings(config.LoadConfig, s))
     model = jaxsloth.add_lora(model, seed=s["seed"], **_api_settings(config.LoraConfig, s))
-    out = Path(s["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     try:
-        result = jaxsloth.train(
-            model, tokenizer, s["data"], **{**_api_settings(config.TrainConfig, s), "output_dir": out}
-        )
-    except KeyboardInterrupt:
+        result = jaxsloth.train(model, tokenizer, data, **{**_api_settings(config.TrainConfig, s), "output_dir": out})
+    except KeyboardInterrupt as e:
+        from jaxsloth.train.interrupts import interrupted_message
+
+        message, code = interrupted_message(e, out / "checkpoints")
+        print(f"\n{message}", file=sys.stderr)
+        return code
+    adapter = jaxsloth.save_adapter(model, out / "adapter", overwrite=True)  # this run's own adapter folder
+    if not result.history:
         print(
-            f"\ninterrupted: checkpoint saved in {out / 'checkpoints'}; run the same command again to resume",
-            file=sys.stderr,
+            f"the run in {out} is already complete (step {result.step} of {result.step}); nothing to train. Pass a "
+            f"larger --max-steps to train further, or --overwrite to start again. PEFT adapter: {adapter}"
         )
-        return EXIT_INTERRUPTED
-    adapter = jaxsloth.save_adapter(model, out / "adapter")
-    last = result.history[-1]["loss"] if result.history else float("nan")
+        return 0
+    last = result.history[-1]["loss"]
     print(f"trained {result.step} steps (final loss {last:.4f}); PEFT adapter: {adapter}; metrics: {out}")
     return 0
+
+
+def _checked_before_loading(s: dict, out: Path):
+    """What can be checked without the model, checked before it loads (minutes for a large one): the output
+    directory may be written as asked, the --tokenizer directory exists, and the data is read and its format
+    detected. Returns the records (or the data source itself when it is streamed)."""
+    from jaxsloth.data import load_records
+    from jaxsloth.data.formats import resolve_format
+    from jaxsloth.train.run_dir import check_output_dir
+
+    check_output_dir(out, resume=s["resume"], overwrite=s["overwrite"])
+    if s["tokenizer"] is not None:
+        _existing_dir(s["tokenizer"], "tokenizer")
+    if s["streaming"]:
+        return s["data"]
+    records = load_records(s["data"], split=s["split"], name=s["dataset_config"])
+    resolve_format(s["format"], records[0], s["dataset_text_field"])
+    return records
 
 
 def _load_with_adapter(args: argparse.Namespace):
     import jaxsloth
 
+    if args.tokenizer is not None:
+        _existing_dir(args.tokenizer, "tokenizer")
     model, tokenizer = jaxsloth.load(
-        args.model, revision=args.revision, load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length
+        args.model,
+        revision=args.revision,
+        tokenizer=args.tokenizer,
+        load_in_4bit=args.load_in_4bit,
+        max_seq_length=args.max_seq_length,
     )
     if args.adapter is not None:
         from converters.peft import load_peft_adapter
@@ -137,6 +167,7 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) 
     p.add_argument("--model", required=True, help="Hugging Face model directory or Hub id (org/name)")
     p.add_argument("--revision", help="branch, tag or commit of a Hub model (default: main)")
     p.add_argument("--adapter", required=adapter_required, help="PEFT LoRA adapter directory")
+    p.add_argument("--tokenizer", help="tokenizer directory, when the model directory has none")
     p.add_argument("--load-in-4bit", action="store_true", help="quantize the base weights to NF4 while loading")
     p.add_argument("--max-seq-length", type=int, default=2048, help="longest sequence (prompt + new tokens)")
 
@@ -152,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("no prompts: give them as arguments or with --prompts-file")
     model, tokenizer = _load_with_adapter(args)
     if tokenizer is None:
-        raise ValueError(f"no tokenizer files in {args.model}")
+        raise ValueError(f"no tokenizer files in {args.model}: pass --tokenizer PATH (a directory with tokenizer.json)")
     if args.chat:
         from jaxsloth.data.chat import require_chat_template
 
@@ -179,12 +210,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise FileExistsError(f"output directory {args.out} is not empty (pass --overwrite)")
     model, tokenizer = _load_with_adapter(args)
     if args.merged:
-        path = jaxsloth.save_merged(model, args.out, dtype=args.dtype)
+        path = jaxsloth.save_merged(model, args.out, dtype=args.dtype, overwrite=args.overwrite)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         print(f"merged {args.dtype} checkpoint: {path}")
     else:
-        path = jaxsloth.save_adapter(model, args.out)
+        path = jaxsloth.save_adapter(model, args.out, overwrite=args.overwrite)
         print(f"PEFT adapter: {path}")
     return 0
 
@@ -277,4 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except (FloatingPointError, MemoryError) as e:  # non-finite loss, a step that does not fit: explained already
         print(f"jaxsloth {args.command}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, no permission: not the user's command; partial files are removed already
+        print(f"jaxsloth {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -338,6 +338,9 @@ class _LoadFields(Settings):
         None, "Hugging Face model directory or Hub id (org/name; token from HF_TOKEN)", positional=True
     )
     revision: str | None = setting(None, "branch, tag or commit of a Hub model", default_help="main")
+    tokenizer: str | None = setting(
+        None, "tokenizer directory or Hub id, when the model has none", default_help="the model's own"
+    )
     load_in_4bit: bool = setting(False, "QLoRA: quantize the frozen weights to NF4 while loading")
     max_seq_length: int = setting(2048, "tokens per packed row; longer examples are truncated", minimum=1)
     dtype: str | None = setting(
@@ -498,9 +501,15 @@ class TrainConfig(Settings):
     packing: bool = setting(True, "pack several examples per row", aliases=("pack",))
     train_on_inputs: bool = setting(False, "also train on prompts / user turns")
     save_steps: int = setting(
-        0, "checkpoint every N steps (0: only at the end and on Ctrl-C)", aliases=("save_every",), minimum=0
+        500,
+        "checkpoint every N steps (0: no step interval); besides, every 30 minutes, at the end and on Ctrl-C / SIGTERM",
+        aliases=("save_every",),
+        minimum=0,
     )
     resume: bool = setting(True, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = setting(
+        False, "start fresh in an output_dir that holds another run (its checkpoints, metrics and adapter are removed)"
+    )
     on_nonfinite: str = setting(
         "stop", "on a NaN/Inf loss: stop (naming the step) or skip the update", choices=("stop", "skip")
     )

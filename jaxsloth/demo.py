@@ -256,7 +256,7 @@ def run_demo(output_dir: str | Path = "jaxsloth-demo", *, steps: int | None = No
     after, answers = evaluate(model, tokenizer, heldout)
     _show("After fine-tuning:", heldout, answers, after)
 
-    adapter = jaxsloth.save_adapter(model, out / "adapter")
+    adapter = jaxsloth.save_adapter(model, out / "adapter", overwrite=True)  # the demo's own folder, rerun at will
     seconds = time.perf_counter() - t0
     print(
         f"\nAccuracy {before:.0%} -> {after:.0%} in {seconds:.0f} s. Loss {result.history[0]['loss']:.2f} -> "

@@ -113,3 +113,76 @@ def test_resumed_run_starts_bar_at_its_step(capsys):
     (bar,) = standard_callbacks(None, progress=True, total_steps=10)
     _feed([bar], _records(10)[6:])
     assert bar.bar.n == 10
+
+
+def test_resume_drops_later_steps_repairs_a_torn_line_and_plots_the_whole_run(tmp_path):
+    """A run killed after step 5 (its last line half-written), resumed from the checkpoint of step 3: the log holds
+    steps 1..6 once each, nothing glued onto the torn line, and loss.png covers steps 1..6."""
+    records = _records(6)
+    first = standard_callbacks(tmp_path, progress=False, total_steps=6)
+    for r in records[:5]:
+        for cb in first:
+            cb(r)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # the kill: half of step 6's line
+        f.write(json.dumps(records[5])[:20])
+    second = standard_callbacks(tmp_path, progress=False, total_steps=6)
+    for cb in second:
+        cb.resume(3)
+    plot = second[-1]
+    _feed(second, records[3:])
+    back = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert back == records
+    assert plot.steps == [1, 2, 3, 4, 5, 6]
+    # TensorBoard: the resumed writer marks steps after 3 as superseded (purge_step), then logs 4..6.
+    from tensorboardX.proto.event_pb2 import Event
+
+    starts = []
+    for path in (tmp_path / "tensorboard").glob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            if event.HasField("session_log"):
+                starts.append(event.step)
+    assert starts == [4]
+
+
+def test_jsonl_torn_line_repaired_on_open(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    (writer,) = [cb for cb in standard_callbacks(tmp_path, progress=False, total_steps=3) if hasattr(cb, "file")]
+    writer({"step": 2, "loss": 1.5})
+    writer.close()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5},
+    ]
+
+
+def test_tensorboard_events_reach_the_file_before_close(tmp_path):
+    """A killed run (no close) still leaves its curve."""
+    cbs = standard_callbacks(tmp_path, progress=False, total_steps=3)
+    for cb in cbs:
+        cb(_records(1)[0])
+    assert _read_scalars(tmp_path / "tensorboard")["train/loss"][0][0] == 1
+    for cb in cbs:
+        cb.close()
+
+
+def test_a_failing_close_neither_hides_nor_skips(tmp_path, caplog):
+    from jaxsloth.train.metrics import close_all
+
+    closed = []
+
+    class Broken:
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    class Fine:
+        def close(self):
+            closed.append(1)
+
+    errors = close_all([Broken(), Fine()])
+    assert closed == [1] and len(errors) == 1 and errors[0].errno == 28
+    assert any("could not close Broken" in r.getMessage() for r in caplog.records)

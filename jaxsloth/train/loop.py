@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -21,6 +22,8 @@ from jaxsloth.models.config import ModelConfig
 from jaxsloth.profiles import Profile
 from jaxsloth.sharding import batch_devices, place_train_state, put_key, shard_batch
 from jaxsloth.train.checkpoint import Checkpointer, array_to_key, key_to_array
+from jaxsloth.train.identity import check_identity, run_identity
+from jaxsloth.train.interrupts import InterruptGuard, TrainingInterrupted
 from jaxsloth.train.step import (
     NonFiniteLossError,
     TrainConfig,
@@ -121,6 +124,22 @@ def _compile_step(step_fn, args, config, profile, params, micro_batch, seq_len, 
     return compiled
 
 
+# Periodic checkpoints by default, so a run killed without warning (OOM killer, preemption without SIGTERM, power)
+# loses at most this much: 500 steps bounds the loss on fast small models, 30 minutes on slow large ones, and
+# a LoRA checkpoint (adapter + optimizer state) is small enough that saving this often costs well under 1%.
+SAVE_EVERY_STEPS = 500
+SAVE_EVERY_SECONDS = 30 * 60
+
+
+def _loader_state(loader) -> dict | None:
+    return loader.state_dict() if hasattr(loader, "state_dict") else None
+
+
+def _consumed(tree) -> bool:
+    """Whether a step that was cut short already took (donated) these buffers."""
+    return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
+
+
 def fit(
     config: ModelConfig,
     params: dict,
@@ -131,7 +150,8 @@ def fit(
     train_config: TrainConfig,
     profile: Profile,
     checkpoint_dir: str | None = None,
-    save_every: int = 0,
+    save_every: int = SAVE_EVERY_STEPS,
+    save_every_seconds: float = SAVE_EVERY_SECONDS,
     keep: int = 3,
     resume: bool = True,
     callbacks: Sequence[Callback] = (),
@@ -141,8 +161,14 @@ def fit(
     """Trains ``trainable`` for train_config.max_steps steps over batches from ``loader``.
 
     loader yields dicts of [grad_accum * micro_batch, seq] int32 arrays (see jaxsloth.data) and, to resume at the
-    same batch, has state_dict()/load_state_dict(). With ``checkpoint_dir``: resumes from its latest checkpoint
-    (when ``resume``), saves every ``save_every`` steps, at the end, and on Ctrl-C before re-raising.
+    same batch, has state_dict()/load_state_dict(). With ``checkpoint_dir``: resumes from its latest whole
+    checkpoint (when ``resume``; one written for another model, LoRA, optimizer or data raises
+    ResumeMismatchError naming the setting), saves every ``save_every`` steps or ``save_every_seconds`` (0: off),
+    at the end, and on Ctrl-C or SIGTERM, then raises TrainingInterrupted (a KeyboardInterrupt) saying what was
+    saved. Whatever stops the run, a checkpoint holds the state of one completed step: the LoRA and optimizer
+    state, the data position and the random key as they were after that step, so a resumed run gives exactly the
+    losses and weights of an uninterrupted one. Callbacks with a ``resume(step)`` method are told the step
+    training starts from (0 or the checkpoint's) before the first record.
 
     params: stacked per layer (the layer scan) or split per layer by ``jaxsloth.models.decoder.unstack_layers`` (the
     unrolled loop, faster on Hopper; ``jaxsloth.train`` does that split itself when the profile asks for it): the
@@ -154,7 +180,7 @@ def fit(
     sharded and restore onto the current mesh, so a run may resume on a different device count.
     """
     tc = train_config
-    accum = tc.gradient_accumulation_steps
+    identity = run_identity(config, params, lora, tc, loader)
     # The step donates its state buffers; copy (LoRA is small) so the caller's arrays stay valid.
     trainable = jax.tree.map(jnp.copy, trainable)
     optimizer = make_optimizer(tc, lora, trainable)
@@ -166,103 +192,150 @@ def fit(
     key = jax.random.key(tc.seed)
     step = 0
     ckpt = Checkpointer(checkpoint_dir, keep=keep) if checkpoint_dir else None
-    if ckpt is not None and resume and ckpt.latest_step() is not None:
+    found = ckpt.latest_good() if ckpt is not None and resume else None
+    if found is not None:
+        step_dir = ckpt.directory / str(found[0])
+        check_identity(found[1].get("identity") or {}, identity, str(step_dir))
         abstract = {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)}
-        state, meta = ckpt.restore(ckpt.latest_step(), abstract)
+        state, meta = ckpt.restore(found[0], abstract)
         trainable, opt_state, key = state["trainable"], state["opt_state"], array_to_key(state["key"])
         step = int(meta["step"])
         if meta.get("data") is not None and hasattr(loader, "load_state_dict"):
             loader.load_state_dict(meta["data"])
-        log.info("resumed from %s at step %d", ckpt.directory, step)
+        log.info("resumed from %s at step %d", step_dir, step)
+    for cb in callbacks:
+        if hasattr(cb, "resume"):
+            cb.resume(step)
 
+    # The state of the last completed step: what every checkpoint holds, whatever interrupts the loop.
+    data_state = _loader_state(loader)
     saved_at = step
+    last_save = time.monotonic()
+    guard = InterruptGuard()
 
-    def save():
-        nonlocal saved_at
-        if ckpt is None or step == saved_at:
+    save_failed = False
+
+    def save() -> None:
+        nonlocal saved_at, last_save, save_failed
+        if ckpt is None or step == saved_at or save_failed:  # a failed write is not retried (disk full)
             return
-        saved_at = step
-        data = loader.state_dict() if hasattr(loader, "state_dict") else None
-        ckpt.save(
-            step,
-            {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)},
-            {"step": step, "data": data},
-        )
+        if _consumed((trainable, opt_state)):
+            log.warning("the interrupted step had already taken the state of step %d: nothing new saved", step)
+            return
+        what = f"saving the checkpoint of step {step} (stopping now keeps step {saved_at}'s)"
+        with guard.hold(what):
+            try:
+                ckpt.save(
+                    step,
+                    {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)},
+                    {"step": step, "data": data_state},
+                    identity,
+                )
+            except OSError:
+                save_failed = True
+                raise
+            saved_at, last_save = step, time.monotonic()
 
     step_fn = make_train_step(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
     compiled_steps: dict[tuple[int, int], Callable] = {}  # batch shape -> the step compiled (and checked) for it
     history: list[dict] = []
-    interrupted = False
-    try:
-        while step < tc.max_steps:
-            try:
-                batch = next(loader)
-            except StopIteration:
-                log.info("data exhausted after %d steps", step)
-                break
-            validate_batch(batch, config.vocab_size, step + 1)
-            n_seq, seq_len = batch["tokens"].shape
-            if not history:
-                _check_memory(config, profile, params, n_seq // accum // batch_devices(mesh), seq_len, lora.r)
-            if n_seq % accum:
-                raise ValueError(f"batch of {n_seq} sequences does not split into {accum} accumulated micro-batches")
-            if mesh is not None and (n_seq // accum) % batch_devices(mesh):
-                raise ValueError(
-                    f"micro-batch of {n_seq // accum} sequences does not split over the "
-                    f"{batch_devices(mesh)} data x fsdp devices of mesh {dict(mesh.shape)}"
-                )
-            key, sub = jax.random.split(key)
-            t0 = time.perf_counter()
-            if mesh is None:
-                device_batch = jax.tree.map(jnp.asarray, batch)
-            else:
-                device_batch, sub = shard_batch(batch, mesh), put_key(sub, mesh)
-            try:
+    failure: BaseException | None = None
+    with guard:
+        try:
+            while step < tc.max_steps:
+                try:
+                    batch = next(loader)
+                except StopIteration:
+                    log.info("data exhausted after %d steps", step)
+                    break
+                fetched_state = _loader_state(loader)
+                validate_batch(batch, config.vocab_size, step + 1)
+                n_seq, seq_len = batch["tokens"].shape
+                if not history:
+                    micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
+                    _check_memory(config, profile, params, micro, seq_len, lora.r)
+                if n_seq % tc.gradient_accumulation_steps:
+                    raise ValueError(
+                        f"batch of {n_seq} sequences does not split into gradient_accumulation_steps={tc.gradient_accumulation_steps} micro-batches"
+                    )
+                if mesh is not None and (n_seq // tc.gradient_accumulation_steps) % batch_devices(mesh):
+                    raise ValueError(
+                        f"micro-batch of {n_seq // tc.gradient_accumulation_steps} sequences does not split over the "
+                        f"{batch_devices(mesh)} data x fsdp devices of mesh {dict(mesh.shape)}"
+                    )
+                next_key, sub = jax.random.split(key)
+                t0 = time.perf_counter()
+                if mesh is None:
+                    device_batch = jax.tree.map(jnp.asarray, batch)
+                else:
+                    device_batch, sub = shard_batch(batch, mesh), put_key(sub, mesh)
                 args = (trainable, opt_state, params, device_batch, sub)
-                if (n_seq, seq_len) not in compiled_steps:
-                    micro = n_seq // accum // batch_devices(mesh)
-                    compiled_steps[n_seq, seq_len] = _compile_step(
-                        step_fn, args, config, profile, params, micro, seq_len, lora.r
-                    )
-                trainable, opt_state, m = compiled_steps[n_seq, seq_len](*args)
-                m = jax.device_get(m)
-            except Exception as e:  # XLA reports OOM as a generic runtime error
-                if is_oom(e):
-                    raise explain_oom(e, batch=n_seq, seq_len=seq_len, profile=profile) from e
-                raise
-            step += 1
-            dt = time.perf_counter() - t0
-            record = {
-                "step": step,
-                "loss": float(m["loss"]),
-                "grad_norm": float(m["grad_norm"]),
-                "tokens": int(m["tokens"]),
-                "seq_tokens": n_seq * seq_len,
-                "step_time_s": dt,
-                "tokens_per_s": n_seq * seq_len / dt,
-                "peak_gib": _device_memory_gib(),
-                "total_steps": tc.max_steps,
-            }
-            if not bool(m["finite"]):
-                if tc.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"loss became {record['loss']} (grad norm {record['grad_norm']}) at step {step}; the update "
-                        "was not applied. Lower the learning rate, check the data, or set on_nonfinite='skip'."
-                    )
-                log.warning("step %d: non-finite loss %s, update skipped", step, record["loss"])
-                record["skipped"] = True
-            history.append(record)
-            for cb in callbacks:
-                cb(record)
-            if ckpt is not None and save_every and step % save_every == 0:
-                save()
-    except KeyboardInterrupt:
-        interrupted = True
-        log.warning("interrupted at step %d; saving a checkpoint", step)
-    finally:
+                try:
+                    if (n_seq, seq_len) not in compiled_steps:
+                        micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
+                        compiled_steps[n_seq, seq_len] = _compile_step(
+                            step_fn, args, config, profile, params, micro, seq_len, lora.r
+                        )
+                    # The step, its result and the loader position and key that go with it are committed
+                    # together: a signal waits for the step to finish rather than leave half a state.
+                    with guard.hold(f"finishing step {step + 1}"):
+                        new_trainable, new_opt_state, m = compiled_steps[n_seq, seq_len](*args)
+                        m = jax.device_get(m)
+                        trainable, opt_state, key, data_state = new_trainable, new_opt_state, next_key, fetched_state
+                        step += 1
+                except Exception as e:  # XLA reports OOM as a generic runtime error
+                    if is_oom(e):
+                        raise explain_oom(e, batch=n_seq, seq_len=seq_len, profile=profile) from e
+                    raise
+                dt = time.perf_counter() - t0
+                record = {
+                    "step": step,
+                    "loss": float(m["loss"]),
+                    "grad_norm": float(m["grad_norm"]),
+                    "tokens": int(m["tokens"]),
+                    "seq_tokens": n_seq * seq_len,
+                    "step_time_s": dt,
+                    "tokens_per_s": n_seq * seq_len / dt,
+                    "peak_gib": _device_memory_gib(),
+                    "total_steps": tc.max_steps,
+                }
+                if not bool(m["finite"]):
+                    if tc.on_nonfinite == "stop":
+                        raise NonFiniteLossError(
+                            f"loss became {record['loss']} (grad norm {record['grad_norm']}) at step {step}; the "
+                            "update was not applied. Lower the learning rate, check the data, or set "
+                            "on_nonfinite='skip'."
+                        )
+                    log.warning("step %d: non-finite loss %s, update skipped", step, record["loss"])
+                    record["skipped"] = True
+                history.append(record)
+                for cb in callbacks:
+                    cb(record)
+                due = (save_every and step % save_every == 0) or (
+                    save_every_seconds and time.monotonic() - last_save >= save_every_seconds
+                )
+                if due:
+                    save()
+                guard.check()  # a signal held during the step or the save stops the run here, its step recorded
+        except BaseException as e:  # noqa: BLE001 - saved below, then re-raised
+            failure = e
+            if isinstance(e, KeyboardInterrupt) and ckpt is not None:
+                log.warning("%s at step %d: saving a checkpoint", e or "interrupted", step)
         if ckpt is not None:
-            save()  # at the end, on Ctrl-C and on any crash: nothing trained is lost
-            ckpt.close()
-    if interrupted:
-        raise KeyboardInterrupt
+            # At the end, on Ctrl-C / SIGTERM and on any crash: nothing trained is lost.
+            try:
+                save()
+            except BaseException as e:  # noqa: BLE001 - the first failure is the one raised
+                if failure is None:
+                    failure = e
+                else:
+                    log.error("could not save the checkpoint of step %d: %s", step, e)
+            finally:
+                ckpt.close()
+    if isinstance(failure, KeyboardInterrupt):
+        signum = getattr(failure, "signum", signal.SIGINT)
+        kept = saved_at if ckpt is not None and saved_at > 0 else None
+        raise TrainingInterrupted(signum, saved_step=kept if kept == step else None, kept_step=kept) from None
+    if failure is not None:
+        raise failure
     return TrainResult(trainable, opt_state, step, history)

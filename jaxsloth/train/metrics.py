@@ -1,14 +1,20 @@
 """Training metrics sinks: a progress bar, a JSONL log, TensorBoard scalars and a loss-curve PNG.
 
 Each sink is a callable taking the per-step record of ``jaxsloth.train.loop.fit`` (step, loss, grad_norm, tokens,
-seq_tokens, step_time_s, tokens_per_s, peak_gib or None, total_steps, maybe skipped) and has ``close()``.
+seq_tokens, step_time_s, tokens_per_s, peak_gib or None, total_steps, maybe skipped) and has ``close()``; the
+file sinks also have ``resume(step)``, which fit calls with the step training starts from, so that logs of a run
+that was stopped and resumed hold each step once, as the checkpoint it resumed from saw it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from pathlib import Path
+
+log = logging.getLogger("jaxsloth")
 
 TENSORBOARD_SCALARS = ("loss", "grad_norm", "tokens_per_s", "peak_gib")
 
@@ -39,12 +45,48 @@ class ProgressBar:
         self.bar.close()
 
 
+def read_records(path: str | Path, up_to_step: int | None = None) -> list[dict]:
+    """The whole JSON records of a metrics.jsonl (a torn last line is skipped), those past ``up_to_step`` left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and (up_to_step is None or record.get("step", 0) <= up_to_step):
+            records.append(record)
+    return records
+
+
 class JsonlWriter:
-    """Appends one JSON line per step to ``path`` and flushes it, so a crash loses no finished step."""
+    """Appends one JSON line per step to ``path`` and flushes it, so a crash loses no finished step.
+
+    A line torn by a killed write is cut off before appending; ``resume(step)`` drops the records past ``step``
+    (written after the checkpoint a resumed run starts from), so no step appears twice."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_torn_line()
+        self.file = self.path.open("a", encoding="utf-8")
+
+    def _repair_torn_line(self) -> None:
+        if not self.path.is_file():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with self.path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def resume(self, step: int) -> None:
+        self.file.close()
+        kept = read_records(self.path, up_to_step=step)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)
         self.file = self.path.open("a", encoding="utf-8")
 
     def __call__(self, record: dict) -> None:
@@ -57,32 +99,61 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-    """Scalars ``train/<name>`` for loss, grad_norm, tokens_per_s and peak_gib (when known), at each step."""
+    """Scalars ``train/<name>`` for loss, grad_norm, tokens_per_s and peak_gib (when known), at each step.
 
-    def __init__(self, log_dir: str | Path):
+    Events reach the file with the first step and then at least every ``flush_seconds``, so a killed run leaves
+    its curve; ``resume(step)`` marks the steps after ``step`` as superseded (TensorBoard's purge_step)."""
+
+    def __init__(self, log_dir: str | Path, flush_seconds: float = 10.0):
+        self.log_dir = Path(log_dir)
+        self.flush_seconds = flush_seconds
+        self.writer = None
+        self._flushed = 0.0
+
+    def _open(self, purge_step: int | None = None):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir))
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step, flush_secs=self.flush_seconds)
+
+    def resume(self, step: int) -> None:
+        if self.writer is None:
+            self._open(purge_step=step + 1 if step else None)
 
     def __call__(self, record: dict) -> None:
+        if self.writer is None:
+            self._open()
         for name in TENSORBOARD_SCALARS:
             if record.get(name) is not None:
                 self.writer.add_scalar(f"train/{name}", record[name], record["step"])
+        if time.monotonic() - self._flushed >= self.flush_seconds:
+            self.writer.flush()
+            self._flushed = time.monotonic()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class LossPlot:
-    """Collects (step, loss) and draws the curve to ``path`` (PNG, matplotlib's headless Agg backend) at close()."""
+    """Collects (step, loss) and draws the curve to ``path`` (PNG, matplotlib's headless Agg backend) at close().
 
-    def __init__(self, path: str | Path):
+    history: the run's metrics.jsonl; ``resume(step)`` reads the earlier steps back from it, so the plot of a
+    resumed run covers the whole run."""
+
+    def __init__(self, path: str | Path, history: str | Path | None = None):
         self.path = Path(path)
+        self.history = history
         self.steps: list[int] = []
         self.losses: list[float] = []
 
+    def resume(self, step: int) -> None:
+        earlier = read_records(self.history, up_to_step=step) if self.history is not None else []
+        self.steps, self.losses = [], []
+        for record in earlier:
+            self(record)
+
     def __call__(self, record: dict) -> None:
-        if math.isfinite(record["loss"]):
+        if record.get("loss") is not None and math.isfinite(record["loss"]):
             self.steps.append(record["step"])
             self.losses.append(record["loss"])
 
@@ -130,6 +201,20 @@ def standard_callbacks(out_dir: Path | None, *, progress: bool, total_steps: int
         callbacks += [
             JsonlWriter(out_dir / "metrics.jsonl"),
             TensorBoardWriter(out_dir / "tensorboard"),
-            LossPlot(out_dir / "loss.png"),
+            LossPlot(out_dir / "loss.png", history=out_dir / "metrics.jsonl"),
         ]
     return callbacks
+
+
+def close_all(callbacks) -> list[BaseException]:
+    """Closes every sink, even when one fails (each failure logged in one line); returns the failures."""
+    errors = []
+    for cb in callbacks:
+        if not hasattr(cb, "close"):
+            continue
+        try:
+            cb.close()
+        except Exception as e:
+            log.error("could not close %s: %s", type(cb).__name__, e)
+            errors.append(e)
+    return errors
