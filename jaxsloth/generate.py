@@ -335,19 +335,19 @@ def _program_inputs(
     prompt_ids: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    min_p: float | None,
-    repetition_penalty: float | None,
-    stop_tokens: Sequence[int],
-    seed: int,
-    lora: dict | None,
-    lora_rt: LoraRuntime | None,
-    ops: Ops | None,
-    compute_dtype,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    lora: dict | None = None,
+    lora_rt: LoraRuntime | None = None,
+    ops: Ops | None = None,
+    compute_dtype=None,
 ) -> tuple[tuple, dict]:
-    """Validated (positional, static) arguments of ``_start`` for these prompts and settings."""
+    """Validated (positional, static) arguments of ``_start`` for these prompts and ``generate``'s settings."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompt_ids:
