@@ -261,10 +261,7 @@ def _load_with_adapter(args: argparse.Namespace):
         _existing_dir(args.model, "model"), load_in_4bit=args.load_in_4bit, max_seq_length=args.max_seq_length
     )
     if args.adapter is not None:
-        from converters.peft import load_peft_adapter
-
-        trainable, lora = load_peft_adapter(_existing_dir(args.adapter, "adapter"), model.config)
-        model = dataclasses.replace(model, lora=lora, trainable=trainable)
+        model = jaxsloth.load_adapter(model, _existing_dir(args.adapter, "adapter"))
     return model, tokenizer
 
 
