@@ -141,3 +141,26 @@ def test_save_merged_writes_the_tokenizer_passed_and_config_ids(tmp_path):
     assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
     gc = GenerationConfig.from_pretrained(out)
     assert (gc.bos_token_id, gc.eos_token_id, gc.pad_token_id) == (1, 2, 0)  # tests/tiny_models.py's ids
+
+
+def test_save_merged_copies_files_of_a_hub_model_from_the_cache(tmp_path, monkeypatch):
+    """A model loaded by Hub id: its tokenizer and generation config come from the local Hugging Face cache."""
+    import huggingface_hub.constants
+    from transformers import AutoTokenizer, GenerationConfig
+
+    import jaxsloth
+    from jaxsloth.profiles import profile_for_device
+    from tests.tiny_tokenizers import CHAT_FAMILIES, tiny_tokenizer
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123abcd"
+    tok = tiny_tokenizer(CHAT_FAMILIES["gemma"], 131)
+    tok.save_pretrained(snapshot)
+    (snapshot / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
+    model = jaxsloth.Model(config, params, profile_for_device(name="cpu"), path="org/tiny")
+    out = jaxsloth.save_merged(model, tmp_path / "merged")
+    assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [1, 5]
