@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -344,13 +345,38 @@ def _torch_dtype_name(a: np.ndarray) -> str:
     return {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}.get(a.dtype.name, "float32")
 
 
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or transformers' size strings: "5GB" (10^9), "500MiB" (2^20), "100KB"."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*", str(size).upper())
+    if m is None:
+        raise ValueError(f"max_shard_size {size!r} is not a size like 5GB, 500MB, 2GiB or a byte count")
+    unit = m.group(2) or "B"
+    base = 1024 if unit.endswith("IB") else 1000
+    return int(float(m.group(1)) * base ** (" KMGT".index(unit[0]) if unit != "B" else 0))
+
+
 def save_hf_model(
-    params, config: ModelConfig, out_dir: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 5 * 2**30
+    params,
+    config: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    dtype=None,
+    max_shard_size: int | str = "5GB",
+    tokenizer=None,
+    source: str | os.PathLike | None = None,
 ) -> Path:
-    """Writes config.json + safetensors (sharded with an index above ``max_shard_bytes``) that transformers loads.
+    """Writes a folder ``AutoModelForCausalLM`` + ``AutoTokenizer`` + ``generate`` work from alone: config.json,
+    safetensors (sharded with a model.safetensors.index.json above ``max_shard_size``: bytes or "5GB" / "2GiB" as
+    transformers writes it), generation_config.json and the tokenizer (``tokenizer``, else the files beside the
+    ``source`` model, a directory or a cached Hub id; see ``converters.hf_assets``).
 
     NF4 weights are dequantized to ``dtype`` (default bf16). Files are written atomically.
     """
+    from converters.hf_assets import write_generation_config, write_tokenizer
+
+    max_shard_bytes = parse_size(max_shard_size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(params, config, dtype)
@@ -378,4 +404,6 @@ def save_hf_model(
     hf.pop("quantization_config", None)
     hf["dtype"] = _torch_dtype_name(next(iter(state.values())))
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+    write_generation_config(out_dir, config, source)
+    write_tokenizer(out_dir, tokenizer, source)
     return out_dir

@@ -3,9 +3,9 @@
 model, tokenizer = jaxsloth.load("path/to/hf-model", load_in_4bit=True, max_seq_length=2048)
 model = jaxsloth.add_lora(model, r=16, lora_alpha=16)
 jaxsloth.train(model, tokenizer, "train.jsonl", max_steps=100, output_dir="runs/x")
-print(model.generate(tokenizer, ["Hello"], max_new_tokens=32))
+print(model.generate(tokenizer, [[{"role": "user", "content": "Hello"}]], max_new_tokens=32))
 jaxsloth.save_adapter(model, "runs/x/adapter")      # PEFT format
-jaxsloth.save_merged(model, "runs/x/merged")        # 16-bit Hugging Face checkpoint
+jaxsloth.save_merged(model, "runs/x/merged", tokenizer=tokenizer)  # 16-bit Hugging Face checkpoint
 """
 
 from __future__ import annotations
@@ -43,10 +43,14 @@ class Model:
     trainable: dict | None = None
     local_dir: str | None = None  # where `path` (a directory or a Hub id) was read from
 
-    def generate(self, tokenizer, prompts: Sequence[str] | str, max_new_tokens: int = 64, **sampling) -> list[str]:
-        """Completes each prompt (KV cache; greedy unless temperature > 0). Returns the new text per prompt.
+    def generate(self, tokenizer, prompts, max_new_tokens: int = 64, **sampling) -> list[str]:
+        """Answers each prompt (KV cache). Returns the new text per prompt.
 
-        sampling: temperature, top_k, top_p, seed, stop_tokens (ids; the tokenizer's EOS is always a stop token).
+        prompts: a string or list of strings (raw completion), or chat messages: one conversation
+        ([{"role": "user", "content": "..."}]) or a list of them, rendered with the tokenizer's chat template.
+        sampling (transformers' names): do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed,
+        stop_tokens (extra ids; the model's EOS and end-of-turn tokens always stop). Greedy unless do_sample or a
+        temperature > 0. See ``jaxsloth.generate.generate_text``.
         """
         from jaxsloth.generate import generate_text
 
@@ -225,8 +229,9 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     return result
 
 
-def save_adapter(model: Model, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Writes the adapter in PEFT format (adapter_model.safetensors + adapter_config.json) into a new or empty
+def save_adapter(model: Model, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Writes the adapter in PEFT format (adapter_model.safetensors + adapter_config.json; its
+    base_model_name_or_path is ``model.path``), and the tokenizer beside it when one is passed, into a new or empty
     directory; ``overwrite=True`` replaces the files of an earlier export there (see ``_export``)."""
     from converters.peft import save_peft_adapter
 
@@ -235,11 +240,22 @@ def save_adapter(model: Model, path: str | os.PathLike, overwrite: bool = False)
     trainable = _on_host(model.trainable)
     if jax.process_index() != 0:
         return Path(path)
-    return _export(
-        path,
-        overwrite,
-        lambda p: save_peft_adapter(trainable, model.lora, model.config, p, base_model_name_or_path=model.path),
-    )
+
+    def write(p: Path) -> Path:
+        out = save_peft_adapter(trainable, model.lora, model.config, p, base_model_name_or_path=model.path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        return out
+
+    return _export(path, overwrite, write)
+
+
+def load_adapter(model: Model, path: str | os.PathLike) -> Model:
+    """The model with the PEFT LoRA adapter in ``path`` (saved by jaxsloth or by PEFT) in place of its own."""
+    from converters.peft import load_peft_adapter
+
+    trainable, lora = load_peft_adapter(path, model.config)
+    return dataclasses.replace(model, lora=lora, trainable=trainable)
 
 
 def _export(path: str | os.PathLike, overwrite: bool, write) -> Path:
@@ -273,9 +289,19 @@ def _on_host(tree):
     )
 
 
-def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
-    """Writes a 16-bit Hugging Face checkpoint with the adapter merged in (NF4 weights dequantized first), into a
-    new or empty directory; ``overwrite=True`` replaces the files of an earlier export there."""
+def save_merged(
+    model: Model,
+    path: str | os.PathLike,
+    dtype: str = "bfloat16",
+    tokenizer=None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Writes a 16-bit Hugging Face checkpoint with the adapter merged in (NF4 weights dequantized first), with
+    generation_config.json and the tokenizer (``tokenizer``, else the files beside ``model.path``), so
+    transformers' AutoModelForCausalLM, AutoTokenizer and generate work from the folder alone. Weights are sharded
+    above ``max_shard_size`` (bytes, or "5GB" / "2GiB" as transformers writes it). The directory must be new or
+    empty; ``overwrite=True`` replaces the files of an earlier export there."""
     from converters.hf import save_hf_model
 
     params = (
@@ -284,4 +310,16 @@ def save_merged(model: Model, path: str | os.PathLike, dtype: str = "bfloat16", 
     params = _on_host(params)
     if jax.process_index() != 0:
         return Path(path)
-    return _export(path, overwrite, lambda p: save_hf_model(params, model.config, p, dtype=jnp.dtype(dtype)))
+    return _export(
+        path,
+        overwrite,
+        lambda p: save_hf_model(
+            params,
+            model.config,
+            p,
+            dtype=jnp.dtype(dtype),
+            max_shard_size=max_shard_size,
+            tokenizer=tokenizer,
+            source=model.local_dir or model.path,
+        ),
+    )

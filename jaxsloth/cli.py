@@ -1,7 +1,8 @@
-"""The ``jaxsloth`` command: train, generate, export, demo, bench.
+"""The ``jaxsloth`` command: train, generate, chat, export, demo, bench.
 
     jaxsloth train run.yaml --max-steps 200        # YAML keys are the flag names; flags override the file
-    jaxsloth generate --model M --adapter runs/x/adapter "Hello"
+    jaxsloth generate --model M --adapter runs/x/adapter "Hello"   # through the chat template when it has one
+    jaxsloth chat --model M --adapter runs/x/adapter             # a conversation: user turns from stdin
     jaxsloth export --model M --adapter runs/x/adapter --merged --out merged/
     jaxsloth demo
 
@@ -156,10 +157,7 @@ def _load_with_adapter(args: argparse.Namespace):
         max_seq_length=args.max_seq_length,
     )
     if args.adapter is not None:
-        from converters.peft import load_peft_adapter
-
-        trainable, lora = load_peft_adapter(_existing_dir(args.adapter, "adapter"), model.config)
-        model = dataclasses.replace(model, lora=lora, trainable=trainable)
+        model = jaxsloth.load_adapter(model, _existing_dir(args.adapter, "adapter"))
     return model, tokenizer
 
 
@@ -170,6 +168,22 @@ def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) 
     p.add_argument("--tokenizer", help="tokenizer directory, when the model directory has none")
     p.add_argument("--load-in-4bit", action="store_true", help="quantize the base weights to NF4 while loading")
     p.add_argument("--max-seq-length", type=int, default=2048, help="longest sequence (prompt + new tokens)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """The sampling flags as ``Model.generate`` takes them (a temperature > 0 samples)."""
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _print_stream(pieces) -> str:
+    """Prints text pieces as they come, then a newline; returns the whole text."""
+    text = ""
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        text += piece
+    print(flush=True)
+    return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -184,23 +198,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load_with_adapter(args)
     if tokenizer is None:
         raise ValueError(f"no tokenizer files in {args.model}: pass --tokenizer PATH (a directory with tokenizer.json)")
-    if args.chat:
+    chat = args.chat if args.chat is not None else getattr(tokenizer, "chat_template", None) is not None
+    if chat:
         from jaxsloth.data.chat import require_chat_template
 
         require_chat_template(tokenizer, "--chat")
-        prompts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    sampling = {"temperature": args.temperature, "seed": args.seed}
-    if args.top_k is not None:
-        sampling["top_k"] = args.top_k
-    if args.top_p is not None:
-        sampling["top_p"] = args.top_p
-    outputs = model.generate(tokenizer, prompts, max_new_tokens=args.max_new_tokens, **sampling)
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [[*system, {"role": "user", "content": p}] for p in prompts]
+    elif args.system:
+        raise ValueError("--system needs the chat template (drop --no-chat)")
+    if len(prompts) == 1:  # one prompt: print its tokens as they are decoded
+        from jaxsloth.generate import stream_text
+
+        _print_stream(stream_text(model, tokenizer, prompts[0], args.max_new_tokens, **_sampling(args)))
+        return 0
+    outputs = model.generate(tokenizer, prompts, max_new_tokens=args.max_new_tokens, **_sampling(args))
     for text in outputs:
-        print(text if len(outputs) == 1 else f"{text}\n---")
+        print(f"{text}\n---")
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Reads user turns from stdin, one a line, and answers each with the whole conversation so far."""
+    from jaxsloth.data.chat import require_chat_template
+    from jaxsloth.generate import stream_text
+
+    model, tokenizer = _load_with_adapter(args)
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer files in {args.model}")
+    require_chat_template(tokenizer, "jaxsloth chat")
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: one message a line; /reset starts over, /exit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = list(start)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = _print_stream(stream_text(model, tokenizer, messages, args.max_new_tokens, **_sampling(args)))
+        messages.append({"role": "assistant", "content": reply})
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -210,9 +255,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise FileExistsError(f"output directory {args.out} is not empty (pass --overwrite)")
     model, tokenizer = _load_with_adapter(args)
     if args.merged:
-        path = jaxsloth.save_merged(model, args.out, dtype=args.dtype, overwrite=args.overwrite)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        path = jaxsloth.save_merged(
+            model,
+            args.out,
+            dtype=args.dtype,
+            tokenizer=tokenizer,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+        )
         print(f"merged {args.dtype} checkpoint: {path}")
     else:
         path = jaxsloth.save_adapter(model, args.out, overwrite=args.overwrite)
@@ -243,21 +293,38 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv) or 0
 
 
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--system", help="system prompt (chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample from the most likely tokens holding this probability")
+    p.add_argument("--min-p", type=float, help="drop tokens below min_p x the most likely token's probability")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens already in the text")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxsloth", description="LoRA/QLoRA fine-tuning of Hugging Face LLMs in JAX")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
 
-    g = sub.add_parser("generate", help="complete prompts with a model (and a LoRA adapter)")
+    g = sub.add_parser("generate", help="answer prompts with a model (and a LoRA adapter)")
     _add_model_args(g)
-    g.add_argument("prompts", nargs="*", help="prompt texts")
+    g.add_argument("prompts", nargs="*", help="prompt texts (one prompt: its answer is printed as it is decoded)")
     g.add_argument("--prompts-file", help="file with one prompt per line")
-    g.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send each prompt as a user turn through the chat template (default: when the tokenizer has one); "
+        "--no-chat completes the raw text",
+    )
+    _add_generation_args(g)
+
+    c = sub.add_parser("chat", help="talk with a model: user turns from stdin, answers through its chat template")
+    _add_model_args(c)
+    _add_generation_args(c)
 
     e = sub.add_parser("export", help="write a model's adapter as PEFT, or merge it into a 16-bit checkpoint")
     _add_model_args(e, adapter_required=True)
@@ -265,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merged", action="store_true", help="merge the adapter into the weights (HF checkpoint)")
     e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    e.add_argument("--max-shard-size", default="5GB", help="merged weights: largest safetensors file (e.g. 2GB)")
 
     d = sub.add_parser("demo", help="LoRA-tune the tiny built-in model on CPU and show its answers improve")
     d.add_argument("--output-dir", default="jaxsloth-demo", help="where the adapter and loss.png go")
@@ -275,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "export": cmd_export, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "demo": cmd_demo}
 
 
 class _ProgressSafeHandler(logging.StreamHandler):

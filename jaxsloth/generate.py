@@ -12,7 +12,9 @@ position differences inside a row, so this is exactly the unpadded causal / slid
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,8 @@ from jaxsloth.models.decoder import (
 )
 from jaxsloth.ops import Ops
 from pallas_kernels.attention import MASK_VALUE
+
+log = logging.getLogger("jaxsloth")
 
 
 def _bucket(n: int, least: int = 8) -> int:
@@ -67,30 +71,55 @@ def cached_attention(q, cache_k, cache_v, q_slot, pads, *, sliding_window=None, 
 # --- sampling ------------------------------------------------------------------------------------------------------
 
 
-def sample_logits(logits, key, temperature, top_k, top_p):
-    """logits: [B, V] f32 -> next tokens [B] int32.
+def penalize_repeats(logits, seen, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor: the logit of every token already in the row (prompt or
+    output; ``seen``: [B, V] bool) is divided by ``penalty`` when positive, multiplied when negative. penalty 1 is
+    the identity. logits: [B, V] f32."""
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
 
-    Greedy (argmax) when temperature <= 0; otherwise, as transformers' warpers in their order: divide by
-    temperature, keep the top_k largest (top_k >= V keeps all), keep the smallest set of most likely tokens whose
-    probability reaches top_p (at least one), and sample. All four settings may be traced values.
+
+def warp_logits(logits, temperature, top_k, top_p, min_p=0.0):
+    """logits: [B, V] f32 -> [B, V], removed tokens at -inf: transformers' sampling warpers in their order.
+
+    Divide by temperature; keep the top_k largest (top_k >= V keeps all); keep the smallest set of most likely tokens
+    whose probability reaches top_p; keep the tokens whose probability is at least min_p times the most likely one's.
+    The most likely token always stays. All four settings may be traced values.
     """
+    b, v = logits.shape
+    order = jnp.argsort(-logits, axis=-1)
+    ranked = jnp.take_along_axis(logits, order, axis=-1) / temperature
+    rank = jnp.arange(v)[None, :]
+    ranked = jnp.where(rank < top_k, ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    ranked = jnp.where((before < top_p) | (rank == 0), ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    ranked = jnp.where(probs >= min_p * probs[:, :1], ranked, -jnp.inf)
+    return jnp.zeros_like(ranked).at[jnp.arange(b)[:, None], order].set(ranked)
+
+
+def sample_logits(logits, key, temperature, top_k, top_p, min_p=0.0):
+    """logits: [B, V] f32 -> next tokens [B] int32: greedy (argmax) when temperature <= 0, else a sample from
+    ``warp_logits``. All settings may be traced values."""
 
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sample(_):
-        v = logits.shape[-1]
-        order = jnp.argsort(-logits, axis=-1)
-        ranked = jnp.take_along_axis(logits, order, axis=-1) / temperature
-        rank = jnp.arange(v)[None, :]
-        ranked = jnp.where(rank < top_k, ranked, -jnp.inf)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs
-        ranked = jnp.where((before < top_p) | (rank == 0), ranked, -jnp.inf)
-        pick = jax.random.categorical(key, ranked, axis=-1)
-        return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jax.random.categorical(key, warp_logits(logits, temperature, top_k, top_p, min_p), axis=-1).astype(
+            jnp.int32
+        )
 
     return jax.lax.cond(temperature > 0, sample, greedy, None)
+
+
+def _pick(logits, key, seen, sampling):
+    """One step's tokens [B] from logits [B, V], with the repetition penalty over ``seen`` [B, V]; returns
+    (tokens, next key, seen with the tokens added)."""
+    temperature, top_k, top_p, min_p, penalty = sampling
+    key, sub = jax.random.split(key)
+    token = sample_logits(penalize_repeats(logits, seen, penalty), sub, temperature, top_k, top_p, min_p)
+    return token, key, seen.at[jnp.arange(token.shape[0]), token].set(True)
 
 
 # --- the jitted program --------------------------------------------------------------------------------------------
@@ -195,19 +224,78 @@ def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, co
     return logits_from_hidden(params, h[:, 0], config), cache_k, cache_v
 
 
-@functools.partial(jax.jit, static_argnames=("config", "ops", "lora_rt", "compute_dtype", "new_slots"))
+def _start(
+    params, lora_layers, tokens, pads, live, stop_mask, sampling, key, *, config, ops, lora_rt, compute_dtype, new_slots
+):
+    """Prefill and the first new token -> the decode state. tokens: [B, P] left-padded, pads: [B], live: [B] bool
+    (False: a filler row), stop_mask: [V] bool, sampling: (temperature, top_k, top_p, min_p, repetition_penalty)."""
+    kw = dict(config=config, ops=ops, lora_rt=lora_rt, compute_dtype=compute_dtype)
+    b, p = tokens.shape
+    logits, ks, vs = _prefill(params, lora_layers, tokens, pads, **kw)
+    cache_shape = (config.num_layers, b, p + new_slots, config.num_kv_heads, config.head_dim)
+    cache_k = jnp.zeros(cache_shape, ks.dtype).at[:, :, :p].set(ks)
+    cache_v = jnp.zeros(cache_shape, vs.dtype).at[:, :, :p].set(vs)
+    # The repetition penalty sees each row's prompt (not its padding) and every token it produces.
+    valid = jnp.arange(p)[None, :] >= pads[:, None]
+    v = config.vocab_size
+    seen = jnp.zeros((b, v), jnp.bool_).at[jnp.arange(b)[:, None], jnp.where(valid, tokens, v)].set(True, mode="drop")
+    token, key, seen = _pick(logits, key, seen, sampling)
+    return dict(
+        n=jnp.int32(1),
+        token=token,
+        cache_k=cache_k,
+        cache_v=cache_v,
+        out=jnp.zeros((b, new_slots), jnp.int32).at[:, 0].set(token),
+        done=stop_mask[token] | ~live,
+        counts=jnp.ones((b,), jnp.int32),
+        key=key,
+        seen=seen,
+    )
+
+
+def _decode_until(params, lora_layers, state, pads, until, stop_mask, sampling, *, config, ops, lora_rt, compute_dtype):
+    """Decodes until every row is done or ``until`` (traced) tokens exist -> the state."""
+    kw = dict(config=config, ops=ops, lora_rt=lora_rt, compute_dtype=compute_dtype)
+    p = state["cache_k"].shape[2] - state["out"].shape[1]
+
+    def cond(s):
+        return (s["n"] < until) & ~jnp.all(s["done"])
+
+    def body(s):
+        n, done = s["n"], s["done"]
+        logits, cache_k, cache_v = _decode_step(
+            params, lora_layers, s["token"], p + n - 1, pads, s["cache_k"], s["cache_v"], **kw
+        )
+        token, key, seen = _pick(logits, s["key"], s["seen"], sampling)
+        return dict(
+            n=n + 1,
+            token=token,
+            cache_k=cache_k,
+            cache_v=cache_v,
+            out=jax.lax.dynamic_update_slice(s["out"], jnp.where(done, 0, token)[:, None], (0, n)),
+            done=done | stop_mask[token],
+            counts=s["counts"] + (~done).astype(jnp.int32),
+            key=key,
+            seen=seen,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+_STATIC = ("config", "ops", "lora_rt", "compute_dtype")
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "new_slots"))
 def _generate_padded(
     params,
     lora_layers,
     tokens,
     pads,
     live,
-    max_new,
     stop_mask,
-    temperature,
-    top_k,
-    top_p,
+    sampling,
     key,
+    max_new,
     *,
     config,
     ops,
@@ -215,38 +303,17 @@ def _generate_padded(
     compute_dtype,
     new_slots,
 ):
-    """tokens: [B, P] left-padded, pads: [B], live: [B] bool (False: a filler row), stop_mask: [V] bool ->
-    (new tokens [B, new_slots], counts [B]: how many of them each row produced)."""
-    b, p = tokens.shape
+    """The whole batch in one program -> (new tokens [B, new_slots], counts [B]: how many each row produced)."""
     kw = dict(config=config, ops=ops, lora_rt=lora_rt, compute_dtype=compute_dtype)
-    logits, ks, vs = _prefill(params, lora_layers, tokens, pads, **kw)
-    s = p + new_slots
-    cache_shape = (config.num_layers, b, s, config.num_kv_heads, config.head_dim)
-    cache_k = jnp.zeros(cache_shape, ks.dtype).at[:, :, :p].set(ks)
-    cache_v = jnp.zeros(cache_shape, vs.dtype).at[:, :, :p].set(vs)
-    key, sub = jax.random.split(key)
-    token = sample_logits(logits, sub, temperature, top_k, top_p)
-    out = jnp.zeros((b, new_slots), jnp.int32).at[:, 0].set(token)
-    done = stop_mask[token] | ~live
-    counts = jnp.ones((b,), jnp.int32)
+    state = _start(params, lora_layers, tokens, pads, live, stop_mask, sampling, key, new_slots=new_slots, **kw)
+    state = _decode_until(params, lora_layers, state, pads, max_new, stop_mask, sampling, **kw)
+    return state["out"], state["counts"]
 
-    def cond(state):
-        n, _, _, _, _, done, _, _ = state
-        return (n < max_new) & ~jnp.all(done)
 
-    def body(state):
-        n, token, cache_k, cache_v, out, done, counts, key = state
-        logits, cache_k, cache_v = _decode_step(params, lora_layers, token, p + n - 1, pads, cache_k, cache_v, **kw)
-        key, sub = jax.random.split(key)
-        token = sample_logits(logits, sub, temperature, top_k, top_p)
-        out = jax.lax.dynamic_update_slice(out, jnp.where(done, 0, token)[:, None], (0, n))
-        counts = counts + (~done).astype(jnp.int32)
-        done = done | stop_mask[token]
-        return n + 1, token, cache_k, cache_v, out, done, counts, key
-
-    state = (jnp.int32(1), token, cache_k, cache_v, out, done, counts, key)
-    _, _, _, _, out, _, counts, _ = jax.lax.while_loop(cond, body, state)
-    return out, counts
+# Streaming runs the same two stages as separate programs, the decode one once per token (its state donated, so the
+# KV cache is updated in place).
+_start_jit = jax.jit(_start, static_argnames=(*_STATIC, "new_slots"))
+_decode_until_jit = jax.jit(_decode_until, static_argnames=_STATIC, donate_argnames=("state",))
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +329,7 @@ def left_pad(prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarra
     return tokens, pads
 
 
-def generate(
+def _program_inputs(
     params,
     config: ModelConfig,
     prompt_ids: Sequence[Sequence[int]],
@@ -271,21 +338,16 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
     stop_tokens: Sequence[int] = (),
     seed: int = 0,
     lora: dict | None = None,
     lora_rt: LoraRuntime | None = None,
     ops: Ops | None = None,
     compute_dtype=None,
-) -> list[list[int]]:
-    """Completes each prompt; returns the new tokens per prompt.
-
-    A row stops after its first stop token, which is INCLUDED in its output (as transformers' generate keeps EOS);
-    otherwise it runs for max_new_tokens. Greedy when temperature <= 0; else temperature, top_k, top_p sampling
-    from ``seed``. lora: the decoder's LoRA tree ({"layers": ...}; swap trained embed / lm_head copies into
-    params first, see ``jaxsloth.lora.with_trainable``) with its runtime (scale); ops: kernel choice (default
-    reference); compute_dtype: activations and KV cache (default: the embedding's dtype).
-    """
+) -> tuple[tuple, dict]:
+    """Validated (positional, static) arguments of ``_start`` for these prompts and ``generate``'s settings."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompt_ids:
@@ -300,6 +362,10 @@ def generate(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     if lora is not None and lora_rt is None:
         raise ValueError("lora is given without lora_rt (its scale): pass LoraConfig.runtime")
     stop_mask = np.zeros(config.vocab_size, bool)
@@ -307,61 +373,256 @@ def generate(
         if not 0 <= t < config.vocab_size:
             raise ValueError(f"stop token {t} is outside the vocabulary [0, {config.vocab_size})")
         stop_mask[t] = True
-
-    n = len(prompt_ids)
     tokens, pads = left_pad(prompt_ids)
-    b = tokens.shape[0]
-    out, counts = _generate_padded(
+    sampling = (
+        jnp.float32(temperature),
+        jnp.int32(config.vocab_size if top_k is None else min(top_k, config.vocab_size)),
+        jnp.float32(1.0 if top_p is None else top_p),
+        jnp.float32(0.0 if min_p is None else min_p),
+        jnp.float32(1.0 if repetition_penalty is None else repetition_penalty),
+    )
+    args = (
         params,
         None if lora is None else lora["layers"],
         jnp.asarray(tokens),
         jnp.asarray(pads),
-        jnp.asarray(np.arange(b) < n),
-        jnp.int32(max_new_tokens),
+        jnp.asarray(np.arange(tokens.shape[0]) < len(prompt_ids)),
         jnp.asarray(stop_mask),
-        jnp.float32(temperature),
-        jnp.int32(config.vocab_size if top_k is None else min(top_k, config.vocab_size)),
-        jnp.float32(1.0 if top_p is None else top_p),
+        sampling,
         jax.random.key(seed),
+    )
+    static = dict(
         config=config,
         ops=ops or Ops(),
         lora_rt=lora_rt or LoraRuntime(),
         compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype),
         new_slots=_bucket(max_new_tokens),
     )
+    return args, static
+
+
+def generate(
+    params,
+    config: ModelConfig,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    lora: dict | None = None,
+    lora_rt: LoraRuntime | None = None,
+    ops: Ops | None = None,
+    compute_dtype=None,
+) -> list[list[int]]:
+    """Completes each prompt; returns the new tokens per prompt.
+
+    A row stops after its first stop token, which is INCLUDED in its output (as transformers' generate keeps EOS);
+    otherwise it runs for max_new_tokens. Greedy when temperature <= 0; else temperature, top_k, top_p, min_p
+    sampling from ``seed`` (``warp_logits``); repetition_penalty (transformers': > 1 discourages tokens already in
+    the row) applies to greedy and sampled decoding alike. lora: the decoder's LoRA tree ({"layers": ...}; swap
+    trained embed / lm_head copies into params first, see ``jaxsloth.lora.with_trainable``) with its runtime
+    (scale); ops: kernel choice (default reference); compute_dtype: activations and KV cache (default: the
+    embedding's dtype).
+    """
+    args, static = _program_inputs(
+        params,
+        config,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop_tokens=stop_tokens,
+        seed=seed,
+        lora=lora,
+        lora_rt=lora_rt,
+        ops=ops,
+        compute_dtype=compute_dtype,
+    )
+    out, counts = _generate_padded(*args, jnp.int32(max_new_tokens), **static)
     out, counts = np.asarray(out), np.asarray(counts)
-    return [out[i, : counts[i]].tolist() for i in range(n)]
+    return [out[i, : counts[i]].tolist() for i in range(len(prompt_ids))]
 
 
-def generate_text(model, tokenizer, prompts: Sequence[str] | str, max_new_tokens: int = 64, **sampling) -> list[str]:
-    """Completes each prompt with ``model`` (a ``jaxsloth.api.Model``): its adapter when it has one, its profile's
-    kernels and dtype. The tokenizer's EOS always stops a row (besides ``stop_tokens``); the returned text is the
-    new tokens only, special tokens skipped. sampling: temperature, top_k, top_p, seed, stop_tokens."""
+def generate_stream(params, config: ModelConfig, prompt_ids: Sequence[int], *, max_new_tokens: int, **kwargs):
+    """``generate`` for one prompt, yielding each new token (an int) as soon as it is decoded; the same tokens as
+    ``generate(params, config, [prompt_ids], ...)[0]``. kwargs: ``generate``'s settings."""
+    args, static = _program_inputs(params, config, [prompt_ids], max_new_tokens=max_new_tokens, **kwargs)
+    new_slots = static.pop("new_slots")
+    params, lora_layers, _, pads, _, stop_mask, sampling, _ = args
+    state = _start_jit(*args, new_slots=new_slots, **static)
+    for n in range(1, max_new_tokens + 1):
+        if n > 1:
+            state = _decode_until_jit(params, lora_layers, state, pads, jnp.int32(n), stop_mask, sampling, **static)
+        if int(state["counts"][0]) < n:  # the row stopped at the token before
+            return
+        yield int(state["out"][0, n - 1])
+
+
+# --- text in, text out -------------------------------------------------------------------------------------------
+
+# End-of-turn tokens chat templates close a turn with; a template that writes one means the model ends its answers
+# with it (transformers users stop on them through the models' generation configs).
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>")
+
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+def _as_batch(prompts) -> list[Prompt]:
+    """A string, one conversation (a list of messages) or a list of either -> a list of prompts."""
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], Mapping):
+        return [prompts]
+    return prompts
+
+
+def prompt_token_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """A raw string -> ``tokenizer(text)`` (BOS added as the tokenizer adds it, as transformers does); a
+    conversation -> its chat-template rendering with the generation prompt, tokenized without added special tokens
+    (the template writes its own BOS)."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    from jaxsloth.data.chat import chat_token_ids, require_chat_template
+
+    messages = list(prompt)
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} of a conversation must be a dict with 'role' and 'content', got {m!r}")
+    require_chat_template(tokenizer, "generating from chat messages")
+    return chat_token_ids(tokenizer, messages, add_generation_prompt=True)
+
+
+def _generation_config(model_path: str | None) -> dict:
+    from converters.hf_assets import source_file
+
+    path = source_file(model_path, "generation_config.json")
+    return {} if path is None else json.loads(path.read_text())
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: generation_config.json's eos_token_id (int or list) beside the model's weights,
+    config.json's, the tokenizer's EOS, and the end-of-turn tokens its chat template writes. Ids outside the model's
+    vocabulary are dropped with a warning, as transformers ignores them."""
+    ids: set[int] = set()
+    for eos in (_generation_config(model.path).get("eos_token_id"), model.config.eos_token_id):
+        if eos is not None:
+            ids.update(eos if isinstance(eos, tuple | list) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        for token in END_OF_TURN_TOKENS:
+            tid = tokenizer.convert_tokens_to_ids(token)
+            if token in template and isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                ids.add(tid)
+    outside = sorted(t for t in ids if not 0 <= t < model.config.vocab_size)
+    if outside:
+        log.warning("eos_token_id %s outside the vocabulary [0, %d) is ignored", outside, model.config.vocab_size)
+    return sorted(t for t in ids if 0 <= t < model.config.vocab_size)
+
+
+def _settings(
+    do_sample: bool | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+) -> dict:
+    """transformers' names -> ``generate``'s settings. do_sample=None samples when a temperature > 0 is given."""
+    if do_sample is None:
+        do_sample = temperature is not None and temperature > 0
+    if not do_sample:
+        return {"temperature": 0.0, "repetition_penalty": repetition_penalty}
+    temperature = 1.0 if temperature is None else temperature
+    if not temperature > 0:
+        raise ValueError(f"do_sample=True needs a temperature > 0, got {temperature} (do_sample=False is greedy)")
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+
+
+def _model_inputs(model, tokenizer, prompts, stop_tokens, settings: dict) -> tuple[list[list[int]], dict]:
     from jaxsloth.lora import with_trainable
 
     if tokenizer is None:
         raise ValueError("generate needs a tokenizer (the model directory has none; pass one)")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    stops = set(sampling.pop("stop_tokens", ()))
-    for eos in (tokenizer.eos_token_id, model.config.eos_token_id):
-        if eos is not None:
-            stops.update(eos if isinstance(eos, tuple | list) else [eos])
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [prompt_token_ids(tokenizer, p) for p in _as_batch(prompts)]
     params, lora, lora_rt = model.params, None, None
     if model.trainable is not None:
         params, lora = with_trainable(model.params, model.trainable)
         lora_rt = model.lora.runtime
-    new = generate(
-        params,
-        model.config,
-        ids,
-        max_new_tokens=max_new_tokens,
-        stop_tokens=sorted(stops),
-        lora=lora,
-        lora_rt=lora_rt,
-        ops=model.profile.ops,
-        compute_dtype=model.profile.dtype,
-        **sampling,
-    )
+    stops = sorted(set(stop_token_ids(model, tokenizer)) | set(stop_tokens))
+    kw = dict(stop_tokens=stops, lora=lora, lora_rt=lora_rt, ops=model.profile.ops, compute_dtype=model.profile.dtype)
+    return ids, {"params": params, "config": model.config, **kw, **settings}
+
+
+def generate_text(
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+) -> list[str]:
+    """Completes each prompt with ``model`` (a ``jaxsloth.api.Model``: its adapter when it has one, its profile's
+    kernels and dtype); returns the new text per prompt, special tokens skipped.
+
+    prompts: a string or a list of strings (raw completion), a conversation (a list of {"role", "content"}
+    messages, answered through the tokenizer's chat template) or a list of conversations. A row stops at the
+    model's stop tokens (``stop_token_ids``) or any of ``stop_tokens``. Sampling as transformers names it: greedy
+    unless do_sample (default: sample when a temperature > 0 is given); top_k None keeps every token.
+    """
+    settings = _settings(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+    ids, kw = _model_inputs(model, tokenizer, prompts, stop_tokens, settings)
+    new = generate(prompt_ids=ids, max_new_tokens=max_new_tokens, seed=seed, **kw)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
+
+
+def stream_text(
+    model,
+    tokenizer,
+    prompt: Prompt,
+    max_new_tokens: int = 64,
+    *,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+) -> Iterator[str]:
+    """``generate_text`` for one prompt (a string or a conversation), yielding the text as it is decoded; the
+    pieces join to ``generate_text``'s answer. A piece is held back while it ends inside a multi-byte character."""
+    if not isinstance(prompt, str) and prompt and not isinstance(list(prompt)[0], Mapping):
+        raise ValueError("stream_text takes one prompt: a string or one conversation (a list of messages)")
+    settings = _settings(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+    ids, kw = _model_inputs(model, tokenizer, prompt, stop_tokens, settings)
+    params, config = kw.pop("params"), kw.pop("config")
+    new: list[int] = []
+    shown = ""
+    for token in generate_stream(params, config, ids[0], max_new_tokens=max_new_tokens, seed=seed, **kw):
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if len(text) > len(shown):
+        yield text[len(shown) :]

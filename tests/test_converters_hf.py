@@ -39,7 +39,7 @@ def test_round_trip_through_transformers_sharded(tmp_path):
 
     src = saved_model("qwen2")
     config, params = load_hf_model(src, dtype=jnp.float32)
-    save_hf_model(params, config, tmp_path / "out", max_shard_bytes=100_000)
+    save_hf_model(params, config, tmp_path / "out", max_shard_size=100_000)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).state_dict()
@@ -71,7 +71,7 @@ def test_missing_weights(tmp_path):
 def test_missing_shard_names_path(tmp_path):
     src = saved_model("llama")
     config, params = load_hf_model(src, dtype=jnp.float32)
-    d = save_hf_model(params, config, tmp_path / "sharded", max_shard_bytes=50_000)
+    d = save_hf_model(params, config, tmp_path / "sharded", max_shard_size=50_000)
     shard = sorted(d.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):

@@ -1,6 +1,8 @@
 """Merged export (jaxsloth.lora.merge + converters.hf.save_hf_model, what jaxsloth.save_merged does): transformers
 loads the merged checkpoint and gives the logits of jaxsloth's unmerged LoRA / QLoRA forward."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +80,87 @@ def test_save_merged_api_bf16_from_qlora(tmp_path):
     ref = lora_logits(params, trainable, lora, config, ids)
     scale = np.abs(ref).max()
     assert_close(_hf_logits(tmp_path, ids) / scale, ref / scale, "bf16")
+
+
+def test_save_merged_folder_works_alone(tmp_path):
+    """save_merged's folder, sharded, with the tokenizer files and generation_config.json copied from the source
+    model: AutoTokenizer, GenerationConfig and AutoModelForCausalLM load it, and transformers' generate from the
+    folder alone gives jaxsloth's greedy chat answer (stopping at the source's stop tokens)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    import jaxsloth
+    from converters.safetensors_io import SafetensorsFile
+    from tests.tiny_tokenizers import CHAT_FAMILIES, tiny_tokenizer, write_special_ids
+
+    case = CHAT_FAMILIES["llama-3.2"]
+    source = tmp_path / "source"
+    shutil.copytree(saved_model("llama"), source)
+    tok = tiny_tokenizer(case, 131)
+    tok.save_pretrained(source)
+    write_special_ids(source, case, tok)
+    model, tokenizer = jaxsloth.load(source, dtype="float32", profile="cpu")
+    lora = LoraConfig(r=R, alpha=ALPHA)
+    model = jaxsloth.add_lora(model, r=R, lora_alpha=ALPHA)
+    model.trainable = random_trainable(model.config, model.params, lora, seed=5)
+
+    out = jaxsloth.save_merged(model, tmp_path / "merged", dtype="float32", max_shard_size="200KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    for shard in shards:  # each shard within the limit, unless one tensor alone exceeds it
+        f = SafetensorsFile(out / shard)
+        assert len(f) == 1 or sum(f[k].nbytes for k in f) <= 200_000
+
+    loaded_tok = AutoTokenizer.from_pretrained(out)
+    assert loaded_tok.chat_template == tok.chat_template
+    messages = [{"role": "user", "content": "Hi there"}]
+    ids = loaded_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert ids == tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    stops = tok.convert_tokens_to_ids(case["generation_eos"])
+    assert GenerationConfig.from_pretrained(out).eos_token_id == stops
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        new = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
+    assert model.generate(tokenizer, [messages], max_new_tokens=8) == [loaded_tok.decode(new, skip_special_tokens=True)]
+
+
+def test_save_merged_writes_the_tokenizer_passed_and_config_ids(tmp_path):
+    """A tokenizer passed explicitly is saved; with no source generation config one is written from config.json."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    import jaxsloth
+    from jaxsloth.profiles import profile_for_device
+    from tests.tiny_tokenizers import CHAT_FAMILIES, tiny_tokenizer
+
+    config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
+    model = jaxsloth.Model(config, params, profile_for_device(name="cpu"))
+    tok = tiny_tokenizer(CHAT_FAMILIES["qwen2"], config.vocab_size)
+    out = jaxsloth.save_merged(model, tmp_path, tokenizer=tok)
+    assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
+    gc = GenerationConfig.from_pretrained(out)
+    assert (gc.bos_token_id, gc.eos_token_id, gc.pad_token_id) == (1, 2, 0)  # tests/tiny_models.py's ids
+
+
+def test_save_merged_copies_files_of_a_hub_model_from_the_cache(tmp_path, monkeypatch):
+    """A model loaded by Hub id: its tokenizer and generation config come from the local Hugging Face cache."""
+    import huggingface_hub.constants
+    from transformers import AutoTokenizer, GenerationConfig
+
+    import jaxsloth
+    from jaxsloth.profiles import profile_for_device
+    from tests.tiny_tokenizers import CHAT_FAMILIES, tiny_tokenizer
+
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123abcd"
+    tok = tiny_tokenizer(CHAT_FAMILIES["gemma"], 131)
+    tok.save_pretrained(snapshot)
+    (snapshot / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
+    model = jaxsloth.Model(config, params, profile_for_device(name="cpu"), path="org/tiny")
+    out = jaxsloth.save_merged(model, tmp_path / "merged")
+    assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [1, 5]

@@ -173,3 +173,36 @@ def test_unsupported_adapter_config_names_the_field(field, value, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=field):
         load_peft_adapter(tmp_path, config)
+
+
+def test_save_adapter_and_load_adapter_round_trip(tmp_path):
+    """jaxsloth.save_adapter (tokenizer beside it, the base model's path recorded) -> PEFT and
+    jaxsloth.load_adapter give the adapter's logits; load_adapter reads a PEFT-made adapter as PEFT runs it."""
+    from transformers import AutoTokenizer
+
+    import jaxsloth
+    from jaxsloth.profiles import profile_for_device
+    from tests.tiny_tokenizers import CHAT_FAMILIES, tiny_tokenizer
+
+    path = saved_model("qwen2")
+    model, _ = jaxsloth.load(path, dtype="float32", profile="cpu")
+    model = jaxsloth.add_lora(model, r=R, lora_alpha=ALPHA)
+    model.trainable = random_trainable(model.config, model.params, model.lora, seed=6)
+    tok = tiny_tokenizer(CHAT_FAMILIES["qwen2"], model.config.vocab_size)
+    out = jaxsloth.save_adapter(model, tmp_path / "ours", tokenizer=tok)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(path)
+    assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
+    ids = _ids(model.config)
+    ours = lora_logits(model.params, model.trainable, model.lora, model.config, ids)
+    assert_close(_peft_logits(_peft_load(path, out), ids), ours, "f32_logits")
+    back = jaxsloth.load_adapter(jaxsloth.Model(model.config, model.params, profile_for_device(name="cpu")), out)
+    assert_close(lora_logits(back.params, back.trainable, back.lora, back.config, ids), ours, "f32_logits")
+
+    adapter_dir, peft_model = _peft_made_adapter("qwen2", tmp_path / "peft", r=R, lora_alpha=ALPHA)
+    theirs = jaxsloth.load_adapter(model, adapter_dir)
+    assert theirs.lora.target_modules == ("q_proj", "v_proj")  # PEFT's default targets for Qwen2
+    assert_close(
+        lora_logits(model.params, theirs.trainable, theirs.lora, model.config, ids),
+        _peft_logits(peft_model, ids),
+        "f32_logits",
+    )

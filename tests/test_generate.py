@@ -232,3 +232,91 @@ def test_generate_text_uses_adapter_profile_and_eos():
         seq = tok(prompt)["input_ids"] + new[:-1]
         logits = forward(p, jnp.asarray([seq]), config=config, lora=lora, lora_rt=model.lora.runtime)
         assert new == np.argmax(np.asarray(logits[0, len(seq) - len(new) :]), axis=-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,min_p",
+    [(0.7, 10, 0.9, 0.05), (1.3, 50, 0.5, 0.0), (1.0, 3, 1.0, 0.2), (0.5, 50, 1.0, 0.3)],
+)
+def test_warp_logits_match_transformers_warpers(temperature, top_k, top_p, min_p):
+    """Temperature, top-k, top-p and min-p in transformers' order: the same surviving tokens and scaled logits."""
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = np.random.default_rng(1).normal(size=(4, 50)).astype(np.float32) * 3
+    scores = torch.tensor(logits)
+    warpers = [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k)]
+    warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    warpers += [MinPLogitsWarper(min_p)] if min_p > 0 else []
+    for w in warpers:
+        scores = w(None, scores)
+    expected = scores.numpy()
+    ours = np.asarray(jax.jit(gen.warp_logits)(jnp.asarray(logits), temperature, top_k, top_p, min_p))
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
+    assert np.isinf(expected).any() and not np.isinf(expected).all(axis=-1).any()
+    kept = ~np.isinf(expected)
+    assert_close(ours[kept], expected[kept], "f32")
+
+
+def test_repetition_penalty_matches_transformers():
+    """Greedy decoding with repetition_penalty: transformers' RepetitionPenaltyLogitsProcessor over each row's prompt
+    (not its left padding) and output; tiny random models repeat themselves, so the penalty changes the tokens."""
+    path = saved_model("llama")
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    prompts = _prompts(config, seed=3)
+    ours = gen.generate(params, config, prompts, max_new_tokens=NEW, repetition_penalty=1.8)
+    out, width = _hf_generate(hf_model(path), prompts, NEW, repetition_penalty=1.8)
+    assert ours == out[:, width:].tolist()
+    assert ours != gen.generate(params, config, prompts, max_new_tokens=NEW)
+
+
+def test_stream_yields_generate_tokens_one_by_one():
+    config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
+    prompt = _prompts(config)[1]
+    full = gen.generate(params, config, [prompt], max_new_tokens=NEW)[0]
+    assert list(gen.generate_stream(params, config, prompt, max_new_tokens=NEW)) == full
+    stop = full[3]
+    stopped = list(gen.generate_stream(params, config, prompt, max_new_tokens=NEW, stop_tokens=[stop]))
+    assert stopped == full[: full.index(stop) + 1]
+
+
+def _char_model(config, params, **config_changes):
+    """A jaxsloth Model of the tiny checkpoint on the CPU profile, its config changed as given."""
+    import dataclasses
+
+    import jaxsloth
+    from jaxsloth.profiles import profile_for_device
+
+    return jaxsloth.Model(dataclasses.replace(config, **config_changes), params, profile_for_device(name="cpu"))
+
+
+def test_eos_outside_vocabulary_warns_and_is_ignored(caplog):
+    """transformers ignores a config eos_token_id the vocabulary cannot hold (with a warning); so does generate."""
+    config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
+    tok = _CharTokenizer()
+    model = _char_model(config, params, eos_token_id=(2, config.vocab_size + 7))
+    with caplog.at_level("WARNING", logger="jaxsloth"):
+        texts = model.generate(tok, ["hello"], max_new_tokens=NEW)
+    assert [str(config.vocab_size + 7) in r.getMessage() for r in caplog.records].count(True) == 1
+    assert texts == _char_model(config, params).generate(tok, ["hello"], max_new_tokens=NEW)
+
+
+def test_generate_text_sampling_names():
+    """do_sample=False is greedy whatever the temperature; do_sample with a seed is reproducible; a stream of the
+    same prompt joins to generate's text."""
+    from jaxsloth.generate import stream_text
+
+    config, params = load_hf_model(saved_model("qwen2"), dtype=jnp.float32)
+    model, tok = _char_model(config, params), _CharTokenizer()
+    greedy = model.generate(tok, ["hello"], max_new_tokens=NEW)
+    assert model.generate(tok, ["hello"], max_new_tokens=NEW, do_sample=False, temperature=1.5) == greedy
+    kw = dict(max_new_tokens=NEW, do_sample=True, temperature=1.5, min_p=0.05, repetition_penalty=1.2, seed=2)
+    sampled = model.generate(tok, ["hello"], **kw)
+    assert sampled == model.generate(tok, ["hello"], **kw)
+    assert "".join(stream_text(model, tok, "hello", **kw)) == sampled[0]
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(tok, ["hello"], do_sample=True, temperature=0.0)

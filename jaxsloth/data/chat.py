@@ -45,8 +45,8 @@ def encode_chat(
     """
     messages = list(messages)
     if train_on_inputs:
-        ids = tokenizer(_render(tokenizer, messages, tools=tools), add_special_tokens=False)["input_ids"]
-        return list(ids), [True] * len(ids)
+        ids = chat_token_ids(tokenizer, messages, tools=tools)
+        return ids, [True] * len(ids)
     if _GENERATION_TAG.search(tokenizer.get_chat_template()) and not first_trained:
         out = tokenizer.apply_chat_template(
             messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -54,7 +54,7 @@ def encode_chat(
         return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
     text = _render(tokenizer, messages, tools=tools)
     spans = _assistant_char_spans(tokenizer, messages, text, tools, first_trained)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenize_rendered(tokenizer, text, return_offsets_mapping=True)
     trained = [any(start <= a < end for start, end in spans) for a, _ in enc["offset_mapping"]]
     return list(enc["input_ids"]), trained
 
@@ -97,3 +97,22 @@ def _assistant_char_spans(
             end -= 1
         spans.append((start, end))
     return spans
+
+
+def chat_token_ids(
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    *,
+    add_generation_prompt: bool = False,
+    tools: list | None = None,
+) -> list[int]:
+    """The token ids of a conversation as the chat template renders it (with the assistant's generation prompt when
+    ``add_generation_prompt``), for training and generation alike. The template writes every special token itself
+    (BOS included), so the tokenizer adds none: tokenizing with them would double Llama 3's and Gemma's BOS."""
+    text = _render(tokenizer, list(messages), add_generation_prompt, tools=tools)
+    return list(tokenize_rendered(tokenizer, text)["input_ids"])
+
+
+def tokenize_rendered(tokenizer: Any, text: str, **kwargs: Any) -> Any:
+    """``tokenizer(text)`` for text a chat template rendered: no special tokens added (see ``chat_token_ids``)."""
+    return tokenizer(text, add_special_tokens=False, **kwargs)
