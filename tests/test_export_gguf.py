@@ -1,0 +1,314 @@
+"""GGUF export (converters.gguf, jaxsloth.save_gguf, ``jaxsloth export --gguf``): llama.cpp itself loads the file
+and gives the logits of jaxsloth's unmerged LoRA forward; its tokenizer gives the Hugging Face tokenizer's ids;
+gguf's reader sees llama.cpp's tensor names, shapes, types and metadata."""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from converters.gguf import save_gguf
+from converters.hf import load_hf_model
+from jaxsloth.lora import LoraConfig, merge
+from tests.tiny_models import lora_logits, random_trainable
+from tests.tolerances import assert_close
+
+gguf = pytest.importorskip("gguf")
+
+LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. It's 2024 and we'll see 12345 numbers!",
+    "Tokenizers split text into pieces; llamas and alpacas graze on the hills.\n\nNew lines, tabs\tand  spaces.",
+    "Hello, world! How are you doing today? I'm fine, thanks: 3.14159 and 42.",
+] * 20
+TEXTS = ["Hello, world!", "The llamas grazed 12345 times.\nIt's fine  ", "  tabs\tand quotes ''' ok?"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VOCAB = 320  # past the tokenizer's 300 ids: the padded rows become llama.cpp's unused tokens
+# hidden 96 and intermediate 160 are multiples of q8_0's 32-value block; 6 query / 2 kv heads of dim 16
+DIMS = dict(
+    vocab_size=VOCAB,
+    hidden_size=96,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+)
+SPECIALS = {  # family -> (special tokens, bos, eos, pad, regex, BOS prepended by the tokenizer)
+    "llama": (["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"], 0, 1, 1, LLAMA3_REGEX, True),
+    "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, 0, 0, QWEN2_REGEX, False),
+}
+
+
+def _tokenizer(family: str):
+    """A tiny byte-level BPE tokenizer the way Llama 3 / Qwen 2 build theirs (Split regex + ByteLevel)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials, bos, eos, pad, regex, add_bos = SPECIALS[family]
+    tok = Tokenizer(models.BPE(ignore_merges=family == "llama"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{specials[bos]} $A",
+            pair=f"{specials[bos]} $A {specials[bos]} $B",
+            special_tokens=[(specials[bos], bos)],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None if bos is None else specials[bos],
+        eos_token=specials[eos],
+        pad_token=specials[pad],
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@functools.cache
+def saved_model(family: str) -> Path:
+    """A tiny random transformers model (non-identity norms; Llama with Llama-3 rope scaling) and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    _, bos, eos, pad, _, _ = SPECIALS[family]
+    ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    if family == "llama":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        cfg = LlamaConfig(**DIMS, **ids, rope_parameters=rope)
+    else:
+        cfg = Qwen2Config(**DIMS, **ids)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    path = Path(tempfile.mkdtemp(prefix=f"tiny-gguf-{family}-")) / "model"
+    model.save_pretrained(path)
+    _tokenizer(family).save_pretrained(path)
+    return path
+
+
+def _llama_cpp(path: Path, n_ctx: int = 64):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False)
+
+
+def _llama_cpp_logits(llm, ids) -> np.ndarray:
+    """llama.cpp's logits [T, V] for the token ids ``ids`` (fed as ids: no tokenizer in between)."""
+    llm.reset()
+    llm.eval(list(map(int, ids)))
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def _export(family: str, quantization: str, tmp_path: Path, seed: int = 0):
+    """Random LoRA merged and written as GGUF; returns (file, jaxsloth logits [T, V] of the unmerged LoRA, ids)."""
+    from transformers import AutoTokenizer
+
+    path = saved_model(family)
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    lora = LoraConfig(r=4, alpha=8.0, train_embeddings=True, train_lm_head=True)
+    trainable = random_trainable(config, params, lora, seed=seed)
+    out = save_gguf(
+        merge(params, trainable, lora),
+        config,
+        AutoTokenizer.from_pretrained(path),
+        tmp_path / "m.gguf",
+        quantization=quantization,
+    )
+    ids = np.random.default_rng(seed).integers(0, VOCAB, (1, 24))
+    return out, lora_logits(params, trainable, lora, config, ids)[0], ids[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_cpp_f16_logits_match_jaxsloth(family, tmp_path):
+    path, ours, ids = _export(family, "f16", tmp_path)
+    theirs = _llama_cpp_logits(_llama_cpp(path), ids)
+    assert_close(theirs, ours, "gguf_f16_logits")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_cpp_q8_0_logits_match_jaxsloth(family, tmp_path):
+    path, ours, ids = _export(family, "q8_0", tmp_path)
+    theirs = _llama_cpp_logits(_llama_cpp(path), ids)
+    assert_close(theirs, ours, "gguf_q8_0_logits")
+    np.testing.assert_array_equal(theirs.argmax(-1), ours.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_cpp_tokenizes_like_hugging_face(family, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = saved_model(family)
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    hf = AutoTokenizer.from_pretrained(path)
+    llm = _llama_cpp(save_gguf(params, config, hf, tmp_path / "m.gguf"))
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == hf(text)["input_ids"], text
+    assert llm.token_eos() == SPECIALS[family][2]
+    # The chat template travels with the file, and its special tokens are single tokens to llama.cpp.
+    assert llm.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert (
+        llm.tokenize(b"<|im_start|>user", add_bos=False, special=True)
+        == hf("<|im_start|>user", add_special_tokens=False)["input_ids"]
+    )
+
+
+def _field(reader, key):
+    f = reader.fields[key]
+    if f.types[0] == gguf.GGUFValueType.STRING:
+        return bytes(f.parts[f.data[0]]).decode()
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        return [f.parts[i].tolist() for i in f.data]
+    return f.parts[f.data[0]].tolist()[0]
+
+
+@pytest.mark.parametrize(("family", "quantization"), [("llama", "q8_0"), ("qwen2", "bf16")])
+def test_reader_sees_llama_cpp_layout(family, quantization, tmp_path):
+    """Names, shapes and types as llama.cpp's converter writes them, and metadata from config.json itself."""
+    from transformers import AutoTokenizer
+
+    path = saved_model(family)
+    hf_cfg = json.loads((path / "config.json").read_text())
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    out = save_gguf(params, config, AutoTokenizer.from_pretrained(path), tmp_path / "m.gguf", quantization=quantization)
+    reader = gguf.GGUFReader(out)
+    arch = {"llama": "llama", "qwen2": "qwen2"}[family]
+    assert _field(reader, "general.architecture") == arch
+    expected = {
+        f"{arch}.block_count": hf_cfg["num_hidden_layers"],
+        f"{arch}.context_length": hf_cfg["max_position_embeddings"],
+        f"{arch}.embedding_length": hf_cfg["hidden_size"],
+        f"{arch}.feed_forward_length": hf_cfg["intermediate_size"],
+        f"{arch}.attention.head_count": hf_cfg["num_attention_heads"],
+        f"{arch}.attention.head_count_kv": hf_cfg["num_key_value_heads"],
+        f"{arch}.rope.dimension_count": hf_cfg["head_dim"],
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": {"llama": "llama-bpe", "qwen2": "qwen2"}[family],
+        "tokenizer.ggml.eos_token_id": hf_cfg["eos_token_id"],
+        "tokenizer.chat_template": CHAT_TEMPLATE,
+    }
+    assert {k: _field(reader, k) for k in expected} == expected
+    theta = hf_cfg.get("rope_parameters", {}).get("rope_theta") or hf_cfg.get("rope_theta")
+    assert _field(reader, f"{arch}.rope.freq_base") == pytest.approx(theta)
+    assert _field(reader, f"{arch}.attention.layer_norm_rms_epsilon") == pytest.approx(hf_cfg["rms_norm_eps"])
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == VOCAB
+    assert len(reader.fields["tokenizer.ggml.merges"].data) > 0
+
+    weight = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "bf16": gguf.GGMLQuantizationType.BF16}[quantization]
+    D, F, V, H, K, Hd = 96, 160, VOCAB, 6, 2, 16
+    want = {
+        "token_embd.weight": ((D, V), weight),
+        "output.weight": ((D, V), weight),
+        "output_norm.weight": ((D,), None),
+    }
+    for i in range(hf_cfg["num_hidden_layers"]):
+        b = f"blk.{i}."
+        want |= {
+            b + "attn_norm.weight": ((D,), None),
+            b + "ffn_norm.weight": ((D,), None),
+            b + "attn_q.weight": ((D, H * Hd), weight),
+            b + "attn_k.weight": ((D, K * Hd), weight),
+            b + "attn_v.weight": ((D, K * Hd), weight),
+            b + "attn_output.weight": ((H * Hd, D), weight),
+            b + "ffn_gate.weight": ((D, F), weight),
+            b + "ffn_up.weight": ((D, F), weight),
+            b + "ffn_down.weight": ((F, D), weight),
+        }
+        if family == "qwen2":
+            want |= {
+                b + "attn_q.bias": ((H * Hd,), None),
+                b + "attn_k.bias": ((K * Hd,), None),
+                b + "attn_v.bias": ((K * Hd,), None),
+            }
+    if family == "llama":  # Llama-3 rope scaling: one divisor per rotary frequency
+        want["rope_freqs.weight"] = ((Hd // 2,), None)
+    got = {t.name: (tuple(int(n) for n in t.shape), t.tensor_type) for t in reader.tensors}
+    assert set(got) == set(want)
+    for name, (shape, qtype) in want.items():  # ggml order: innermost dimension first; vectors stay f32
+        assert got[name] == (shape, qtype or gguf.GGMLQuantizationType.F32), name
+
+    # The embedding is the checkpoint's own, not permuted or transposed (q/k are, which the llama.cpp tests check).
+    from safetensors.numpy import load_file
+
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    stored = gguf.quants.dequantize(np.asarray(embd.data), embd.tensor_type).reshape(V, D)
+    np.testing.assert_allclose(stored, load_file(path / "model.safetensors")["model.embed_tokens.weight"], atol=0.01)
+
+
+def test_api_and_cli_export(tmp_path):
+    """jaxsloth.save_gguf on a loaded model with an adapter, and ``jaxsloth export --gguf`` from its PEFT files."""
+    import jaxsloth
+    from jaxsloth.cli import main
+
+    path = saved_model("qwen2")
+    model, tokenizer = jaxsloth.load(path, dtype="float32", max_seq_length=64)
+    model = jaxsloth.add_lora(model, r=4, seed=1)
+    out = jaxsloth.save_gguf(model, tokenizer, tmp_path / "api" / "m.gguf", quantization="q8_0")
+    assert _field(gguf.GGUFReader(out), "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    jaxsloth.save_adapter(model, tmp_path / "adapter")
+    argv = [
+        "export",
+        "--model",
+        str(path),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--gguf",
+        "--out",
+        str(tmp_path / "cli"),
+    ]
+    assert main(argv) == 0
+    reader = gguf.GGUFReader(tmp_path / "cli" / "model-f16.gguf")
+    assert _field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+    assert main(argv) == 2  # the file exists: --overwrite needed
+
+
+def test_unsupported_inputs_are_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from jaxsloth.models.config import config_from_hf_dict
+    from tests.tiny_models import hf_config
+
+    path = saved_model("qwen2")
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    for family in ("gemma", "gemma2", "phi3"):
+        with pytest.raises(ValueError, match=f"model_type '{family}'"):
+            save_gguf(params, config_from_hf_dict(hf_config(family).to_dict()), tok, tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="q4_k"):
+        save_gguf(params, config, tok, tmp_path / "x.gguf", quantization="q4_k")
+    with pytest.raises(ValueError, match="tokenizer"):
+        save_gguf(params, config, None, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())  # no partial file left behind
