@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VOCAB = 320  # past the tokenizer's 300 ids: the padded rows become llama.cpp's unused tokens
+VOCAB = 384  # past the tokenizers' ids (300, about 370): the padded rows become llama.cpp's unused tokens
 # hidden 96 and intermediate 160 are multiples of q8_0's 32-value block; 6 query / 2 kv heads of dim 16
 DIMS = dict(
     vocab_size=VOCAB,
@@ -87,6 +87,34 @@ def _tokenizer(family: str):
         pad_token=specials[pad],
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def _sentencepiece_tokenizer():
+    """A tiny SentencePiece-style tokenizer as Llama 2 / Mistral ship it in tokenizer.json: BPE over "▁"-joined
+    text with byte fallback pieces <0x00>..<0xFF> after <unk>, <s>, </s>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trained.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=110, show_progress=False))
+    model = json.loads(trained.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(t, len(vocab))
+    merges = [tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @functools.cache
@@ -184,6 +212,18 @@ def test_llama_cpp_tokenizes_like_hugging_face(family, tmp_path):
         llm.tokenize(b"<|im_start|>user", add_bos=False, special=True)
         == hf("<|im_start|>user", add_special_tokens=False)["input_ids"]
     )
+
+
+def test_llama_cpp_tokenizes_sentencepiece_like_hugging_face(tmp_path):
+    """Llama 2 / Mistral style vocabularies go in as llama.cpp's "llama" (SentencePiece) tokenizer."""
+    config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32)
+    hf = _sentencepiece_tokenizer()
+    out = save_gguf(params, config, hf, tmp_path / "m.gguf")
+    assert _field(gguf.GGUFReader(out), "tokenizer.ggml.model") == "llama"
+    llm = _llama_cpp(out)
+    for text in [*TEXTS, "é ü 🦙 zzz"]:  # the last one needs byte fallback
+        assert llm.tokenize(text.encode(), add_bos=True, special=False) == hf(text)["input_ids"], text
+    assert (llm.token_bos(), llm.token_eos()) == (1, 2)
 
 
 def _field(reader, key):
