@@ -41,6 +41,7 @@ ARCHITECTURES = {
     "llama": gguf.MODEL_ARCH.LLAMA,
     "mistral": gguf.MODEL_ARCH.LLAMA,
     "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "gemma": gguf.MODEL_ARCH.GEMMA,
 }
 
 # The pre-tokenizer regexes of Llama-3 and Qwen-2 tokenizer.json files, and llama.cpp's names for them.
@@ -124,9 +125,11 @@ def plan_tensors(params: dict, config: ModelConfig, weight_type: QType) -> list[
             raise ValueError(f"no GGUF name for tensor {hf_name!r} of architecture {gguf.MODEL_ARCH_NAMES[arch]}")
         proj = slot.path[1] if slot.path[0] == "layers" and len(slot.path) == 3 else None
         n_heads = heads.get(proj) if arch == gguf.MODEL_ARCH.LLAMA else None
+        # Gemma checkpoints store RMSNorm weights minus one; llama.cpp multiplies by the stored weight.
+        offset = config.norm_weight_offset if name.endswith("_norm.weight") else 0.0
 
-        def load(slot=slot, n_heads=n_heads):
-            x = _host_f32(params, slot)
+        def load(slot=slot, n_heads=n_heads, offset=offset):
+            x = _host_f32(params, slot) + np.float32(offset)
             return x if n_heads is None else _interleave_rotary_halves(x, n_heads)
 
         qtype = weight_type

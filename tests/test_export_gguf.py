@@ -121,11 +121,13 @@ def _sentencepiece_tokenizer():
 def saved_model(family: str) -> Path:
     """A tiny random transformers model (non-identity norms; Llama with Llama-3 rope scaling) and its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
 
-    _, bos, eos, pad, _, _ = SPECIALS[family]
+    _, bos, eos, pad, _, _ = SPECIALS.get(family, (None, 1, 2, 0, None, None))
     ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    if family == "llama":
+    if family == "gemma":  # SentencePiece tokenizer, GeGLU, norms stored minus one, tied embeddings
+        cfg = GemmaConfig(**DIMS, **ids, hidden_activation="gelu_pytorch_tanh")
+    elif family == "llama":
         rope = {
             "rope_type": "llama3",
             "rope_theta": 500000.0,
@@ -142,10 +144,10 @@ def saved_model(family: str) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and family != "gemma" else 0.0))
     path = Path(tempfile.mkdtemp(prefix=f"tiny-gguf-{family}-")) / "model"
     model.save_pretrained(path)
-    _tokenizer(family).save_pretrained(path)
+    (_sentencepiece_tokenizer() if family == "gemma" else _tokenizer(family)).save_pretrained(path)
     return path
 
 
@@ -167,7 +169,7 @@ def _export(family: str, quantization: str, tmp_path: Path, seed: int = 0):
 
     path = saved_model(family)
     config, params = load_hf_model(path, dtype=jnp.float32)
-    lora = LoraConfig(r=4, alpha=8.0, train_embeddings=True, train_lm_head=True)
+    lora = LoraConfig(r=4, alpha=8.0, train_embeddings=True, train_lm_head=not config.tie_word_embeddings)
     trainable = random_trainable(config, params, lora, seed=seed)
     out = save_gguf(
         merge(params, trainable, lora),
@@ -180,14 +182,14 @@ def _export(family: str, quantization: str, tmp_path: Path, seed: int = 0):
     return out, lora_logits(params, trainable, lora, config, ids)[0], ids[0]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
 def test_llama_cpp_f16_logits_match_jaxsloth(family, tmp_path):
     path, ours, ids = _export(family, "f16", tmp_path)
     theirs = _llama_cpp_logits(_llama_cpp(path), ids)
     assert_close(theirs, ours, "gguf_f16_logits")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
 def test_llama_cpp_q8_0_logits_match_jaxsloth(family, tmp_path):
     path, ours, ids = _export(family, "q8_0", tmp_path)
     theirs = _llama_cpp_logits(_llama_cpp(path), ids)
@@ -344,7 +346,7 @@ def test_unsupported_inputs_are_refused(tmp_path):
     path = saved_model("qwen2")
     config, params = load_hf_model(path, dtype=jnp.float32)
     tok = AutoTokenizer.from_pretrained(path)
-    for family in ("gemma", "gemma2", "phi3"):
+    for family in ("gemma2", "phi3"):
         with pytest.raises(ValueError, match=f"model_type '{family}'"):
             save_gguf(params, config_from_hf_dict(hf_config(family).to_dict()), tok, tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="q4_k"):
