@@ -163,38 +163,34 @@ def _llama_cpp_logits(llm, ids) -> np.ndarray:
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
 
 
-def _export(family: str, quantization: str, tmp_path: Path, seed: int = 0):
-    """Random LoRA merged and written as GGUF; returns (file, jaxsloth logits [T, V] of the unmerged LoRA, ids)."""
+NEAR_TIE = 0.05  # top-2 logit margin below which a greedy pick is a coin toss under any rounding
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_llama_cpp_logits_match_jaxsloth(family, tmp_path):
+    """A random LoRA (embeddings too) merged and exported in f16 and q8_0: llama.cpp's logits for the same ids are
+    jaxsloth's unmerged-LoRA logits within the GGUF tolerances, and q8_0 keeps every clear greedy pick."""
     from transformers import AutoTokenizer
 
     path = saved_model(family)
     config, params = load_hf_model(path, dtype=jnp.float32)
     lora = LoraConfig(r=4, alpha=8.0, train_embeddings=True, train_lm_head=not config.tie_word_embeddings)
-    trainable = random_trainable(config, params, lora, seed=seed)
-    out = save_gguf(
-        merge(params, trainable, lora),
-        config,
-        AutoTokenizer.from_pretrained(path),
-        tmp_path / "m.gguf",
-        quantization=quantization,
+    trainable = random_trainable(config, params, lora)
+    merged, tokenizer = merge(params, trainable, lora), AutoTokenizer.from_pretrained(path)
+    ids = np.random.default_rng(0).integers(0, VOCAB, 24)
+    ours = lora_logits(params, trainable, lora, config, ids[None])[0]
+
+    f16 = _llama_cpp_logits(_llama_cpp(save_gguf(merged, config, tokenizer, tmp_path / "f16.gguf")), ids)
+    assert_close(f16, ours, "gguf_f16_logits")
+
+    q8 = _llama_cpp_logits(
+        _llama_cpp(save_gguf(merged, config, tokenizer, tmp_path / "q8.gguf", quantization="q8_0")), ids
     )
-    ids = np.random.default_rng(seed).integers(0, VOCAB, (1, 24))
-    return out, lora_logits(params, trainable, lora, config, ids)[0], ids[0]
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
-def test_llama_cpp_f16_logits_match_jaxsloth(family, tmp_path):
-    path, ours, ids = _export(family, "f16", tmp_path)
-    theirs = _llama_cpp_logits(_llama_cpp(path), ids)
-    assert_close(theirs, ours, "gguf_f16_logits")
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
-def test_llama_cpp_q8_0_logits_match_jaxsloth(family, tmp_path):
-    path, ours, ids = _export(family, "q8_0", tmp_path)
-    theirs = _llama_cpp_logits(_llama_cpp(path), ids)
-    assert_close(theirs, ours, "gguf_q8_0_logits")
-    np.testing.assert_array_equal(theirs.argmax(-1), ours.argmax(-1))
+    assert_close(q8, ours, "gguf_q8_0_logits")
+    top2 = np.sort(ours, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > NEAR_TIE
+    assert clear.mean() >= 0.75  # most picks are clear, so the check below has something to check
+    np.testing.assert_array_equal(q8.argmax(-1)[clear], ours.argmax(-1)[clear])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
