@@ -306,6 +306,23 @@ def test_reader_sees_llama_cpp_layout(family, quantization, tmp_path):
     np.testing.assert_allclose(stored, load_file(path / "model.safetensors")["model.embed_tokens.weight"], atol=0.01)
 
 
+def test_qlora_export_matches_llama_cpp(tmp_path):
+    """jaxsloth.save_gguf on a 4-bit model whose adapter covers q_proj only: the adapted projections are merged,
+    the others dequantized from NF4, and llama.cpp gives the QLoRA forward's logits."""
+    import dataclasses
+
+    import jaxsloth
+
+    model, tokenizer = jaxsloth.load(saved_model("qwen2"), load_in_4bit=True, dtype="float32", max_seq_length=64)
+    model = jaxsloth.add_lora(model, r=4, target_modules=["q_proj"])
+    model = dataclasses.replace(model, trainable=random_trainable(model.config, model.params, model.lora))
+    assert not isinstance(model.params["layers"]["up_proj"]["weight"], jnp.ndarray)  # NF4
+    ids = np.random.default_rng(1).integers(0, VOCAB, 16)
+    ours = lora_logits(model.params, model.trainable, model.lora, model.config, ids[None])[0]
+    theirs = _llama_cpp_logits(_llama_cpp(jaxsloth.save_gguf(model, tokenizer, tmp_path / "m.gguf")), ids)
+    assert_close(theirs, ours, "gguf_f16_logits")
+
+
 def test_api_and_cli_export(tmp_path):
     """jaxsloth.save_gguf on a loaded model with an adapter, and ``jaxsloth export --gguf`` from its PEFT files."""
     import jaxsloth
