@@ -75,6 +75,8 @@ def check_supported(config: ModelConfig) -> None:
             f"{', '.join(ARCHITECTURES)}); export with save_merged and convert the checkpoint with llama.cpp's "
             "convert_hf_to_gguf.py"
         )
+    if config.rotary_dim != config.head_dim:
+        raise ValueError(f"GGUF export does not support partial rotary embeddings (rotary_dim {config.rotary_dim})")
     if config.rope.kind not in ("default", "linear", "llama3"):
         raise ValueError(
             f"GGUF export does not support rope_type {config.rope.kind!r} (supported: default, linear, llama3)"

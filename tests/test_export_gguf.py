@@ -123,7 +123,9 @@ def saved_model(family: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
 
-    _, bos, eos, pad, _, _ = SPECIALS.get(family, (None, 1, 2, 0, None, None))
+    _, bos, eos, pad, _, _ = SPECIALS.get(
+        family, SPECIALS["llama"] if family.startswith("llama") else (None, 1, 2, 0, None, None)
+    )
     ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     if family == "gemma":  # SentencePiece tokenizer, GeGLU, norms stored minus one, tied embeddings
         cfg = GemmaConfig(**DIMS, **ids, hidden_activation="gelu_pytorch_tanh")
@@ -137,6 +139,8 @@ def saved_model(family: str) -> Path:
             "original_max_position_embeddings": 64,
         }
         cfg = LlamaConfig(**DIMS, **ids, rope_parameters=rope)
+    elif family == "llama_linear":  # linear rope scaling goes in as metadata, not as a tensor
+        cfg = LlamaConfig(**DIMS, **ids, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
     else:
         cfg = Qwen2Config(**DIMS, **ids)
     torch.manual_seed(0)
@@ -147,7 +151,7 @@ def saved_model(family: str) -> Path:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and family != "gemma" else 0.0))
     path = Path(tempfile.mkdtemp(prefix=f"tiny-gguf-{family}-")) / "model"
     model.save_pretrained(path)
-    (_sentencepiece_tokenizer() if family == "gemma" else _tokenizer(family)).save_pretrained(path)
+    (_sentencepiece_tokenizer() if family == "gemma" else _tokenizer(family.split("_")[0])).save_pretrained(path)
     return path
 
 
@@ -166,7 +170,7 @@ def _llama_cpp_logits(llm, ids) -> np.ndarray:
 NEAR_TIE = 0.05  # top-2 logit margin below which a greedy pick is a coin toss under any rounding
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "llama_linear", "qwen2", "gemma"])
 def test_llama_cpp_logits_match_jaxsloth(family, tmp_path):
     """A random LoRA (embeddings too) merged and exported in f16 and q8_0: llama.cpp's logits for the same ids are
     jaxsloth's unmerged-LoRA logits within the GGUF tolerances, and q8_0 keeps every clear greedy pick."""
