@@ -101,10 +101,10 @@ def _host_f32(params: dict, slot: TensorSlot) -> np.ndarray:
     return np.asarray(x if slot.layer is None else x[slot.layer], dtype=np.float32)
 
 
-def _rope_factors(rope: RopeConfig, config: ModelConfig) -> np.ndarray:
+def _rope_factors(config: ModelConfig) -> np.ndarray:
     """Llama-3 rope: per-frequency divisors (unscaled inv_freq / scaled inv_freq), llama.cpp's ``rope_freqs``."""
     scaled, _ = rope_inv_freq(config)
-    unscaled, _ = rope_inv_freq(dataclasses.replace(config, rope=RopeConfig(theta=rope.theta)))
+    unscaled, _ = rope_inv_freq(dataclasses.replace(config, rope=RopeConfig(theta=config.rope.theta)))
     return (unscaled / scaled).astype(np.float32)
 
 
@@ -115,7 +115,7 @@ def plan_tensors(params: dict, config: ModelConfig, weight_type: QType) -> list[
     heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
     out = []
     if config.rope.kind == "llama3":
-        factors = _rope_factors(config.rope, config)
+        factors = _rope_factors(config)
         out.append(
             _Tensor(
                 gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, QType.F32, lambda: factors
@@ -181,15 +181,11 @@ def _pre_tokenizer(tokenizer_json: dict, path: Path) -> str:
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     splits = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
-    if splits:
-        if len(splits) == 1 and splits[0] in _PRE_TOKENIZERS:
-            return _PRE_TOKENIZERS[splits[0]]
-        raise ValueError(
-            f"{path}: pre-tokenizer regex {splits} is not one GGUF export knows (Llama-3 or Qwen-2 byte-level BPE)"
-        )
-    if any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
-        return "gpt-2"
-    raise ValueError(f"{path}: no byte-level pre-tokenizer in {pre}")
+    if len(splits) == 1 and splits[0] in _PRE_TOKENIZERS:
+        return _PRE_TOKENIZERS[splits[0]]
+    raise ValueError(
+        f"{path}: pre-tokenizer {splits or pre} is not one GGUF export knows (Llama-3 or Qwen-2 byte-level BPE)"
+    )
 
 
 def _gpt2_vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
