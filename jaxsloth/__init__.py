@@ -3,7 +3,7 @@
 # The training package is imported before the API binds the name ``train`` to the function, so a later import of
 # one of its modules cannot rebind ``jaxsloth.train`` to the package.
 import jaxsloth.train.step  # noqa: F401
-from jaxsloth.api import Model, add_lora, load, load_adapter, save_adapter, save_merged, train
+from jaxsloth.api import Model, add_lora, load, load_adapter, save_adapter, save_gguf, save_merged, train
 
 __version__ = "0.1.0"
-__all__ = ["Model", "add_lora", "load", "load_adapter", "save_adapter", "save_merged", "train"]
+__all__ = ["Model", "add_lora", "load", "load_adapter", "save_adapter", "save_gguf", "save_merged", "train"]

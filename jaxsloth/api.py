@@ -323,3 +323,21 @@ def save_merged(
             source=model.local_dir or model.path,
         ),
     )
+
+
+def save_gguf(model: Model, tokenizer, path: str | os.PathLike, quantization: str = "f16") -> Path:
+    """Writes one GGUF file for llama.cpp, Ollama and LM Studio: the adapter merged in (NF4 weights dequantized),
+    the tokenizer and chat template included. quantization: "f16", "bf16" or "q8_0"."""
+    from converters.gguf import QUANTIZATIONS, check_supported
+    from converters.gguf import save_gguf as write_gguf
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unsupported GGUF quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
+    check_supported(model.config)
+    # Merged once into the stored precision (q8_0 is quantized from the model's own dtype).
+    dtype = {"f16": jnp.float16, "bf16": jnp.bfloat16}.get(quantization, model.profile.dtype)
+    params = model.params if model.trainable is None else merge(model.params, model.trainable, model.lora, dtype)
+    params = _on_host(params)
+    if jax.process_index() != 0:
+        return Path(path)
+    return write_gguf(params, model.config, tokenizer, path, quantization=quantization)

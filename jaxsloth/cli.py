@@ -4,6 +4,7 @@
     jaxsloth generate --model M --adapter runs/x/adapter "Hello"   # through the chat template when it has one
     jaxsloth chat --model M --adapter runs/x/adapter             # a conversation: user turns from stdin
     jaxsloth export --model M --adapter runs/x/adapter --merged --out merged/
+    jaxsloth export --model M --adapter runs/x/adapter --gguf q8_0 --out model.gguf
     jaxsloth demo
 
 Errors a user causes (a missing file, a bad value) print one line and exit 2; a failed write (disk full) prints
@@ -251,6 +252,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import jaxsloth
 
+    if args.gguf is not None:
+        return _export_gguf(args)
     if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
         raise FileExistsError(f"output directory {args.out} is not empty (pass --overwrite)")
     model, tokenizer = _load_with_adapter(args)
@@ -267,6 +270,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         path = jaxsloth.save_adapter(model, args.out, overwrite=args.overwrite)
         print(f"PEFT adapter: {path}")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    """--out is the .gguf file, or a directory that gets model-<quantization>.gguf."""
+    import jaxsloth
+
+    out = Path(args.out)
+    path = out if out.suffix == ".gguf" else out / f"model-{args.gguf}.gguf"
+    if path.exists() and not args.overwrite:
+        raise FileExistsError(f"{path} exists (pass --overwrite)")
+    model, tokenizer = _load_with_adapter(args)
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer files in {args.model} (GGUF files carry the vocabulary)")
+    print(f"GGUF {args.gguf}: {jaxsloth.save_gguf(model, tokenizer, path, quantization=args.gguf)}")
     return 0
 
 
@@ -331,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--merged", action="store_true", help="merge the adapter into the weights (HF checkpoint)")
     e.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    e.add_argument(
+        "--gguf",
+        nargs="?",
+        const="f16",
+        choices=("f16", "bf16", "q8_0"),
+        help="merge and write one GGUF file for llama.cpp / Ollama / LM Studio (default f16); --out: a .gguf path or a directory",
+    )
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     e.add_argument("--max-shard-size", default="5GB", help="merged weights: largest safetensors file (e.g. 2GB)")
 
