@@ -97,10 +97,11 @@ def sample_logits(logits, key, temperature, top_k, top_p):
 # --- the jitted program --------------------------------------------------------------------------------------------
 
 
-def _prefill(params, lora_layers, tokens, pads, last, *, config, ops, lora_rt, compute_dtype):
-    """tokens: [B, S] left-padded, real up to slot ``last`` (traced; later slots are ignored by causality) ->
-    (logits at slot ``last`` [B, V], k and v [L, B, S, Hk, hd])."""
+def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_rt, compute_dtype):
+    """tokens: [B, S] left-padded, real up to slot ``last`` (traced; default the last slot; later slots are
+    ignored by causality) -> (logits at slot ``last`` [B, V], k and v [L, B, S, Hk, hd])."""
     b, p = tokens.shape
+    last = p - 1 if last is None else last
     slots = jnp.arange(p)[None, :]
     positions = jnp.maximum(slots - pads[:, None], 0).astype(jnp.int32)
     valid = (slots >= pads[:, None]).astype(jnp.int32)  # pads attend among themselves only, never to the prompt
@@ -251,7 +252,7 @@ def _generate_padded(
     (new tokens [B, new_slots], counts [B]: how many of them each row produced)."""
     b, p = tokens.shape
     kw = dict(config=config, ops=ops, lora_rt=lora_rt, compute_dtype=compute_dtype)
-    logits, ks, vs = _prefill(params, lora_layers, tokens, pads, p - 1, **kw)
+    logits, ks, vs = _prefill(params, lora_layers, tokens, pads, **kw)
     s = p + new_slots
     cache_shape = (config.num_layers, b, s, config.num_kv_heads, config.head_dim)
     cache_k = jnp.zeros(cache_shape, ks.dtype).at[:, :, :p].set(ks)
