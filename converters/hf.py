@@ -182,8 +182,21 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def iter_layer_tensors(reader: CheckpointReader, layout: dict[str, list[TensorSlot]], model_dir) -> Iterator:
-    """Yields (slot, numpy tensor) for every slot, reading each HF tensor once and validating its shape."""
+def iter_layer_tensors(
+    reader: CheckpointReader,
+    layout: dict[str, list[TensorSlot]],
+    model_dir,
+    quantize: Callable[[tuple[str, ...], np.ndarray], object] | None = None,
+) -> Iterator:
+    """Yields (slot, numpy tensor) for every slot, reading each HF tensor once and validating its shape.
+
+    With ``quantize``, a fused projection (Phi-3's qkv_proj, gate_up_proj) is quantized whole, as bitsandbytes
+    quantizes the checkpoint's tensor, and yielded as (slot, NF4Weight) row splits: the NF4 codes are
+    bitsandbytes' bytes and the double-quantized absmax keeps bitsandbytes' values (dequantized to f32, since
+    the nested blocks of 256 do not split along rows; see ``jaxsloth.quant.split_nf4_rows``). Quantizing the
+    splits instead would change the double-quant statistics (offset, nested blocks) and so the weights."""
+    from jaxsloth.quant import split_nf4_rows
+
     for key, slots in layout.items():
         f = reader.file_of(key)
         expected = _fused_shape(slots)
@@ -191,6 +204,12 @@ def iter_layer_tensors(reader: CheckpointReader, layout: dict[str, list[TensorSl
         if tuple(found) != tuple(expected):
             raise ValueError(f"{f.path}: tensor {key!r} has shape {tuple(found)}, config.json implies {expected}")
         t = f[key]
+        fused = quantize is not None and slots[0].rows is not None and slots[0].path[-1] == "weight"
+        w = quantize(slots[0].path, np.asarray(t)) if fused else None
+        if w is not None:
+            for slot in slots:
+                yield slot, split_nf4_rows(w, *slot.rows)
+            continue
         for slot in slots:
             yield slot, (t if slot.rows is None else t[slot.rows[0] : slot.rows[1]])
 
@@ -263,7 +282,7 @@ def load_params(
     total = len(layout) + len(prequantized)
 
     def tensors():
-        yield from iter_layer_tensors(reader, layout, model_dir)
+        yield from iter_layer_tensors(reader, layout, model_dir, quantize)
         for key, slots in prequantized.items():
             yield from _load_bnb_projection(reader, key, slots)
 

@@ -3,6 +3,12 @@
 Our own so that bf16 works through ml_dtypes (numpy has no bfloat16), a file is never read whole (tensors are
 views of a memory map, copied one at a time), and a corrupt or truncated file gets an error naming the file and the
 problem instead of a traceback from deep inside a library.
+
+The reader accepts exactly what the ``safetensors`` library accepts (its header validation, restated): a header
+length under 100 MB that fits the file, a UTF-8 JSON object, ``__metadata__`` a string -> string map (or null),
+and per tensor a known dtype, a shape of non-negative integers and two integer offsets whose span is exactly the
+shape's byte size. Sorted by offset, the tensors must tile the data section: no overlap (two tensors reading one
+byte range would silently share weights), no gap and no trailing bytes.
 """
 
 from __future__ import annotations
@@ -21,19 +27,36 @@ _DTYPES = {
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the safetensors library's limit
 
 
 class SafetensorsError(ValueError):
     """A safetensors file that cannot be read; the message names the file and what is wrong."""
+
+
+def _is_index(v: object) -> bool:
+    return type(v) is int and v >= 0  # bool is not an int here; floats and strings are rejected as serde does
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"key {dup!r} appears twice")
+    return dict(pairs)
 
 
 class SafetensorsFile(Mapping):
@@ -53,36 +76,66 @@ class SafetensorsFile(Mapping):
                     f"{self.path}: corrupt or truncated: header length {n} bytes but the file has {size} bytes"
                 )
             raw = f.read(n)
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"{self.path}: corrupt header (not valid JSON): {e}") from None
-        if not isinstance(header, dict):
-            raise SafetensorsError(f"{self.path}: corrupt header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+        header = self._parse_header(raw)
         self._data_start = 8 + n
-        data_len = size - self._data_start
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for key, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{self.path}: corrupt header entry for tensor {key!r}: {info!r}") from None
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - start != expected or start < 0:
-                raise SafetensorsError(
-                    f"{self.path}: tensor {key!r} claims {end - start} bytes but shape {shape} of {info['dtype']} "
-                    f"needs {expected}"
-                )
-            if end > data_len:
-                raise SafetensorsError(
-                    f"{self.path}: truncated: tensor {key!r} ends at byte {end} of the data section, which has "
-                    f"only {data_len} bytes"
-                )
-            self._entries[key] = (dtype, shape, start, end)
+        self._entries = self._check_entries(header, size - self._data_start)
         self._mmap = None
+
+    def _fail(self, what: str) -> SafetensorsError:
+        return SafetensorsError(f"{self.path}: {what}")
+
+    def _parse_header(self, raw: bytes) -> dict:
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise self._fail(f"corrupt header (not valid JSON): {e}") from None
+        if not isinstance(header, dict):
+            raise self._fail("corrupt header (not a JSON object)")
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise self._fail(f"corrupt header: __metadata__ must map strings to strings, got {meta!r:.200}")
+        self.metadata = meta
+        return header
+
+    def _check_entries(self, header: dict, data_len: int) -> dict[str, tuple[np.dtype, tuple[int, ...], int, int]]:
+        entries = {}
+        for key, info in header.items():
+            bad = self._fail(f"corrupt header entry for tensor {key!r}: {info!r:.200}")
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+                raise bad
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(dtype, str) or not isinstance(shape, list) or not all(map(_is_index, shape)):
+                raise bad
+            if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_index, offsets)):
+                raise bad
+            if dtype not in _DTYPES:
+                raise self._fail(f"tensor {key!r} has dtype {dtype!r}; known: {', '.join(_DTYPES)}")
+            start, end = offsets
+            expected = _DTYPES[dtype].itemsize
+            for s in shape:
+                expected *= s
+            if end < start or end - start != expected:
+                raise self._fail(
+                    f"tensor {key!r} spans bytes [{start}, {end}) but shape {tuple(shape)} of {dtype} needs {expected}"
+                )
+            entries[key] = (_DTYPES[dtype], tuple(shape), start, end)
+        covered = 0
+        for key, (_, _, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if start != covered:
+                what = (
+                    "overlaps the tensor before it" if start < covered else f"leaves bytes [{covered}, {start}) unused"
+                )
+                raise self._fail(f"corrupt: tensor {key!r} at bytes [{start}, {end}) of the data section {what}")
+            if end > data_len:
+                raise self._fail(
+                    f"truncated: tensor {key!r} ends at byte {end} of the data section, which has only {data_len} bytes"
+                )
+            covered = end
+        if covered != data_len:
+            raise self._fail(f"corrupt: {data_len - covered} bytes after the last tensor belong to no tensor")
+        return entries
 
     def _map(self) -> np.memmap:
         if self._mmap is None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsloth.models.config import ModelConfig, rope_inv_freq
+from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import (
     LoraRuntime,
     attention_inputs,
@@ -30,6 +30,7 @@ from jaxsloth.models.decoder import (
     layer_period,
     layer_slice,
     logits_from_hidden,
+    rope_setup,
 )
 from jaxsloth.ops import Ops
 from pallas_kernels.attention import MASK_VALUE
@@ -125,24 +126,15 @@ def _pick(logits, key, seen, sampling):
 # --- the jitted program --------------------------------------------------------------------------------------------
 
 
-def _rope_for(config: ModelConfig, max_position):
-    """(inv_freq, attention_scaling) for a step whose largest position is ``max_position`` (traced): longrope
-    switches to its long factors past the original context, as transformers does per forward call."""
-    short, scaling = rope_inv_freq(config, seq_len=1)
-    if config.rope.kind != "longrope":
-        return jnp.asarray(short), scaling
-    orig = config.rope.original_max_position_embeddings or config.max_position_embeddings
-    long, _ = rope_inv_freq(config, seq_len=orig + 1)
-    return jnp.where(max_position + 1 > orig, jnp.asarray(long), jnp.asarray(short)), scaling
-
-
-def _prefill(params, lora_layers, tokens, pads, *, config, ops, lora_rt, compute_dtype):
-    """tokens: [B, P] left-padded -> (last-slot logits [B, V], k and v [L, B, P, Hk, hd])."""
+def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_rt, compute_dtype):
+    """tokens: [B, S] left-padded, real up to slot ``last`` (traced; default the last slot; later slots are
+    ignored by causality) -> (logits at slot ``last`` [B, V], k and v [L, B, S, Hk, hd])."""
     b, p = tokens.shape
+    last = p - 1 if last is None else last
     slots = jnp.arange(p)[None, :]
     positions = jnp.maximum(slots - pads[:, None], 0).astype(jnp.int32)
     valid = (slots >= pads[:, None]).astype(jnp.int32)  # pads attend among themselves only, never to the prompt
-    inv_freq, rope_scaling = _rope_for(config, jnp.max(positions))
+    inv_freq, rope_scaling, long_rope = rope_setup(config, (last - pads + 1)[:, None])
     period = layer_period(config)
     slidings = config.sliding_layers[:period]
     kw = dict(config=config, ops=ops, lora_rt=lora_rt)
@@ -154,7 +146,14 @@ def _prefill(params, lora_layers, tokens, pads, *, config, ops, lora_rt, compute
             lp = layer_slice(lp_group, j)
             ll = None if ll_group is None else layer_slice(ll_group, j)
             q, k, v = attention_inputs(
-                h, lp, ll, positions=positions, inv_freq=inv_freq, rope_scaling=rope_scaling, **kw
+                h,
+                lp,
+                ll,
+                positions=positions,
+                inv_freq=inv_freq,
+                rope_scaling=rope_scaling,
+                long_rope=long_rope,
+                **kw,
             )
             a = ops.attention(
                 q,
@@ -175,7 +174,8 @@ def _prefill(params, lora_layers, tokens, pads, *, config, ops, lora_rt, compute
     layers = group_layers(params["layers"], period)
     lora_g = None if lora_layers is None else group_layers(lora_layers, period)
     h, (ks, vs) = jax.lax.scan(step, h, (layers, lora_g))
-    h = ops.rms_norm(h[:, -1:], params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
+    h = jax.lax.dynamic_slice_in_dim(h, last, 1, axis=1)
+    h = ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
     flat = (config.num_layers, b, p, config.num_kv_heads, config.head_dim)
     return logits_from_hidden(params, h[:, 0], config), ks.reshape(flat), vs.reshape(flat)
 
@@ -183,7 +183,7 @@ def _prefill(params, lora_layers, tokens, pads, *, config, ops, lora_rt, compute
 def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, config, ops, lora_rt, compute_dtype):
     """token: [B] at cache slot ``slot`` -> (logits [B, V], updated caches)."""
     positions = (slot - pads)[:, None].astype(jnp.int32)
-    inv_freq, rope_scaling = _rope_for(config, jnp.max(positions))
+    inv_freq, rope_scaling, long_rope = rope_setup(config, positions + 1)
     period = layer_period(config)
     slidings = config.sliding_layers[:period]
     kw = dict(config=config, ops=ops, lora_rt=lora_rt)
@@ -196,7 +196,14 @@ def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, co
             lp = layer_slice(lp_group, j)
             ll = None if ll_group is None else layer_slice(ll_group, j)
             q, k, v = attention_inputs(
-                h, lp, ll, positions=positions, inv_freq=inv_freq, rope_scaling=rope_scaling, **kw
+                h,
+                lp,
+                ll,
+                positions=positions,
+                inv_freq=inv_freq,
+                rope_scaling=rope_scaling,
+                long_rope=long_rope,
+                **kw,
             )
             at = (layer, 0, slot, 0, 0)
             cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
@@ -222,6 +229,32 @@ def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, co
     )
     h = ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
     return logits_from_hidden(params, h[:, 0], config), cache_k, cache_v
+
+
+def _next_logits(params, lora_layers, token, seq, slot, pads, done, cache_k, cache_v, **kw):
+    """The decode step of ``token`` [B] at cache slot ``slot``; seq [B, S] holds the tokens up to it of every
+    row not ``done`` -> (logits [B, V], updated caches).
+
+    Longrope (Phi-3): the step at which a row's length first exceeds the original context switches that row to
+    the long factors for the whole sequence, which changes every cached key and value (keys are rotated, and the
+    hidden states of later layers depend on earlier layers' rotations), so that step re-runs the prefill over
+    the row's tokens so far and replaces the cache. transformers' Phi-3 generate drops its cache at the same step
+    for the same reason. Re-rotating only the cached keys would be wrong past the first layer; storing unrotated
+    keys would cost every step a rotation of the whole cache. At most one re-prefill per distinct crossing step."""
+    config = kw["config"]
+
+    def decode(_):
+        return _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, **kw)
+
+    def refill(_):
+        logits, ks, vs = _prefill(params, lora_layers, seq, pads, slot, **kw)
+        return logits, ks.astype(cache_k.dtype), vs.astype(cache_v.dtype)
+
+    if config.rope.kind != "longrope":
+        return decode(None)
+    orig = config.rope.original_max_position_embeddings or config.max_position_embeddings
+    crossing = jnp.any((slot - pads == orig) & ~done)
+    return jax.lax.cond(crossing, refill, decode, None)
 
 
 def _start(
@@ -250,6 +283,7 @@ def _start(
         counts=jnp.ones((b,), jnp.int32),
         key=key,
         seen=seen,
+        prompt=tokens,
     )
 
 
@@ -263,8 +297,9 @@ def _decode_until(params, lora_layers, state, pads, until, stop_mask, sampling, 
 
     def body(s):
         n, done = s["n"], s["done"]
-        logits, cache_k, cache_v = _decode_step(
-            params, lora_layers, s["token"], p + n - 1, pads, s["cache_k"], s["cache_v"], **kw
+        seq = jnp.concatenate([s["prompt"], s["out"]], axis=1)
+        logits, cache_k, cache_v = _next_logits(
+            params, lora_layers, s["token"], seq, p + n - 1, pads, done, s["cache_k"], s["cache_v"], **kw
         )
         token, key, seen = _pick(logits, s["key"], s["seen"], sampling)
         return dict(
@@ -277,6 +312,7 @@ def _decode_until(params, lora_layers, state, pads, until, stop_mask, sampling, 
             counts=s["counts"] + (~done).astype(jnp.int32),
             key=key,
             seen=seen,
+            prompt=s["prompt"],
         )
 
     return jax.lax.while_loop(cond, body, state)

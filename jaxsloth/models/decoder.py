@@ -273,8 +273,11 @@ def attention_inputs(
     rope_scaling,
     lora_rt: LoraRuntime,
     dropout_key=None,
+    long_rope=None,
 ):
-    """First half of a layer. h: [B, T, D] -> rotated q [B, T, Hq, hd], k and v [B, T, Hk, hd]."""
+    """First half of a layer. h: [B, T, D] -> rotated q [B, T, Hq, hd], k and v [B, T, Hk, hd].
+
+    long_rope: None, or longrope's (long inv_freq, use_long [B, T] bool) from :func:`rope_setup`."""
     b, t, _ = h.shape
     hd = config.head_dim
     proj = _projector(lp, ll, ops, lora_rt, dropout_key)
@@ -282,8 +285,48 @@ def attention_inputs(
     q = proj("q_proj", x, 0).reshape(b, t, config.num_heads, hd)
     k = proj("k_proj", x, 0).reshape(b, t, config.num_kv_heads, hd)
     v = proj("v_proj", x, 0).reshape(b, t, config.num_kv_heads, hd)
-    q, k = ops.rope(q, k, positions, inv_freq, attention_scaling=rope_scaling)
+    q, k = apply_rope(ops, q, k, positions, inv_freq, rope_scaling, long_rope)
     return q, k, v
+
+
+def example_lengths(positions, segment_ids=None):
+    """positions, segment_ids: [B, T] -> [B, T] int32: the length (last position + 1) of the example each token
+    belongs to. An example is a run of one segment id whose positions increase (packed rows restart at 0)."""
+    b, t = positions.shape
+    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    ends = (seg[:, 1:] != seg[:, :-1]) | (positions[:, 1:] <= positions[:, :-1])
+    ends = jnp.concatenate([ends, jnp.ones((b, 1), bool)], axis=1)
+    last = jax.lax.cummin(jnp.where(ends, jnp.arange(t), t), axis=1, reverse=True)
+    return (jnp.take_along_axis(positions, last, axis=1) + 1).astype(jnp.int32)
+
+
+def rope_setup(config: ModelConfig, lengths=None):
+    """(inv_freq, attention_scaling, long_rope) for :func:`attention_inputs`.
+
+    Longrope (Phi-3) rotates with its long factors when the sequence is longer than the original context, which
+    transformers decides per forward call from max position + 1. Here each token decides from its own example's
+    length (``lengths``: [B, T] or [B, 1], e.g. :func:`example_lengths`), so a packed or padded row gives every
+    example what transformers gives it alone: long_rope = (long inv_freq, lengths > original context). None for
+    every other rope (and ``lengths`` unused)."""
+    inv_freq, scaling = rope_inv_freq(config)
+    if config.rope.kind != "longrope":
+        return jnp.asarray(inv_freq), scaling, None
+    orig = config.rope.original_max_position_embeddings or config.max_position_embeddings
+    long_inv_freq, _ = rope_inv_freq(config, seq_len=orig + 1)
+    return jnp.asarray(inv_freq), scaling, (jnp.asarray(long_inv_freq), lengths > orig)
+
+
+def apply_rope(ops: Ops, q, k, positions, inv_freq, scaling: float, long_rope=None):
+    """q: [B, T, Hq, hd], k: [B, T, Hk, hd] rotated by ``ops.rope``. With long_rope, tokens whose use_long is
+    set take the long inv_freq: both rotations are computed and selected per token, so the rope kernel keeps its
+    one-inv_freq interface (longrope's scaling is the same for both factor sets)."""
+    qs, ks = ops.rope(q, k, positions, inv_freq, attention_scaling=scaling)
+    if long_rope is None:
+        return qs, ks
+    long_inv_freq, use_long = long_rope
+    ql, kl = ops.rope(q, k, positions, long_inv_freq, attention_scaling=scaling)
+    pick = use_long[:, :, None, None]
+    return jnp.where(pick, ql, qs), jnp.where(pick, kl, ks)
 
 
 def _in_chunks(fn, x, chunk: int):
@@ -340,6 +383,7 @@ def decoder_layer(
     lora_rt: LoraRuntime,
     dropout_key=None,
     mlp_chunk: int | None = None,
+    long_rope=None,
 ):
     """One layer. h: [B, T, D]; lp: this layer's params; ll: this layer's LoRA (or None)."""
     q, k, v = attention_inputs(
@@ -353,6 +397,7 @@ def decoder_layer(
         rope_scaling=rope_scaling,
         lora_rt=lora_rt,
         dropout_key=dropout_key,
+        long_rope=long_rope,
     )
     a = ops.attention(
         q,
@@ -407,8 +452,8 @@ def forward_hidden(
     b, t = tokens.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    inv_freq_np, rope_scaling = rope_inv_freq(config, seq_len=t)
-    inv_freq = jnp.asarray(inv_freq_np)
+    lengths = example_lengths(positions, segment_ids) if config.rope.kind == "longrope" else None
+    inv_freq, rope_scaling, long_rope = rope_setup(config, lengths)
     h = embed(params, tokens, config, compute_dtype)
     period = layer_period(config, remat_group)
     groups = config.num_layers // period
@@ -433,6 +478,7 @@ def forward_hidden(
                 lora_rt=lora_rt,
                 dropout_key=key,
                 mlp_chunk=mlp_chunk,
+                long_rope=long_rope,
             )
         return h
 
