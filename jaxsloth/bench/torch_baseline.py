@@ -32,7 +32,7 @@ def training_evidence(model) -> dict:
     """What shows the model trains as its users train it: the wrapper, the causal LM and the decoder (the ``.model``
     chain, whose flags decide whether checkpointing runs, in transformers as in Unsloth) all in train mode (a PEFT
     wrapper can be in train mode around a model in inference mode), and whether any module's gradient checkpointing
-    flag is set."""
+    flag is set (transformers sets True; Unsloth sets its mode's name, e.g. "unsloth")."""
     import torch
 
     chain = [model]
@@ -41,9 +41,9 @@ def training_evidence(model) -> dict:
     flags = [
         m.gradient_checkpointing
         for m in model.modules()
-        if isinstance(getattr(m, "gradient_checkpointing", None), bool)
+        if isinstance(getattr(m, "gradient_checkpointing", None), bool | str)
     ]
-    return {"train_mode": all(m.training for m in chain), "gradient_checkpointing": any(flags)}
+    return {"train_mode": all(m.training for m in chain), "gradient_checkpointing": any(bool(f) for f in flags)}
 
 
 def check_training(evidence: dict, checkpointing: bool, system: str) -> None:
