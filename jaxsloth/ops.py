@@ -49,7 +49,6 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
     # The 16-bit LoRA linear has no kernel: XLA's three GEMMs beat a fused Triton one (BENCHMARKS.md, LoRA linear).
     "lora_matmul": {"reference": ("pallas_kernels.lora_matmul", "lora_matmul_reference")},
 }
-OPS = tuple(_IMPLEMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +83,9 @@ class KernelChoice:
     blocks: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
-        for op, names in (("glu", ("swiglu", "geglu")),) + tuple(
-            (o, (o,)) for o in OPS if o not in ("swiglu", "geglu", "lora_matmul")
-        ):
+        for op in KERNEL_OPS:
             choice = getattr(self, op)
-            for name in names:
+            for name in ("swiglu", "geglu") if op == "glu" else (op,):
                 if choice not in _IMPLEMENTATIONS[name]:
                     raise ValueError(
                         f"unknown implementation {choice!r} for op {op!r}; "

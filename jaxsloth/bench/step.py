@@ -113,7 +113,6 @@ def run(args) -> dict:
             glu="reference",
             cross_entropy="reference",
             nf4_matmul="reference",
-            lora_matmul="reference",
         )
         overrides.setdefault("attention", "cudnn")
     for op_impl in args.op or ():

@@ -35,7 +35,8 @@ class AttentionBlocks:
     dim below 64, dQ above 128) that kernel runs on Triton with ``for_head_dim``'s tiles instead. Mosaic tiles:
     forward 128 query rows per CTA (two warpgroups of 64), ``block_k`` keys per step, ``num_stages`` steps in
     flight; dK/dV 64 or 128 keys per CTA, ``block_q_dkv`` query rows (a multiple of 64) per step,
-    ``num_stages_dkv`` in flight; dQ the forward's layout with ``block_k_dq`` keys and ``num_stages_dq``.
+    ``num_stages_dkv`` in flight; dQ the forward's layout with ``block_k_dq`` keys and ``num_stages_dq`` (an
+    opt-in that no profile selects: it has run only in the interpreter, never been timed on a GPU).
     """
 
     block_q: int = 128
