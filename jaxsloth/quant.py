@@ -1,5 +1,6 @@
-"""bitsandbytes-compatible NF4 weights: the pytree type, quantization with bnb's exact bytes, and the
-tensors of pre-quantized ``*-bnb-4bit`` checkpoints.
+"""bitsandbytes-compatible NF4 weights: the pytree type (``NF4Weight``, defined in ``pallas_kernels.nf4_matmul``
+beside the kernels that take it as their operand, and ``is_nf4``, the one test for it), quantization with bnb's
+exact bytes, and the tensors of pre-quantized ``*-bnb-4bit`` checkpoints.
 
 Layout of one weight W of logical shape (out, in) (the nn.Linear orientation), as bitsandbytes stores it:
 - ``packed`` uint8 [cdiv(out*in, 2)]: W flattened row-major, two 4-bit NF4 codes per byte, the first
