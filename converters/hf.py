@@ -22,6 +22,7 @@ import numpy as np
 from converters.safetensors_io import SafetensorsFile, save_file
 from jaxsloth.models.config import ModelConfig, config_from_hf_dict
 from jaxsloth.models.decoder import linear_shapes
+from jaxsloth.quant import is_nf4
 
 # Keys some checkpoints carry that hold no weights of ours (buffers older transformers saved).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -288,7 +289,7 @@ def load_params(
 
     for n, (slot, t) in enumerate(tensors()):
         is_proj = slot.path[-1] == "weight"
-        if not isinstance(t, np.ndarray):  # already an NF4Weight
+        if is_nf4(t):  # pre-quantized
             q = t
         else:
             q = quantize(slot.path, np.asarray(t)) if (quantize is not None and is_proj) else None
@@ -344,7 +345,7 @@ def to_hf_state_dict(params, config: ModelConfig, dtype=None) -> dict[str, np.nd
     """Inverse of loading: HF tensor name -> numpy array (fused tensors re-fused, layers unstacked)."""
 
     def host(x, layer):
-        if not isinstance(x, jax.Array | np.ndarray):  # an NF4Weight: exported dequantized
+        if is_nf4(x):  # exported dequantized
             from jaxsloth.quant import dequantize_nf4
 
             x = dequantize_nf4(jax.tree.map(lambda a: a[layer], x), dtype or jnp.bfloat16)

@@ -66,13 +66,13 @@ def lora_delta(ab: dict, scale: float) -> jax.Array:
 def merge(params: dict, trainable: dict, lora: LoraConfig, dtype=None) -> dict:
     """W + scale * B @ A for every adapted projection (NF4 weights are dequantized first); embed / lm_head copies
     replace the frozen ones. Returns dense params in ``dtype`` (default: each weight's own dtype, bf16 for NF4)."""
-    from jaxsloth.quant import dequantize_nf4
+    from jaxsloth.quant import dequantize_nf4, is_nf4
 
     params, lora_tree = with_trainable(params, trainable)
     layers = dict(params["layers"])
     for name, ab in lora_tree["layers"].items():
         w = layers[name]["weight"]
-        dense = w if isinstance(w, jax.Array) else dequantize_nf4(w, dtype or jnp.bfloat16)
+        dense = dequantize_nf4(w, dtype or jnp.bfloat16) if is_nf4(w) else w
         merged = (dense.astype(jnp.float32) + lora_delta(ab, lora.scale)).astype(dtype or dense.dtype)
         layers[name] = {**layers[name], "weight": merged}
     return {**params, "layers": layers}

@@ -1,5 +1,6 @@
 """The one dispatch point: every op the model calls goes through here, and here alone picks the Pallas kernel or
-the plain-jnp reference (or cuDNN for attention) per the active profile. Model code never imports a kernel."""
+the plain-jnp reference (or cuDNN for attention) and the kernel's block config, as the active profile's
+``KernelChoice`` says. Model code never imports a kernel; kernels never ask which GPU they run on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from jaxsloth.quant import is_nf4
 
 # op -> implementation name -> (module, function). Pallas modules are imported lazily, on first use.
 _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
@@ -41,23 +44,33 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
     "nf4_matmul": {
         "reference": ("pallas_kernels.nf4_matmul", "nf4_matmul_reference"),
         "pallas": ("pallas_kernels.nf4_matmul", "nf4_matmul"),
-        "xla": ("pallas_kernels.nf4_matmul", "nf4_matmul_xla"),
         "xla16": ("pallas_kernels.nf4_matmul", "nf4_matmul_xla16"),  # PEFT's 16-bit order (the GPU profiles')
     },
-    "lora_matmul": {
-        "reference": ("pallas_kernels.lora_matmul", "lora_matmul_reference"),
-        "pallas": ("pallas_kernels.lora_matmul", "lora_matmul"),
-    },
+    # The 16-bit LoRA linear has no kernel: XLA's three GEMMs beat a fused Triton one (BENCHMARKS.md, LoRA linear).
+    "lora_matmul": {"reference": ("pallas_kernels.lora_matmul", "lora_matmul_reference")},
 }
-OPS = tuple(_IMPLEMENTATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlocksByHeadDim:
+    """Block configs chosen by the operand's head dim and dtype: ``entries`` holds (padded head dim, the next
+    power of two; dtype name; block config). An operand with no entry gets the kernel's own default."""
+
+    entries: tuple[tuple[int, str, object], ...]
+
+    def pick(self, head_dim: int, dtype) -> object | None:
+        width = 1 << max(head_dim - 1, 0).bit_length()
+        name = jnp.dtype(dtype).name
+        return next((block for w, d, block in self.entries if (w, d) == (width, name)), None)
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelChoice:
     """Which implementation each op uses; hashable, so it is a static argument of jitted functions.
 
-    ``interpret`` runs Pallas kernels in interpret mode (CPU tests). ``blocks`` holds per-op block configs
-    (op name -> frozen block dataclass) for kernels that take one.
+    ``interpret`` runs Pallas kernels in interpret mode (CPU tests). ``blocks`` holds per-op block configs for the
+    Pallas kernels (op name -> a frozen block dataclass, or a ``BlocksByHeadDim`` table for attention, whose tiles
+    and backends depend on the head dim); an op without one runs on its kernel's default blocks.
     """
 
     rms_norm: str = "reference"
@@ -66,16 +79,13 @@ class KernelChoice:
     attention: str = "reference"
     cross_entropy: str = "reference"
     nf4_matmul: str = "reference"
-    lora_matmul: str = "reference"
     interpret: bool | None = None
     blocks: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
-        for op, names in (("glu", ("swiglu", "geglu")),) + tuple(
-            (o, (o,)) for o in OPS if o not in ("swiglu", "geglu")
-        ):
+        for op in KERNEL_OPS:
             choice = getattr(self, op)
-            for name in names:
+            for name in ("swiglu", "geglu") if op == "glu" else (op,):
                 if choice not in _IMPLEMENTATIONS[name]:
                     raise ValueError(
                         f"unknown implementation {choice!r} for op {op!r}; "
@@ -88,15 +98,22 @@ class KernelChoice:
         fields = {f: impl for f in KERNEL_OPS}
         return cls(**{**fields, **overrides})
 
+    def block_for(self, op: str, x: jax.Array) -> object | None:
+        """The block config of ``op``'s Pallas kernel for first operand ``x`` (attention: q [B, T, Hq, hd]), or
+        None for the kernel's default."""
+        block = dict(self.blocks).get(op)
+        if isinstance(block, BlocksByHeadDim):
+            return block.pick(x.shape[-1], x.dtype)
+        return block
+
 
 # The ops a KernelChoice picks an implementation for (its string fields; glu stands for swiglu and geglu).
 KERNEL_OPS = tuple(f.name for f in dataclasses.fields(KernelChoice) if f.type == "str")
 
 
-def _cudnn_attention(q, k, v, *, segment_ids=None, causal=True, sliding_window=None, softcap=None, scale=None):
-    """cuDNN flash attention (Hopper's fastest for plain causal GQA). No softcap, no segment ids."""
-    if softcap is not None or segment_ids is not None:
-        raise ValueError("cuDNN attention supports neither softcap nor segment ids; use the pallas implementation")
+def _cudnn_attention(q, k, v, *, causal=True, sliding_window=None, scale=None):
+    """cuDNN flash attention (Hopper's fastest for plain causal GQA). It has no softcap and no segment ids:
+    ``Ops.attention`` sends those calls to the Pallas kernel."""
     window = None if sliding_window is None else (sliding_window - 1, 0)
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=causal, local_window_size=window, implementation="cudnn"
@@ -118,7 +135,7 @@ class Ops:
         fn = _resolve(op, impl)
         if impl == "pallas":
             kwargs["interpret"] = self.kernels.interpret
-            block = dict(self.kernels.blocks).get(op)
+            block = self.kernels.block_for(op, args[0])
             if block is not None:
                 kwargs["block"] = block
         return fn(*args, **kwargs)
@@ -139,28 +156,20 @@ class Ops:
     def attention(self, q, k, v, *, segment_ids=None, causal=True, sliding_window=None, softcap=None, scale=None):
         """q: [B, T, Hq, hd], k, v: [B, S, Hk, hd] -> [B, T, Hq, hd]."""
         impl = self.kernels.attention
-        if impl == "cudnn" and (softcap is not None or segment_ids is not None):
-            impl = "pallas"  # cuDNN cannot express these; the Pallas kernel can.
-        return self._call(
-            "attention",
-            impl,
-            q,
-            k,
-            v,
-            segment_ids=segment_ids,
-            causal=causal,
-            sliding_window=sliding_window,
-            softcap=softcap,
-            scale=scale,
-        )
+        kwargs = dict(causal=causal, sliding_window=sliding_window, scale=scale)
+        if impl == "cudnn":
+            if softcap is None and segment_ids is None:
+                return self._call("attention", impl, q, k, v, **kwargs)
+            impl = "pallas"  # cuDNN has neither softcap nor segment ids: the Pallas kernel takes those calls
+        return self._call("attention", impl, q, k, v, segment_ids=segment_ids, softcap=softcap, **kwargs)
 
     def cross_entropy(self, hidden, head, targets, *, softcap=None, head_grad: bool = True):
         """hidden: [N, D], head: [V, D], targets: [N] -> (loss_sum, count).
 
         head_grad=False (a frozen head, the LoRA case) lets the Pallas kernel skip the [V, D] gradient entirely.
         A trained head takes the Pallas kernel where the profile says "chunked": the chunked path would hold an f32
-        [V, D] gradient accumulator (2 GiB for a 128k vocabulary; 16% of the full-logits loss's memory at 16384
-        tokens against the kernel's 5%, H200, BENCHMARKS.md), and the kernel is still 1.4x faster than full logits.
+        [V, D] gradient accumulator (2 GiB for a 128k vocabulary, several times the kernel's memory; BENCHMARKS.md,
+        loss kernels), and the kernel is still faster than the full-logits loss.
         """
         impl = self.kernels.cross_entropy
         if impl == "chunked" and head_grad:
@@ -174,7 +183,7 @@ class Ops:
         x: [..., in]; weight: [out, in] array or a quantized NF4Weight; lora: {"a": [r, in], "b": [out, r]} or None;
         lora_x: the LoRA branch's input when it differs from x (dropout), else x.
         """
-        if not isinstance(weight, jax.Array):  # a quantized NF4Weight pytree
+        if is_nf4(weight):
             y = self._nf4_linear(x, weight, lora, lora_scale, lora_x)
         elif lora is None:
             y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
@@ -182,14 +191,7 @@ class Ops:
             lead = x.shape[:-1]
             flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731  (rows on axis 0)
             y = self._call(
-                "lora_matmul",
-                self.kernels.lora_matmul,
-                flat(x),
-                weight,
-                lora["a"],
-                lora["b"],
-                lora_scale,
-                lora_x=flat(lora_x),
+                "lora_matmul", "reference", flat(x), weight, lora["a"], lora["b"], lora_scale, lora_x=flat(lora_x)
             ).reshape(*lead, -1)
         if bias is not None:
             y = y + bias.astype(y.dtype)
@@ -199,16 +201,10 @@ class Ops:
         fused_lora = lora is not None and lora_x is None
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        kwargs = {
-            "shape": weight.shape,
-            "blocksize": weight.blocksize,
-            "double_quant": weight.double_quant,
-        }
-        args = (x2, weight.packed, weight.absmax, weight.nested_absmax, weight.offset)
         if fused_lora:
-            y = self._call("nf4_matmul", self.kernels.nf4_matmul, *args, lora["a"], lora["b"], lora_scale, **kwargs)
+            y = self._call("nf4_matmul", self.kernels.nf4_matmul, x2, weight, lora["a"], lora["b"], lora_scale)
         else:
-            y = self._call("nf4_matmul", self.kernels.nf4_matmul, *args, **kwargs)
+            y = self._call("nf4_matmul", self.kernels.nf4_matmul, x2, weight)
             if lora is not None:
                 from pallas_kernels.lora_matmul import lora_delta
 

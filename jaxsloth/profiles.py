@@ -1,8 +1,10 @@
 """GPU profiles: one frozen choice of dtype, kernels, block sizes, remat and chunking per device kind.
 
-The training step is built and jitted from (model config, train config, profile). Every field can be overridden:
-``profile_for_device(remat="offload")`` or ``dataclasses.replace(profile, ...)``. Kernel choices on Hopper follow the
-measurements in BENCHMARKS.md (a kernel becomes a default only where it beat the best XLA path on the H200).
+The one place that decides per GPU: which implementation each op takes, which kernel backend (Triton or Mosaic GPU)
+and which tiles. The training step is built and jitted from (model config, train config, profile). Every field can
+be overridden: ``profile_for_device(remat="offload")`` or ``dataclasses.replace(profile, ...)``. Kernel choices on
+Hopper follow the measurements in BENCHMARKS.md (a kernel becomes a default only where it beat the best XLA path
+on the H200).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxsloth.models.decoder import LAYER_LOOPS, REMAT_POLICIES
-from jaxsloth.ops import KernelChoice, Ops
+from jaxsloth.ops import BlocksByHeadDim, KernelChoice, Ops
+from pallas_kernels.attention.common import AttentionBlocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +27,8 @@ class Profile:
     remat_group: layers per residual checkpoint (2 halves the stored residual stream, for the longest sequences);
     layer_loop: "scan" over stacked layer weights, "unrolled" over per-layer arrays (``jaxsloth.train`` unstacks
     the frozen weights for the step; one device only: a mesh keeps the scan), or "auto": unrolled except under the
-    memory-lean remat policies (full, offload), where the unrolled program held more (8B QLoRA on the H200: full 9.3
-    against 8.6 GiB, offload 16.4 against 7.9); dots_layers: the first this many layers remat "dots" (every
+    memory-lean remat policies (full, offload), where the unrolled program held more memory than the scan
+    (BENCHMARKS.md, layer loop); dots_layers: the first this many layers remat "dots" (every
     projection output kept) while the rest use ``remat``, a memory budget between the two that needs the unrolled
     loop."""
 
@@ -75,26 +78,49 @@ class Profile:
         return dataclasses.replace(self, **overrides)
 
 
-# Hopper, from the H200 measurements in BENCHMARKS.md: cuDNN attention where it applies (causal GQA; the Pallas
-# kernel covers softcap and segments through the dispatch point's fallback); Pallas RMSNorm and RoPE (faster
-# forward+backward than XLA); the token-chunked loss with the gradient in the forward pass (two GEMMs where the
-# fused Pallas loss runs three: 1.42x faster than the full-logits loss at 1/16 of its memory, 16384 tokens);
-# XLA for SwiGLU (its fused elementwise backward beat the kernel) and the XLA NF4 path in PEFT's 16-bit order
-# (xla16: no f32 [tokens, N] products; the 8B QLoRA step 11,361 tok/s against 10,174 with f32 products, same call).
+def _hopper_attention_tiles() -> BlocksByHeadDim:
+    """16-bit head dims 65-128 and 129-256 run the forward and dK/dV on the Mosaic GPU kernels (wgmma, TMA), faster
+    than the Triton ones on the H200 at both shapes measured (BENCHMARKS.md, attention kernels); dQ stays Triton
+    (the Mosaic dQ is an untimed opt-in). Other head dims and dtypes take the kernel's default Triton tiles."""
+    # Padded head dim -> Mosaic tiles. d128: 128 keys per dK/dV CTA (each compute warpgroup dK and dV of its own
+    # 64) and 128 keys per forward step, two stages (a third exceeds shared memory). d256: 64 keys per dK/dV CTA
+    # with two 64-row Q + dO stages (192 KiB of shared memory, the most that fits) and two 64-key forward stages.
+    mosaic = {
+        128: dict(block_q_dkv=64, block_k_dkv=128, num_stages_dkv=2, block_q=128, block_k=128, num_stages=2),
+        256: dict(block_q_dkv=64, block_k_dkv=64, num_stages_dkv=2, block_q=128, block_k=64, num_stages=2),
+    }
+    backends = dict(fwd_backend="mosaic", dkv_backend="mosaic")
+    entries = tuple(
+        (width, dtype, dataclasses.replace(AttentionBlocks.for_head_dim(width, dtype), **tiles, **backends))
+        for width, tiles in mosaic.items()
+        for dtype in ("bfloat16", "float16")
+    )
+    return BlocksByHeadDim(entries)
+
+
+# Hopper, from the H200 measurements in BENCHMARKS.md: cuDNN attention where it applies (causal GQA; softcap and
+# segments take the Pallas kernel, Mosaic tiles per head dim); Pallas RMSNorm and RoPE (faster forward+backward
+# than XLA); the token-chunked loss with the gradient in the forward pass (two GEMMs where the fused Pallas loss
+# runs three: faster than the full-logits loss at a fraction of its memory); XLA for SwiGLU (its fused elementwise
+# backward beat the kernel) and the XLA NF4 path in PEFT's 16-bit order (no f32 [tokens, N] products).
 _HOPPER = KernelChoice(
-    rms_norm="pallas", rope="pallas", glu="reference", attention="cudnn", cross_entropy="chunked", nf4_matmul="xla16"
+    rms_norm="pallas",
+    rope="pallas",
+    glu="reference",
+    attention="cudnn",
+    cross_entropy="chunked",
+    nf4_matmul="xla16",
+    blocks=(("attention", _hopper_attention_tiles()),),
 )
-# Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there. The loss and NF4 take
-# the same plain-XLA paths as Hopper (measured on the H200 only: they win by doing fewer GEMMs and writing no f32
-# [tokens, N] arrays, which holds on any GPU; the Triton NF4 kernel trails XLA 3x on the H200); the fused 16-bit
-# LoRA linear lost to XLA's three GEMMs on the H200, so XLA's stay.
-_AMPERE = KernelChoice.all("pallas", cross_entropy="chunked", nf4_matmul="xla16", lora_matmul="reference")
+# Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there, on their default tiles.
+# The loss and NF4 take the same plain-XLA paths as Hopper (measured on the H200 only: they win by doing fewer GEMMs
+# and writing no f32 [tokens, N] arrays, which holds on any GPU; the Triton NF4 kernel trails XLA on the H200).
+_AMPERE = KernelChoice.all("pallas", cross_entropy="chunked", nf4_matmul="xla16")
 
 PROFILES: dict[str, Profile] = {
-    # attn_dots: the 8B QLoRA step at 2 x 2048 ran 10,143 tok/s at 11.0 GiB against full remat's 9,401 at 8.7
-    # (H200, 2026-11-28); "full" stays one override away for the leanest run. Unrolled layers (but for full and
-    # offload remat): the scan's copies of each layer's weights gone, 1B dots 68,458 -> 78,037 tok/s, Gemma-2-9B dots
-    # 10,420 -> 11,366, same call, peaks within 0.6 GiB, compiles 2-3x longer (H200, fifth session).
+    # attn_dots: faster than full remat on the 8B QLoRA step at 2 x 2048 for a few GiB more (BENCHMARKS.md, remat);
+    # "full" stays one override away for the leanest run. Unrolled layers (but for full and offload remat): no scan
+    # copies of each layer's weights, faster at about the same peak, longer compiles (BENCHMARKS.md, layer loop).
     "h200": Profile("h200", kernels=_HOPPER, remat="attn_dots", micro_batch=2, layer_loop="auto"),
     "h100": Profile("h100", kernels=_HOPPER, remat="attn_dots", micro_batch=2, layer_loop="auto"),
     "a100": Profile("a100", kernels=_AMPERE, remat="full", micro_batch=2),

@@ -1,5 +1,6 @@
-"""bitsandbytes-compatible NF4 weights: the pytree type, quantization with bnb's exact bytes, and the
-tensors of pre-quantized ``*-bnb-4bit`` checkpoints.
+"""bitsandbytes-compatible NF4 weights: the pytree type (``NF4Weight``, defined in ``pallas_kernels.nf4_matmul``
+beside the kernels that take it as their operand, and ``is_nf4``, the one test for it), quantization with bnb's
+exact bytes, and the tensors of pre-quantized ``*-bnb-4bit`` checkpoints.
 
 Layout of one weight W of logical shape (out, in) (the nn.Linear orientation), as bitsandbytes stores it:
 - ``packed`` uint8 [cdiv(out*in, 2)]: W flattened row-major, two 4-bit NF4 codes per byte, the first
@@ -25,14 +26,13 @@ The runtime never imports torch.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.nf4_matmul import NESTED_BLOCKSIZE, NF4_CODE, dynamic_code_map, nf4_dequantize_reference
+from pallas_kernels.nf4_matmul import NESTED_BLOCKSIZE, NF4_CODE, NF4Weight, dynamic_code_map, nf4_dequantize_reference
 
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -42,44 +42,10 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@dataclasses.dataclass(frozen=True)
-class NF4Weight:
-    """One NF4-quantized weight (or a stack of them along leading axes, all leaves alike).
-
-    Leaves: packed uint8 [..., cdiv(out*in, 2)]; absmax f32 [..., nblocks] or, with double_quant, uint8
-    [..., nblocks] plus nested_absmax f32 [..., cdiv(nblocks, 256)] and offset f32 [...]; without double
-    quantization nested_absmax and offset are None. Static fields describe ONE layer: shape (out, in),
-    blocksize, double_quant and the dtype name of the original weight.
-    """
-
-    packed: jax.Array
-    absmax: jax.Array
-    nested_absmax: jax.Array | None
-    offset: jax.Array | None
-    shape: tuple[int, int]
-    blocksize: int = 64
-    double_quant: bool = True
-    dtype: str = "bfloat16"
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def nblocks(self) -> int:
-        return _cdiv(self.numel, self.blocksize)
-
-    @property
-    def lead_shape(self) -> tuple[int, ...]:
-        """The leading (layer) axes shared by every leaf; () for a single weight."""
-        return tuple(self.packed.shape[:-1])
-
-
-jax.tree_util.register_dataclass(
-    NF4Weight,
-    data_fields=["packed", "absmax", "nested_absmax", "offset"],
-    meta_fields=["shape", "blocksize", "double_quant", "dtype"],
-)
+def is_nf4(x) -> bool:
+    """Whether ``x`` (a params leaf, or a subtree) is an NF4-quantized weight: the one test for it everywhere.
+    As ``is_leaf`` of a tree walk it keeps each NF4Weight whole."""
+    return isinstance(x, NF4Weight)
 
 
 def stack_nf4(weights: list[NF4Weight]) -> NF4Weight:
@@ -216,16 +182,7 @@ def split_nf4_rows(w: NF4Weight, start: int, stop: int) -> NF4Weight:
 
 def dequantize_nf4(w: NF4Weight, dtype=jnp.bfloat16) -> jax.Array:
     """NF4Weight -> [..., out, in] in dtype (code * absmax in f32, then cast, as bnb does)."""
-    return nf4_dequantize_reference(
-        w.packed,
-        w.absmax,
-        w.nested_absmax,
-        w.offset,
-        shape=w.shape,
-        blocksize=w.blocksize,
-        double_quant=w.double_quant,
-        dtype=dtype,
-    )
+    return nf4_dequantize_reference(w, dtype)
 
 
 _QUANT_STATE_KEY = "weight.quant_state.bitsandbytes__nf4"

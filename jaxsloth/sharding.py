@@ -27,7 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsloth.ops import Ops
-from jaxsloth.quant import NF4Weight
+from jaxsloth.quant import NF4Weight, is_nf4
 
 log = logging.getLogger("jaxsloth")
 
@@ -143,10 +143,6 @@ def _nf4_shardings(w: NF4Weight, mesh: Mesh) -> NF4Weight:
     return dataclasses.replace(w, packed=flat, absmax=flat, nested_absmax=nested, offset=offset)
 
 
-def _is_nf4(x) -> bool:
-    return isinstance(x, NF4Weight)
-
-
 def _names(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
@@ -161,7 +157,7 @@ def param_shardings(params, mesh: Mesh):
     n = mesh.shape["fsdp"]
 
     def rule(path, x):
-        if _is_nf4(x):
+        if is_nf4(x):
             return _nf4_shardings(x, mesh)
         names = _names(path)
         if names and names[0] in ("embed", "lm_head") and x.ndim == 2:
@@ -170,7 +166,7 @@ def param_shardings(params, mesh: Mesh):
             return _on_axis(mesh, 3, _split_axis(x.shape, (1, 2), n))
         return replicated(mesh)
 
-    return jax.tree_util.tree_map_with_path(rule, params, is_leaf=_is_nf4)
+    return jax.tree_util.tree_map_with_path(rule, params, is_leaf=is_nf4)
 
 
 def lora_shardings(trainable, mesh: Mesh, shard: bool = False):
@@ -331,9 +327,8 @@ _BATCHED_ARGS = {
     "attention": (0, 1, 2),
     "cross_entropy": (0, 2),
     "nf4_matmul": (0,),
-    "lora_matmul": (0,),
 }
-_BATCHED_KWARGS = {"attention": ("segment_ids",), "lora_matmul": ("lora_x",)}
+_BATCHED_KWARGS = {"attention": ("segment_ids",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +358,7 @@ class ShardedOps(Ops):
         if rows % batch_devices(self.mesh):
             return super()._call(op, impl, *args, **kwargs)  # too few rows to split: the partitioner's way
         batched = set(_BATCHED_ARGS[op]) | set(_BATCHED_KWARGS.get(op, ()))
-        names = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+        names = [i for i, a in enumerate(args) if isinstance(a, jax.Array) or is_nf4(a)]  # an NF4Weight: whole
         names += [k for k, v in kwargs.items() if isinstance(v, jax.Array)]
         values = [args[n] if isinstance(n, int) else kwargs[n] for n in names]
         specs = tuple(P(BATCH_AXES) if n in batched else P() for n in names)

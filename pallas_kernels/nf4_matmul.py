@@ -25,9 +25,10 @@ or a gather, times the scale, rounded to x.dtype exactly as the reference does) 
 K not a multiple of 64, or a block size other than 64, falls back to the reference (the quant blocks then
 straddle rows, which the tiled kernel does not handle).
 
-The same two kernels serve the 16-bit LoRA linear (pallas_kernels/lora_matmul.py): with ``dense`` set, a W chunk
-is a plain [bn, 64] load instead of a dequantization. This file also holds ``nf4_matmul_xla``, the plain-XLA path
-the profiles use (dequantize, 16-bit GEMM, custom VJP), and its twin in PEFT's rounding order, ``nf4_matmul_xla16``.
+This file also holds ``NF4Weight`` (the one operand type of every NF4 function here and the model's quantized
+weight: ``jaxsloth.quant`` builds it) and ``nf4_matmul_xla16``, the plain-XLA path the GPU profiles use
+(dequantize, 16-bit GEMM in PEFT's rounding order, custom VJP). The Triton kernels are kept for GPUs where a
+fused dequantization may pay; on the H200 they trail XLA's GEMMs (BENCHMARKS.md, NF4 matmul).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import cdiv, dot_precision, next_power_of_2, resolve_interpret, triton_compiler_params
+from pallas_kernels.lora_matmul import lora_delta
 
 # The 16 NF4 levels (QLoRA, arXiv:2305.14314 section 3): quantiles of N(0, 1) scaled to [-1, 1], with an
 # exact zero. Code i is NF4_CODE[i]; these are the f32 values bitsandbytes stores as `quant_map`.
@@ -73,6 +75,47 @@ NF4_CODE = np.array(
 NESTED_BLOCKSIZE = 256
 # The only quant block size the tiled kernel handles (bitsandbytes' default for 4-bit).
 KERNEL_BLOCKSIZE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Weight:
+    """One NF4-quantized weight W of logical shape (out, in) (or a stack of them along leading axes, all leaves
+    alike), in the bitsandbytes layout (see ``jaxsloth.quant``).
+
+    Leaves: packed uint8 [..., cdiv(out*in, 2)]; absmax f32 [..., nblocks] or, with double_quant, uint8
+    [..., nblocks] plus nested_absmax f32 [..., cdiv(nblocks, 256)] and offset f32 [...]; without double
+    quantization nested_absmax and offset are None. Static fields describe ONE layer: shape (out, in),
+    blocksize, double_quant and the dtype name of the original weight.
+    """
+
+    packed: jax.Array
+    absmax: jax.Array
+    nested_absmax: jax.Array | None
+    offset: jax.Array | None
+    shape: tuple[int, int]
+    blocksize: int = 64
+    double_quant: bool = True
+    dtype: str = "bfloat16"
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nblocks(self) -> int:
+        return cdiv(self.numel, self.blocksize)
+
+    @property
+    def lead_shape(self) -> tuple[int, ...]:
+        """The leading (layer) axes shared by every leaf; () for a single weight."""
+        return tuple(self.packed.shape[:-1])
+
+
+jax.tree_util.register_dataclass(
+    NF4Weight,
+    data_fields=["packed", "absmax", "nested_absmax", "offset"],
+    meta_fields=["shape", "blocksize", "double_quant", "dtype"],
+)
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
@@ -154,10 +197,9 @@ def _divisor_block(block: int, k: int) -> int:
 
 
 class _WRefs(NamedTuple):
-    """The W operands as the kernels see them: a 16-bit W (``dense``, the bf16 LoRA linear) or the NF4
-    arrays; nested/offset/qmap only with double quant, table only with the gather lookup."""
+    """The NF4 arrays as the kernels see them; nested/offset/qmap only with double quant, table only with the
+    gather lookup."""
 
-    dense: object  # x.dtype [N, K], or None for NF4
     packed: object  # uint8 [N, K/2]
     absmax: object  # f32 or uint8 [N, K/64]
     nested: object  # f32 [cdiv(N*K/64, 256)]
@@ -166,16 +208,14 @@ class _WRefs(NamedTuple):
     table: object  # f32 [16]
 
 
-def _take_w_refs(it, double_quant: bool, lookup: str, dense: bool) -> _WRefs:
-    if dense:
-        return _WRefs(next(it), None, None, None, None, None, None)
+def _take_w_refs(it, double_quant: bool, lookup: str) -> _WRefs:
     packed, absmax = next(it), next(it)
     nested = offset = qmap = table = None
     if double_quant:
         nested, offset, qmap = next(it), next(it), next(it)
     if lookup == "gather":
         table = next(it)
-    return _WRefs(None, packed, absmax, nested, offset, qmap, table)
+    return _WRefs(packed, absmax, nested, offset, qmap, table)
 
 
 def _nf4_values(codes: jax.Array, table_ref) -> jax.Array:
@@ -193,10 +233,6 @@ def _nf4_values(codes: jax.Array, table_ref) -> jax.Array:
 def _dequant_chunk(w: _WRefs, n0, bn: int, n_mask, col, k_blocks: int, dtype) -> jax.Array:
     """W[n0 : n0 + bn, 64 col : 64 col + 64] as dtype, [bn, 64]. Rows past N come out finite (their
     loads are masked to 0); callers zero their contribution through the other operand."""
-    if w.dense is not None:
-        k_start = pl.multiple_of(col * KERNEL_BLOCKSIZE, KERNEL_BLOCKSIZE)
-        chunk = w.dense.at[pl.ds(n0, bn), pl.ds(k_start, KERNEL_BLOCKSIZE)]
-        return plgpu.load(chunk, mask=n_mask[:, None], other=0).astype(dtype)
     byte_start = pl.multiple_of(col * (KERNEL_BLOCKSIZE // 2), KERNEL_BLOCKSIZE // 2)
     packed = plgpu.load(
         w.packed.at[pl.ds(n0, bn), pl.ds(byte_start, KERNEL_BLOCKSIZE // 2)], mask=n_mask[:, None], other=0
@@ -227,10 +263,10 @@ def _dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot_general(a, b, dims, precision=dot_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
-def _fwd_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, dense, has_lora, fuse_lora_a, scale):
+def _fwd_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, has_lora, fuse_lora_a, scale):
     it = iter(refs)
     x_ref = next(it)
-    w = _take_w_refs(it, double_quant, lookup, dense)
+    w = _take_w_refs(it, double_quant, lookup)
     a_ref = b_ref = uc_in_ref = uc_out_ref = None
     if has_lora:
         a_ref, b_ref = next(it), next(it)
@@ -275,10 +311,10 @@ def _fwd_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, dense, has_lor
     plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _dx_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, dense, has_lora, scale):
+def _dx_kernel(*refs, m, n, k, bm, bn, bk, lookup, double_quant, has_lora, scale):
     it = iter(refs)
     dy_ref = next(it)
-    w = _take_w_refs(it, double_quant, lookup, dense)
+    w = _take_w_refs(it, double_quant, lookup)
     a_ref = b_ref = None
     if has_lora:
         a_ref, b_ref = next(it), next(it)
@@ -335,7 +371,6 @@ class KernelStatic(NamedTuple):
     scale: float
     interpret: bool
     block: NF4MatmulBlock
-    dense: bool = False  # W is a 16-bit [N, K] array (lora_matmul), not NF4
 
 
 def _w_operands(packed, absmax, nested_absmax, offset, st: KernelStatic) -> list[jax.Array]:
@@ -381,7 +416,6 @@ def forward(x, w_ops, a, b, st: KernelStatic):
         bk=bk,
         lookup=blk.lookup,
         double_quant=st.double_quant,
-        dense=st.dense,
         has_lora=has_lora,
         fuse_lora_a=fuse,
         scale=st.scale,
@@ -392,7 +426,7 @@ def forward(x, w_ops, a, b, st: KernelStatic):
         grid=(cdiv(m, bm), cdiv(n, bn)),
         compiler_params=triton_compiler_params(blk.num_warps, blk.num_stages),
         interpret=st.interpret,
-        name="lora_matmul_fwd" if st.dense else "nf4_matmul_fwd",
+        name="nf4_matmul_fwd",
     )(*operands)
     return outs[0], (outs[1] if fuse else uc)
 
@@ -419,7 +453,6 @@ def backward_dx(dy, w_ops, a, b, k: int, st: KernelStatic):
         bk=bk,
         lookup=blk.lookup,
         double_quant=st.double_quant,
-        dense=st.dense,
         has_lora=has_lora,
         scale=st.scale,
     )
@@ -429,7 +462,7 @@ def backward_dx(dy, w_ops, a, b, k: int, st: KernelStatic):
         grid=(cdiv(m, bm), k // bk),
         compiler_params=triton_compiler_params(blk.bwd_num_warps, blk.bwd_num_stages),
         interpret=st.interpret,
-        name="lora_matmul_dx" if st.dense else "nf4_matmul_dx",
+        name="nf4_matmul_dx",
     )(*operands)
     return outs[0], (outs[1] if has_lora else None)
 
@@ -466,26 +499,30 @@ def _nf4_matmul_2d_bwd(st, res, dy):
 _nf4_matmul_2d.defvjp(_nf4_matmul_2d_fwd, _nf4_matmul_2d_bwd)
 
 
-def _check_operands(x, packed, absmax, nested_absmax, offset, lora_a, lora_b, shape, blocksize, double_quant):
-    if len(shape) != 2:
-        raise ValueError(f"shape must be (out, in), got {shape}")
-    n, k = shape
+def _check_operands(x, w: NF4Weight, lora_a, lora_b) -> None:
+    if not isinstance(w, NF4Weight):
+        raise TypeError(f"the weight must be an NF4Weight, got {type(w).__name__}")
+    if len(w.shape) != 2:
+        raise ValueError(f"shape must be (out, in), got {w.shape}")
+    n, k = w.shape
     if x.shape[-1] != k:
-        raise ValueError(f"x.shape={x.shape} does not end in the weight's in-features {k} (shape={shape})")
-    nblocks = cdiv(n * k, blocksize)
+        raise ValueError(f"x.shape={x.shape} does not end in the weight's in-features {k} (shape={w.shape})")
+    packed, absmax, nested_absmax, offset = w.packed, w.absmax, w.nested_absmax, w.offset
     if packed.shape != (cdiv(n * k, 2),) or packed.dtype != jnp.uint8:
-        raise ValueError(f"packed must be uint8 [{cdiv(n * k, 2)}] for shape={shape}, got {packed.dtype}{packed.shape}")
-    want_absmax = jnp.uint8 if double_quant else jnp.float32
-    if absmax.shape != (nblocks,) or absmax.dtype != want_absmax:
         raise ValueError(
-            f"absmax must be {jnp.dtype(want_absmax).name} [{nblocks}] for shape={shape}, "
-            f"double_quant={double_quant}, got {absmax.dtype}{absmax.shape}"
+            f"packed must be uint8 [{cdiv(n * k, 2)}] for shape={w.shape}, got {packed.dtype}{packed.shape}"
         )
-    if double_quant:
-        nn = cdiv(nblocks, NESTED_BLOCKSIZE)
+    want_absmax = jnp.uint8 if w.double_quant else jnp.float32
+    if absmax.shape != (w.nblocks,) or absmax.dtype != want_absmax:
+        raise ValueError(
+            f"absmax must be {jnp.dtype(want_absmax).name} [{w.nblocks}] for shape={w.shape}, "
+            f"double_quant={w.double_quant}, got {absmax.dtype}{absmax.shape}"
+        )
+    if w.double_quant:
+        nn = cdiv(w.nblocks, NESTED_BLOCKSIZE)
         if nested_absmax is None or nested_absmax.shape != (nn,):
             got = None if nested_absmax is None else nested_absmax.shape
-            raise ValueError(f"nested_absmax must be f32 [{nn}] for shape={shape}, got {got}")
+            raise ValueError(f"nested_absmax must be f32 [{nn}] for shape={w.shape}, got {got}")
         if offset is None or jnp.shape(offset) != ():
             raise ValueError(f"offset must be an f32 scalar with double_quant, got {offset!r}")
     if (lora_a is None) != (lora_b is None):
@@ -513,89 +550,55 @@ def pad_rank(lora_a, lora_b, dtype):
 
 def nf4_matmul(
     x: jax.Array,
-    packed: jax.Array,
-    absmax: jax.Array,
-    nested_absmax: jax.Array | None,
-    offset: jax.Array | None,
+    w: NF4Weight,
     lora_a: jax.Array | None = None,
     lora_b: jax.Array | None = None,
     lora_scale: float = 1.0,
     *,
-    shape: tuple[int, int],
-    blocksize: int = 64,
-    double_quant: bool,
     interpret: bool | None = None,
     block: NF4MatmulBlock | None = None,
 ) -> jax.Array:
     """x @ dequant(W)^T + lora_scale * (x @ lora_a^T) @ lora_b^T through the fused Pallas kernels.
 
-    x: [..., K]; W of logical shape (N, K) = ``shape`` as bnb arrays: packed uint8 [N*K/2], absmax
-    (f32 [N*K/64], or uint8 with double_quant plus nested_absmax f32 [cdiv(N*K/64, 256)] and offset f32 []);
-    lora_a: [r, K], lora_b: [N, r] (PEFT layouts, cast to x.dtype); lora_scale: a Python float.
-    Returns [..., N] in x.dtype. Gradients flow to x, lora_a and lora_b; the NF4 arrays get zeros.
-    Falls back to ``nf4_matmul_reference`` when K % 64 != 0 or blocksize != 64.
+    x: [..., K]; w: one NF4Weight of shape (N, K); lora_a: [r, K], lora_b: [N, r] (PEFT layouts, cast to
+    x.dtype); lora_scale: a Python float. Returns [..., N] in x.dtype. Gradients flow to x, lora_a and lora_b;
+    the NF4 arrays get zeros. Falls back to ``nf4_matmul_reference`` when K % 64 != 0 or blocksize != 64.
     """
-    _check_operands(x, packed, absmax, nested_absmax, offset, lora_a, lora_b, shape, blocksize, double_quant)
-    n, k = shape
-    if k % KERNEL_BLOCKSIZE or blocksize != KERNEL_BLOCKSIZE:
-        return nf4_matmul_reference(
-            x,
-            packed,
-            absmax,
-            nested_absmax,
-            offset,
-            lora_a,
-            lora_b,
-            lora_scale,
-            shape=shape,
-            blocksize=blocksize,
-            double_quant=double_quant,
-        )
+    _check_operands(x, w, lora_a, lora_b)
+    n, k = w.shape
+    if k % KERNEL_BLOCKSIZE or w.blocksize != KERNEL_BLOCKSIZE:
+        return nf4_matmul_reference(x, w, lora_a, lora_b, lora_scale)
     st = KernelStatic(
         shape=(n, k),
-        double_quant=bool(double_quant),
+        double_quant=bool(w.double_quant),
         scale=float(lora_scale),
         interpret=resolve_interpret(interpret),
         block=block or NF4MatmulBlock(),
     )
     a, b = pad_rank(lora_a, lora_b, x.dtype)
-    if not double_quant:
-        nested_absmax = offset = None
-    y = _nf4_matmul_2d(st, x.reshape(-1, k), packed, absmax, nested_absmax, offset, a, b)
+    y = _nf4_matmul_2d(st, x.reshape(-1, k), w.packed, w.absmax, w.nested_absmax, w.offset, a, b)
     return y.reshape(*x.shape[:-1], n)
 
 
-def nf4_dequantize_reference(
-    packed: jax.Array,
-    absmax: jax.Array,
-    nested_absmax: jax.Array | None,
-    offset: jax.Array | None,
-    *,
-    shape: tuple[int, int],
-    blocksize: int = 64,
-    double_quant: bool,
-    dtype=jnp.float32,
-) -> jax.Array:
+def nf4_dequantize_reference(w: NF4Weight, dtype=jnp.float32) -> jax.Array:
     """bnb's dequantize_4bit in plain jnp: code[q] * absmax in f32, then cast to dtype.
 
-    packed: uint8 [..., cdiv(out*in, 2)]; absmax: f32 [..., nblocks] (uint8 with double_quant, then
-    nested_absmax f32 [..., cdiv(nblocks, 256)] and offset f32 [...]); any leading (layer) axes are shared
-    by all four. Returns [..., out, in]. The quantization state is frozen: no gradient flows into it.
+    w: an NF4Weight, with any leading (layer) axes. Returns [..., out, in]. The quantization state is frozen:
+    no gradient flows into it.
     """
-    lead = packed.shape[:-1]
-    numel = shape[0] * shape[1]
-    nblocks = cdiv(numel, blocksize)
-    p = packed.astype(jnp.int32)
+    lead = w.lead_shape
+    numel, nblocks = w.numel, w.nblocks
+    p = w.packed.astype(jnp.int32)
     codes = jnp.stack([p >> 4, p & 15], axis=-1).reshape(*lead, -1)[..., :numel]
     values = jnp.asarray(NF4_CODE)[codes]
-    if double_quant:
-        nested = jnp.repeat(lax.stop_gradient(nested_absmax), NESTED_BLOCKSIZE, axis=-1)[..., :nblocks]
-        scale = jnp.asarray(dynamic_code_map())[absmax.astype(jnp.int32)] * nested
-        scale = scale + lax.stop_gradient(jnp.asarray(offset, jnp.float32))[..., None]
+    if w.double_quant:
+        nested = jnp.repeat(lax.stop_gradient(w.nested_absmax), NESTED_BLOCKSIZE, axis=-1)[..., :nblocks]
+        scale = jnp.asarray(dynamic_code_map())[w.absmax.astype(jnp.int32)] * nested
+        scale = scale + lax.stop_gradient(jnp.asarray(w.offset, jnp.float32))[..., None]
     else:
-        scale = lax.stop_gradient(absmax)
-    scale = jnp.repeat(scale, blocksize, axis=-1)[..., :numel]
-    return (values * scale).astype(dtype).reshape(*lead, *shape)
+        scale = lax.stop_gradient(w.absmax)
+    scale = jnp.repeat(scale, w.blocksize, axis=-1)[..., :numel]
+    return (values * scale).astype(dtype).reshape(*lead, *w.shape)
 
 
 def _matmul_nt(x: jax.Array, w: jax.Array, out_dtype=jnp.float32) -> jax.Array:
@@ -609,200 +612,89 @@ def _lora_term_f32(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, lora_scal
     return lora_scale * _matmul_nt(u, lora_b.astype(x.dtype))
 
 
-def lora_delta(x: jax.Array, lora_a: jax.Array, lora_b: jax.Array, lora_scale: float) -> jax.Array:
-    """lora_scale * (x @ A^T) @ B^T with both products in x.dtype, as PEFT runs them (LoRA master weights may be
-    f32 for the optimizer; the matmuls run in the activations' dtype)."""
-    a, b = lora_a.astype(x.dtype), lora_b.astype(x.dtype)
-    u = jnp.einsum("...i,ri->...r", x, a)
-    return lora_scale * jnp.einsum("...r,or->...o", u, b)
-
-
 def nf4_matmul_reference(
     x: jax.Array,
-    packed: jax.Array,
-    absmax: jax.Array,
-    nested_absmax: jax.Array | None,
-    offset: jax.Array | None,
+    w: NF4Weight,
     lora_a: jax.Array | None = None,
     lora_b: jax.Array | None = None,
     lora_scale: float = 1.0,
-    *,
-    shape: tuple[int, int],
-    blocksize: int = 64,
-    double_quant: bool,
 ) -> jax.Array:
     """x [..., K] @ dequant(W)^T [K, N] + lora_scale * (x @ lora_a^T) @ lora_b^T -> [..., N] in x.dtype.
 
     W is dequantized to x.dtype (as bnb does before its 16-bit matmul); products accumulate in f32; the
     LoRA intermediate u = x @ lora_a^T is rounded to x.dtype, as PEFT's lora_A output is.
     """
-    w = nf4_dequantize_reference(
-        packed,
-        absmax,
-        nested_absmax,
-        offset,
-        shape=shape,
-        blocksize=blocksize,
-        double_quant=double_quant,
-        dtype=x.dtype,
-    )
-    y = _matmul_nt(x, w)
+    y = _matmul_nt(x, nf4_dequantize_reference(w, x.dtype))
     if lora_a is not None:
         y = y + _lora_term_f32(x, lora_a, lora_b, lora_scale)
     return y.astype(x.dtype)
 
 
-def nf4_dequantize_xla(
-    packed: jax.Array,
-    absmax: jax.Array,
-    nested_absmax: jax.Array | None,
-    offset: jax.Array | None,
-    *,
-    shape: tuple[int, int],
-    blocksize: int = 64,
-    double_quant: bool,
-    dtype=jnp.bfloat16,
-) -> jax.Array:
+def nf4_dequantize_xla(w: NF4Weight, dtype=jnp.bfloat16) -> jax.Array:
     """The reference's values (bit for bit), formulated for one fused XLA pass: each block's scale broadcasts
     over its block instead of being repeated into a full-size array. The 16-entry table stays a gather: a tree
     of 15 selects computes the same, but XLA did not fuse it whole, and inside the scanned, rematerialized
-    layers its f32 intermediates cost 1.3 GiB of temporaries on a 1B model (measured with --compile-only).
+    layers its f32 intermediates cost over a GiB of temporaries on a 1B model (measured with --compile-only).
     Weights whose element count is not a multiple of the block size use the reference."""
-    numel = shape[0] * shape[1]
-    if numel % blocksize:
-        return nf4_dequantize_reference(
-            packed,
-            absmax,
-            nested_absmax,
-            offset,
-            shape=shape,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            dtype=dtype,
-        )
-    lead = packed.shape[:-1]
-    nblocks = numel // blocksize
-    p = packed.astype(jnp.int32)
-    codes = jnp.stack([p >> 4, p & 15], axis=-1).reshape(*lead, nblocks, blocksize)
-    if double_quant:
-        nested = lax.stop_gradient(nested_absmax)
+    if w.numel % w.blocksize:
+        return nf4_dequantize_reference(w, dtype)
+    lead, nblocks = w.lead_shape, w.nblocks
+    p = w.packed.astype(jnp.int32)
+    codes = jnp.stack([p >> 4, p & 15], axis=-1).reshape(*lead, nblocks, w.blocksize)
+    if w.double_quant:
+        nested = lax.stop_gradient(w.nested_absmax)
         nested = jnp.broadcast_to(nested[..., None], (*nested.shape, NESTED_BLOCKSIZE))
         nested = nested.reshape(*lead, -1)[..., :nblocks]
-        scale = jnp.asarray(dynamic_code_map())[absmax.astype(jnp.int32)] * nested
-        scale = scale + lax.stop_gradient(jnp.asarray(offset, jnp.float32))[..., None]
+        scale = jnp.asarray(dynamic_code_map())[w.absmax.astype(jnp.int32)] * nested
+        scale = scale + lax.stop_gradient(jnp.asarray(w.offset, jnp.float32))[..., None]
     else:
-        scale = lax.stop_gradient(absmax)
-    w = jnp.asarray(NF4_CODE)[codes] * scale[..., None]
-    return w.astype(dtype).reshape(*lead, *shape)
+        scale = lax.stop_gradient(w.absmax)
+    values = jnp.asarray(NF4_CODE)[codes] * scale[..., None]
+    return values.astype(dtype).reshape(*lead, *w.shape)
 
 
-class _XlaStatic(NamedTuple):
-    shape: tuple[int, int]
-    blocksize: int
-    double_quant: bool
-    dtype: str  # x's dtype: W is dequantized to it, forward and backward
-    out16: bool = False  # the product comes out of the GEMM in x.dtype (f32 accumulation inside) instead of f32
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _xla_base_matmul(dtype: str, treedef, x, *leaves):
+    """x [M, K] @ dequant(W)^T in ``dtype``; W's arrays are ``leaves`` of ``treedef`` (an NF4Weight)."""
+    return _matmul_nt(x, nf4_dequantize_xla(treedef.unflatten(leaves), dtype), jnp.dtype(dtype))
 
 
-def _xla_dequant(st: _XlaStatic, packed, absmax, nested_absmax, offset):
-    return nf4_dequantize_xla(
-        packed,
-        absmax,
-        nested_absmax,
-        offset,
-        shape=st.shape,
-        blocksize=st.blocksize,
-        double_quant=st.double_quant,
-        dtype=st.dtype,
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _xla_base_matmul(st: _XlaStatic, x, packed, absmax, nested_absmax, offset):
-    w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
-    return _matmul_nt(x, w, jnp.dtype(st.dtype) if st.out16 else jnp.float32)
-
-
-def _xla_base_matmul_fwd(st, x, packed, absmax, nested_absmax, offset):
+def _xla_base_matmul_fwd(dtype, treedef, x, *leaves):
     # Residuals are the NF4 arrays (already resident), never the 16-bit W: the backward dequantizes again.
-    y = _xla_base_matmul(st, x, packed, absmax, nested_absmax, offset)
-    return y, (packed, absmax, nested_absmax, offset)
+    return _xla_base_matmul(dtype, treedef, x, *leaves), leaves
 
 
-def _xla_base_matmul_bwd(st, res, dy):
-    packed, absmax, nested_absmax, offset = res
-    dtype = jnp.dtype(st.dtype)
-    w = _xla_dequant(st, packed, absmax, nested_absmax, offset)
-    # dy arrives in f32 (the product's accumulation type; with out16 already in x.dtype); the GEMM runs on
-    # 16-bit operands as the forward's.
-    out = dtype if st.out16 else jnp.float32
-    dx = lax.dot_general(dy.astype(dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=out)
-    return (dx.astype(dtype), None, None, None, None)  # the NF4 arrays are frozen
+def _xla_base_matmul_bwd(dtype, treedef, leaves, dy):
+    # The GEMM runs on 16-bit operands as the forward's, accumulating in f32 inside.
+    w = nf4_dequantize_xla(treedef.unflatten(leaves), dtype)
+    dx = lax.dot_general(dy.astype(dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.dtype(dtype))
+    return (dx, *(None for _ in leaves))  # None: the NF4 arrays are frozen
 
 
 _xla_base_matmul.defvjp(_xla_base_matmul_fwd, _xla_base_matmul_bwd)
 
 
-def nf4_matmul_xla(
-    x: jax.Array,
-    packed: jax.Array,
-    absmax: jax.Array,
-    nested_absmax: jax.Array | None,
-    offset: jax.Array | None,
-    lora_a: jax.Array | None = None,
-    lora_b: jax.Array | None = None,
-    lora_scale: float = 1.0,
-    *,
-    shape: tuple[int, int],
-    blocksize: int = 64,
-    double_quant: bool,
-) -> jax.Array:
-    """``nf4_matmul_reference`` as XLA runs it fastest: W dequantized by ``nf4_dequantize_xla`` right before
-    each 16-bit GEMM, forward and backward. A custom VJP (1) casts the f32 cotangent to x.dtype before the
-    backward GEMM (autodiff of the reference multiplies the f32 cotangent by W, and XLA then runs that GEMM
-    in f32: 1.3-1.6x slower fwd+bwd on the H200) and (2) keeps only the 4-bit arrays as residuals, so no
-    16-bit copy of W outlives its GEMM. The LoRA term is plain jnp, differentiated by JAX."""
-    return _xla_path(
-        x, packed, absmax, nested_absmax, offset, lora_a, lora_b, lora_scale, shape, blocksize, double_quant
-    )
-
-
 def nf4_matmul_xla16(
     x: jax.Array,
-    packed: jax.Array,
-    absmax: jax.Array,
-    nested_absmax: jax.Array | None,
-    offset: jax.Array | None,
+    w: NF4Weight,
     lora_a: jax.Array | None = None,
     lora_b: jax.Array | None = None,
     lora_scale: float = 1.0,
-    *,
-    shape: tuple[int, int],
-    blocksize: int = 64,
-    double_quant: bool,
 ) -> jax.Array:
-    """``nf4_matmul_xla`` in PEFT + bitsandbytes' order: the base product leaves the GEMM in x.dtype, the LoRA
-    output is computed in x.dtype (``lora_delta``) and the two are added in x.dtype, i.e.
-    ``lora_matmul_reference(x, dequant(W), A, B)``. No f32 [tokens, N] array exists, forward or backward: the
-    f32 path writes the base and LoRA products in f32, adds and casts them, and its backward reads an f32
-    cotangent three times (the cast for the base GEMM, dA's and dB's GEMMs, which then run in f32). The
-    profile trace of the 8B QLoRA step (BENCHMARKS.md, 2026-11-29) put 106 ms of 400 in XLA fusions; this
-    removes the f32 traffic among them: the step ran 11,361 tok/s against 10,174 with the f32 path (H200, same
-    call, same peak and first loss), and the GPU profiles select it."""
-    return _xla_path(
-        x, packed, absmax, nested_absmax, offset, lora_a, lora_b, lora_scale, shape, blocksize, double_quant, out16=True
-    )
+    """``nf4_matmul_reference`` as XLA runs it fastest, in PEFT + bitsandbytes' order: W dequantized by
+    ``nf4_dequantize_xla`` right before each 16-bit GEMM, forward and backward; the base product leaves the GEMM
+    in x.dtype, the LoRA output is computed in x.dtype (``lora_delta``) and the two are added in x.dtype, i.e.
+    ``lora_matmul_reference(x, dequant(W), A, B)``.
 
-
-def _xla_path(
-    x, packed, absmax, nested_absmax, offset, lora_a, lora_b, lora_scale, shape, blocksize, double_quant, out16=False
-):
-    _check_operands(x, packed, absmax, nested_absmax, offset, lora_a, lora_b, shape, blocksize, double_quant)
-    st = _XlaStatic(tuple(shape), int(blocksize), bool(double_quant), jnp.dtype(x.dtype).name, out16)
-    if not double_quant:
-        nested_absmax = offset = None
-    x2 = x.reshape(-1, shape[1])
-    y = _xla_base_matmul(st, x2, packed, absmax, nested_absmax, offset)
+    Why not autodiff of the reference: it keeps dequant(W) alive from forward to backward (a second, 16-bit
+    model across the layers) and runs the backward GEMM on an f32 cotangent; and f32 products write and read
+    f32 [tokens, N] arrays that this order never creates (BENCHMARKS.md, NF4 paths: the QLoRA step's speed).
+    The custom VJP keeps only the 4-bit arrays as residuals.
+    """
+    _check_operands(x, w, lora_a, lora_b)
+    x2 = x.reshape(-1, w.shape[1])
+    leaves, treedef = jax.tree.flatten(w)
+    y = _xla_base_matmul(jnp.dtype(x.dtype).name, treedef, x2, *leaves)
     if lora_a is not None:
-        y = y + (lora_delta if out16 else _lora_term_f32)(x2, lora_a, lora_b, lora_scale)
-    return y.astype(x.dtype).reshape(*x.shape[:-1], shape[0])
+        y = y + lora_delta(x2, lora_a, lora_b, lora_scale)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], w.shape[0])

@@ -8,12 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxsloth.bench import cli, report
 from jaxsloth.bench.unsloth_baseline import with_tokenizer
 from jaxsloth.models.presets import PRESETS, preset
+from jaxsloth.profiles import profile_for_device
 
 ROOT = Path(__file__).parents[1]
 DEMO_MODEL = ROOT / "jaxsloth" / "demo_assets" / "model"
@@ -348,15 +350,21 @@ def test_step_attention_blocks_from_json_or_a_tune_file(tmp_path):
     from pallas_kernels.attention import AttentionBlocks
 
     default = AttentionBlocks.for_head_dim(128)
-    assert step.attention_blocks('{"block_q_dq": 64}', 128) == dataclasses.replace(default, block_q_dq=64)
+    assert step.attention_blocks('{"block_q_dq": 64}', default) == dataclasses.replace(default, block_q_dq=64)
     tune = tmp_path / "tune.jsonl"
     rows = [{"kernel": "dq", "settings": {"block_q_dq": 32}}, {"kernel": "best", "settings": {"block_k_dq": 32}}]
     tune.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert step.attention_blocks(str(tune), 128) == dataclasses.replace(default, block_k_dq=32)
+    assert step.attention_blocks(str(tune), default) == dataclasses.replace(default, block_k_dq=32)
     with pytest.raises(ValueError, match="unknown AttentionBlocks fields"):
-        step.attention_blocks('{"block_z": 1}', 128)
+        step.attention_blocks('{"block_z": 1}', default)
     with pytest.raises(ValueError, match="neither a file nor a JSON object"):
-        step.attention_blocks("nope.jsonl", 128)
+        step.attention_blocks("nope.jsonl", default)
+    # The base is the profile's own tiles: on Hopper the Mosaic ones at d128 in bf16.
+    h200 = profile_for_device(name="h200")
+    assert step.profile_attention_blocks(h200, 128).fwd_backend == "mosaic"
+    assert step.profile_attention_blocks(profile_for_device(name="cpu"), 128) == AttentionBlocks.for_head_dim(
+        128, jnp.float32
+    )
     out = tmp_path / "step.jsonl"
     step.main(
         ["--model-path", str(DEMO_MODEL), "--quant", "bf16", "--batch", "1", "--seq", "32", "--steps", "1"]

@@ -3,7 +3,6 @@ loads the merged checkpoint and gives the logits of jaxsloth's unmerged LoRA / Q
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from converters.hf import load_hf_model, save_hf_model
 from jaxsloth.lora import LoraConfig, merge
+from jaxsloth.quant import is_nf4
 from tests.tiny_models import lora_logits, random_trainable, saved_model
 from tests.tolerances import assert_close
 
@@ -54,7 +54,7 @@ def test_merged_qlora_matches_qlora_forward(family, tmp_path):
     """NF4 base dequantized in f32, plus the LoRA delta: the same weights the QLoRA forward multiplies by, so the
     f32 logits agree to the f32 tolerance."""
     config, params = load_hf_model(saved_model(family), dtype=jnp.float32, load_in_4bit=True)
-    assert not isinstance(params["layers"]["q_proj"]["weight"], jax.Array)
+    assert is_nf4(params["layers"]["q_proj"]["weight"])
     lora = LoraConfig(r=R, alpha=ALPHA)
     trainable = random_trainable(config, params, lora, seed=2)
     save_hf_model(merge(params, trainable, lora, dtype=jnp.float32), config, tmp_path, dtype=jnp.float32)

@@ -100,15 +100,6 @@ def test_matches_reference(name):
     _check(seed=len(name), **CASES[name])
 
 
-SPLIT = dataclasses.replace(SMALL, split_dkv=True)
-
-
-@pytest.mark.parametrize("name", ["causal_gqa", "window_not_causal", "all", "all_bf16"])
-def test_split_dkv_matches_reference(name):
-    # dK and dV from their own kernels (split_dkv): the same gradients.
-    _check(seed=len(name), block=SPLIT, **CASES[name])
-
-
 # The Mosaic GPU dK/dV kernel (16-bit, head dim a multiple of 64, no segments), run by the GPU interpreter on
 # CPU: 64 keys per CTA, 64 query rows per step (the least it takes) and a two-deep ring, so T = 90-150 spans
 # several key and query blocks, a padded key block, ring wraps and (with GQA) several query heads' steps.
@@ -146,7 +137,8 @@ def test_mosaic_forward_matches_reference(name):
     _check(seed=len(name) + 2, block=MOSAIC_FWD, **MOSAIC_CASES[name])
 
 
-# The Mosaic dQ kernel (not a default yet: untimed on the GPU): the forward's layout, 64 or 128 keys per step.
+# The Mosaic dQ kernel (an opt-in no profile selects: untimed on the GPU): the forward's layout, 64 or 128 keys per
+# step.
 MOSAIC_DQ = dataclasses.replace(MOSAIC_FWD, block_q_dq=128, block_k_dq=64, num_stages_dq=2, dq_backend="mosaic")
 
 
@@ -183,7 +175,7 @@ def test_mosaic_forward_128_keys_matches_reference(name):
 
 
 def test_mosaic_kernels_run_where_they_apply_and_fall_back_elsewhere(monkeypatch):
-    from pallas_kernels import attention_mgpu
+    from pallas_kernels.attention import mosaic as attention_mgpu
 
     calls = []
     for name in ("dkv", "forward", "dq"):
@@ -209,8 +201,55 @@ def test_mosaic_kernels_run_where_they_apply_and_fall_back_elsewhere(monkeypatch
 
 
 def test_default_blocks():
-    # The Hopper defaults shrink to the sequence: one block per program, no inner-loop steps skipped.
+    # The kernel's default tiles shrink to the sequence: one block per program, no inner-loop steps skipped.
     _check(t=17, hq=4, hk=2, d=64, block=None, sliding_window=6)
+
+
+def _profile_blocks(name: str, d: int, dtype) -> AttentionBlocks | None:
+    from jaxsloth.profiles import profile_for_device
+
+    return profile_for_device(name=name).kernels.block_for("attention", jnp.zeros((1, 1, 1, d), dtype))
+
+
+def test_hopper_profiles_choose_the_mosaic_forward_and_dkv():
+    # The profile, not the kernel package, picks the backend: on Hopper the 16-bit head dims 65-256 run the forward
+    # and dK/dV on Mosaic (dQ on Triton); f32 and small head dims, and every other GPU, the kernel's Triton default.
+    for name in ("h200", "h100"):
+        for d in (80, 128, 256):
+            for dtype in (jnp.bfloat16, jnp.float16):
+                blocks = _profile_blocks(name, d, dtype)
+                assert (blocks.fwd_backend, blocks.dkv_backend, blocks.dq_backend) == ("mosaic", "mosaic", "triton")
+                assert blocks.block_k_dkv == (128 if d <= 128 else 64)
+        assert _profile_blocks(name, 128, jnp.float32) is None and _profile_blocks(name, 64, jnp.bfloat16) is None
+    for name in ("a100", "ada", "ampere", "t4", "cpu"):
+        assert _profile_blocks(name, 128, jnp.bfloat16) is None
+    assert AttentionBlocks.for_head_dim(128) == AttentionBlocks.for_head_dim(80)  # the default: Triton throughout
+    assert {AttentionBlocks.for_head_dim(d).fwd_backend for d in (64, 128, 256)} == {"triton"}
+
+
+def test_dispatch_hands_the_profiles_tiles_to_the_kernel(monkeypatch):
+    # The h200 profile's cuDNN attention cannot softcap: the dispatch point sends the call to the Pallas kernel with
+    # the profile's Mosaic tiles for this head dim (run by the interpreter here).
+    from jaxsloth.profiles import profile_for_device
+    from pallas_kernels.attention import mosaic as attention_mgpu
+
+    calls = []
+    for name in ("dkv", "forward", "dq"):
+        real = getattr(attention_mgpu, name)
+        monkeypatch.setattr(
+            attention_mgpu, name, functools.partial(lambda real, name, *a: calls.append(name) or real(*a), real, name)
+        )
+    ops = profile_for_device(name="h200", interpret=True).ops
+    q, k, v, do, _ = _inputs(1, 20, 2, 1, 128, jnp.bfloat16, 8, False)
+    kw = dict(softcap=5.0, sliding_window=9)
+    out, vjp = jax.vjp(lambda *a: ops.attention(*a, **kw), q, k, v)
+    grads = vjp(do)
+    assert sorted(calls) == ["dkv", "forward"]
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+    ref_out, ref_vjp = jax.vjp(lambda *a: attention_reference(*a, **kw), *f32[:3])
+    assert_close(out, ref_out, "bf16", err_msg="out")
+    for got, want, name in zip(grads, ref_vjp(f32[3]), ("dq", "dk", "dv")):
+        assert_close(got, want, "bf16_grad", err_msg=name)
 
 
 def test_under_jit_and_grad_with_fewer_queries_than_keys():
@@ -269,12 +308,12 @@ def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     *rows, whole = rows
     timed = [r for r in rows if r["kernel"] != "best"]
-    assert {r["kernel"] for r in timed} == {"fwd", "fwd_mosaic", "dkv", "dkv_split", "dkv_mosaic", "dq", "dq_mosaic"}
+    assert {r["kernel"] for r in timed} == {"fwd", "fwd_mosaic", "dkv", "dkv_mosaic", "dq", "dq_mosaic"}
     assert all("error" not in r and r["max_err"] < 0.05 and r["ms"] > 0 for r in timed), timed
     (best,) = [r for r in rows if r["kernel"] == "best"]
-    assert set(best["ms"]) == {"fwd", "fwd_mosaic", "dkv", "dkv_split", "dkv_mosaic", "dq", "dq_mosaic"}
+    assert set(best["ms"]) == {"fwd", "fwd_mosaic", "dkv", "dkv_mosaic", "dq", "dq_mosaic"}
     # The combined settings are a valid AttentionBlocks holding each kernel's fastest tile, and the fastest of
-    # the fused, the split and the Mosaic dK/dV.
+    # the Triton and the Mosaic dK/dV.
     blocks = AttentionBlocks(**best["settings"])
     fastest = {k: min((r for r in timed if r["kernel"] == k), key=lambda r: r["ms"]) for k in best["ms"]}
     dq = min(("dq", "dq_mosaic"), key=lambda k: fastest[k]["ms"])
@@ -282,8 +321,7 @@ def test_tuner_times_each_kernel_and_combines_the_best(tmp_path):
     fwd = min(("fwd", "fwd_mosaic"), key=lambda k: fastest[k]["ms"])
     assert blocks.block_q == fastest[fwd]["settings"]["block_q"]
     assert blocks.fwd_backend == ("mosaic" if fwd == "fwd_mosaic" else "triton")
-    dkv = min(("dkv", "dkv_split", "dkv_mosaic"), key=lambda k: fastest[k]["ms"])
-    assert blocks.split_dkv == (dkv == "dkv_split")
+    dkv = min(("dkv", "dkv_mosaic"), key=lambda k: fastest[k]["ms"])
     assert blocks.dkv_backend == ("mosaic" if dkv == "dkv_mosaic" else "triton")
     assert blocks.block_k_dkv == fastest[dkv]["settings"]["block_k_dkv"]
     # Last, the public op timed forward+backward with the combined settings, checked against the reference.
@@ -297,12 +335,12 @@ def test_tuner_tunes_only_the_kernels_asked_for(tmp_path):
     from jaxsloth.bench.kernel_attention import main
 
     out = tmp_path / "tune.jsonl"
-    main(["--smoke", "--tune", "--kernels", "dkv_split", "--out", str(out)])
+    main(["--smoke", "--tune", "--kernels", "dkv_mosaic", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["kernel"] for r in rows[:-2]} == {"dkv_split"}
+    assert {r["kernel"] for r in rows[:-2]} == {"dkv_mosaic"}
     best = AttentionBlocks(**rows[-2]["settings"])
     default = AttentionBlocks.for_head_dim(64)
-    assert best.split_dkv and (best.block_q, best.block_q_dq) == (default.block_q, default.block_q_dq)
+    assert best.dkv_backend == "mosaic" and (best.block_q, best.block_q_dq) == (default.block_q, default.block_q_dq)
 
 
 @pytest.mark.parametrize(
@@ -347,13 +385,10 @@ def test_lowers_to_triton_on_cpu(monkeypatch, d, dtype, kw):
 def test_mosaic_kernels_lower_for_hopper_on_cpu(monkeypatch, d, keys, fwd, kw):
     # The Mosaic dK/dV kernel lowered for an H200 without one: its wgmma shapes, layouts and shared-memory
     # plan are checked at lowering, so a tile the hardware cannot take fails in CI.
-    from pallas_kernels import attention_mgpu
-
     gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
     monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    monkeypatch.setattr(attention_mgpu, "on_hopper", lambda: True)
     block = dataclasses.replace(
-        AttentionBlocks.for_head_dim(d, jnp.bfloat16, mosaic=False),
+        AttentionBlocks.for_head_dim(d, jnp.bfloat16),
         block_q_dkv=64,
         block_k_dkv=keys,
         dkv_backend="mosaic",
@@ -372,25 +407,6 @@ def test_mosaic_kernels_lower_for_hopper_on_cpu(monkeypatch, d, keys, fwd, kw):
     text = jax.jit(f).trace(q, k, k, q).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1  # the Triton forward or dQ
     assert text.count("custom_call @mosaic_gpu") == 2
-
-
-def test_split_dkv_lowers_to_triton_on_cpu(monkeypatch):
-    # split_dkv: four Triton kernels (forward, dK, dV, dQ); the dV kernel multiplies P by dO only.
-    gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
-    monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200))
-    block = dataclasses.replace(AttentionBlocks.for_head_dim(256, jnp.bfloat16, mosaic=False), split_dkv=True)
-    q = jax.ShapeDtypeStruct((1, 1000, 4, 256), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, 1000, 2, 256), jnp.bfloat16)
-
-    def f(q, k, v, do):
-        g = lambda q, k, v: attention(q, k, v, softcap=50.0, sliding_window=300, interpret=False, block=block)  # noqa: E731
-        return jax.vjp(g, q, k, v)[1](do)
-
-    lowered = jax.jit(f).trace(q, k, k, q).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 4
-    # forward 2 dots (S, PV); dK 3 (S, dP, dS^T Q); dV 2 (S, P^T dO); dQ 3 (S, dP, dS K); each loop body is
-    # emitted three times (the masked blocks before, the unmasked middle, the masked blocks after).
-    assert sorted(len(d) for d in _triton_dots(lowered.compiler_ir("stablehlo"))) == [6, 6, 9, 9]
 
 
 def _triton_dots(module) -> list[list[str]]:
@@ -417,6 +433,11 @@ def _triton_dots(module) -> list[list[str]]:
     return [[line for line in text.splitlines() if "tt.dot " in line] for text in texts]
 
 
+def _hopper_blocks(d: int) -> AttentionBlocks:
+    """The Hopper profiles' bf16 tiles for head dim d (the kernel's default where they have none)."""
+    return _profile_blocks("h200", d, jnp.bfloat16) or AttentionBlocks.for_head_dim(d, jnp.bfloat16)
+
+
 GPU_CASES = {
     # Llama-3.1-8B attention: 32 q / 8 kv heads, d128, causal.
     "llama8b_d128": dict(b=1, t=2048, hq=32, hk=8, d=128),
@@ -430,8 +451,19 @@ GPU_CASES = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_gpu_matches_reference(name, dtype):
-    _check(dtype=dtype, interpret=False, block=None, seed=1, **GPU_CASES[name])
+@pytest.mark.parametrize("tiles", ["profile", "default"])
+def test_gpu_matches_reference(name, dtype, tiles):
+    # "profile": this GPU's profile's tiles and backends (on Hopper the Mosaic forward and dK/dV where they apply);
+    # "default": the kernel's own Triton tiles.
+    from jaxsloth.profiles import profile_for_device
+
+    d = GPU_CASES[name]["d"]
+    block = (
+        profile_for_device().kernels.block_for("attention", jnp.zeros((1, 1, 1, d), dtype))
+        if tiles == "profile"
+        else None
+    )
+    _check(dtype=dtype, interpret=False, block=block, seed=1, **GPU_CASES[name])
 
 
 @pytest.mark.gpu
@@ -443,7 +475,7 @@ def test_gpu_mosaic_dkv_matches_reference(name, tiles):
     if d > 128 and max(tiles[:2]) > 64:
         pytest.skip("d256: 128 query rows exceed shared memory, 128 keys the registers")
     block = dataclasses.replace(
-        AttentionBlocks.for_head_dim(d, jnp.bfloat16),
+        _hopper_blocks(d),
         block_k_dkv=tiles[0],
         block_q_dkv=tiles[1],
         num_stages_dkv=tiles[2],
@@ -459,9 +491,7 @@ def test_gpu_mosaic_forward_matches_reference(name, keys):
     d = GPU_CASES[name]["d"]
     if d > 128 and keys > 64:
         pytest.skip("d256: two 128-key K + V stages exceed shared memory")
-    block = dataclasses.replace(
-        AttentionBlocks.for_head_dim(d, jnp.bfloat16), block_q=128, block_k=keys, num_stages=2, fwd_backend="mosaic"
-    )
+    block = dataclasses.replace(_hopper_blocks(d), block_q=128, block_k=keys, num_stages=2, fwd_backend="mosaic")
     _check(dtype=jnp.bfloat16, interpret=False, block=block, seed=4, **GPU_CASES[name])
 
 
@@ -470,18 +500,10 @@ def test_gpu_mosaic_forward_matches_reference(name, keys):
 @pytest.mark.parametrize("keys", [64, 128])
 def test_gpu_mosaic_dq_matches_reference(name, keys):
     block = dataclasses.replace(
-        AttentionBlocks.for_head_dim(GPU_CASES[name]["d"], jnp.bfloat16),
+        _hopper_blocks(GPU_CASES[name]["d"]),
         block_q_dq=128,
         block_k_dq=keys,
         num_stages_dq=2,
         dq_backend="mosaic",
     )
     _check(dtype=jnp.bfloat16, interpret=False, block=block, seed=5, **GPU_CASES[name])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["gemma2_d256", "packed_d128"])
-def test_gpu_split_dkv_matches_reference(name):
-    d = GPU_CASES[name]["d"]
-    block = dataclasses.replace(AttentionBlocks.for_head_dim(d, jnp.bfloat16), split_dkv=True)
-    _check(dtype=jnp.bfloat16, interpret=False, block=block, seed=2, **GPU_CASES[name])

@@ -3,6 +3,8 @@ lora_a and lora_b, in interpret mode on CPU and compiled on a GPU (marked)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +18,6 @@ from pallas_kernels.nf4_matmul import (
     nf4_dequantize_xla,
     nf4_matmul,
     nf4_matmul_reference,
-    nf4_matmul_xla,
     nf4_matmul_xla16,
 )
 from tests.tolerances import assert_close, assert_vjp_close
@@ -51,15 +52,12 @@ def _case(m, k, n, r, dtype, double_quant, seed):
 
 def _check(m, k, n, r, dtype, double_quant, block, interpret, seed=0):
     q, x, lora, dy = _case(m, k, n, r, dtype, double_quant, seed)
-    kw = dict(shape=q.shape, double_quant=double_quant)
 
     def kernel(x, a=None, b=None):
-        return nf4_matmul(
-            x, q.packed, q.absmax, q.nested_absmax, q.offset, a, b, 0.75, **kw, interpret=interpret, block=block
-        )
+        return nf4_matmul(x, q, a, b, 0.75, interpret=interpret, block=block)
 
     def reference(x, a=None, b=None):
-        return nf4_matmul_reference(x, q.packed, q.absmax, q.nested_absmax, q.offset, a, b, 0.75, **kw)
+        return nf4_matmul_reference(x, q, a, b, 0.75)
 
     primals = (x, *(lora or ()))
     assert reference(*primals).dtype == x.dtype
@@ -85,23 +83,23 @@ def test_leading_axes_and_fallback():
     for k in (128, 96):
         q = quantize_nf4(rng.standard_normal((24, k)).astype(np.float32), double_quant=True)
         x = jnp.asarray(rng.standard_normal((2, 3, k)), jnp.float32)
-        args = (x, q.packed, q.absmax, q.nested_absmax, q.offset)
-        kw = dict(shape=q.shape, double_quant=True)
-        y = nf4_matmul(*args, **kw, interpret=True, block=SMALL)
+        y = nf4_matmul(x, q, interpret=True, block=SMALL)
         assert y.shape == (2, 3, 24)
-        assert_close(y, nf4_matmul_reference(*args, **kw), "f32")
+        assert_close(y, nf4_matmul_reference(x, q), "f32")
 
 
 def test_bad_operands_raise():
     q = quantize_nf4(np.ones((8, 64), np.float32), double_quant=False)
     x = jnp.ones((4, 64), jnp.float32)
     with pytest.raises(ValueError, match="in-features"):
-        nf4_matmul(x[:, :32], q.packed, q.absmax, None, None, shape=q.shape, double_quant=False)
+        nf4_matmul(x[:, :32], q)
     with pytest.raises(ValueError, match="absmax"):
-        nf4_matmul(x, q.packed, q.absmax, None, None, shape=q.shape, double_quant=True)
+        nf4_matmul(x, dataclasses.replace(q, double_quant=True))
     with pytest.raises(ValueError, match="LoRA shapes"):
         a, b = jnp.ones((4, 64)), jnp.ones((4, 8))
-        nf4_matmul(x, q.packed, q.absmax, None, None, a, b, shape=q.shape, double_quant=False)
+        nf4_matmul(x, q, a, b)
+    with pytest.raises(TypeError, match="NF4Weight"):
+        nf4_matmul(x, q.packed)
     with pytest.raises(ValueError, match="block_k"):
         NF4MatmulBlock(block_k=32)
 
@@ -111,12 +109,9 @@ def test_lowers_to_triton_on_cpu(triton_calls):
     for double_quant, block in ((True, NF4MatmulBlock()), (False, SMALL_GATHER_UNFUSED)):
         q, x, (a, b), dy = _case(64, 256, 128, 16, jnp.bfloat16, double_quant, seed=2)
 
-        def f(x, a, b, dy, q=q, double_quant=double_quant, block=block):
+        def f(x, a, b, dy, q=q, block=block):
             def g(x, a, b):
-                return nf4_matmul(
-                    x, q.packed, q.absmax, q.nested_absmax, q.offset, a, b, 2.0,
-                    shape=q.shape, double_quant=double_quant, interpret=False, block=block,
-                )  # fmt: skip
+                return nf4_matmul(x, q, a, b, 2.0, interpret=False, block=block)
 
             return jax.vjp(g, x, a, b)[1](dy)
 
@@ -141,12 +136,10 @@ def test_matches_reference_gpu(m, k, n, r, dtype, double_quant, block):
 
 
 def _xla_case(seed, lead, k, n, r, dtype, double_quant):
-    """An NF4 weight [n, k] (its arrays and static keywords), x, r-rank f32 LoRA factors (none when r == 0) and
-    a cotangent, drawn in that order from one generator."""
+    """An NF4 weight [n, k], x, r-rank f32 LoRA factors (none when r == 0) and a cotangent, drawn in that order
+    from one generator."""
     rng = np.random.default_rng(seed)
     q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=double_quant)
-    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
-    kw = dict(shape=q.shape, double_quant=double_quant)
     x = jnp.asarray(rng.standard_normal((*lead, k)), dtype)
     lora = (
         ()
@@ -154,7 +147,7 @@ def _xla_case(seed, lead, k, n, r, dtype, double_quant):
         else (jnp.asarray(rng.standard_normal((r, k)) * 0.1), jnp.asarray(rng.standard_normal((n, r)) * 0.1))
     )
     dy = jnp.asarray(rng.standard_normal((*lead, n)), dtype)
-    return arrays, kw, x, lora, dy
+    return q, x, lora, dy
 
 
 @pytest.mark.parametrize(
@@ -166,42 +159,30 @@ def _xla_case(seed, lead, k, n, r, dtype, double_quant):
         ((3, 4), 50, 37, 4, jnp.float32, True),  # 37 x 50 is no multiple of 64: the reference's layout path
     ],
 )
-def test_xla_path_matches_reference(lead, k, n, r, dtype, double_quant):
-    arrays, kw, x, lora, dy = _xla_case(3, lead, k, n, r, dtype, double_quant)
+def test_xla_dequantize_matches_reference(lead, k, n, r, dtype, double_quant):
+    q, *_ = _xla_case(3, lead, k, n, r, dtype, double_quant)
     # The dequantized weight is bit-identical, in any dtype.
     for dt in (jnp.float32, dtype):
         np.testing.assert_array_equal(
-            np.asarray(nf4_dequantize_xla(*arrays, **kw, dtype=dt), np.float32),
-            np.asarray(nf4_dequantize_reference(*arrays, **kw, dtype=dt), np.float32),
+            np.asarray(nf4_dequantize_xla(q, dt), np.float32), np.asarray(nf4_dequantize_reference(q, dt), np.float32)
         )
 
-    def xla_path(x, *ab):
-        return nf4_matmul_xla(x, *arrays, *(ab or (None, None)), 0.75, **kw)
 
-    def reference(x, *ab):
-        return nf4_matmul_reference(x, *arrays, *(ab or (None, None)), 0.75, **kw)
-
-    assert xla_path(x, *lora).shape == (*lead, n) and reference(x, *lora).dtype == x.dtype
-    assert_vjp_close(xla_path, reference, (x, *lora), dy, dtype, ("dx", "dlora_a", "dlora_b")[: 1 + len(lora)])
-
-
-def test_xla_path_keeps_no_16bit_weight_for_the_backward():
-    # The reason the XLA path has a custom VJP: autodiff of the reference keeps dequant(W) (N x K in 16 bits)
+def test_xla16_path_keeps_no_16bit_weight_for_the_backward():
+    # One reason the XLA path has a custom VJP: autodiff of the reference keeps dequant(W) (N x K in 16 bits)
     # alive from forward to backward, which across 32 layers without remat is a second, 16-bit model.
     from jax._src.ad_checkpoint import saved_residuals
 
     rng = np.random.default_rng(4)
     q = quantize_nf4(rng.standard_normal((256, 128)).astype(np.float32), double_quant=True)
-    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
-    kw = dict(shape=q.shape, double_quant=True)
     x = jnp.asarray(rng.standard_normal((8, 128)), jnp.bfloat16)
     a, b = jnp.zeros((4, 128)), jnp.zeros((256, 4))
 
     def shapes(impl):
-        return [r.shape for r, _ in saved_residuals(lambda x, a, b: impl(x, *arrays, a, b, 1.0, **kw), x, a, b)]
+        return [r.shape for r, _ in saved_residuals(lambda x, a, b: impl(x, q, a, b, 1.0), x, a, b)]
 
     assert (256, 128) in shapes(nf4_matmul_reference)
-    assert (256, 128) not in shapes(nf4_matmul_xla)
+    assert (256, 128) not in shapes(nf4_matmul_xla16)
 
 
 @pytest.mark.parametrize(
@@ -216,11 +197,11 @@ def test_xla_path_keeps_no_16bit_weight_for_the_backward():
 def test_xla16_path_is_peft_order(lead, k, n, r, dtype, double_quant):
     # PEFT + bitsandbytes: base output rounded to x.dtype, LoRA output in x.dtype, added in x.dtype, which is
     # the 16-bit LoRA linear's reference applied to the dequantized weight.
-    arrays, kw, x, lora, dy = _xla_case(5, lead, k, n, r, dtype, double_quant)
-    w = nf4_dequantize_reference(*arrays, **kw, dtype=dtype)
+    q, x, lora, dy = _xla_case(5, lead, k, n, r, dtype, double_quant)
+    w = nf4_dequantize_reference(q, dtype)
 
     def xla16(x, *ab):
-        return nf4_matmul_xla16(x, *arrays, *(ab or (None, None)), 0.75, **kw)
+        return nf4_matmul_xla16(x, q, *(ab or (None, None)), 0.75)
 
     def peft_order(x, *ab):
         if not ab:
@@ -232,24 +213,23 @@ def test_xla16_path_is_peft_order(lead, k, n, r, dtype, double_quant):
 
 
 def test_xla16_path_has_no_f32_token_by_n_array():
-    # What xla16 is for: the f32 path materializes f32 [tokens, N] products and cotangents; xla16 none.
+    # What the PEFT order is for: f32 products (the reference's) materialize f32 [tokens, N] arrays; xla16 none.
     rng = np.random.default_rng(6)
     m, k, n, r = 24, 128, 200, 8
     q = quantize_nf4(rng.standard_normal((n, k)).astype(np.float32) * 0.05, double_quant=True)
-    arrays = (q.packed, q.absmax, q.nested_absmax, q.offset)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     a, b = jnp.zeros((r, k)), jnp.zeros((n, r))
     dy = jnp.ones((m, n), jnp.bfloat16)
 
     def hlo(impl):
         def f(x, a, b, dy):
-            fn = lambda x, a, b: impl(x, *arrays, a, b, 0.5, shape=q.shape, double_quant=True)  # noqa: E731
+            fn = lambda x, a, b: impl(x, q, a, b, 0.5)  # noqa: E731
             y, vjp = jax.vjp(fn, x, a, b)
             return y, vjp(dy)
 
         return jax.jit(f).lower(x, a, b, dy).as_text()
 
-    assert f"tensor<{m}x{n}xf32>" in hlo(nf4_matmul_xla)
+    assert f"tensor<{m}x{n}xf32>" in hlo(nf4_matmul_reference)
     assert f"tensor<{m}x{n}xf32>" not in hlo(nf4_matmul_xla16)
 
 

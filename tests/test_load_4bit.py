@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import torch
 from converters.hf import load_hf_model
 from converters.safetensors_io import SafetensorsFile, save_file
 from jaxsloth.models import forward
+from jaxsloth.quant import is_nf4
 from tests.tiny_models import hf_model, saved_model
 from tests.tolerances import assert_close
 
@@ -75,7 +75,7 @@ def _bnb_checkpoint(family, tmp_path, double_quant=True):
 def test_prequantized_bnb_checkpoint_matches_bnb_dequantization(family, double_quant, tmp_path):
     path, ref = _bnb_checkpoint(family, tmp_path, double_quant)
     config, params = load_hf_model(path, dtype=jnp.float32)
-    assert not isinstance(params["layers"]["q_proj"]["weight"], jax.Array)  # stayed NF4
+    assert is_nf4(params["layers"]["q_proj"]["weight"])  # stayed NF4
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (2, 11))
     ours = forward(params, jnp.asarray(ids), config=config)
     with torch.no_grad():

@@ -82,7 +82,7 @@ def test_memory_model_follows_remat_policy(remat, measured_gib):
     config = preset("llama3.1-8b")
     est = estimate_step_memory(
         config,
-        profile_for_device(name="h200", remat=remat, cross_entropy="pallas", nf4_matmul="xla"),
+        profile_for_device(name="h200", remat=remat, cross_entropy="pallas", nf4_matmul="xla16"),
         batch=2,
         seq_len=2048,
         quantized=True,

@@ -194,9 +194,7 @@ def test_stacked_pytree_under_scan_and_grad():
     def loss(lora, nf4: NF4Weight):
         def layer(x, params):
             w, a, b = params
-            y = nf4_matmul_reference(
-                x, w.packed, w.absmax, w.nested_absmax, w.offset, a, b, 2.0, shape=w.shape, double_quant=True
-            )
+            y = nf4_matmul_reference(x, w, a, b, 2.0)
             return x + jnp.tanh(y) @ jnp.ones((n, k), jnp.float32) / n, None
 
         x, _ = jax.lax.scan(layer, x0, (nf4, lora["a"], lora["b"]))

@@ -71,8 +71,16 @@ SHAPES = tuple(f(b, t) for f in (llama8b, gemma2_9b) for b, t in ((2, 2048), (1,
 SMOKE_SHAPES = (Shape("tiny", 1, 130, 4, 2, 64, softcap=5.0, window=16),)  # T: one Mosaic forward tile and a bit
 
 
+def default_blocks(d: int, dtype=jnp.bfloat16) -> AttentionBlocks:
+    """What a training step runs: this device's profile's tiles for head dim d, else the kernel's default."""
+    from jaxsloth.profiles import profile_for_device
+
+    picked = profile_for_device().kernels.block_for("attention", jnp.zeros((1, 1, 1, d), dtype))
+    return picked or AttentionBlocks.for_head_dim(d, dtype)
+
+
 def _sweep_configs(d: int) -> tuple[AttentionBlocks, ...]:
-    base = AttentionBlocks.for_head_dim(d, mosaic=False)  # the sweep varies the Triton kernels
+    base = AttentionBlocks.for_head_dim(d)  # the sweep varies the Triton kernels
     if d > 128:
         return (
             base,
@@ -108,7 +116,7 @@ def _inputs(shape: Shape, dtype):
 def _attention_fn(shape: Shape, impl: str, blocks: AttentionBlocks | None):
     kw = dict(sliding_window=shape.window, softcap=shape.softcap)
     if impl == "pallas":
-        return lambda q, k, v: attention(q, k, v, block=blocks, **kw)
+        return lambda q, k, v: attention(q, k, v, block=blocks or default_blocks(shape.d), **kw)
     if impl == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     if impl.startswith("tokamax_"):
@@ -172,19 +180,19 @@ def measure(shape: Shape, impl: str, dtype, iters: int, blocks: AttentionBlocks 
         fwd_tflops=flops / fwd_ms * 1e-9,
         max_err=max_err,
         max_err_scope=err_scope,
-        blocks=dataclasses.asdict(blocks or AttentionBlocks.for_head_dim(shape.d)) if impl == "pallas" else None,
+        blocks=dataclasses.asdict(blocks or default_blocks(shape.d)) if impl == "pallas" else None,
         temp_bytes_fwd_bwd=temp,
     )
 
 
-TUNE_KERNELS = ("fwd", "fwd_mosaic", "dkv", "dkv_split", "dkv_mosaic", "dq", "dq_mosaic")
+TUNE_KERNELS = ("fwd", "fwd_mosaic", "dkv", "dkv_mosaic", "dq", "dq_mosaic")
 # Per-kernel launch settings the tuner tries: (block_q, block_k, num_warps, num_stages) in each kernel's own
 # field names. Row bytes (head dim x 2 for bf16) bound what fits: 512-byte rows (d256) take the smaller tiles.
 # fmt: off
 _TUNE_TILES = {
-    # The 12 fastest of each kernel over rounds 1 and 2 at T=8192 (2026-11-29; round 1 tried 16-48 tiles per
-    # kernel, round 2 the neighbours of its winners: notebooks/results/kernels/attention_tiles_h200.jsonl),
-    # fastest first: the short list to re-tune at other lengths and batch sizes.
+    # The 12 fastest of each Triton kernel over two rounds of tuning at T=8192 (the first tried 16-48 tiles per
+    # kernel, the second the neighbours of its winners; BENCHMARKS.md, attention tiles), fastest first: the short
+    # list to re-tune at other lengths and batch sizes.
     "d256": {
         "fwd": [(128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 3), (64, 64, 4, 1), (128, 128, 8, 1), (64, 64, 4, 3),
                 (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 1), (64, 32, 4, 3), (32, 64, 4, 2), (64, 64, 8, 3)],
@@ -192,11 +200,8 @@ _TUNE_TILES = {
                 (32, 32, 4, 3), (32, 64, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3), (64, 32, 4, 3), (128, 16, 4, 2)],
         "dq": [(128, 32, 8, 3), (128, 32, 8, 2), (64, 16, 4, 3), (64, 32, 4, 3), (128, 64, 8, 1), (128, 16, 8, 3),
                 (128, 32, 8, 1), (64, 32, 4, 2), (64, 64, 4, 2), (128, 16, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
-        # split_dkv: one accumulator per kernel, so the dQ kernel's shapes, mirrored (timed in the fourth session).
-        "dkv_split": [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 2),
-                      (64, 32, 4, 2), (16, 64, 4, 3), (32, 64, 8, 2), (64, 128, 8, 2), (32, 128, 4, 2)],
         # The Mosaic GPU kernel (see "d128"): query rows in 64s (its dots' contraction); at d256 K, V and two
-        # 64-row Q + dO stages take 192 KiB, the only tile that fits (sixth session, call A).
+        # 64-row Q + dO stages take 192 KiB, the only tile that fits.
         "dkv_mosaic": [(64, 64, 4, 2)],
         # The Mosaic forward: 128 query rows, 64 keys per step; two stages are all that fit at d256.
         "fwd_mosaic": [(128, 64, 4, 2)],
@@ -204,7 +209,7 @@ _TUNE_TILES = {
     "d128": {
         # The Mosaic GPU kernel: three warpgroups (num_warps unused); 64 keys per CTA (roles split) or 128 (each
         # compute warpgroup both outputs of 64), query rows per step and the ring depth (shared memory: K, V +
-        # stages x (Q, dO) tiles). Call B (64 keys): 128 rows x 2 stages 2.245 ms, 64 x 2-4 stages 2.42-2.45.
+        # stages x (Q, dO) tiles).
         "dkv_mosaic": [(64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2)],
         # The Mosaic forward: 128 query rows per CTA (fixed), keys per step and ring depth.
         "fwd_mosaic": [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3)],
@@ -217,9 +222,6 @@ _TUNE_TILES = {
                 (32, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 4), (64, 64, 8, 3)],
         "dq": [(128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 4, 3),
                 (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (256, 64, 8, 2)],
-        # split_dkv: one accumulator per kernel, so the dQ kernel's shapes, mirrored (timed in the fourth session).
-        "dkv_split": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3),
-                      (128, 128, 8, 2)],
     },
 }
 # fmt: on
@@ -237,7 +239,7 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
     their best settings compose), and last ``attention`` forward+backward timed with those settings."""
     q, k, v, do = _inputs(shape, jnp.bfloat16)
     kw = dict(segment_ids=None, causal=True, sliding_window=shape.window, softcap=shape.softcap, scale=None)
-    default = AttentionBlocks.for_head_dim(shape.d)
+    default = default_blocks(shape.d)
     (qp, kp, vp, segs), st = attention_kernels.prepare(q, k, v, interpret=None, block=default, **kw)
     dop = jnp.pad(do, [(0, 0), (0, qp.shape[1] - do.shape[1]), (0, 0), (0, qp.shape[3] - do.shape[3])])
     fwd0, dkv0, dq0 = (jax.jit(f) for f in attention_kernels.kernel_calls(st))
@@ -254,7 +256,7 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
         return [x[:, : shape.t] if x.ndim == 4 else x[..., : shape.t] for x in jax.tree.leaves(outputs)]
 
     best = {}
-    launches = ("fwd", "dkv", "dq")  # kernel_calls' order; each variant ("dkv_split", "fwd_mosaic") replaces its base
+    launches = ("fwd", "dkv", "dq")  # kernel_calls' order; each variant ("fwd_mosaic") replaces its base
     for kernel in TUNE_KERNELS:
         if kernel not in kernels:
             continue
@@ -265,8 +267,6 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
         for tile in fitting[: 2 if smoke else None]:
             settings = dict(zip(_TUNE_FIELDS[launch], tile, strict=True))
             settings[f"{launch}_backend"] = "mosaic" if kernel.endswith("_mosaic") else "triton"
-            if launch == "dkv":
-                settings["split_dkv"] = kernel == "dkv_split"
             row = {"op": "attention_tune", "kernel": kernel, "shape": shape.label(), "settings": settings}
             try:
                 blocks = dataclasses.replace(default, **settings)
@@ -281,7 +281,7 @@ def tune(shape: Shape, iters: int, smoke: bool = False, kernels: tuple[str, ...]
             except Exception as e:  # out of shared memory or registers: skip this tile
                 row["error"] = repr(e)[:300]
             yield {**row, **timing.device_fields()}
-    # Per launch, the fastest of its variants (dK/dV: the fused kernel, the split pair, the Mosaic GPU kernel).
+    # Per launch, the fastest of its variants (Triton or Mosaic GPU).
     chosen = [
         min((v for k, v in best.items() if k.split("_")[0] == launch), key=lambda v: v[1])
         for launch in launches

@@ -1,8 +1,7 @@
 """Micro-benchmark: the fused NF4 dequant-matmul + LoRA kernel against XLA's jitted dequantize-then-matmul
-(``nf4_matmul_reference``), against the profile's XLA path (``nf4_matmul_xla``) and its PEFT-order twin
-(``xla16``: no f32 [M, N] arrays), against the fused 16-bit
-LoRA kernel (``bf16_lora_pallas``) and against the plain 16-bit LoRA linear of the same shape (x @ W^T with W
-already dequantized to bf16, plus the LoRA term, in XLA): Llama-3.1-8B projections, r=16, bf16.
+(``nf4_matmul_reference``), against the profiles' XLA path (``nf4_matmul_xla16``: PEFT's 16-bit order, no f32
+[M, N] arrays) and against the plain 16-bit LoRA linear of the same shape (x @ W^T with W already dequantized to
+bf16, plus the LoRA term, in XLA): Llama-3.1-8B projections, r=16, bf16.
 
 Per measurement: forward and forward+backward (dx, dA, dB) median time, TFLOP/s (2MNK + LoRA forward;
 twice the base for forward+backward), XLA's peak temporary memory of the jitted forward and
@@ -24,13 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsloth.bench import timing
-from pallas_kernels.lora_matmul import lora_matmul
 from pallas_kernels.nf4_matmul import (
     NF4MatmulBlock,
+    NF4Weight,
     nf4_dequantize_reference,
     nf4_matmul,
     nf4_matmul_reference,
-    nf4_matmul_xla,
     nf4_matmul_xla16,
 )
 
@@ -58,11 +56,13 @@ SWEEP = (
 def _inputs(m: int, k: int, n: int, r: int, dtype):
     rng = np.random.default_rng(0)
     nblocks = n * k // 64
-    nf4 = dict(
+    nf4 = NF4Weight(
         packed=jnp.asarray(rng.integers(0, 256, n * k // 2, dtype=np.uint8)),
         absmax=jnp.asarray(rng.integers(0, 256, nblocks, dtype=np.uint8)),
         nested_absmax=jnp.asarray(rng.uniform(0.01, 0.02, -(-nblocks // 256)).astype(np.float32)),
         offset=jnp.asarray(np.float32(0.03)),
+        shape=(n, k),
+        double_quant=True,
     )
     keys = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
@@ -72,22 +72,16 @@ def _inputs(m: int, k: int, n: int, r: int, dtype):
     return nf4, x, a, b, dy
 
 
-def _op(impl: str, nf4: dict, shape, dtype, block: NF4MatmulBlock, interpret):
-    """(fn(x, a, b, *weights), weights): the weight arrays are jit arguments, never closed-over constants, which
-    XLA would try to constant-fold (the dequantization at compile time) and so time something else."""
-    arrays = (nf4["packed"], nf4["absmax"], nf4["nested_absmax"], nf4["offset"])
-    kw = dict(shape=shape, double_quant=True)
+def _op(impl: str, nf4: NF4Weight, dtype, block: NF4MatmulBlock, interpret):
+    """(fn(x, a, b, weight), (weight,)): the weight is a jit argument, never a closed-over constant, which XLA
+    would try to constant-fold (the dequantization at compile time) and so time something else."""
     if impl == "pallas":
-        return lambda x, a, b, *w: nf4_matmul(x, *w, a, b, 2.0, **kw, interpret=interpret, block=block), arrays
+        return lambda x, a, b, w: nf4_matmul(x, w, a, b, 2.0, interpret=interpret, block=block), (nf4,)
     if impl == "xla_dequant_matmul":
-        return lambda x, a, b, *w: nf4_matmul_reference(x, *w, a, b, 2.0, **kw), arrays
-    if impl == "xla":  # the profile's XLA path: table-gather dequant, custom VJP without a 16-bit residual
-        return lambda x, a, b, *w: nf4_matmul_xla(x, *w, a, b, 2.0, **kw), arrays
-    if impl == "xla16":  # the same in PEFT's 16-bit rounding order
-        return lambda x, a, b, *w: nf4_matmul_xla16(x, *w, a, b, 2.0, **kw), arrays
-    w16 = jax.jit(lambda *w: nf4_dequantize_reference(*w, **kw, dtype=dtype))(*arrays)
-    if impl == "bf16_lora_pallas":  # the fused 16-bit LoRA linear (pallas_kernels/lora_matmul.py)
-        return lambda x, a, b, w16: lora_matmul(x, w16, a, b, 2.0, interpret=interpret), (w16,)
+        return lambda x, a, b, w: nf4_matmul_reference(x, w, a, b, 2.0), (nf4,)
+    if impl == "xla16":  # the profiles' XLA path: table-gather dequant, PEFT's 16-bit order, custom VJP
+        return lambda x, a, b, w: nf4_matmul_xla16(x, w, a, b, 2.0), (nf4,)
+    w16 = jax.jit(lambda w: nf4_dequantize_reference(w, dtype))(nf4)
 
     def lora_linear(x, a, b, w16):
         # As the decoder's 16-bit linear: the base product in x.dtype, so its backward GEMM is 16-bit too.
@@ -106,12 +100,12 @@ def _temp_bytes(fn, args) -> int | None:
 def measure(impl, name, m, k, n, r, dtype, iters, block=NF4MatmulBlock(), interpret=None) -> dict:
     dtype = jnp.dtype(dtype)
     nf4, x, a, b, dy = _inputs(m, k, n, r, dtype)
-    op, weights = _op(impl, nf4, (n, k), dtype, block, interpret)
+    op, weights = _op(impl, nf4, dtype, block, interpret)
     args = (x, a, b, *weights)
     args_ct = (*args, dy)
     fwd, fwd_bwd = timing.jit_fwd_and_fwd_bwd(op, num_diff=3)
     got = jax.block_until_ready(fwd_bwd(*args_ct))
-    ref, ref_weights = _op("xla_dequant_matmul", nf4, (n, k), dtype, block, interpret)
+    ref, ref_weights = _op("xla_dequant_matmul", nf4, dtype, block, interpret)
     want = timing.jit_fwd_and_fwd_bwd(ref, num_diff=3)[1](x, a, b, *ref_weights, dy)
     max_err = timing.max_abs_err(got, want)
     fwd_ms = timing.kernel_ms(fwd, args, iters)
@@ -148,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--impls",
         nargs="+",
-        default=["pallas", "xla_dequant_matmul", "xla", "xla16", "bf16_lora_xla", "bf16_lora_pallas"],
+        default=["pallas", "xla_dequant_matmul", "xla16", "bf16_lora_xla"],
     )
     args = parser.parse_args(argv)
 

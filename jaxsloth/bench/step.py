@@ -89,9 +89,19 @@ def build_params(config, quant: str, dtype, key, mesh=None):
     return params
 
 
-def attention_blocks(spec: str, head_dim: int):
-    """The Pallas attention tiles ``--attention-blocks`` names, on top of the head dim's defaults: a JSON object of
-    ``AttentionBlocks`` fields, or a ``jaxsloth.bench.kernel_attention --tune`` JSONL file (its last ``best`` row)."""
+def profile_attention_blocks(profile, head_dim: int):
+    """The attention tiles ``profile`` runs at ``head_dim`` in its compute dtype (its own, else the kernel's
+    default)."""
+    from pallas_kernels.attention import AttentionBlocks
+
+    q = jax.ShapeDtypeStruct((1, 1, 1, head_dim), profile.dtype)
+    return profile.kernels.block_for("attention", q) or AttentionBlocks.for_head_dim(head_dim, profile.dtype)
+
+
+def attention_blocks(spec: str, base):
+    """The Pallas attention tiles ``--attention-blocks`` names, on top of ``base`` (the profile's for the head dim):
+    a JSON object of ``AttentionBlocks`` fields, or a ``jaxsloth.bench.kernel_attention --tune`` JSONL file (its last
+    ``best`` row)."""
     from pallas_kernels.attention import AttentionBlocks
 
     if os.path.isfile(spec):
@@ -108,7 +118,7 @@ def attention_blocks(spec: str, head_dim: int):
     fields = {f.name for f in dataclasses.fields(AttentionBlocks)}
     if not isinstance(settings, dict) or set(settings) - fields:
         raise ValueError(f"--attention-blocks: unknown AttentionBlocks fields {sorted(set(settings) - fields)}")
-    return dataclasses.replace(AttentionBlocks.for_head_dim(head_dim), **settings)
+    return dataclasses.replace(base, **settings)
 
 
 def run(args) -> dict:
@@ -124,19 +134,19 @@ def run(args) -> dict:
             glu="reference",
             cross_entropy="reference",
             nf4_matmul="reference",
-            lora_matmul="reference",
         )
         overrides.setdefault("attention", "cudnn")
     for op_impl in args.op or ():
         op, impl = op_impl.split("=")
         overrides[op] = impl
+    profile = profile_for_device(name=args.profile, **overrides)
     tiles = {}
     if args.attention_blocks:
-        blocks = attention_blocks(args.attention_blocks, config.head_dim)
-        overrides["blocks"] = (("attention", blocks),)
-        default = dataclasses.asdict(type(blocks).for_head_dim(config.head_dim))
+        base = profile_attention_blocks(profile, config.head_dim)
+        blocks = attention_blocks(args.attention_blocks, base)
+        profile = profile.replace(blocks=(*dict(profile.kernels.blocks, attention=blocks).items(),))
+        default = dataclasses.asdict(base)
         tiles = {k: v for k, v in dataclasses.asdict(blocks).items() if v != default[k]}  # what the record names
-    profile = profile_for_device(name=args.profile, **overrides)
     lora = LoraConfig(r=16, lora_alpha=16.0)
     tc = TrainConfig(learning_rate=2e-4, max_steps=10_000, gradient_accumulation_steps=args.grad_accum)
     t0 = time.perf_counter()

@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxsloth.models.config import ModelConfig, rope_inv_freq
 from jaxsloth.ops import Ops
+from jaxsloth.quant import is_nf4
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = ("none", "dots", "attn_dots", "full", "offload")
@@ -114,9 +115,6 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: flo
 
 def count_params(params) -> int:
     """Number of weights (an NF4 weight counts its logical elements, per stacked layer)."""
-
-    def is_nf4(x):
-        return hasattr(x, "packed")
 
     total = 0
     for leaf in jax.tree.leaves(params, is_leaf=is_nf4):

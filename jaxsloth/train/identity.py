@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxsloth.lora import LoraConfig
 from jaxsloth.models.config import ModelConfig
+from jaxsloth.quant import is_nf4
 from jaxsloth.train.step import TrainConfig
 
 # Names users know the settings by (CLI flag / Python argument), for the one-line mismatch error.
@@ -80,7 +81,7 @@ def weights_fingerprint(params: dict) -> str:
 def run_identity(config: ModelConfig, params: dict, lora: LoraConfig, tc: TrainConfig, loader) -> dict:
     """The JSON identity stored with every checkpoint (see the module docstring)."""
     model = {k: v for k, v in dataclasses.asdict(config).items() if k != "hf_config"}
-    quantized = any(hasattr(x, "packed") for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "packed")))
+    quantized = any(is_nf4(x) for x in jax.tree.leaves(params, is_leaf=is_nf4))
     data = None
     if hasattr(loader, "state_dict"):
         data = {k: v for k, v in loader.state_dict().items() if k not in ("epoch", "index")}

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from jaxsloth.lora import LoraConfig
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.profiles import Profile
+from jaxsloth.quant import is_nf4
 from jaxsloth.sharding import batch_devices, place_train_state, put_key, shard_batch
 from jaxsloth.train.checkpoint import Checkpointer, array_to_key, key_to_array
 from jaxsloth.train.identity import check_identity, run_identity
@@ -69,7 +70,7 @@ def _device_memory_gib() -> float | None:
 
 
 def _is_quantized(params) -> bool:
-    return any(hasattr(x, "packed") for x in jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "packed")))
+    return any(is_nf4(x) for x in jax.tree.leaves(params, is_leaf=is_nf4))
 
 
 def _check_memory(config, profile, params, micro_batch, seq_len, lora_r) -> None:

@@ -1,15 +1,16 @@
-"""Flash-attention dK and dV as a Mosaic GPU kernel (Hopper wgmma + TMA), for 16-bit inputs without segments.
+"""Flash attention's forward, dK/dV and dQ as Mosaic GPU kernels (Hopper wgmma + TMA), for 16-bit inputs
+without segments.
 
 Why a second backend: at head dim 256 the Triton dK/dV kernel holds two f32 [block_k, 256] accumulators per
-program, which caps its key tile at 32 rows and keeps its dots off wgmma (BENCHMARKS.md, third session: ~250
-TFLOP/s). Here each CTA runs three warpgroups: a memory warpgroup streams the Q, dO, log-sum-exp and delta tiles
+program, which caps its key tile at 32 rows and keeps its dots off wgmma (BENCHMARKS.md, attention kernels). Here each CTA runs three warpgroups: a memory warpgroup streams the Q, dO, log-sum-exp and delta tiles
 of every query head of the kv head's group through a ``stages``-deep ring in shared memory (TMA), and two compute
 warpgroups hold f32 wgmma accumulators of 64 keys each in registers. At head dim 256 the CTA owns 64 keys and
 the warpgroups split the roles: warpgroup 0 accumulates dV = sum P^T dO, warpgroup 1 dK = sum dS^T Q (128
 registers per thread each), both recomputing the transposed scores S^T = K Q^T (25% more tensor work than one
 program holding both accumulators, which does not fit at D = 256). Up to head dim 128 the CTA can own 128 keys
-and each warpgroup computes dK and dV of its own 64. The score transform, masks and block ranges are the Triton
-kernels' (``attention.scale_scores``, ``visible``, ``q_block_range``), so both backends skip the same blocks and
+and each warpgroup computes dK and dV of its own 64. The forward and dQ share one query-major kernel: two compute
+warpgroups of 64 query rows each, K and V tiles streamed by the memory warpgroup. The score transform, masks,
+block ranges and softmax steps are ``common``'s, as the Triton kernels', so both backends skip the same blocks and
 mask the same pairs.
 """
 
@@ -23,23 +24,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import attention as att
+from pallas_kernels.attention import common as att
 
 WG_KEYS = 64  # keys per compute warpgroup in dK/dV: one wgmma M tile
 WG_ROWS = 64  # query rows per compute warpgroup in the forward: one wgmma M tile
 _MEMORY_WG = 2
 
 
-def supports(dtype, head_dim: int, has_segments: bool, interpret: bool) -> bool:
-    """Whether these kernels cover the case (padded head dim; the rest falls back to the Triton kernels): wgmma
-    exists on Hopper (compute capability 9.x) only; the interpreter runs it anywhere."""
-    if not (jnp.dtype(dtype).itemsize == 2 and head_dim % 64 == 0 and not has_segments):
-        return False
-    return interpret or on_hopper()
-
-
-def on_hopper() -> bool:
-    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+def supports(dtype, head_dim: int, has_segments: bool) -> bool:
+    """Whether these kernels can express the case (16-bit wgmma operands, the padded head dim in whole 128-byte
+    swizzle groups, no segment ids); which GPU runs them is the caller's choice: wgmma exists on Hopper only."""
+    return jnp.dtype(dtype).itemsize == 2 and head_dim % 64 == 0 and not has_segments
 
 
 def _mma(acc, a, b, shape, interpret: bool):
