@@ -166,6 +166,7 @@ do_train: true
 finetuning_type: lora
 lora_rank: 8
 lora_target: all
+max_steps: -1
 
 ### dataset
 dataset: {dataset}
@@ -252,14 +253,16 @@ def test_axolotl_qlora_example_maps_onto_the_schema(tmp_path, alpaca_file, caplo
     assert s["target_modules"] == LINEARS  # lora_target_linear: true
     assert (s["max_seq_length"], s["packing"], s["per_device_train_batch_size"]) == (64, True, 2)
     assert (s["gradient_accumulation_steps"], s["num_train_epochs"], s["lr_scheduler_type"]) == (2, 4, "cosine")
-    assert (s["learning_rate"], s["warmup_steps"], s["train_on_inputs"], s["remat"]) == (2e-4, 1, False, "full")
+    # gradient_checkpointing: true keeps the profile's remat (every profile checkpoints)
+    assert (s["learning_rate"], s["warmup_steps"], s["train_on_inputs"], s["remat"]) == (2e-4, 1, False, None)
     assert s["output_dir"] == "o" and s["dtype"] is None  # bf16: auto leaves the profile's dtype
     messages = [r.getMessage() for r in caplog.records]
     assert any("read as an Axolotl config" in m for m in messages)
     ignored = next(m for m in messages if "ignored Axolotl keys" in m)
-    for key in ("val_set_size", "optimizer", "flash_attention", "special_tokens", "model_type", "logging_steps"):
+    for key in ("optimizer", "flash_attention", "special_tokens", "model_type", "logging_steps"):
         assert key in ignored
-    assert "wandb_project" not in ignored  # empty keys are not settings
+    for key in ("wandb_project", "val_set_size", "tf32"):  # empty, 0 and false turn nothing on
+        assert key not in ignored
 
 
 def test_axolotl_lora_chat_template_example(tmp_path, caplog):
@@ -287,7 +290,7 @@ def test_llamafactory_lora_example_reads_dataset_info(tmp_path, alpaca_file, cap
     assert (s["per_device_train_batch_size"], s["gradient_accumulation_steps"], s["num_train_epochs"]) == (1, 8, 3)
     assert (s["learning_rate"], s["lr_scheduler_type"], s["warmup_ratio"], s["dtype"]) == (1e-4, "cosine", 0.1,
                                                                                           "bfloat16")  # fmt: skip
-    assert s["overwrite"] is True and s["load_in_4bit"] is False
+    assert s["overwrite"] is True and s["load_in_4bit"] is False and s["max_steps"] is None  # -1: from the epochs
     messages = [r.getMessage() for r in caplog.records]
     assert any("read as an LLaMA-Factory config" in m for m in messages)
     ignored = next(m for m in messages if "ignored LLaMA-Factory keys" in m)
@@ -301,6 +304,7 @@ def test_llamafactory_lora_example_reads_dataset_info(tmp_path, alpaca_file, cap
 
 def test_llamafactory_qlora_example_with_a_file_path(tmp_path, alpaca_file):
     s = _settings(_write(tmp_path / "q.yaml", FACTORY_QLORA.format(model=demo.MODEL_DIR, dataset=alpaca_file)))
+    assert (s["r"], s["lora_alpha"]) == (8, 16)  # LLaMA-Factory's default alpha: twice the rank
     assert s["load_in_4bit"] is True and s["target_modules"] == ("q_proj", "v_proj") and s["train_on_inputs"] is True
     assert s["data"] == str(alpaca_file) and s["format"] == "auto" and s["max_seq_length"] == 1024
 

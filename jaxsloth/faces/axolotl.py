@@ -42,7 +42,9 @@ def translate_config(raw: Mapping[str, Any], path: Path) -> dict[str, Any]:
         return dict(raw)
     mapper = _Mapper(raw, path)
     (_axolotl if kind == "Axolotl" else _llamafactory)(mapper)
-    if mapper.out.get("max_steps"):  # both projects (transformers): max_steps > 0 overrides the epochs
+    if mapper.out.get("max_steps", 0) <= 0:  # transformers' max_steps: -1 (or 0) means "from the epochs"
+        mapper.out.pop("max_steps", None)
+    else:  # both projects (transformers): max_steps > 0 overrides the epochs
         mapper.out.pop("num_train_epochs", None)
     logger.info("%s: read as an %s config", path, kind)
     if mapper.ignored:
@@ -72,7 +74,8 @@ class _Mapper:
         return self.raw.pop(key, default)
 
     def ignore_rest(self) -> None:
-        self.ignored += [k for k, v in self.raw.items() if v is not None]
+        """Lists every key left that turns something on (empty, false and 0 values turn nothing on)."""
+        self.ignored += [k for k, v in self.raw.items() if v not in (None, False, 0, "", [], {})]
         self.raw.clear()
 
 
@@ -127,7 +130,10 @@ def _axolotl(m: _Mapper) -> None:
     m.take("sample_packing", "packing")
     m.take("lora_r", "r")
     m.take("peft_use_rslora", "use_rslora")
-    m.take("gradient_checkpointing", "remat", lambda v: "full" if v else "none")
+    # Every GPU profile already checkpoints activations (its remat is tuned per GPU): true keeps the profile's.
+    checkpointing = m.pop("gradient_checkpointing")
+    if checkpointing is False or checkpointing == "offload":
+        m.out["remat"] = "none" if checkpointing is False else "offload"
     adapter = m.pop("adapter")
     if adapter not in ("lora", "qlora"):
         raise m.error("adapter", f"{adapter!r}: jaxsloth trains LoRA or QLoRA adapters only (adapter: lora or qlora)")
@@ -192,7 +198,7 @@ def _axolotl_dataset(m: _Mapper, datasets: Any) -> None:
         m.out["split"] = entry.pop("split")
     if entry.get("name") is not None:
         m.out["dataset_config"] = entry.pop("name")
-    m.ignored += [f"datasets[0].{k}" for k, v in entry.items() if v is not None]
+    m.ignored += [f"datasets[0].{k}" for k, v in entry.items() if v not in (None, False, 0, "", [], {})]
 
 
 # --- LLaMA-Factory -------------------------------------------------------------------------------------------------
@@ -234,6 +240,12 @@ def _llamafactory(m: _Mapper) -> None:
     m.take("overwrite_output_dir", "overwrite")
     m.take("preprocessing_num_workers", "dataset_num_proc")
     m.take("lora_target", "target_modules", lambda v: _targets(m, "lora_target", v))
+    # LLaMA-Factory's defaults where they differ from jaxsloth's: rank 8, alpha twice the rank, and transformers'
+    # 3 epochs.
+    m.out.setdefault("r", 8)
+    m.out.setdefault("lora_alpha", 2 * m.out["r"])
+    if "max_steps" not in m.out or m.out["max_steps"] <= 0:
+        m.out.setdefault("num_train_epochs", 3)
     bits = m.pop("quantization_bit")
     if bits not in (None, 4):
         raise m.error("quantization_bit", f"{bits}: jaxsloth quantizes to 4 bits (NF4) only")
