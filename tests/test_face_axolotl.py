@@ -336,6 +336,14 @@ def test_unsupported_choices_are_errors_naming_the_key(tmp_path, raw, message):
     assert message in str(e.value)
 
 
+def test_axolotl_modules_to_save_train_embeddings_and_head():
+    raw = {"base_model": "m", "adapter": "lora", "datasets": [{"path": "d"}], "lora_modules_to_save": ["lm_head"]}
+    out = translate_config(raw, None)
+    assert (out["train_embeddings"], out["train_lm_head"]) == (False, True)
+    with pytest.raises(ValueError, match="lora_modules_to_save: 'norm'"):
+        translate_config({**raw, "lora_modules_to_save": ["norm"]}, None)
+
+
 def test_jaxsloth_configs_pass_through_unchanged():
     raw = {"model": "m", "data": "d", "lora_r": 4, "datasets": "not a list"}
     assert detect(raw) is None and translate_config(raw, None) == raw

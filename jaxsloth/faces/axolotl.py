@@ -110,7 +110,7 @@ def _dtype(m: _Mapper) -> None:
 
 # --- Axolotl -------------------------------------------------------------------------------------------------------
 
-# Axolotl dataset types -> (our format, the column a "completion" dataset trains on).
+# Axolotl dataset types -> our formats (completion: the raw text of the entry's `field`, default "text").
 _AXOLOTL_TYPES = {"alpaca": "alpaca", "sharegpt": "messages", "chat_template": "messages", "completion": "text"}
 _AXOLOTL_SAME = (
     "gradient_accumulation_steps", "max_steps", "learning_rate", "warmup_steps", "warmup_ratio", "train_on_inputs",
@@ -134,6 +134,12 @@ def _axolotl(m: _Mapper) -> None:
     checkpointing = m.pop("gradient_checkpointing")
     if checkpointing is False or checkpointing == "offload":
         m.out["remat"] = "none" if checkpointing is False else "offload"
+    saved = m.pop("lora_modules_to_save") or []
+    unknown = [name for name in saved if name not in ("embed_tokens", "lm_head")]
+    if unknown:
+        raise m.error("lora_modules_to_save", f"{unknown[0]!r}: jaxsloth trains full copies of embed_tokens and "
+                      "lm_head only")  # fmt: skip
+    m.out.update({"train_embeddings": "embed_tokens" in saved, "train_lm_head": "lm_head" in saved})
     adapter = m.pop("adapter")
     if adapter not in ("lora", "qlora"):
         raise m.error("adapter", f"{adapter!r}: jaxsloth trains LoRA or QLoRA adapters only (adapter: lora or qlora)")
