@@ -42,6 +42,50 @@ def _add_train_parser(sub) -> None:
     config.add_arguments(p, config.TRAIN_SCHEMAS)
 
 
+# The train settings inspect-data reads: tokenizer, data, format and packing, not the model's weights or the run.
+INSPECT_SETTINGS = (
+    "model", "revision", "tokenizer", "max_seq_length", "data", "split", "dataset_config", "dataset_text_field",
+    "format", "train_on_inputs", "packing", "seed", "dataset_num_proc",
+)  # fmt: skip
+
+
+def _add_inspect_parser(sub) -> None:
+    p = sub.add_parser(
+        "inspect-data",
+        help="show what training sees of a dataset: examples with their trained tokens marked, and counts",
+        description="Tokenize the data as jaxsloth train would (the tokenizer only, no weights are loaded); print a "
+        "few examples with the trained tokens marked and the counts of examples, tokens, trained tokens, truncated "
+        "and dropped examples and the packing efficiency. Takes the same YAML file and flags as train.",
+    )
+    p.add_argument("config", nargs="?", help="YAML file of train settings (jaxsloth, Axolotl or LLaMA-Factory)")
+    config.add_arguments(p, config.TRAIN_SCHEMAS, only=INSPECT_SETTINGS)
+    p.add_argument("--num-examples", type=int, default=3, help="examples to show (default: 3)")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
+                   help="mark trained tokens in green (default: when stdout is a terminal), else as [[...]]")  # fmt: skip
+
+
+def cmd_inspect_data(args: argparse.Namespace) -> int:
+    from jaxsloth.api import load_tokenizer
+    from jaxsloth.data import tokenize_dataset
+    from jaxsloth.data.inspect import describe_dataset
+
+    s = train_settings(args)
+    if s["tokenizer"] is not None:
+        _existing_dir(s["tokenizer"], "tokenizer")
+    tokenizer = load_tokenizer(s["tokenizer"] or s["model"], revision=None if s["tokenizer"] else s["revision"])
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer files in {s['model']}: pass --tokenizer PATH")
+    data = tokenize_dataset(
+        s["data"], tokenizer, format=s["format"], max_seq_length=s["max_seq_length"],
+        train_on_inputs=s["train_on_inputs"], text_field=s["dataset_text_field"], num_proc=s["dataset_num_proc"],
+        split=s["split"], name=s["dataset_config"],
+    )  # fmt: skip
+    color = sys.stdout.isatty() if args.color is None else args.color
+    print(describe_dataset(data, tokenizer, num_examples=args.num_examples, color=color, pack=s["packing"],
+                           seed=s["seed"]))  # fmt: skip
+    return 0
+
+
 def _read_yaml(path: Path) -> dict:
     import yaml
 
@@ -65,11 +109,16 @@ def train_settings(args: argparse.Namespace) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FutureWarning)
         if args.config is not None:
-            path = Path(args.config)
-            for key, value in _read_yaml(path).items():
+            from jaxsloth.faces.axolotl import translate_config
+
+            path = Path(args.config)  # a jaxsloth, Axolotl or LLaMA-Factory config
+            for key, value in translate_config(_read_yaml(path), path).items():
                 name = config.resolve_name(key, names, str(path))
                 given[name], source[name] = value, f"{path}: {key}"
-        for name, (spelling, value) in config.flag_values(args, config.TRAIN_SCHEMAS).items():
+        flags = config.flag_values(args, config.TRAIN_SCHEMAS)
+        if "max_steps" in flags:  # --max-steps replaces the file's run length in epochs (as transformers' max_steps)
+            given.pop("num_train_epochs", None)
+        for name, (spelling, value) in flags.items():
             given[name], source[name] = value, spelling
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
@@ -326,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxsloth", description="LoRA/QLoRA fine-tuning of Hugging Face LLMs in JAX")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
+    _add_inspect_parser(sub)
 
     g = sub.add_parser("generate", help="answer prompts with a model (and a LoRA adapter)")
     _add_model_args(g)
@@ -368,7 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "chat": cmd_chat, "export": cmd_export, "demo": cmd_demo}
+COMMANDS = {
+    "train": cmd_train,
+    "inspect-data": cmd_inspect_data,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "export": cmd_export,
+    "demo": cmd_demo,
+}
 
 
 class _ProgressSafeHandler(logging.StreamHandler):

@@ -237,7 +237,7 @@ def _collect(
     tokenizer: Any,
     train_on_inputs: bool,
 ) -> TokenizedDataset:
-    examples, row_index, num_truncated = [], [], 0
+    examples, row_index, num_truncated, num_cut_away = [], [], 0, 0
     for i, (ids, trained) in zip(rows, encoded, strict=True):
         ids, trained = np.asarray(ids, np.int32), np.asarray(trained, np.bool_)
         if vocab_size is not None and len(ids):
@@ -247,8 +247,10 @@ def _collect(
         if len(ids) > max_seq_length:
             if not truncate:
                 raise ValueError(f"row {i}: {len(ids)} tokens > max_seq_length {max_seq_length} (truncate=False)")
+            answered = trained[1:].any()
             ids, trained = ids[:max_seq_length], trained[:max_seq_length]
             num_truncated += 1
+            num_cut_away += bool(answered and not trained[1:].any())
         if not trained[1:].any():
             continue
         examples.append(Example(ids, trained))
@@ -267,7 +269,8 @@ def _collect(
     if not examples:
         raise ValueError(
             f"none of the {num_rows} examples has a trained token (format {name!r}, "
-            f"train_on_inputs={train_on_inputs}, max_seq_length={max_seq_length})"
+            f"train_on_inputs={train_on_inputs}, max_seq_length={max_seq_length}): "
+            + _no_trained_token_cause(name, train_on_inputs, max_seq_length, num_cut_away)
         )
     return TokenizedDataset(
         examples=examples,
@@ -277,6 +280,25 @@ def _collect(
         num_truncated=num_truncated,
         num_dropped=num_dropped,
         row_index=np.asarray(row_index, np.int64),
+    )
+
+
+def _no_trained_token_cause(name: str, train_on_inputs: bool, max_seq_length: int, num_cut_away: int) -> str:
+    """The likely reason a dataset has no trained token at all, for the error that refuses it."""
+    if num_cut_away:
+        return (
+            f"max_seq_length={max_seq_length} truncates every answer away ({num_cut_away} examples lost theirs); "
+            "raise max_seq_length or shorten the prompts"
+        )
+    if name == "text":
+        return "every text is empty"
+    if name == "messages":
+        return "no conversation has an assistant turn with content (or the chat template renders none)" + (
+            "" if train_on_inputs else "; train_on_inputs=True would also train on the other turns"
+        )
+    answer = "output" if name == "alpaca" else "completion"
+    return f"every {answer} is empty: prompt-only data" + (
+        "" if train_on_inputs else "; add answers, or set train_on_inputs=True to train on the prompts"
     )
 
 

@@ -1,0 +1,1 @@
+"""Other projects' config files and APIs, read as jaxsloth settings."""
