@@ -102,6 +102,7 @@ def test_unsloth_alpaca_notebook_runs_unchanged(tmp_path, monkeypatch):
 
     model.save_pretrained("lora_model")
     tokenizer.save_pretrained("lora_model")
+    model.save_pretrained_merged("model", tokenizer, save_method="merged_16bit")
     # --- checks ---
     assert trainer_stats.global_step == 6 and np.isfinite(trainer_stats.training_loss)
     tc, lora = trainer.train_config, model.lora
@@ -130,6 +131,10 @@ def test_unsloth_alpaca_notebook_runs_unchanged(tmp_path, monkeypatch):
     for a, b in zip(jax.tree.leaves(reloaded.trainable), jax.tree.leaves(model.trainable), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert (tmp_path / "lora_model" / "tokenizer.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # a 16-bit transformers checkpoint
+    assert merged.config.vocab_size == model.config.vocab_size
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +182,17 @@ def test_get_peft_model_maps_arguments(loaded, checkpointing, remat):
     )  # fmt: skip
     a = np.asarray(model.trainable["layers"]["q_proj"]["a"])
     np.testing.assert_array_equal(a, np.asarray(same_seed.trainable["layers"]["q_proj"]["a"]))
+
+
+@pytest.mark.parametrize("method, quantization", [("q8_0", "q8_0"), ("f16", "f16"), ("fast_quantized", "q8_0")])
+def test_save_pretrained_gguf_calls_save_gguf(loaded, tmp_path, monkeypatch, method, quantization):
+    """The GGUF writer itself is checked against llama.cpp (test_export_gguf); here: the arguments it gets."""
+    calls = []
+    monkeypatch.setattr(jaxsloth.api, "save_gguf", lambda *a, **k: calls.append((a, k)))
+    model, tokenizer = loaded
+    model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method=method)
+    ((args, kwargs),) = calls
+    assert args == (model, tokenizer, tmp_path / "gguf" / f"model-{quantization}.gguf")
+    assert kwargs == {"quantization": quantization}
+    with pytest.raises(ValueError, match="q4_k_m"):
+        model.save_pretrained_gguf(tmp_path / "gguf", tokenizer, quantization_method="q4_k_m")

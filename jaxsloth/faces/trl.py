@@ -174,6 +174,10 @@ class SFTTrainer:
     ):
         if train_dataset is None:
             raise ValueError("SFTTrainer needs a train_dataset")
+        if args is not None and not isinstance(args, SFTConfig):
+            raise TypeError(
+                f"SFTTrainer: args must be a jaxsloth SFTConfig (from jaxsloth import SFTConfig), got {type(args)}"
+            )
         self.args = SFTConfig(**{**(args.values if args is not None else {}), **sft_args})
         self.tokenizer = processing_class if processing_class is not None else tokenizer
         if isinstance(model, str | os.PathLike):
