@@ -36,12 +36,12 @@ _DIRECT = (
     "dataset_text_field", "dataset_num_proc", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
     "adam_epsilon",
 )  # fmt: skip
-# Accepted with no effect: jaxsloth logs every step (metrics.jsonl, TensorBoard) and checkpoints per its profile.
+# Accepted with no effect on training: jaxsloth logs every step (metrics.jsonl, TensorBoard), checkpoints every
+# save_steps and at the end, and recomputes activations as the profile's remat says.
 _NO_EFFECT = {
     "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "gradient_checkpointing",
     "gradient_checkpointing_kwargs", "remove_unused_columns", "dataloader_num_workers", "dataloader_pin_memory",
     "disable_tqdm", "run_name", "save_strategy", "save_total_limit", "overwrite_output_dir", "do_train",
-    "dataset_kwargs", "model_init_kwargs",
 }  # fmt: skip
 _ADAMW = {"adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
           "paged_adamw_32bit", "adamw_apex_fused", "adamw_torch_xla", "adamw"}  # fmt: skip
