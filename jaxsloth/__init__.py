@@ -4,6 +4,19 @@
 # one of its modules cannot rebind ``jaxsloth.train`` to the package.
 import jaxsloth.train.step  # noqa: F401
 from jaxsloth.api import Model, add_lora, load, load_adapter, save_adapter, save_gguf, save_merged, train
+from jaxsloth.faces import FastLanguageModel, SFTConfig, SFTTrainer
 
 __version__ = "0.1.0"
-__all__ = ["Model", "add_lora", "load", "load_adapter", "save_adapter", "save_gguf", "save_merged", "train"]
+__all__ = [
+    "FastLanguageModel",
+    "Model",
+    "SFTConfig",
+    "SFTTrainer",
+    "add_lora",
+    "load",
+    "load_adapter",
+    "save_adapter",
+    "save_gguf",
+    "save_merged",
+    "train",
+]

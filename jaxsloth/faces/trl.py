@@ -1,0 +1,233 @@
+"""TRL's face: ``SFTTrainer(model, train_dataset, args=SFTConfig(...), peft_config=...).train()`` on
+``jaxsloth.load`` / ``add_lora`` / ``train``.
+
+``SFTConfig`` takes TRL's (and transformers' TrainingArguments') names with TRL's defaults; ``to_settings``
+translates them into ``jaxsloth.train`` settings (``jaxsloth.config.TrainConfig`` fields). Names jaxsloth has no
+use for are accepted and listed in one warning, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+from jaxsloth import api
+from jaxsloth.config import LINEARS, LoraConfig, TrainConfig
+
+# TRL's SFTConfig defaults where they differ from jaxsloth.train's (transformers' TrainingArguments' seed is 42,
+# TRL's SFT learning rate 2e-5, 3 epochs unless max_steps is given, no packing).
+_TRL_DEFAULTS = {
+    "output_dir": "trainer_output",
+    "learning_rate": 2e-5,
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 8,
+    "seed": 42,
+    "packing": False,
+}
+# Same name, same meaning in TrainConfig.
+_DIRECT = (
+    "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
+    "warmup_steps", "warmup_ratio", "num_train_epochs", "max_steps", "save_steps", "packing", "seed",
+    "dataset_text_field", "dataset_num_proc", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
+    "adam_epsilon",
+)  # fmt: skip
+# Accepted with no effect on training: jaxsloth logs every step (metrics.jsonl, TensorBoard), checkpoints every
+# save_steps and at the end, and recomputes activations as the profile's remat says.
+_NO_EFFECT = {
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "gradient_checkpointing",
+    "gradient_checkpointing_kwargs", "remove_unused_columns", "dataloader_num_workers", "dataloader_pin_memory",
+    "disable_tqdm", "run_name", "save_strategy", "save_total_limit", "overwrite_output_dir", "do_train",
+}  # fmt: skip
+_ADAMW = {"adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
+          "paged_adamw_32bit", "adamw_apex_fused", "adamw_torch_xla", "adamw"}  # fmt: skip
+_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+_LOGGERS_WRITTEN = {"none", "tensorboard", "all"}  # jaxsloth writes TensorBoard events and metrics.jsonl
+
+
+class SFTConfig:
+    """TRL's SFTConfig (and TrainingArguments) names and defaults. max_length (max_seq_length in older TRL):
+    tokens per row for the run (default: the model's max_seq_length); completion_only_loss / assistant_only_loss:
+    True masks prompts and user turns (jaxsloth's train_on_inputs=False), False trains on every token; unset,
+    jaxsloth's default (prompts masked). bf16 / fp16 are checked against the model's dtype (set at load)."""
+
+    def __init__(self, output_dir: str | os.PathLike | None = None, **kwargs):
+        self.values = {"output_dir": output_dir, **kwargs} if output_dir is not None else dict(kwargs)
+
+    def __getattr__(self, name: str):
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        if name in _TRL_DEFAULTS:
+            return _TRL_DEFAULTS[name]
+        raise AttributeError(name)
+
+    def __repr__(self) -> str:
+        return f"SFTConfig({', '.join(f'{k}={v!r}' for k, v in self.values.items())})"
+
+    def to_settings(self, model: api.Model | None = None) -> tuple[dict, int | None, list[str]]:
+        """-> (jaxsloth.train settings, the row length to train with or None for the model's, ignored names)."""
+        given = {k: v for k, v in self.values.items() if v is not None}
+        out = {k: v for k, v in _TRL_DEFAULTS.items() if k not in given}
+        ignored = []
+        for name, value in given.items():
+            if name in _DIRECT:
+                out[name] = value
+            elif name in ("max_length", "max_seq_length", "completion_only_loss", "assistant_only_loss"):
+                continue  # below
+            elif name == "optim":
+                if value not in _ADAMW:
+                    ignored.append(f"optim={value!r} (jaxsloth trains with AdamW)")
+            elif name == "report_to":
+                loggers = {value} if isinstance(value, str) else set(value)
+                if loggers - _LOGGERS_WRITTEN:
+                    ignored.append(f"report_to={value!r} (jaxsloth writes metrics.jsonl and TensorBoard events)")
+            elif name in ("bf16", "fp16"):
+                want = {"bf16": "bfloat16", "fp16": "float16"}[name]
+                if value and model is not None and model.profile.dtype.name != want:
+                    ignored.append(f"{name}=True (the model computes in {model.profile.dtype.name}: set dtype at load)")
+            elif name not in _NO_EFFECT:
+                ignored.append(name)
+        if out.get("max_steps", -1) is not None and out.get("max_steps", -1) > 0:
+            out.pop("num_train_epochs", None)  # transformers: a positive max_steps overrides the epochs
+        else:
+            out.pop("max_steps", None)  # transformers' -1: train num_train_epochs
+        epochs = out.get("num_train_epochs")
+        if epochs is not None and not float(epochs).is_integer():
+            raise ValueError(f"num_train_epochs={epochs}: jaxsloth trains whole epochs; give max_steps instead")
+        warmup = out.get("warmup_steps")
+        if isinstance(warmup, float) and 0 < warmup < 1:  # transformers: a float below 1 is a ratio of the run
+            out["warmup_ratio"] = out.pop("warmup_steps")
+        if "lr_scheduler_type" in out:
+            name = str(getattr(out["lr_scheduler_type"], "value", out["lr_scheduler_type"]))
+            out["lr_scheduler_type"] = _SCHEDULES.get(name, name)  # an unknown one: TrainConfig names the choices
+        masks = [given[k] for k in ("completion_only_loss", "assistant_only_loss") if k in given]
+        if masks:
+            out["train_on_inputs"] = not any(masks)
+        length = given.get("max_length", given.get("max_seq_length"))
+        return out, length, ignored
+
+
+class TrainOutput(NamedTuple):
+    """transformers' TrainOutput: global_step, training_loss (mean over the run's steps) and metrics."""
+
+    global_step: int
+    training_loss: float
+    metrics: dict
+
+
+def lora_settings(peft_config) -> dict:
+    """A peft.LoraConfig (or a dict / any object with its attributes) -> jaxsloth.add_lora settings."""
+    get = peft_config.get if isinstance(peft_config, Mapping) else lambda k, d=None: getattr(peft_config, k, d)
+    if (get("bias", "none") or "none") != "none":
+        raise NotImplementedError("peft_config.bias: jaxsloth trains no biases; use bias='none'")
+    out = {"r": get("r", 8), "lora_alpha": get("lora_alpha", 8), "lora_dropout": get("lora_dropout", 0.0) or 0.0,
+           "use_rslora": bool(get("use_rslora", False))}  # fmt: skip
+    targets = get("target_modules")
+    if targets is not None and targets != "all-linear":
+        names = {targets} if isinstance(targets, str) else set(targets)
+        names |= set(get("modules_to_save") or ())
+        out["target_modules"] = tuple(m for m in LINEARS if m in names)
+        out["train_embeddings"] = "embed_tokens" in names
+        out["train_lm_head"] = "lm_head" in names
+        unknown = names - set(LINEARS) - {"embed_tokens", "lm_head"}
+        if unknown:
+            raise ValueError(f"peft_config.target_modules: unknown {', '.join(sorted(unknown))}; known: {LINEARS}")
+    return out
+
+
+def _formatted(data, formatting_func: Callable):
+    """Each example's formatting_func(example) as its "text" column (a one-element list is read as its string)."""
+
+    def text(example):
+        out = formatting_func(example)
+        return {"text": out[0] if isinstance(out, list | tuple) and len(out) == 1 else out}
+
+    if hasattr(data, "map"):
+        return data.map(text, remove_columns=list(data.column_names))
+    return [text(e) for e in data]
+
+
+class SFTTrainer:
+    """TRL's SFTTrainer, on jaxsloth. model: a jaxsloth Model (with its adapter, e.g. from
+    FastLanguageModel.get_peft_model) or a model path / Hub id, loaded with jaxsloth.load and given the adapter in
+    ``peft_config`` (a peft.LoraConfig, a dict, or None for jaxsloth's default adapter). processing_class (or
+    Unsloth's ``tokenizer``): the tokenizer (default: the model's). Any SFTConfig name given here directly (Unsloth's
+    notebooks pass dataset_text_field, max_seq_length, packing so) overrides ``args``'s."""
+
+    def __init__(
+        self,
+        model,
+        args: SFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        formatting_func: Callable | None = None,
+        tokenizer=None,
+        **sft_args,
+    ):
+        if train_dataset is None:
+            raise ValueError("SFTTrainer needs a train_dataset")
+        if args is not None and not isinstance(args, SFTConfig):
+            raise TypeError(
+                f"SFTTrainer: args must be a jaxsloth SFTConfig (from jaxsloth import SFTConfig), got {type(args)}"
+            )
+        self.args = SFTConfig(**{**(args.values if args is not None else {}), **sft_args})
+        self.tokenizer = processing_class if processing_class is not None else tokenizer
+        if isinstance(model, str | os.PathLike):
+            model, loaded_tokenizer = api.load(model)
+            self.tokenizer = self.tokenizer if self.tokenizer is not None else loaded_tokenizer
+        if not isinstance(model, api.Model):
+            raise TypeError(f"SFTTrainer: model must be a jaxsloth Model or a model path / Hub id, got {type(model)}")
+        no_adapter = peft_config is None and model.trainable is None
+        if peft_config is not None or model.trainable is None:
+            lora = {} if peft_config is None else lora_settings(peft_config)
+            model = api.add_lora(model, seed=self.args.seed, overwrite=peft_config is not None, **lora)
+        self.model = model
+        self.settings, self.max_length, ignored = self.args.to_settings(model)
+        if no_adapter:
+            ignored.append("full fine-tuning without peft_config (jaxsloth trains its default LoRA adapter instead)")
+        if eval_dataset is not None:
+            ignored.append("eval_dataset (no evaluation loop yet)")
+        if data_collator is not None:
+            ignored.append("data_collator (jaxsloth tokenizes and packs itself)")
+        if ignored:
+            warnings.warn(f"SFTTrainer: ignored (no effect in jaxsloth): {', '.join(ignored)}", stacklevel=2)
+        self.train_config = TrainConfig(**self.settings)  # every setting checked before training
+        self.lora_config: LoraConfig = model.lora
+        self.train_dataset = train_dataset if formatting_func is None else _formatted(train_dataset, formatting_func)
+        if formatting_func is not None:
+            self.settings["dataset_text_field"] = "text"
+
+    def train(self, resume_from_checkpoint: bool | str | None = None, **kwargs) -> TrainOutput:
+        """``jaxsloth.train`` over train_dataset; resume_from_checkpoint False starts fresh in output_dir."""
+        settings = dict(self.settings)
+        if resume_from_checkpoint is False:
+            settings["overwrite"] = True
+        elif isinstance(resume_from_checkpoint, str | os.PathLike):
+            raise ValueError("resume_from_checkpoint: give True (jaxsloth resumes the latest checkpoint in output_dir)")
+        model, start = self.model, time.perf_counter()
+        length = model.max_seq_length
+        if self.max_length is not None:
+            model.max_seq_length = self.max_length  # for this run only
+        try:
+            result = api.train(model, self.tokenizer, self.train_dataset, **settings, **kwargs)
+        finally:
+            model.max_seq_length = length
+        runtime = time.perf_counter() - start
+        losses = [r["loss"] for r in result.history]
+        loss = sum(losses) / len(losses) if losses else math.nan
+        metrics = {"train_runtime": runtime, "train_loss": loss, "train_steps_per_second": len(losses) / runtime}
+        self.state = result
+        return TrainOutput(result.step, loss, metrics)
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """The adapter in PEFT format with the tokenizer (default: output_dir)."""
+        out = output_dir if output_dir is not None else self.settings["output_dir"]
+        return api.save_adapter(self.model, out, tokenizer=self.tokenizer, overwrite=True)
