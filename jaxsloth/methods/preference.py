@@ -43,7 +43,8 @@ def dpo_loss(
     rejected_tokens=None,
 ) -> tuple[jax.Array, dict]:
     """DPO (``DPOTrainer``, reverse-KL scores). All inputs [pairs]; ``*_tokens`` (completion lengths) needed for
-    "ipo", which TRL normalises by the completion length. Returns (mean loss, metrics)."""
+    "ipo", which TRL normalises by the completion length. ``label_smoothing`` > 0 gives the conservative sigmoid
+    loss (cDPO, as CPOTrainer applies it); at its default 0 "sigmoid" is DPOTrainer's. Returns (mean loss, metrics)."""
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {DPO_LOSS_TYPES}")
     chosen_ratio = chosen_logps - jax.lax.stop_gradient(ref_chosen_logps)

@@ -58,6 +58,8 @@ def tokenize_completions(tokenizer: Any, prompt: Any, completions: Sequence[Any]
     conversational = _is_conversational(prompt)
     if not conversational:
         eos = tokenizer.eos_token
+        if eos is None:
+            raise ValueError("the tokenizer has no eos_token, which string completions end with (as in TRL)")
         completions = [c if c.endswith(eos) else c + eos for c in completions]
     prompt_ids = _token_ids(tokenizer, prompt, add_generation_prompt=True)
     full = [_token_ids(tokenizer, (list(prompt) + list(c)) if conversational else prompt + c) for c in completions]
