@@ -40,12 +40,12 @@ def _pairs(vocab: int):
 
 
 @functools.cache
-def _setup():
+def _setup(family: str = "llama"):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    path = saved_model("llama")
+    path = saved_model(family)
     config, params = load_hf_model(path, dtype=jnp.float32)
     model = hf_model(path)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
@@ -124,11 +124,13 @@ def _peft_logps(peft, pairs):
     return logps[:n], logps[n:], counts[:n], counts[n:]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_dpo_matches_trl(loss_type):
+# gemma2: the final logit softcap inside the chunked log-probs, and sliding-window layers on packed segments.
+@pytest.mark.parametrize("loss_type,family", [("sigmoid", "llama"), ("ipo", "llama"), ("hinge", "llama"),
+                                              ("sigmoid", "gemma2")])  # fmt: skip
+def test_dpo_matches_trl(loss_type, family):
     from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
-    config, params, peft = _setup()
+    config, params, peft = _setup(family)
     pairs = _pairs(config.vocab_size)
     peft.zero_grad()
     stub = _stub_trainer(
