@@ -1,0 +1,1 @@
+"""Training methods beyond supervised fine-tuning: preference tuning (DPO, IPO, hinge, ORPO, SimPO, KTO)."""
