@@ -58,7 +58,9 @@ def tiny_llama_snapshot(cache: Path, work: Path) -> None:
     tok.add_special_tokens({"additional_special_tokens": LLAMA3_HEADERS})
     tok.chat_template = (ROOT / "tests" / "chat_templates" / "llama-3.2-instruct.jinja").read_text()
     torch.manual_seed(0)
-    config = LlamaConfig(**DIMS, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=1)
+    config = LlamaConfig(
+        **DIMS, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     model_dir = work / "model"
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
