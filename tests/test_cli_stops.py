@@ -16,7 +16,18 @@ import pytest
 from jaxsloth import cli, demo
 
 ROOT = Path(__file__).parents[1]
-SMALL = ["--lora-r", 2, "--max-seq-length", 64, "--batch-size", 2, "--profile", "cpu", "--format", "messages"]
+SMALL = [
+    "--r",
+    2,
+    "--max-seq-length",
+    64,
+    "--per-device-train-batch-size",
+    2,
+    "--profile",
+    "cpu",
+    "--format",
+    "messages",
+]
 
 
 def _run(argv, capsys):
@@ -86,7 +97,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_exit_1(tmp_path, data_fil
     out = tmp_path / "run"
     code, _, err = _run(
         ["train", "--model", demo.MODEL_DIR, "--data", data_file, "--output-dir", out, "--max-steps", 2,
-         "--save-every", 1, *SMALL],
+         "--save-steps", 1, *SMALL],
         capsys,
     )  # fmt: skip
     assert code == 1, err

@@ -91,7 +91,7 @@ def test_train_streams_a_file(monkeypatch):
     taken = []
 
     def fake_fit(config, params, trainable, loader, **kwargs):
-        taken.extend([loader, batches(loader, 2), kwargs["train_config"].total_steps])
+        taken.extend([loader, batches(loader, 2), kwargs["train_config"].max_steps])
         return SimpleNamespace(trainable=trainable, history=[], step=2)
 
     monkeypatch.setattr(loop, "fit", fake_fit)

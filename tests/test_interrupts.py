@@ -138,7 +138,7 @@ def test_interrupt_anywhere_resumes_exactly(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     # The same checkpoints under another LoRA alpha: refused, naming it, before anything is compiled.
-    other = type(LORA)(r=LORA.r, alpha=LORA.alpha * 2)
+    other = type(LORA)(r=LORA.r, lora_alpha=LORA.lora_alpha * 2)
     with pytest.raises(ResumeMismatchError, match=r"LoRA alpha \(--lora-alpha\) = 8.0, this run has 16.0"):
         _fit(config, params, ckpt, lora=other)
 

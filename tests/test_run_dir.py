@@ -68,7 +68,12 @@ def test_exports_refuse_non_empty_dirs_and_replace_only_their_files(model, tmp_p
     (adapter / "notes.txt").write_text("mine")
     jaxsloth.save_merged(model, adapter, dtype="float32", overwrite=True)
     names = sorted(p.name for p in adapter.iterdir())
-    assert names == ["config.json", "model.safetensors", "notes.txt"]  # no stale adapter files beside it
+    assert names == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]  # no stale adapter files
 
 
 def test_disk_full_during_export_leaves_no_partial_file(model, tmp_path, monkeypatch):
