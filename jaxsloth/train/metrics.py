@@ -8,15 +8,18 @@ that was stopped and resumed hold each step once, as the checkpoint it resumed f
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 log = logging.getLogger("jaxsloth")
 
 TENSORBOARD_SCALARS = ("loss", "grad_norm", "tokens_per_s", "peak_gib")
+_WRITER_IDS = itertools.count()
 
 
 def _number(x: float, digits: int = 4) -> str:
@@ -111,27 +114,40 @@ class TensorBoardWriter:
         self._flushed = 0.0
 
     def _open(self, purge_step: int | None = None):
-        from tensorboardX import SummaryWriter
+        # Events are written here, in the caller's thread: tensorboardX's SummaryWriter hands them to a background
+        # thread, so a flush right after add_scalar can still miss them and a killed run loses its last steps.
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step, flush_secs=self.flush_seconds)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        suffix = f".{os.getpid()}.{next(_WRITER_IDS)}"  # two writers opened within a second get separate files
+        self.writer = EventsWriter(str(self.log_dir / "events"), suffix)
+        if purge_step is not None:
+            self.writer.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self.writer.flush()
 
     def resume(self, step: int) -> None:
         if self.writer is None:
             self._open(purge_step=step + 1 if step else None)
 
     def __call__(self, record: dict) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
         if self.writer is None:
             self._open()
         for name in TENSORBOARD_SCALARS:
             if record.get(name) is not None:
-                self.writer.add_scalar(f"train/{name}", record[name], record["step"])
-        if time.monotonic() - self._flushed >= self.flush_seconds:
+                summary = scalar(f"train/{name}", float(record[name]))
+                self.writer.write_event(Event(wall_time=time.time(), step=int(record["step"]), summary=summary))
+        if time.monotonic() - self._flushed >= self.flush_seconds or not self._flushed:
             self.writer.flush()
             self._flushed = time.monotonic()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 class LossPlot:
