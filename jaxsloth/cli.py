@@ -194,30 +194,27 @@ def _checked_before_loading(s: dict, out: Path):
     return records
 
 
+# The load settings that generate, chat and export take, as flags derived from the schema.
+MODEL_FLAGS = ("model", "revision", "tokenizer", "load_in_4bit", "max_seq_length")
+
+
 def _load_with_adapter(args: argparse.Namespace):
     import jaxsloth
 
-    if args.tokenizer is not None:
-        _existing_dir(args.tokenizer, "tokenizer")
-    model, tokenizer = jaxsloth.load(
-        args.model,
-        revision=args.revision,
-        tokenizer=args.tokenizer,
-        load_in_4bit=args.load_in_4bit,
-        max_seq_length=args.max_seq_length,
-    )
+    values = {name: value for name, (_, value) in config.flag_values(args, [config.LoadConfig]).items()}
+    if values.get("model") is None:
+        raise ValueError("--model is required: a Hugging Face model directory or Hub id (org/name)")
+    if values.get("tokenizer") is not None:
+        _existing_dir(values["tokenizer"], "tokenizer")
+    model, tokenizer = jaxsloth.load(values.pop("model"), **values)
     if args.adapter is not None:
         model = jaxsloth.load_adapter(model, _existing_dir(args.adapter, "adapter"))
     return model, tokenizer
 
 
 def _add_model_args(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory or Hub id (org/name)")
-    p.add_argument("--revision", help="branch, tag or commit of a Hub model (default: main)")
+    config.add_arguments(p, [config.LoadConfig], only=MODEL_FLAGS)
     p.add_argument("--adapter", required=adapter_required, help="PEFT LoRA adapter directory")
-    p.add_argument("--tokenizer", help="tokenizer directory, when the model directory has none")
-    p.add_argument("--load-in-4bit", action="store_true", help="quantize the base weights to NF4 while loading")
-    p.add_argument("--max-seq-length", type=int, default=2048, help="longest sequence (prompt + new tokens)")
 
 
 def _sampling(args: argparse.Namespace) -> dict:

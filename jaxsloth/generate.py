@@ -383,7 +383,8 @@ def _program_inputs(
     ops: Ops | None = None,
     compute_dtype=None,
 ) -> tuple[tuple, dict]:
-    """Validated (positional, static) arguments of ``_start`` for these prompts and ``generate``'s settings."""
+    """Validated (positional, static) arguments of ``_start`` for these prompts; the one list of ``generate``'s
+    and ``generate_stream``'s settings."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompt_ids:
@@ -438,50 +439,19 @@ def _program_inputs(
 
 
 def generate(
-    params,
-    config: ModelConfig,
-    prompt_ids: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    stop_tokens: Sequence[int] = (),
-    seed: int = 0,
-    lora: dict | None = None,
-    lora_rt: LoraRuntime | None = None,
-    ops: Ops | None = None,
-    compute_dtype=None,
+    params, config: ModelConfig, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, **settings
 ) -> list[list[int]]:
     """Completes each prompt; returns the new tokens per prompt.
 
     A row stops after its first stop token, which is INCLUDED in its output (as transformers' generate keeps EOS);
-    otherwise it runs for max_new_tokens. Greedy when temperature <= 0; else temperature, top_k, top_p, min_p
-    sampling from ``seed`` (``warp_logits``); repetition_penalty (transformers': > 1 discourages tokens already in
-    the row) applies to greedy and sampled decoding alike. lora: the decoder's LoRA tree ({"layers": ...}; swap
-    trained embed / lm_head copies into params first, see ``jaxsloth.lora.with_trainable``) with its runtime
-    (scale); ops: kernel choice (default reference); compute_dtype: activations and KV cache (default: the
-    embedding's dtype).
+    otherwise it runs for max_new_tokens. settings, the keywords of ``_program_inputs``: greedy when temperature
+    <= 0; else temperature, top_k, top_p, min_p sampling from ``seed`` (``warp_logits``); repetition_penalty
+    (transformers': > 1 discourages tokens already in the row) applies to greedy and sampled decoding alike;
+    stop_tokens; lora: the decoder's LoRA tree ({"layers": ...}; swap trained embed / lm_head copies into params
+    first, see ``jaxsloth.lora.with_trainable``) with lora_rt, its runtime (scale); ops: kernel choice (default
+    reference); compute_dtype: activations and KV cache (default: the embedding's dtype).
     """
-    args, static = _program_inputs(
-        params,
-        config,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        stop_tokens=stop_tokens,
-        seed=seed,
-        lora=lora,
-        lora_rt=lora_rt,
-        ops=ops,
-        compute_dtype=compute_dtype,
-    )
+    args, static = _program_inputs(params, config, prompt_ids, max_new_tokens=max_new_tokens, **settings)
     out, counts = _generate_padded(*args, jnp.int32(max_new_tokens), **static)
     out, counts = np.asarray(out), np.asarray(counts)
     return [out[i, : counts[i]].tolist() for i in range(len(prompt_ids))]
@@ -566,7 +536,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(t for t in ids if 0 <= t < model.config.vocab_size)
 
 
-def _settings(
+def sampling_settings(
     do_sample: bool | None,
     temperature: float | None,
     top_k: int | None,
@@ -623,7 +593,7 @@ def generate_text(
     model's stop tokens (``stop_token_ids``) or any of ``stop_tokens``. Sampling as transformers names it: greedy
     unless do_sample (default: sample when a temperature > 0 is given); top_k None keeps every token.
     """
-    settings = _settings(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+    settings = sampling_settings(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     ids, kw = _model_inputs(model, tokenizer, prompts, stop_tokens, settings)
     new = generate(prompt_ids=ids, max_new_tokens=max_new_tokens, seed=seed, **kw)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
@@ -648,7 +618,7 @@ def stream_text(
     pieces join to ``generate_text``'s answer. A piece is held back while it ends inside a multi-byte character."""
     if not isinstance(prompt, str) and prompt and not isinstance(list(prompt)[0], Mapping):
         raise ValueError("stream_text takes one prompt: a string or one conversation (a list of messages)")
-    settings = _settings(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
+    settings = sampling_settings(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     ids, kw = _model_inputs(model, tokenizer, prompt, stop_tokens, settings)
     params, config = kw.pop("params"), kw.pop("config")
     new: list[int] = []

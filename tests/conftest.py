@@ -14,8 +14,8 @@ GPU_PARTS = {
     "test_kernel_attention.py": "gpu_attention",
     "test_bench.py": "gpu_models",
     "test_generate.py": "gpu_models",
+    "test_models_kernels.py": "gpu_models",
 }
-GPU_PARTS.update({"test_models_kernels.py": "gpu_models"})
 
 
 def pytest_configure(config):

@@ -17,7 +17,7 @@ FORMATS = ("text", "alpaca", "messages", "prompt_completion")
 _ALIASES = {"sharegpt": "messages", "conversations": "messages", "chat": "messages", "completion": "prompt_completion"}
 
 # sharegpt and other dumps use several names for the same two roles.
-_ROLES = {
+ROLE_NAMES = {
     "system": "system",
     "user": "user",
     "human": "user",
@@ -166,9 +166,9 @@ def _messages(turns: Any, index: int, key: str) -> list[dict[str, Any]]:
             raise ValueError(f"row {index}: {key}[{j}] is missing field 'content' (or sharegpt 'value')")
         if not isinstance(content, str):
             raise TypeError(f"row {index}: {key}[{j}] content must be a string, got a {type(content).__name__}")
-        canonical = _ROLES.get(str(role).lower())
+        canonical = ROLE_NAMES.get(str(role).lower())
         if canonical is None:
-            raise ValueError(f"row {index}: {key}[{j}] has unknown role {role!r}; known roles: {sorted(_ROLES)}")
+            raise ValueError(f"row {index}: {key}[{j}] has unknown role {role!r}; known roles: {sorted(ROLE_NAMES)}")
         message = {k: v for k, v in turn.items() if k not in ("from", "value")}
         message.update(role=canonical, content=content)
         messages.append(message)

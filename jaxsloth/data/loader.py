@@ -8,6 +8,13 @@ from jaxsloth.data.packing import build_batch, plan_rows
 from jaxsloth.data.tokenization import TokenizedDataset
 
 
+def check_fingerprint(state: dict[str, Any], own: dict[str, int]) -> None:
+    """ValueError naming the first setting a saved loader state was made with that this loader does not share."""
+    for key, value in own.items():
+        if key in state and int(state[key]) != value:
+            raise ValueError(f"loader state has {key}={int(state[key])} but this loader has {key}={value}")
+
+
 class BatchLoader:
     """Iterator of batches {tokens, targets, positions, segment_ids}, each int32 [batch_size, seq_len].
 
@@ -81,9 +88,7 @@ class BatchLoader:
         missing = {"epoch", "index"} - set(state)
         if missing:
             raise ValueError(f"loader state is missing {sorted(missing)}")
-        for key, value in self._fingerprint().items():
-            if key in state and int(state[key]) != value:
-                raise ValueError(f"loader state has {key}={int(state[key])} but this loader has {key}={value}")
+        check_fingerprint(state, self._fingerprint())
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
     def _fingerprint(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxsloth.data.loader import check_fingerprint
 from jaxsloth.data.packing import build_batch
 from jaxsloth.data.sources import open_dataset
 from jaxsloth.data.tokenization import Encoder, Example, make_encoder, pad_id_for, source_name
@@ -132,11 +133,7 @@ class StreamingBatchLoader:
         """Resume from `state_dict()` output; ValueError if it came from another loader kind or settings."""
         if "rows_consumed" not in state:
             raise ValueError("loader state has no 'rows_consumed': it was saved by a non-streaming loader")
-        for key in ("batch_size", "seq_len", "pack"):
-            if key in state and int(state[key]) != int(getattr(self, key)):
-                raise ValueError(
-                    f"loader state has {key}={int(state[key])} but this loader has {key}={getattr(self, key)}"
-                )
+        check_fingerprint(state, {k: int(getattr(self, k)) for k in ("batch_size", "seq_len", "pack")})
         self.epoch, self.rows_consumed = int(state["epoch"]), int(state["rows_consumed"])
         self._stream, self._pending = None, None
 

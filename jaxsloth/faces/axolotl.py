@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from jaxsloth.data.formats import _ROLES
+from jaxsloth.data.formats import ROLE_NAMES
 from jaxsloth.models.decoder import LINEARS
 
 logger = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def _axolotl_dataset(m: _Mapper, datasets: Any) -> None:
     entry.pop("message_property_mappings", None)
     for role, names in (entry.pop("roles", None) or {}).items():
         for name in names:
-            if _ROLES.get(name) != role:
+            if ROLE_NAMES.get(name) != role:
                 raise m.error(f"datasets[0].roles.{role}", f"{name!r} is not read as {role!r} by jaxsloth; rename "
                               "the role in the data")  # fmt: skip
     if entry.get("split") is not None:

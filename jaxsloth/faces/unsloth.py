@@ -94,7 +94,7 @@ def _generate_ids(model: UnslothModel, input_ids, max_new_tokens: int, attention
                   pad_token_id: int | None = None, **sampling) -> np.ndarray:  # fmt: skip
     """input_ids: [batch, prompt] (numpy, torch or lists; padded where attention_mask is 0) -> [batch, prompt + new]
     ids, each row right-padded with the pad id (transformers' layout for a decoder's generate)."""
-    from jaxsloth.generate import _settings, generate, stop_token_ids
+    from jaxsloth.generate import generate, sampling_settings, stop_token_ids
     from jaxsloth.lora import with_trainable
 
     del use_cache  # there is always a KV cache
@@ -102,8 +102,8 @@ def _generate_ids(model: UnslothModel, input_ids, max_new_tokens: int, attention
     mask = np.ones_like(ids) if attention_mask is None else _host(attention_mask)
     prompts = [row[m.astype(bool)].tolist() for row, m in zip(ids, mask, strict=True)]
     seed = sampling.pop("seed", 0)
-    settings = _settings(*(sampling.pop(k, None) for k in ("do_sample", "temperature", "top_k", "top_p", "min_p",
-                                                           "repetition_penalty")))  # fmt: skip
+    names = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    settings = sampling_settings(*(sampling.pop(k, None) for k in names))
     _warn_ignored("generate", list(sampling))
     params, lora, lora_rt = model.params, None, None
     if model.trainable is not None:
