@@ -127,16 +127,16 @@ def model():
 def test_identity_names_the_setting_that_differs(model):
     config, params = model
     tc = TrainConfig(learning_rate=1e-3)
-    base = run_identity(config, params, LoraConfig(r=4, alpha=8.0), tc, None)
+    base = run_identity(config, params, LoraConfig(r=4, lora_alpha=8.0), tc, None)
     changed = {
-        "LoRA alpha": (LoraConfig(r=4, alpha=16.0), tc, params),
-        "LoRA rank": (LoraConfig(r=8, alpha=8.0), tc, params),
-        "LoRA target modules": (LoraConfig(r=4, alpha=8.0, target_modules=("q_proj",)), tc, params),
-        "rsLoRA": (LoraConfig(r=4, alpha=8.0, use_rslora=True), tc, params),
-        "learning rate": (LoraConfig(r=4, alpha=8.0), TrainConfig(learning_rate=2e-3), params),
+        "LoRA alpha": (LoraConfig(r=4, lora_alpha=16.0), tc, params),
+        "LoRA rank": (LoraConfig(r=8, lora_alpha=8.0), tc, params),
+        "LoRA target modules": (LoraConfig(r=4, lora_alpha=8.0, target_modules=("q_proj",)), tc, params),
+        "rsLoRA": (LoraConfig(r=4, lora_alpha=8.0, use_rslora=True), tc, params),
+        "learning rate": (LoraConfig(r=4, lora_alpha=8.0), TrainConfig(learning_rate=2e-3), params),
         # The same shapes, other values: another fine-tune of the same architecture.
         "base model weights": (
-            LoraConfig(r=4, alpha=8.0),
+            LoraConfig(r=4, lora_alpha=8.0),
             tc,
             jax.tree.map(lambda x: x * 1.01, params),
         ),
@@ -146,7 +146,7 @@ def test_identity_names_the_setting_that_differs(model):
             check_identity(base, run_identity(config, p, lora, t, None), "ckpt/3")
         assert "--overwrite" in str(e.value) and "ckpt/3" in str(e.value)
     # Neither the layer layout nor the total step count makes it another run.
-    check_identity(base, run_identity(config, params, LoraConfig(r=4, alpha=8.0), tc, None), "x")
-    longer = TrainConfig(learning_rate=1e-3, total_steps=1000)
-    check_identity(base, run_identity(config, params, LoraConfig(r=4, alpha=8.0), longer, None), "x")
+    check_identity(base, run_identity(config, params, LoraConfig(r=4, lora_alpha=8.0), tc, None), "x")
+    longer = TrainConfig(learning_rate=1e-3, max_steps=1000)
+    check_identity(base, run_identity(config, params, LoraConfig(r=4, lora_alpha=8.0), longer, None), "x")
     assert weights_fingerprint(unstack_layers(params)) == weights_fingerprint(params)

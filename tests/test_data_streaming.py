@@ -97,7 +97,7 @@ def test_train_streams_a_file(monkeypatch):
     monkeypatch.setattr(loop, "fit", fake_fit)
     with pytest.raises(ValueError, match="give max_steps"):
         jaxsloth.train(model, tok, data, streaming=True, progress=False)
-    jaxsloth.train(model, tok, data, streaming=True, batch_size=4, max_steps=7, progress=False)
+    jaxsloth.train(model, tok, data, streaming=True, per_device_train_batch_size=4, max_steps=7, progress=False)
     loader, got, steps = taken
     assert isinstance(loader, StreamingBatchLoader) and steps == 7
     reference = streaming_loader(data, tok, batch_size=4, seq_len=64, vocab_size=model.config.vocab_size)

@@ -178,7 +178,7 @@ def test_llama_cpp_logits_match_jaxsloth(family, tmp_path):
 
     path = saved_model(family)
     config, params = load_hf_model(path, dtype=jnp.float32)
-    lora = LoraConfig(r=4, alpha=8.0, train_embeddings=True, train_lm_head=not config.tie_word_embeddings)
+    lora = LoraConfig(r=4, lora_alpha=8.0, train_embeddings=True, train_lm_head=not config.tie_word_embeddings)
     trainable = random_trainable(config, params, lora)
     merged, tokenizer = merge(params, trainable, lora), AutoTokenizer.from_pretrained(path)
     ids = np.random.default_rng(0).integers(0, VOCAB, 24)

@@ -39,7 +39,7 @@ def _ids(config):
 def test_merged_checkpoint_matches_unmerged_lora(family, tmp_path):
     embed, head = CASES[family]
     config, params = load_hf_model(saved_model(family), dtype=jnp.float32)
-    lora = LoraConfig(r=R, alpha=ALPHA, use_rslora=family == "qwen2", train_embeddings=embed, train_lm_head=head)
+    lora = LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=family == "qwen2", train_embeddings=embed, train_lm_head=head)
     trainable = random_trainable(config, params, lora)
     save_hf_model(merge(params, trainable, lora), config, tmp_path)
     ids = _ids(config)
@@ -55,7 +55,7 @@ def test_merged_qlora_matches_qlora_forward(family, tmp_path):
     f32 logits agree to the f32 tolerance."""
     config, params = load_hf_model(saved_model(family), dtype=jnp.float32, load_in_4bit=True)
     assert is_nf4(params["layers"]["q_proj"]["weight"])
-    lora = LoraConfig(r=R, alpha=ALPHA)
+    lora = LoraConfig(r=R, lora_alpha=ALPHA)
     trainable = random_trainable(config, params, lora, seed=2)
     save_hf_model(merge(params, trainable, lora, dtype=jnp.float32), config, tmp_path, dtype=jnp.float32)
     ids = _ids(config)
@@ -70,7 +70,7 @@ def test_save_merged_api_bf16_from_qlora(tmp_path):
     from jaxsloth.profiles import profile_for_device
 
     config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32, load_in_4bit=True)
-    lora = LoraConfig(r=R, alpha=ALPHA)
+    lora = LoraConfig(r=R, lora_alpha=ALPHA)
     trainable = random_trainable(config, params, lora, seed=4)
     model = jaxsloth.Model(config, params, profile_for_device(name="cpu"), lora=lora, trainable=trainable)
     jaxsloth.save_merged(model, tmp_path)
@@ -101,7 +101,7 @@ def test_save_merged_folder_works_alone(tmp_path):
     tok.save_pretrained(source)
     write_special_ids(source, case, tok)
     model, tokenizer = jaxsloth.load(source, dtype="float32", profile="cpu")
-    lora = LoraConfig(r=R, alpha=ALPHA)
+    lora = LoraConfig(r=R, lora_alpha=ALPHA)
     model = jaxsloth.add_lora(model, r=R, lora_alpha=ALPHA)
     model.trainable = random_trainable(model.config, model.params, lora, seed=5)
 

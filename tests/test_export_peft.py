@@ -48,7 +48,7 @@ def test_exported_adapter_gives_our_logits_in_peft(family, use_rslora, tmp_path)
     path = saved_model(family)
     config, params = load_hf_model(path, dtype=jnp.float32)
     lora = LoraConfig(
-        r=R, alpha=ALPHA, target_modules=targets, use_rslora=use_rslora, train_embeddings=embed, train_lm_head=head
+        r=R, lora_alpha=ALPHA, target_modules=targets, use_rslora=use_rslora, train_embeddings=embed, train_lm_head=head
     )
     trainable = random_trainable(config, params, lora)
     save_peft_adapter(trainable, lora, config, tmp_path, base_model_name_or_path=str(path))
@@ -62,7 +62,9 @@ def test_fused_phi3_partial_targets(tmp_path):
     """q and v without k, up without gate: the fused modules get zero blocks of B where a part is not adapted."""
     path = saved_model("phi3")
     config, params = load_hf_model(path, dtype=jnp.float32)
-    lora = LoraConfig(r=R, alpha=ALPHA, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), use_rslora=True)
+    lora = LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), use_rslora=True
+    )
     trainable = random_trainable(config, params, lora, seed=3)
     save_peft_adapter(trainable, lora, config, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -81,7 +83,7 @@ def test_names_and_config_match_peft_save_pretrained(tmp_path):
 
     path = saved_model("llama")
     config, params = load_hf_model(path, dtype=jnp.float32)
-    lora = LoraConfig(r=R, alpha=ALPHA, train_embeddings=True, train_lm_head=True)
+    lora = LoraConfig(r=R, lora_alpha=ALPHA, train_embeddings=True, train_lm_head=True)
     save_peft_adapter(random_trainable(config, params, lora), lora, config, tmp_path / "ours")
     peft_cfg = PeftLoraConfig(
         r=R,
@@ -165,7 +167,7 @@ def test_import_peft_made_adapter(family, cfg, tmp_path):
 def test_unsupported_adapter_config_names_the_field(field, value, tmp_path):
     path = saved_model("qwen2")
     config, params = load_hf_model(path, dtype=jnp.float32)
-    lora = LoraConfig(r=R, alpha=ALPHA, target_modules=("q_proj",))
+    lora = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=("q_proj",))
     save_peft_adapter(random_trainable(config, params, lora), lora, config, tmp_path)
     cfg_path = tmp_path / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())

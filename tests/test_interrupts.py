@@ -45,7 +45,9 @@ class Loader:
 def _fit(config, params, ckpt_dir=None, lora=LORA, **kw):
     data = BatchLoader(_dataset(config.vocab_size), batch_size=4, seq_len=16, seed=1)
     loader = Loader(data, kw.pop("before", None), kw.pop("after", None))
-    tc = TrainConfig(learning_rate=3e-3, total_steps=STEPS, grad_accum=2, schedule="cosine", warmup_steps=2)
+    tc = TrainConfig(
+        learning_rate=3e-3, max_steps=STEPS, gradient_accumulation_steps=2, lr_scheduler_type="cosine", warmup_steps=2
+    )
     trainable = init_lora(config, lora, jax.random.key(123))  # replaced by the checkpoint when resuming
     return loop.fit(
         config, params, trainable, loader, lora=lora, train_config=tc, profile=PROFILE,

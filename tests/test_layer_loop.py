@@ -31,7 +31,7 @@ def test_unrolled_loop_equals_the_scan(family, quantized, remat):
     # Same loss and LoRA gradients from either layout, for every remat policy; Gemma 2 runs its alternating
     # sliding/global layers in groups of two either way, and the dropout keys follow the layer index in both.
     config, params = _model(family, quantized)
-    lora = LoraConfig(r=4, alpha=8.0, dropout=0.1)
+    lora = LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.1)
     trainable = jax.tree.map(
         lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), init_lora(config, lora, jax.random.key(1))
     )
@@ -125,7 +125,7 @@ def test_dots_layers_keep_dots_outputs_in_the_first_layers_only():
     # recompute gate/up (as "attn_dots"): the gradient's matmul count falls by k layers' worth of that recompute,
     # and the values are the same as without remat.
     config, params = _model("llama", quantized=False)
-    lora = LoraConfig(r=4, alpha=8.0)
+    lora = LoraConfig(r=4, lora_alpha=8.0)
     trainable = init_lora(config, lora, jax.random.key(1))
     trainable = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), trainable)
     tokens = np.random.default_rng(3).integers(0, config.vocab_size, (1, 13))

@@ -18,7 +18,7 @@ from tests.tolerances import assert_close
 
 
 def _grads(profile, config, params, trainable, batch):
-    loss_fn = make_loss_fn(config, LoraConfig(r=4, alpha=8.0), profile)
+    loss_fn = make_loss_fn(config, LoraConfig(r=4, lora_alpha=8.0), profile)
     (s, c), g = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(trainable, params, batch, jax.random.key(0))
     return s / c, jax.tree.map(lambda x: x / c, g)
 
@@ -35,7 +35,7 @@ def _grads(profile, config, params, trainable, batch):
 def test_tiled_and_offloaded_gradients_equal_plain(overrides):
     config = config_from_hf_dict(CONFIGS["llama"])
     params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
-    lora = LoraConfig(r=4, alpha=8.0)
+    lora = LoraConfig(r=4, lora_alpha=8.0)
     trainable = jax.tree.map(
         lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), init_lora(config, lora, jax.random.key(1))
     )

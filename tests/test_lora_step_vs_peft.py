@@ -77,8 +77,10 @@ def test_one_step_matches_peft(use_rslora):
     grads_ref = {k: p.grad.numpy().copy() for k, p in peft.named_parameters() if p.requires_grad}
     opt.step()
 
-    lora = LoraConfig(r=R, alpha=ALPHA, use_rslora=use_rslora)
-    tc = TrainConfig(learning_rate=LR, schedule="constant", max_grad_norm=None, weight_decay=0.0, adam_eps=EPS)
+    lora = LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=use_rslora)
+    tc = TrainConfig(
+        learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=None, weight_decay=0.0, adam_epsilon=EPS
+    )
     profile = profile_for_device(name="cpu")
     optimizer = make_optimizer(tc, lora, trainable)
     opt_state = optimizer.init(trainable)

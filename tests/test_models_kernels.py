@@ -65,7 +65,7 @@ def test_pallas_path_equals_reference(family, quantized):
     params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
     if quantized:
         params = quantize_projections(params)
-    lora = LoraConfig(r=4, alpha=8.0)
+    lora = LoraConfig(r=4, lora_alpha=8.0)
     trainable = init_lora(config, lora, jax.random.key(1))
     trainable = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), trainable)
     rng = np.random.default_rng(3)
@@ -97,7 +97,7 @@ def test_quantized_model_through_the_xla_nf4_path():
     config = config_from_hf_dict(CONFIGS["llama"])
     params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
     params = quantize_projections(params)
-    lora = LoraConfig(r=4, alpha=8.0)
+    lora = LoraConfig(r=4, lora_alpha=8.0)
     trainable = jax.tree.map(
         lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), init_lora(config, lora, jax.random.key(1))
     )
@@ -117,7 +117,7 @@ def test_chunked_loss_through_the_decoder(family, loss_chunk):
     # path's.
     config = config_from_hf_dict(CONFIGS[family])
     params = init_params(config, jax.random.key(0), jnp.float32, std=0.05)
-    lora = LoraConfig(r=4, alpha=8.0)
+    lora = LoraConfig(r=4, lora_alpha=8.0)
     trainable = jax.tree.map(
         lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), init_lora(config, lora, jax.random.key(1))
     )
@@ -137,7 +137,7 @@ def _attention_forwards_per_remat(family, attention, remats, interpret=True, dty
     """Attention forward launches in the jaxpr of the LoRA gradient per remat policy, and the gradients."""
     config = config_from_hf_dict(CONFIGS[family])
     params = init_params(config, jax.random.key(0), dtype, std=0.05)
-    lora = LoraConfig(r=4, alpha=8.0)
+    lora = LoraConfig(r=4, lora_alpha=8.0)
     trainable = init_lora(config, lora, jax.random.key(1))
     trainable = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape), trainable)
     tokens = np.random.default_rng(5).integers(0, config.vocab_size, (1, t))

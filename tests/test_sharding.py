@@ -56,7 +56,7 @@ def _worker(scenario: str, workdir: Path) -> None:
     from tests.tiny_models import saved_model
 
     assert jax.device_count() == 8, jax.devices()
-    lora = LoraConfig(r=4, alpha=8.0)
+    lora = LoraConfig(r=4, lora_alpha=8.0)
     profile = profile_for_device(name="cpu")
     out: dict[str, np.ndarray] = {}
 
@@ -64,7 +64,13 @@ def _worker(scenario: str, workdir: Path) -> None:
         trainable = init_lora(config, lora, jax.random.key(0))
         # global batch 16 = grad_accum 2 x micro-batch 8 (one row per device on the 8-device meshes)
         loader = BatchLoader(_dataset(config.vocab_size), batch_size=16, seq_len=16, seed=1)
-        tc = TrainConfig(learning_rate=3e-3, total_steps=STEPS, grad_accum=2, schedule="cosine", warmup_steps=1)
+        tc = TrainConfig(
+            learning_rate=3e-3,
+            max_steps=STEPS,
+            gradient_accumulation_steps=2,
+            lr_scheduler_type="cosine",
+            warmup_steps=1,
+        )
         res = fit(config, params, trainable, loader, lora=lora, train_config=tc, profile=profile, mesh=mesh, **kw)
         return np.array([r["loss"] for r in res.history]), res.trainable
 

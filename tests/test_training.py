@@ -13,7 +13,7 @@ from jaxsloth.train.loop import fit
 from jaxsloth.train.step import NonFiniteLossError, TrainConfig
 from tests.tiny_models import saved_model
 
-LORA = LoraConfig(r=4, alpha=8.0)
+LORA = LoraConfig(r=4, lora_alpha=8.0)
 PROFILE = profile_for_device(name="cpu")
 
 
@@ -41,7 +41,9 @@ def _setup():
 
 def _run(config, params, trainable, steps, **kw):
     loader = BatchLoader(kw.pop("data", None) or _dataset(config.vocab_size), batch_size=4, seq_len=16, seed=1)
-    tc = TrainConfig(learning_rate=kw.pop("lr", 3e-3), total_steps=steps, grad_accum=2, **kw.pop("tc", {}))
+    tc = TrainConfig(
+        learning_rate=kw.pop("lr", 3e-3), max_steps=steps, gradient_accumulation_steps=2, **kw.pop("tc", {})
+    )
     return fit(config, params, trainable, loader, lora=LORA, train_config=tc, profile=PROFILE, **kw)
 
 
@@ -56,7 +58,7 @@ def test_loss_falls_and_is_reproducible():
 
 def test_resume_gives_the_same_losses(tmp_path):
     config, params, trainable = _setup()
-    full = _run(config, params, trainable, 6, tc={"schedule": "cosine", "warmup_steps": 2})
+    full = _run(config, params, trainable, 6, tc={"lr_scheduler_type": "cosine", "warmup_steps": 2})
     # The same run with checkpoints every 3 steps gives the same losses; then drop its final checkpoint and resume
     # from step 3 in a fresh loop (fresh LoRA init, fresh loader): the last three losses must be identical.
     full6 = _run(
@@ -64,7 +66,7 @@ def test_resume_gives_the_same_losses(tmp_path):
         params,
         init_lora(config, LORA, jax.random.key(0)),
         6,
-        tc={"schedule": "cosine", "warmup_steps": 2},
+        tc={"lr_scheduler_type": "cosine", "warmup_steps": 2},
         checkpoint_dir=str(tmp_path / "ckpt6"),
         save_every=3,
     )
@@ -78,7 +80,7 @@ def test_resume_gives_the_same_losses(tmp_path):
         params,
         init_lora(config, LORA, jax.random.key(123)),  # overwritten by the checkpoint
         6,
-        tc={"schedule": "cosine", "warmup_steps": 2},
+        tc={"lr_scheduler_type": "cosine", "warmup_steps": 2},
         checkpoint_dir=str(tmp_path / "ckpt6"),
         save_every=3,
     )
@@ -99,10 +101,10 @@ def test_nonfinite_loss_stops_naming_the_step():
     # Which step sees example 0 first: replay the loader's plan.
     probe = BatchLoader(data, batch_size=4, seq_len=16, seed=1)
     first = next(i for i in range(1, 100) if (next(probe)["tokens"] == poison).any())
-    tc = TrainConfig(learning_rate=1e-3, total_steps=first + 2, grad_accum=2)
+    tc = TrainConfig(learning_rate=1e-3, max_steps=first + 2, gradient_accumulation_steps=2)
     with pytest.raises(NonFiniteLossError, match=f"at step {first}\\b"):
         fit(config, params, trainable, loader, lora=LORA, train_config=tc, profile=PROFILE)
-    skip = TrainConfig(learning_rate=1e-3, total_steps=first + 1, grad_accum=2, on_nonfinite="skip")
+    skip = TrainConfig(learning_rate=1e-3, max_steps=first + 1, gradient_accumulation_steps=2, on_nonfinite="skip")
     result = fit(
         config,
         params,
