@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxsloth import compile_cache
 from jaxsloth.config import LoadConfig, LoraConfig, TrainConfig, takes_settings
 from jaxsloth.hub import resolve_model
 from jaxsloth.lora import init_lora, merge
@@ -67,6 +68,7 @@ def load(path: str | os.PathLike, *, token: str | None = None, **settings):
     """
     from converters.hf import load_hf_model
 
+    compile_cache.enable()  # a second load of the same model and settings skips compiling (jaxsloth.compile_cache)
     cfg = LoadConfig(model=os.fspath(path), **settings)
     prof = cfg.build_profile()
     max_seq_length = cfg.max_seq_length
@@ -117,9 +119,10 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
 
     Steps: max_steps, or num_train_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable;
     every save_steps steps and every 30 minutes, at the end, and on Ctrl-C / SIGTERM), metrics.jsonl, TensorBoard
-    events and loss.png are written there. An output_dir holding another run's checkpoints is resumed (resume,
-    the default: the model, LoRA, optimizer settings and data must match) or, with resume=False, refused unless
-    overwrite=True, which starts fresh there; overwrite=True always starts fresh. One run at a time per
+    events and loss.png are written there. An output_dir holding another run's checkpoints is refused unless
+    resume=True continues it (from its latest checkpoint, or from the checkpoint directory given as resume /
+    resume_from_checkpoint; the model, LoRA, optimizer settings and data must match) or overwrite=True starts fresh
+    there. resume=True where there is no checkpoint yet starts fresh. One run at a time per
     output_dir (a lock file; another live run's is refused). Updates ``model.trainable`` in place and
     returns the TrainResult (history of per-step metrics).
 
@@ -135,9 +138,16 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     from jaxsloth.data import BatchLoader, streaming_loader, tokenize_dataset
     from jaxsloth.train.loop import fit
     from jaxsloth.train.metrics import close_all, standard_callbacks
-    from jaxsloth.train.run_dir import check_output_dir, clear_run_outputs, run_lock
+    from jaxsloth.train.run_dir import (
+        check_output_dir,
+        clear_run_outputs,
+        resume_step,
+        run_lock,
+        set_aside_later_checkpoints,
+    )
 
     tc = TrainConfig(**settings)  # every setting checked before anything is loaded
+    compile_cache.enable()
     if model.trainable is None:
         raise ValueError("the model has no adapter to train: call jaxsloth.add_lora(model, ...) first")
     if tokenizer is None:
@@ -194,6 +204,8 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
         held.enter_context(run_lock(out))
         if tc.overwrite:
             clear_run_outputs(out)
+        elif not isinstance(tc.resume, bool):  # a checkpoint path: that step, not a later one, is the latest
+            set_aside_later_checkpoints(out, resume_step(out, tc.resume))
     cbs = list(callbacks)
     # The profile's unrolled layer loop reads per-layer weight arrays: the model's own stacked weights are split for
     # the run (consumed, so the device never holds both layouts) and stacked back however it ends.
@@ -212,7 +224,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             profile=model.profile,
             checkpoint_dir=None if out is None else str(out / "checkpoints"),
             save_every=tc.save_steps,
-            resume=tc.resume,
+            resume=tc.resume is not False,
             callbacks=cbs,
             mesh=device_mesh,
             shard_lora=tc.shard_lora,

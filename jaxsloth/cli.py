@@ -168,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not result.history:
         print(
             f"the run in {out} is already complete (step {result.step} of {result.step}); nothing to train. Pass a "
-            f"larger --max-steps to train further, or --overwrite to start again. PEFT adapter: {adapter}"
+            f"larger --max-steps (with --resume) to train further, or --overwrite to start again. PEFT adapter: "
+            f"{adapter}"
         )
         return 0
     last = result.history[-1]["loss"]

@@ -41,6 +41,7 @@ from jaxsloth.profiles import LONG_CONTEXT, PROFILES, Profile, profile_for_devic
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("bfloat16", "float16", "float32")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SYNONYMS: set[str] = set()  # every setting's synonyms (see ``setting``)
 
 
 def setting(
@@ -48,6 +49,7 @@ def setting(
     help: str,
     *,
     aliases: Iterable[str] = (),
+    synonyms: Iterable[str] = (),
     choices: Iterable[str] | None = None,
     minimum: float | None = None,
     above: float | None = None,
@@ -59,13 +61,15 @@ def setting(
     convert: Callable | None = None,
 ):
     """A settings field. help: its one-line doc (CLI help, API docstring); aliases: old spellings, accepted with a
-    FutureWarning; choices: every accepted value; minimum/maximum (inclusive), above/below (exclusive): its range;
+    FutureWarning; synonyms: other libraries' names for it (TRL's), accepted without a warning; choices: every
+    accepted value; minimum/maximum (inclusive), above/below (exclusive): its range;
     default_help: how help words a None default; cli_default: the ``jaxsloth train`` default where it differs from
     the API's; positional: the API takes it as a positional argument, not a keyword; convert: normalizes a value
     before it is checked."""
     meta = {
         "help": help,
         "aliases": tuple(aliases),
+        "synonyms": tuple(synonyms),
         "choices": None if choices is None else tuple(choices),
         "range": (minimum, above, below, maximum),
         "default_help": default_help,
@@ -73,6 +77,7 @@ def setting(
         "positional": positional,
         "convert": convert,
     }
+    _SYNONYMS.update(synonyms)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -125,7 +130,7 @@ def spellings(schemas: Iterable[type]) -> dict[str, str]:
     names: dict[str, str] = {}
     for cls in schemas:
         for f in dataclasses.fields(cls):
-            for name in (f.name, *f.metadata["aliases"]):
+            for name in (f.name, *f.metadata["aliases"], *f.metadata["synonyms"]):
                 if names.setdefault(name, f.name) != f.name:
                     raise TypeError(f"setting name {name!r} is defined twice")
     return names
@@ -143,7 +148,7 @@ def resolve_name(name: str, names: Mapping[str, str], where: str, spell: Callabl
             f"did you mean {spell(names[close[0]])!r}?" if close else f"known: {', '.join(sorted(set(names.values())))}"
         )
         raise ValueError(f"{where}unknown setting {spell(key)!r}; {hint}")
-    if names[key] != key:
+    if names[key] != key and key not in _SYNONYMS:
         warnings.warn(
             f"{where}{spell(key)!r} is deprecated; use {spell(names[key])!r}",
             FutureWarning,
@@ -506,7 +511,12 @@ class TrainConfig(Settings):
         aliases=("save_every",),
         minimum=0,
     )
-    resume: bool = setting(True, "continue from the latest checkpoint in output_dir")
+    resume: bool | str | os.PathLike = setting(
+        False,
+        "continue the run in output_dir from its latest checkpoint (none there: start fresh), or from the checkpoint "
+        "directory given (output_dir/checkpoints/<step>; flag: --resume-from-checkpoint PATH)",
+        synonyms=("resume_from_checkpoint",),
+    )
     overwrite: bool = setting(
         False, "start fresh in an output_dir that holds another run (its checkpoints, metrics and adapter are removed)"
     )
@@ -524,6 +534,12 @@ class TrainConfig(Settings):
             raise ValueError("give max_steps or num_train_epochs, not both")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.resume is not False and self.overwrite:
+            raise ValueError(
+                "give resume or overwrite, not both: resume continues the run in output_dir, overwrite replaces it"
+            )
+        if self.resume is not False and self.output_dir is None:
+            raise ValueError("resume needs output_dir, the directory whose checkpoints it continues")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} is longer than the run (max_steps={self.max_steps})")
 
@@ -616,9 +632,12 @@ def add_arguments(parser: argparse.ArgumentParser, schemas: Iterable[type], only
                 continue
             kind = _flag_type(hints[f.name])
             choices = f.metadata["choices"]
-            for name in (f.name, *f.metadata["aliases"]):
+            for name in (f.name, *f.metadata["aliases"], *f.metadata["synonyms"]):
                 help = describe(f, cli=True) if name == f.name else argparse.SUPPRESS
-                if kind is bool:
+                if kind is bool and name in f.metadata["synonyms"] and str in _members(hints[f.name]):
+                    # A switch that also takes a path: --resume, and TRL's --resume-from-checkpoint PATH.
+                    group.add_argument(flag(name), dest=name, default=None, metavar="PATH", help=help)
+                elif kind is bool:
                     group.add_argument(flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
                                        help=help)  # fmt: skip
                 else:

@@ -59,7 +59,7 @@ def test_resume_continues_from_checkpoint(trained_run, capsys, data_file):
     code, _, _ = _run(
         ["train", "--model", demo.MODEL_DIR, "--data", data_file, "--output-dir", trained_run, "--max-steps", 5,
          "--lora-r", 4, "--lora-alpha", 8, "--target-modules", "q_proj,v_proj,down_proj", "--max-seq-length", 64,
-         "--batch-size", 4, "--lr", "2e-3", "--profile", "cpu"],
+         "--batch-size", 4, "--lr", "2e-3", "--profile", "cpu", "--resume"],
         capsys,
     )  # fmt: skip
     assert code == 0

@@ -70,8 +70,8 @@ def test_sigterm_saves_the_last_step_and_exits_143(tmp_path, data_file):
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     line = err.strip().splitlines()[-1]
     assert line == (
-        f"interrupted (SIGTERM): checkpoint of step {last} saved in {out / 'checkpoints'}; run the same command to "
-        "resume"
+        f"interrupted (SIGTERM): checkpoint of step {last} saved in {out / 'checkpoints'}; run again with --resume "
+        "(resume=True) to continue"
     )
     assert (out / "checkpoints" / str(last) / "jaxsloth.json").is_file()
     assert not (out / ".jaxsloth.lock").exists()
@@ -112,16 +112,16 @@ def test_finished_run_rerun_says_complete_and_changed_settings_are_named(tmp_pat
     argv = ["train", "--model", demo.MODEL_DIR, "--data", data_file, "--output-dir", out, "--max-steps", 2, *SMALL]
     code, first, _ = _run(argv, capsys)
     assert code == 0 and "trained 2 steps" in first
-    code, again, _ = _run(argv, capsys)
+    code, again, _ = _run([*argv, "--resume"], capsys)
     assert code == 0 and "already complete (step 2 of 2)" in again and "nan" not in again
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    code, _, err = _run([*argv, "--lora-alpha", 64], capsys)
+    code, _, err = _run([*argv, "--resume", "--lora-alpha", 64], capsys)
     lines = _error_lines(err)
     assert code == 2 and len(lines) == 1 and "LoRA alpha (--lora-alpha) = 16.0, this run has 64.0" in lines[0]
     assert "--overwrite" in lines[0]
     fewer = data_file.parent / "fewer.jsonl"
     fewer.write_text("".join(data_file.read_text().splitlines(keepends=True)[:20]))
-    code, _, err = _run([*argv[:4], fewer, *argv[5:]], capsys)
+    code, _, err = _run([*argv[:4], fewer, *argv[5:], "--resume"], capsys)
     lines = _error_lines(err)
     assert code == 2 and len(lines) == 1 and "num_examples" in lines[0] and "--overwrite" in lines[0], err
 

@@ -51,7 +51,7 @@ def _fit(config, params, ckpt_dir=None, lora=LORA, **kw):
     trainable = init_lora(config, lora, jax.random.key(123))  # replaced by the checkpoint when resuming
     return loop.fit(
         config, params, trainable, loader, lora=lora, train_config=tc, profile=PROFILE,
-        checkpoint_dir=ckpt_dir, **kw,
+        checkpoint_dir=ckpt_dir, resume=True, **kw,  # each run continues what the one before it saved
     )  # fmt: skip
 
 

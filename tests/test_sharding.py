@@ -91,7 +91,7 @@ def _worker(scenario: str, workdir: Path) -> None:
         # Drop the step-4 checkpoint and resume on 4 devices from step 2.
         shutil.rmtree(ckpt / str(STEPS))
         losses, trainable = run(
-            params, config, make_mesh("data=2,fsdp=2", devices=jax.devices()[:4]), checkpoint_dir=str(ckpt)
+            params, config, make_mesh("data=2,fsdp=2", devices=jax.devices()[:4]), checkpoint_dir=str(ckpt), resume=True
         )
         record("resumed4", losses, trainable)
         out["resumed4/devices"] = np.array(len(jax.tree.leaves(trainable)[0].sharding.device_set))

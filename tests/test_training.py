@@ -83,6 +83,7 @@ def test_resume_gives_the_same_losses(tmp_path):
         tc={"lr_scheduler_type": "cosine", "warmup_steps": 2},
         checkpoint_dir=str(tmp_path / "ckpt6"),
         save_every=3,
+        resume=True,
     )
     assert [r["step"] for r in resumed.history] == [4, 5, 6]
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history][3:]

@@ -130,6 +130,8 @@ def _axolotl(m: _Mapper) -> None:
     m.take("sample_packing", "packing")
     m.take("lora_r", "r")
     m.take("peft_use_rslora", "use_rslora")
+    m.take("auto_resume_from_checkpoints", "resume")
+    m.take("resume_from_checkpoint", "resume")  # a checkpoint path, which wins over auto-resume
     # Every GPU profile already checkpoints activations (its remat is tuned per GPU): true keeps the profile's.
     checkpointing = m.pop("gradient_checkpointing")
     if checkpointing is False or checkpointing == "offload":
@@ -244,6 +246,9 @@ def _llamafactory(m: _Mapper) -> None:
     m.take("lr_scheduler_type", convert=_schedule(m, "lr_scheduler_type"))
     m.take("train_on_prompt", "train_on_inputs")
     m.take("overwrite_output_dir", "overwrite")
+    m.take("resume_from_checkpoint", "resume")
+    if m.out.get("resume"):  # as in LLaMA-Factory, an asked-for resume wins over overwrite_output_dir
+        m.out.pop("overwrite", None)
     m.take("preprocessing_num_workers", "dataset_num_proc")
     m.take("lora_target", "target_modules", lambda v: _targets(m, "lora_target", v))
     # LLaMA-Factory's defaults where they differ from jaxsloth's: rank 8, alpha twice the rank, and transformers'

@@ -36,12 +36,14 @@ _DIRECT = (
     "dataset_text_field", "dataset_num_proc", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
     "adam_epsilon",
 )  # fmt: skip
+# transformers' name -> TrainConfig's.
+_RENAMED = {"overwrite_output_dir": "overwrite"}
 # Accepted with no effect on training: jaxsloth logs every step (metrics.jsonl, TensorBoard), checkpoints every
 # save_steps and at the end, and recomputes activations as the profile's remat says.
 _NO_EFFECT = {
     "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "gradient_checkpointing",
     "gradient_checkpointing_kwargs", "remove_unused_columns", "dataloader_num_workers", "dataloader_pin_memory",
-    "disable_tqdm", "run_name", "save_strategy", "save_total_limit", "overwrite_output_dir", "do_train",
+    "disable_tqdm", "run_name", "save_strategy", "save_total_limit", "do_train",
 }  # fmt: skip
 _ADAMW = {"adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
           "paged_adamw_32bit", "adamw_apex_fused", "adamw_torch_xla", "adamw"}  # fmt: skip
@@ -77,6 +79,8 @@ class SFTConfig:
         for name, value in given.items():
             if name in _DIRECT:
                 out[name] = value
+            elif name in _RENAMED:
+                out[_RENAMED[name]] = value
             elif name in ("max_length", "max_seq_length", "completion_only_loss", "assistant_only_loss"):
                 continue  # below
             elif name == "optim":
@@ -205,19 +209,26 @@ class SFTTrainer:
         if formatting_func is not None:
             self.settings["dataset_text_field"] = "text"
 
-    def train(self, resume_from_checkpoint: bool | str | None = None, **kwargs) -> TrainOutput:
-        """``jaxsloth.train`` over train_dataset; resume_from_checkpoint False starts fresh in output_dir."""
-        settings = dict(self.settings)
-        if resume_from_checkpoint is False:
-            settings["overwrite"] = True
-        elif isinstance(resume_from_checkpoint, str | os.PathLike):
-            raise ValueError("resume_from_checkpoint: give True (jaxsloth resumes the latest checkpoint in output_dir)")
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None, **kwargs) -> TrainOutput:
+        """``jaxsloth.train`` over train_dataset. resume_from_checkpoint: True continues the run in output_dir from
+        its latest checkpoint (none yet: a fresh start), a path (output_dir/checkpoints/<step>) from that checkpoint;
+        None or False start fresh, refused over another run's checkpoints unless SFTConfig(overwrite_output_dir=True)."""
+        from jaxsloth.train.run_dir import check_output_dir
+
+        settings = {**self.settings, **kwargs}
+        if resume_from_checkpoint not in (None, False):
+            settings["resume"] = resume_from_checkpoint
+            settings.pop("overwrite", None)  # as in transformers' scripts, an asked-for resume wins over it
+        if settings.get("output_dir") is not None:
+            asks = ("train(resume_from_checkpoint=True)", "SFTConfig(overwrite_output_dir=True)")
+            resume, overwrite = settings.get("resume", False), settings.get("overwrite", False)
+            check_output_dir(settings["output_dir"], resume=resume, overwrite=overwrite, asks=asks)
         model, start = self.model, time.perf_counter()
         length = model.max_seq_length
         if self.max_length is not None:
             model.max_seq_length = self.max_length  # for this run only
         try:
-            result = api.train(model, self.tokenizer, self.train_dataset, **settings, **kwargs)
+            result = api.train(model, self.tokenizer, self.train_dataset, **settings)
         finally:
             model.max_seq_length = length
         runtime = time.perf_counter() - start

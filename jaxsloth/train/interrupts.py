@@ -17,6 +17,8 @@ from collections.abc import Iterator
 log = logging.getLogger("jaxsloth")
 
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+# How to continue an interrupted run: a run directory is only ever continued when asked (jaxsloth.train.run_dir).
+CONTINUE = "run again with --resume (resume=True) to continue"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -85,14 +87,14 @@ class InterruptGuard:
 def interrupted_message(e: KeyboardInterrupt, checkpoints: str | os.PathLike) -> tuple[str, int]:
     """The one line the CLI prints when training was interrupted, and its exit code (130 Ctrl-C, 143 SIGTERM).
 
-    It says "saved" only when a checkpoint of the last completed step was written."""
+    It says "saved" only when a checkpoint of the last completed step was written, and how to continue."""
     if not isinstance(e, TrainingInterrupted):
         e = TrainingInterrupted()
     what = f"interrupted ({e})"
     if e.saved_step is not None:
-        line = f"{what}: checkpoint of step {e.saved_step} saved in {checkpoints}; run the same command to resume"
+        line = f"{what}: checkpoint of step {e.saved_step} saved in {checkpoints}; {CONTINUE}"
     elif e.kept_step is not None:
-        line = f"{what}: the latest checkpoint is step {e.kept_step} in {checkpoints}; run the same command to resume"
+        line = f"{what}: the latest checkpoint is step {e.kept_step} in {checkpoints}; {CONTINUE}"
     else:
         line = f"{what}: no checkpoint was saved (no step had completed)"
     return line, e.exit_code

@@ -154,7 +154,7 @@ def fit(
     save_every: int = SAVE_EVERY_STEPS,
     save_every_seconds: float = SAVE_EVERY_SECONDS,
     keep: int = 3,
-    resume: bool = True,
+    resume: bool = False,
     callbacks: Sequence[Callback] = (),
     mesh: Mesh | None = None,
     shard_lora: bool = False,
@@ -194,6 +194,8 @@ def fit(
     step = 0
     ckpt = Checkpointer(checkpoint_dir, keep=keep) if checkpoint_dir else None
     found = ckpt.latest_good() if ckpt is not None and resume else None
+    if found is None and resume and ckpt is not None and not ckpt.step_dirs():
+        log.info("resume: no checkpoint in %s yet; starting from step 0", ckpt.directory)
     if found is not None:
         step_dir = ckpt.directory / str(found[0])
         check_identity(found[1].get("identity") or {}, identity, str(step_dir))
