@@ -117,7 +117,8 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
 
     Steps: max_steps, or num_train_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable;
     every save_steps steps and every 30 minutes, at the end, and on Ctrl-C / SIGTERM), metrics.jsonl, TensorBoard
-    events and loss.png are written there. An output_dir holding another run's checkpoints is resumed (resume,
+    events and loss.png are written there. report_to: the experiment trackers (transformers' names: tensorboard,
+    wandb, mlflow, trackio, all, none) that log the run's settings and every step's metrics. An output_dir holding another run's checkpoints is resumed (resume,
     the default: the model, LoRA, optimizer settings and data must match) or, with resume=False, refused unless
     overwrite=True, which starts fresh there; overwrite=True always starts fresh. One run at a time per
     output_dir (a lock file; another live run's is refused). Updates ``model.trainable`` in place and
@@ -136,8 +137,10 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     from jaxsloth.train.loop import fit
     from jaxsloth.train.metrics import close_all, standard_callbacks
     from jaxsloth.train.run_dir import check_output_dir, clear_run_outputs, run_lock
+    from jaxsloth.train.trackers import check_installed, run_config
 
     tc = TrainConfig(**settings)  # every setting checked before anything is loaded
+    check_installed(tc.report_to)  # a tracker's missing package, too
     if model.trainable is None:
         raise ValueError("the model has no adapter to train: call jaxsloth.add_lora(model, ...) first")
     if tokenizer is None:
@@ -201,7 +204,11 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     if unroll:
         model.params = unstack_layers(model.params, consume=True)
     try:
-        cbs += standard_callbacks(out, progress=progress, total_steps=max_steps) if first else []
+        if first:
+            cbs += standard_callbacks(
+                out, progress=progress, total_steps=max_steps, report_to=tc.report_to,
+                run_config=run_config(model, tc), project=tc.project, run_name=tc.run_name,
+            )  # fmt: skip
         result = fit(
             model.config,
             model.params,
