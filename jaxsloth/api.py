@@ -207,7 +207,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
         if first:
             cbs += standard_callbacks(
                 out, progress=progress, total_steps=max_steps, report_to=tc.report_to,
-                run_config=run_config(model, tc), project=tc.project, run_name=tc.run_name,
+                run_config=run_config(model, tc, data), project=tc.project, run_name=tc.run_name,
             )  # fmt: skip
         result = fit(
             model.config,

@@ -142,7 +142,7 @@ def test_training_run_logs_config_losses_throughput(tracker, trained, tracker_di
     assert config["learning_rate"] == as_logged(1e-3) and config["max_steps"] == as_logged(3)
     assert config["r"] == as_logged(2) and config["model"] == as_logged(str(demo.MODEL_DIR))
     assert config["report_to"] == as_logged(["tensorboard", "wandb", "mlflow", "trackio"])
-    assert config["profile.name"] == "cpu" and "model_config.hidden_size" in config
+    assert config["profile.name"] == "cpu" and "model_config.hidden_size" in config and config["data"] == "list"
     assert sorted(steps) == [1, 2, 3]
     for record in result.history:
         logged = steps[record["step"]]
@@ -218,6 +218,19 @@ def test_eval_records_and_peak_memory_reach_every_tracker(tracker_dirs):
         assert steps[2]["eval/samples"] == 8, tracker
         assert not any(k.endswith(("skipped", "split", "total_steps")) for k in steps[1] | steps[2]), tracker
         assert str(config["learning_rate"]) == "0.0001", tracker
+
+
+def test_mlflow_without_a_tracking_uri_logs_to_output_dir(tmp_path, monkeypatch, tracker_dirs):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # mlflow-skinny: no driver for MLflow's default sqlite store
+    (sink,) = trackers.make_trackers("mlflow", out_dir=tmp_path, project=PROJECT, run_name="local")
+    sink({"step": 1, "loss": 0.5})
+    sink.close()
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name(PROJECT).experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == [(1, 0.5)]
 
 
 # --- settings, errors and the faces ---------------------------------------------------------------------------------

@@ -22,6 +22,11 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxsloth.api import Model
+    from jaxsloth.config import TrainConfig
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
@@ -94,11 +99,14 @@ def _flat(value, prefix: str, out: dict) -> None:
         out[prefix] = str(value)
 
 
-def run_config(model, train_config) -> dict:
+def run_config(model: Model, train_config: TrainConfig, data=None) -> dict:
     """Every setting of the run, flattened for a tracker's config: the TrainConfig and LoraConfig fields by their
-    own names, ``model`` (its path) and ``max_seq_length``, the GPU profile as ``profile.<field>`` and the
-    architecture as ``model_config.<field>`` (the HF config text left out)."""
+    own names, ``model`` (its path), ``max_seq_length`` and ``data`` (a path or Hub id; else the kind of object
+    given), the GPU profile as ``profile.<field>`` and the architecture as ``model_config.<field>`` (the HF config
+    text left out)."""
     out: dict = {"model": model.path, "max_seq_length": model.max_seq_length}
+    if data is not None:
+        out["data"] = os.fspath(data) if isinstance(data, str | os.PathLike) else type(data).__name__
     arch = dataclasses.replace(model.config, hf_config="")
     for group, value in (("model_config", arch), ("profile", model.profile)):
         _flat(value, group, out)
