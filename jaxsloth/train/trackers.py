@@ -68,7 +68,8 @@ def check_installed(report_to: str | Iterable[str]) -> None:
     for name in resolve_report_to(report_to):
         package, extra = _PACKAGES[name]
         if importlib.util.find_spec(package) is None:
-            raise ImportError(f"report_to={name!r} needs the {package} package: pip install 'jaxsloth[{extra}]'")
+            install = f"pip install 'jaxsloth[{extra}]'" if extra else f"pip install {package}"
+            raise ImportError(f"report_to={name!r} needs the {package} package: {install}")
 
 
 def metric_name(key: str) -> str:
@@ -105,14 +106,14 @@ def run_config(model: Model, train_config: TrainConfig, data=None) -> dict:
     given), the GPU profile as ``profile.<field>`` and the architecture as ``model_config.<field>`` (the HF config
     text left out)."""
     out: dict = {"model": model.path, "max_seq_length": model.max_seq_length}
-    if data is not None:
-        out["data"] = os.fspath(data) if isinstance(data, str | os.PathLike) else type(data).__name__
     arch = dataclasses.replace(model.config, hf_config="")
     for group, value in (("model_config", arch), ("profile", model.profile)):
         _flat(value, group, out)
     for settings in (model.lora, train_config):
         if settings is not None:
             _flat(settings, "", out)
+    if data is not None:  # the data argument of jaxsloth.train, where TrainConfig.data is unset
+        out["data"] = os.fspath(data) if isinstance(data, str | os.PathLike) else type(data).__name__
     return out
 
 
