@@ -119,7 +119,8 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
 
     Steps: max_steps, or num_train_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable;
     every save_steps steps and every 30 minutes, at the end, and on Ctrl-C / SIGTERM), metrics.jsonl, TensorBoard
-    events and loss.png are written there. An output_dir holding another run's checkpoints is refused unless
+    events and loss.png are written there. report_to: the experiment trackers (transformers' names: tensorboard,
+    wandb, mlflow, trackio, all, none) that log the run's settings and every step's metrics. An output_dir holding another run's checkpoints is refused unless
     resume=True continues it (from its latest checkpoint, or from the checkpoint directory given as resume /
     resume_from_checkpoint; the model, LoRA, optimizer settings and data must match) or overwrite=True starts fresh
     there. resume=True where there is no checkpoint yet starts fresh. One run at a time per
@@ -145,8 +146,10 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
         run_lock,
         set_aside_later_checkpoints,
     )
+    from jaxsloth.train.trackers import check_installed, run_config
 
     tc = TrainConfig(**settings)  # every setting checked before anything is loaded
+    check_installed(tc.report_to)  # a tracker's missing package, too
     compile_cache.enable()
     if model.trainable is None:
         raise ValueError("the model has no adapter to train: call jaxsloth.add_lora(model, ...) first")
@@ -213,7 +216,11 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     if unroll:
         model.params = unstack_layers(model.params, consume=True)
     try:
-        cbs += standard_callbacks(out, progress=progress, total_steps=max_steps) if first else []
+        if first:
+            cbs += standard_callbacks(
+                out, progress=progress, total_steps=max_steps, report_to=tc.report_to,
+                run_config=run_config(model, tc, data), project=tc.project, run_name=tc.run_name,
+            )  # fmt: skip
         result = fit(
             model.config,
             model.params,

@@ -37,6 +37,7 @@ from jaxsloth import ops
 from jaxsloth.data.formats import FORMATS, resolve_format
 from jaxsloth.models.decoder import LAYER_LOOPS, LINEARS, REMAT_POLICIES, LoraRuntime
 from jaxsloth.profiles import LONG_CONTEXT, PROFILES, Profile, profile_for_device
+from jaxsloth.train.trackers import REPORT_TO_CHOICES, resolve_report_to
 
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -473,6 +474,18 @@ class TrainConfig(Settings):
         default_help="nothing written",
         cli_default="jaxsloth-run",
     )
+    report_to: tuple[str, ...] = setting(
+        ("tensorboard",),
+        "experiment trackers logging the settings and each step's metrics (all: every one installed; none: only "
+        "metrics.jsonl and loss.png); wandb, mlflow and trackio are extras: pip install 'jaxsloth[wandb]'",
+        choices=REPORT_TO_CHOICES,
+    )
+    run_name: str | None = setting(None, "the run's name in wandb, mlflow and trackio", default_help="theirs")
+    project: str | None = setting(
+        None,
+        "wandb / trackio project and MLflow experiment",
+        default_help="WANDB_PROJECT / TRACKIO_PROJECT / MLFLOW_EXPERIMENT_NAME, else jaxsloth",
+    )
     max_steps: int | None = setting(
         None, "optimizer steps", aliases=("total_steps",), minimum=1, default_help="num_train_epochs over the data"
     )
@@ -540,6 +553,7 @@ class TrainConfig(Settings):
             )
         if self.resume is not False and self.output_dir is None:
             raise ValueError("resume needs output_dir, the directory whose checkpoints it continues")
+        resolve_report_to(self.report_to)  # "all" and "none" stand alone
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} is longer than the run (max_steps={self.max_steps})")
 

@@ -2,22 +2,25 @@
 
 ``jaxsloth train axolotl.yml`` takes a config written for Axolotl (``base_model`` + ``datasets``, or ``adapter``)
 or for LLaMA-Factory (``model_name_or_path`` + ``finetuning_type`` or ``stage``): ``translate_config`` maps its keys
-onto the schema's settings (jaxsloth.config), which then validates them like any other YAML file. Keys with no
-jaxsloth equivalent that do not change what is trained (logging, trackers, evaluation, attention backends) are
-ignored and listed in one log line; keys that would change it in a way jaxsloth cannot follow (full fine-tuning,
-8-bit loading, several datasets, custom prompt formats) are errors naming the key.
+onto the schema's settings (jaxsloth.config), which then validates them like any other YAML file; their tracker
+keys (Axolotl's wandb_*, LLaMA-Factory's report_to) become report_to / project / run_name. Keys with no jaxsloth
+equivalent that do not change what is trained (logging, evaluation, attention backends) are ignored and listed in
+one log line; keys that would change it in a way jaxsloth cannot follow (full fine-tuning, 8-bit loading, several
+datasets, custom prompt formats) are errors naming the key.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from jaxsloth.data.formats import ROLE_NAMES
 from jaxsloth.models.decoder import LINEARS
+from jaxsloth.train.trackers import split_foreign_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +160,25 @@ def _axolotl(m: _Mapper) -> None:
     elif modules:
         m.out["target_modules"] = _targets(m, "lora_target_modules", modules)
     _dtype(m)
+    _axolotl_trackers(m)
     _axolotl_dataset(m, m.pop("datasets"))
     m.ignore_rest()
+
+
+def _axolotl_trackers(m: _Mapper) -> None:
+    """wandb_project turns Weights & Biases on (beside jaxsloth's TensorBoard events), wandb_name names the run,
+    use_tensorboard: false turns TensorBoard off. wandb_mode and wandb_entity reach wandb through its environment,
+    as Axolotl passes them; wandb_mode: disabled keeps wandb off."""
+    trackers = ["tensorboard"] if m.pop("use_tensorboard") is not False else []
+    project, mode, entity = m.pop("wandb_project"), m.pop("wandb_mode"), m.pop("wandb_entity")
+    m.take("wandb_name", "run_name")
+    if project and mode != "disabled":
+        trackers.append("wandb")
+        m.out["project"] = project
+        for variable, value in (("WANDB_MODE", mode), ("WANDB_ENTITY", entity)):
+            if value:
+                os.environ[variable] = str(value)
+    m.out["report_to"] = tuple(trackers) or ("none",)
 
 
 def _axolotl_dataset(m: _Mapper, datasets: Any) -> None:
@@ -251,6 +271,10 @@ def _llamafactory(m: _Mapper) -> None:
         m.out.pop("overwrite", None)
     m.take("preprocessing_num_workers", "dataset_num_proc")
     m.take("lora_target", "target_modules", lambda v: _targets(m, "lora_target", v))
+    m.take("run_name")
+    if m.raw.get("report_to") is not None:
+        m.out["report_to"], others = split_foreign_report_to(m.pop("report_to"))
+        m.ignored += [f"report_to: {name}" for name in others]
     # LLaMA-Factory's defaults where they differ from jaxsloth's: rank 8, alpha twice the rank, and transformers'
     # 3 epochs.
     m.out.setdefault("r", 8)

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 from jaxsloth import api
 from jaxsloth.config import LINEARS, LoraConfig, TrainConfig
+from jaxsloth.train.trackers import TRACKERS, split_foreign_report_to
 
 # TRL's SFTConfig defaults where they differ from jaxsloth.train's (transformers' TrainingArguments' seed is 42,
 # TRL's SFT learning rate 2e-5, 3 epochs unless max_steps is given, no packing).
@@ -34,7 +35,7 @@ _DIRECT = (
     "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
     "warmup_steps", "warmup_ratio", "num_train_epochs", "max_steps", "save_steps", "packing", "seed",
     "dataset_text_field", "dataset_num_proc", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
-    "adam_epsilon",
+    "adam_epsilon", "run_name", "project",
 )  # fmt: skip
 # transformers' name -> TrainConfig's.
 _RENAMED = {"overwrite_output_dir": "overwrite"}
@@ -43,12 +44,11 @@ _RENAMED = {"overwrite_output_dir": "overwrite"}
 _NO_EFFECT = {
     "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "gradient_checkpointing",
     "gradient_checkpointing_kwargs", "remove_unused_columns", "dataloader_num_workers", "dataloader_pin_memory",
-    "disable_tqdm", "run_name", "save_strategy", "save_total_limit", "do_train",
+    "disable_tqdm", "save_strategy", "save_total_limit", "do_train",
 }  # fmt: skip
 _ADAMW = {"adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
           "paged_adamw_32bit", "adamw_apex_fused", "adamw_torch_xla", "adamw"}  # fmt: skip
 _SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
-_LOGGERS_WRITTEN = {"none", "tensorboard", "all"}  # jaxsloth writes TensorBoard events and metrics.jsonl
 
 
 class SFTConfig:
@@ -87,9 +87,9 @@ class SFTConfig:
                 if value not in _ADAMW:
                     ignored.append(f"optim={value!r} (jaxsloth trains with AdamW)")
             elif name == "report_to":
-                loggers = {value} if isinstance(value, str) else set(value)
-                if loggers - _LOGGERS_WRITTEN:
-                    ignored.append(f"report_to={value!r} (jaxsloth writes metrics.jsonl and TensorBoard events)")
+                out["report_to"], others = split_foreign_report_to(value)
+                if others:
+                    ignored.append(f"report_to={others!r} (jaxsloth reports to {', '.join(TRACKERS)})")
             elif name in ("bf16", "fp16"):
                 want = {"bf16": "bfloat16", "fp16": "float16"}[name]
                 if value and model is not None and model.profile.dtype.name != want:

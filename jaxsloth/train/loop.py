@@ -30,6 +30,7 @@ from jaxsloth.train.step import (
     TrainConfig,
     explain_oom,
     is_oom,
+    learning_rate_schedule,
     make_optimizer,
     make_train_step,
 )
@@ -61,6 +62,12 @@ def validate_batch(batch: dict[str, np.ndarray], vocab_size: int, step: int) -> 
     t = batch["targets"]
     if int(t.max()) >= vocab_size or int(t[t != -100].min(initial=0)) < 0:
         raise ValueError(f"step {step}: a target id is outside the vocabulary [0, {vocab_size}) and is not -100")
+
+
+def real_tokens(batch: dict) -> int:
+    """The tokens of ``batch`` that are not padding (segment id 0); every token when it has no segment ids."""
+    segments = batch.get("segment_ids")
+    return int(batch["tokens"].size if segments is None else np.count_nonzero(segments))
 
 
 def _device_memory_gib() -> float | None:
@@ -240,6 +247,7 @@ def fit(
             saved_at, last_save = step, time.monotonic()
 
     step_fn = make_train_step(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
+    learning_rate = learning_rate_schedule(tc)
     compiled_steps: dict[tuple[int, int], Callable] = {}  # batch shape -> the step compiled (and checked) for it
     history: list[dict] = []
     failure: BaseException | None = None
@@ -291,14 +299,17 @@ def fit(
                         raise explain_oom(e, batch=n_seq, seq_len=seq_len, profile=profile) from e
                     raise
                 dt = time.perf_counter() - t0
+                real = real_tokens(batch)
                 record = {
                     "step": step,
                     "loss": float(m["loss"]),
                     "grad_norm": float(m["grad_norm"]),
                     "tokens": int(m["tokens"]),
+                    "real_tokens": real,
                     "seq_tokens": n_seq * seq_len,
                     "step_time_s": dt,
-                    "tokens_per_s": n_seq * seq_len / dt,
+                    "tokens_per_s": real / dt,  # padding left out: the throughput of the data
+                    "learning_rate": float(learning_rate(step - 1)),  # this step's update (optax counts from 0)
                     "peak_gib": _device_memory_gib(),
                     "total_steps": tc.max_steps,
                 }

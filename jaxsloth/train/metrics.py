@@ -1,7 +1,9 @@
 """Training metrics sinks: a progress bar, a JSONL log, TensorBoard scalars and a loss-curve PNG.
 
-Each sink is a callable taking the per-step record of ``jaxsloth.train.loop.fit`` (step, loss, grad_norm, tokens,
-seq_tokens, step_time_s, tokens_per_s, peak_gib or None, total_steps, maybe skipped) and has ``close()``; the
+Each sink is a callable taking the per-step record of ``jaxsloth.train.loop.fit`` (step, loss, grad_norm, tokens:
+the tokens the loss counts, real_tokens: the batch's tokens without padding, seq_tokens: rows x row length,
+step_time_s, tokens_per_s: real tokens per second, learning_rate, peak_gib or None, total_steps, maybe skipped) and
+has ``close()``; the
 file sinks also have ``resume(step)``, which fit calls with the step training starts from, so that logs of a run
 that was stopped and resumed hold each step once, as the checkpoint it resumed from saw it.
 """
@@ -14,11 +16,12 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger("jaxsloth")
 
-TENSORBOARD_SCALARS = ("loss", "grad_norm", "tokens_per_s", "peak_gib")
+TENSORBOARD_SCALARS = ("loss", "grad_norm", "learning_rate", "tokens_per_s", "peak_gib")
 _WRITER_IDS = itertools.count()
 
 
@@ -102,7 +105,8 @@ class JsonlWriter:
 
 
 class TensorBoardWriter:
-    """Scalars ``train/<name>`` for loss, grad_norm, tokens_per_s and peak_gib (when known), at each step.
+    """Scalars ``train/<name>`` for loss, grad_norm, learning_rate, tokens_per_s and peak_gib (when known), at each
+    step.
 
     Events reach the file with the first step and then at least every ``flush_seconds``, so a killed run leaves
     its curve; ``resume(step)`` marks the steps after ``step`` as superseded (TensorBoard's purge_step)."""
@@ -206,19 +210,31 @@ def save_loss_plot(steps: list[int], losses: list[float], path: str | Path) -> P
     return path
 
 
-def standard_callbacks(out_dir: Path | None, *, progress: bool, total_steps: int) -> list:
-    """The sinks ``jaxsloth.train`` attaches: a progress bar (when ``progress``) and, with ``out_dir``,
-    out_dir/metrics.jsonl, TensorBoard events in out_dir/tensorboard and out_dir/loss.png (written at close)."""
+def standard_callbacks(
+    out_dir: Path | None,
+    *,
+    progress: bool,
+    total_steps: int,
+    report_to: str | Sequence[str] = ("tensorboard",),
+    run_config: Mapping | None = None,
+    project: str | None = None,
+    run_name: str | None = None,
+) -> list:
+    """The sinks ``jaxsloth.train`` attaches: a progress bar (when ``progress``), with ``out_dir``
+    out_dir/metrics.jsonl and out_dir/loss.png (written at close), and the trackers of ``report_to``
+    (``jaxsloth.train.trackers``: TensorBoard events in out_dir/tensorboard by default; wandb, mlflow, trackio
+    runs logging ``run_config``)."""
+    from jaxsloth.train.trackers import make_trackers
+
     callbacks: list = []
     if progress:
         callbacks.append(ProgressBar(total_steps))
     if out_dir is not None:
         out_dir = Path(out_dir)
-        callbacks += [
-            JsonlWriter(out_dir / "metrics.jsonl"),
-            TensorBoardWriter(out_dir / "tensorboard"),
-            LossPlot(out_dir / "loss.png", history=out_dir / "metrics.jsonl"),
-        ]
+        callbacks.append(JsonlWriter(out_dir / "metrics.jsonl"))
+    callbacks += make_trackers(report_to, out_dir=out_dir, config=run_config, project=project, run_name=run_name)
+    if out_dir is not None:
+        callbacks.append(LossPlot(out_dir / "loss.png", history=out_dir / "metrics.jsonl"))
     return callbacks
 
 
