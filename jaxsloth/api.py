@@ -137,9 +137,9 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     both layouts, beyond one projection's stack while they are converted).
     """
     from jaxsloth.data import BatchLoader, streaming_loader, tokenize_dataset
+    from jaxsloth.train.evaluate import make_evaluator, split_off
     from jaxsloth.train.loop import fit
     from jaxsloth.train.metrics import close_all, standard_callbacks
-    from jaxsloth.train.evaluate import make_evaluator, split_off
     from jaxsloth.train.run_dir import check_output_dir, clear_run_outputs, run_lock
 
     tc = TrainConfig(**settings)  # every setting checked before anything is loaded

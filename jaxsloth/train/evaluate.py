@@ -228,13 +228,17 @@ def make_evaluator(model, tokenizer, tc: TrainConfig, held_out: TokenizedDataset
     )
 
 
+# Settings of evaluation during a training run, which a one-off evaluation has no use for.
+_DURING_TRAINING = ("eval_dataset", "val_set_size", "early_stopping_patience", "load_best_model_at_end")
+
+
 def evaluate_model(model, tokenizer, data, **settings) -> dict[str, float]:
     """{"eval_loss", "eval_tokens"} of ``model`` (its adapter) over ``data``, read, tokenized and packed as
     ``jaxsloth.train`` would with these settings (TrainConfig fields: packing, format, per_device_eval_batch_size,
-    ...)."""
+    ...; those of evaluation during training are not used)."""
     if model.trainable is None:
         raise ValueError("the model has no adapter to evaluate: call jaxsloth.add_lora(model, ...) first")
-    tc = TrainConfig(**settings)
+    tc = TrainConfig(**{k: v for k, v in settings.items() if k not in _DURING_TRAINING})
     dataset = tokenize_eval(model, tokenizer, data, tc)
     batches = eval_batches(dataset, _eval_rows(model, tc, None), model.max_seq_length, tc.packing)
     evaluator = Evaluator(batches, config=model.config, lora=model.lora, profile=model.profile)
