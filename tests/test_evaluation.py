@@ -107,7 +107,9 @@ def _fit(config, params, steps, evaluator, **kw):
     loader = BatchLoader(_dataset(config.vocab_size, 24), batch_size=2, seq_len=16, seed=1)
     tc = TrainConfig(learning_rate=3e-3, max_steps=steps)
     trainable = init_lora(config, LORA, jax.random.key(0))
-    return fit(config, params, trainable, loader, lora=LORA, train_config=tc, profile=PROFILE, evaluator=evaluator, **kw)
+    return fit(
+        config, params, trainable, loader, lora=LORA, train_config=tc, profile=PROFILE, evaluator=evaluator, **kw
+    )
 
 
 def _scripted(evaluator, losses):
@@ -196,7 +198,9 @@ def test_val_set_size_split_is_seeded_and_disjoint():
     assert sorted([*train.row_index, *held.row_index]) == list(range(10))
     again_train, again_held = split_off(data, 0.25, seed=4)
     assert list(again_held.row_index) == list(held.row_index)
-    assert [e.input_ids.tolist() for e in held.examples] == [data.examples[i].input_ids.tolist() for i in held.row_index]
+    assert [e.input_ids.tolist() for e in held.examples] == [
+        data.examples[i].input_ids.tolist() for i in held.row_index
+    ]
     assert list(split_off(data, 0.25, seed=5)[1].row_index) != list(held.row_index)
     assert len(split_off(data, 4, seed=4)[1]) == 4
     with pytest.raises(ValueError, match="val_set_size=10"):
