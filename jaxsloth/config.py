@@ -541,7 +541,9 @@ class TrainConfig(Settings):
         default_help="per_device_train_batch_size",
     )  # fmt: skip
     eval_prompts: tuple[str, ...] = setting(
-        (), "prompts answered greedily at each evaluation, logged as eval_samples (the CLI takes one)",
+        (),
+        "prompts answered greedily at each evaluation, logged as eval_samples (a user turn of the chat template when "
+        "the data is conversations; the CLI takes one)",
         convert=lambda v: (v,) if isinstance(v, str) else v,
     )  # fmt: skip
     eval_max_new_tokens: int = setting(32, "tokens generated per eval prompt", minimum=1)
@@ -570,6 +572,8 @@ class TrainConfig(Settings):
             raise ValueError("give eval_dataset or val_set_size, not both")
         if self.val_set_size and self.streaming:
             raise ValueError("val_set_size cannot hold out examples of a streamed dataset: give eval_dataset")
+        if self.eval_steps is not None and self.eval_strategy == "steps" and not self.has_eval_data:
+            raise ValueError("eval_steps needs eval data: give eval_dataset or val_set_size")
         for name in ("early_stopping_patience", "load_best_model_at_end"):
             if getattr(self, name) and not self.evaluates:
                 raise ValueError(
@@ -578,10 +582,13 @@ class TrainConfig(Settings):
                 )
 
     @property
+    def has_eval_data(self) -> bool:
+        return self.eval_dataset is not None or self.val_set_size > 0
+
+    @property
     def evaluates(self) -> bool:
         """Whether the run evaluates during training (eval data given and eval_strategy not "no")."""
-        has_data = self.eval_dataset is not None or self.val_set_size > 0
-        return has_data and self.eval_strategy != "no"
+        return self.has_eval_data and self.eval_strategy != "no"
 
     @property
     def num_warmup_steps(self) -> int:

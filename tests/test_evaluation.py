@@ -209,6 +209,8 @@ def test_val_set_size_split_is_seeded_and_disjoint():
         TrainConfig(val_set_size=2.5)
     with pytest.raises(ValueError, match="early_stopping_patience needs evaluations"):
         TrainConfig(early_stopping_patience=2)
+    with pytest.raises(ValueError, match="eval_steps needs eval data"):
+        TrainConfig(eval_steps=10)
     with pytest.raises(ValueError, match="not both"):
         TrainConfig(val_set_size=0.1, eval_dataset="eval.jsonl")
 
@@ -229,7 +231,8 @@ def test_train_val_set_size_logs_eval_loss_and_samples(tmp_path):
     evals = [r for r in lines if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 3] and all(r["eval_tokens"] > 0 for r in evals)
     assert [s["prompt"] for s in evals[-1]["eval_samples"]] == prompts
-    assert [s["completion"] for s in evals[-1]["eval_samples"]] == model.generate(tokenizer, prompts, max_new_tokens=4)
+    asked = [[{"role": "user", "content": p}] for p in prompts]  # conversations data: asked as a user turn
+    assert [s["completion"] for s in evals[-1]["eval_samples"]] == model.generate(tokenizer, asked, max_new_tokens=4)
     assert result.evals[-1]["eval_loss"] == evals[-1]["eval_loss"]
 
 

@@ -205,12 +205,17 @@ def make_evaluator(model, tokenizer, tc: TrainConfig, held_out: TokenizedDataset
     def as_model(trainable, params):
         return dataclasses.replace(model, params=params, trainable=trainable)
 
+    # A model trained on conversations is asked as it was trained: each prompt a user turn of the chat template.
+    prompts = list(tc.eval_prompts)
+    if dataset.format == "messages":
+        prompts = [[{"role": "user", "content": p}] for p in prompts]
+
     def answer(trainable, params) -> list[str]:
         from jaxsloth.generate import generate_text
 
         with stacked_layers(params) as stacked:
             return generate_text(
-                as_model(trainable, stacked), tokenizer, list(tc.eval_prompts), max_new_tokens=tc.eval_max_new_tokens
+                as_model(trainable, stacked), tokenizer, prompts, max_new_tokens=tc.eval_max_new_tokens
             )
 
     return Evaluator(
