@@ -275,3 +275,20 @@ def test_axolotl_and_llamafactory_eval_keys(tmp_path):
     (tmp_path / "d.jsonl").write_text("{}\n")
     tc = split_settings(translate_config(factory, tmp_path / "f.yml"))[2]
     assert (tc.val_set_size, tc.eval_steps, tc.per_device_eval_batch_size) == (0.1, 5, 3)
+
+
+def test_cli_flags_and_yaml_keys(tmp_path):
+    from jaxsloth import cli
+
+    yaml = tmp_path / "run.yml"
+    yaml.write_text("model: m\ndata: d.jsonl\nval_set_size: 0.1\neval_prompts:\n  - Hello\n  - how are you?\n")
+    flags = ["--eval-steps", "3", "--early-stopping-patience", "2", "--load-best-model-at-end"]
+    s = cli.train_settings(cli.build_parser().parse_args(["train", str(yaml), *flags]))
+    assert (s["val_set_size"], s["eval_steps"], s["early_stopping_patience"]) == (0.1, 3, 2)
+    assert s["load_best_model_at_end"] and s["eval_prompts"] == ("Hello", "how are you?")
+    s = cli.train_settings(
+        cli.build_parser().parse_args(
+            ["train", "--model", "m", "--data", "d", "--eval-dataset", "e.jsonl", "--eval-prompts", "Hi, you"]
+        )
+    )
+    assert s["eval_dataset"] == "e.jsonl" and s["eval_prompts"] == ("Hi, you",)
