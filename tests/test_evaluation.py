@@ -219,7 +219,8 @@ def test_train_val_set_size_logs_eval_loss_and_samples(tmp_path):
     import jaxsloth
     from jaxsloth import demo
 
-    model, tokenizer = jaxsloth.load(demo.MODEL_DIR, max_seq_length=64, profile="cpu")
+    # The unrolled layer loop (Hopper's) trains on per-layer weights; the sample answers need them stacked.
+    model, tokenizer = jaxsloth.load(demo.MODEL_DIR, max_seq_length=64, profile="cpu", layer_loop="unrolled")
     model = jaxsloth.add_lora(model, r=4, lora_alpha=8)
     records = demo.task_splits(num_train=24, num_heldout=0)[0]
     prompts = ["hi", "the sky is"]
