@@ -544,6 +544,7 @@ class TrainConfig(Settings):
         (),
         "prompts answered greedily at each evaluation, logged as eval_samples (a user turn of the chat template when "
         "the data is conversations; the CLI takes one)",
+        default_help="none",
         convert=lambda v: (v,) if isinstance(v, str) else v,
     )  # fmt: skip
     eval_max_new_tokens: int = setting(32, "tokens generated per eval prompt", minimum=1)
