@@ -234,7 +234,7 @@ def make_evaluator(model, tokenizer, tc: TrainConfig, held_out: TokenizedDataset
 
 
 # Settings of evaluation during a training run, which a one-off evaluation has no use for.
-_DURING_TRAINING = ("eval_dataset", "val_set_size", "early_stopping_patience", "load_best_model_at_end")
+_DURING_TRAINING = ("eval_dataset", "val_set_size", "eval_steps", "early_stopping_patience", "load_best_model_at_end")
 
 
 def evaluate_model(model, tokenizer, data, **settings) -> dict[str, float]:
