@@ -130,13 +130,18 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     mesh: a spec like "data=2,fsdp=4", a jax.sharding.Mesh, or None: every device data-parallel (one device: no
     mesh). per_device_train_batch_size is per data-parallel rank (each of data x fsdp devices takes that many
     sequences per micro-batch). shard_lora: shard LoRA and optimizer state over fsdp too (default: replicated).
-    callbacks: called with each step's metrics record; progress: draw a progress bar.
+    callbacks: called with each step's metrics record and each evaluation's; progress: draw a progress bar.
+
+    Evaluation: on eval_dataset or the val_set_size examples held out of the data, every eval_steps and at the
+    end, into the same records ({"step", "eval_loss", ...}); early_stopping_patience, load_best_model_at_end and
+    callbacks' on_evaluate(record, model) as in ``jaxsloth.train.evaluate``.
 
     Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the
     run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds
     both layouts, beyond one projection's stack while they are converted).
     """
     from jaxsloth.data import BatchLoader, streaming_loader, tokenize_dataset
+    from jaxsloth.train.evaluate import make_evaluator, split_off
     from jaxsloth.train.loop import fit
     from jaxsloth.train.metrics import close_all, standard_callbacks
     from jaxsloth.train.run_dir import (
@@ -167,6 +172,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     micro = (model.profile.micro_batch if per_device is None else per_device) * batch_devices(device_mesh)
     rows = micro * tc.gradient_accumulation_steps
     where = dict(split=tc.split, name=tc.dataset_config)
+    held_out = None  # the examples val_set_size holds out of the training data
     if tc.streaming or type(data).__name__ == "IterableDataset":
         if tc.max_steps is None:
             raise ValueError("a streamed dataset has no known length: give max_steps")
@@ -194,11 +200,14 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             num_proc=tc.dataset_num_proc,
             **where,
         )
+        if tc.val_set_size:
+            dataset, held_out = split_off(dataset, tc.val_set_size, tc.seed)
         loader = BatchLoader(dataset, batch_size=rows, seq_len=model.max_seq_length, pack=tc.packing, seed=tc.seed)
     if tc.max_steps is None:  # the run's length in steps, checked again (warmup within it)
         steps = sum(loader.num_batches(e) for e in range(tc.num_train_epochs or 1))
         tc = dataclasses.replace(tc, max_steps=steps, num_train_epochs=None)
     max_steps = tc.max_steps
+    evaluator = make_evaluator(model, tokenizer, tc, held_out, mesh=device_mesh)
     out = Path(tc.output_dir) if tc.output_dir is not None else None
     # On several hosts every process trains; only the first writes metrics, plots and the progress bar.
     first = jax.process_index() == 0
@@ -235,6 +244,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             callbacks=cbs,
             mesh=device_mesh,
             shard_lora=tc.shard_lora,
+            evaluator=evaluator,
         )
     finally:
         # Every sink is closed even when one fails; a failing close never hides the error that stopped training.

@@ -188,6 +188,9 @@ def _checked_before_loading(s: dict, out: Path):
     check_output_dir(out, resume=s["resume"], overwrite=s["overwrite"])
     if s["tokenizer"] is not None:
         _existing_dir(s["tokenizer"], "tokenizer")
+    if s["eval_dataset"] is not None:  # read before the model loads too, then passed on as records
+        split = s["eval_split"] or s["split"]
+        s["eval_dataset"] = load_records(s["eval_dataset"], split=split, name=s["dataset_config"])
     if s["streaming"]:
         return s["data"]
     records = load_records(s["data"], split=s["split"], name=s["dataset_config"])

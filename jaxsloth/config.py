@@ -541,6 +541,47 @@ class TrainConfig(Settings):
         None, "device mesh, e.g. data=2,fsdp=4", default_help="every device data-parallel"
     )
     shard_lora: bool = setting(False, "also shard LoRA and optimizer state over the fsdp axis")
+    eval_dataset: str | object | None = setting(
+        None,
+        "evaluation data, read like data: a file, a dataset folder or a Hub dataset id (in Python also a list of "
+        "records or a datasets.Dataset)",
+    )
+    eval_split: str | None = setting(None, "dataset split of eval_dataset", default_help="split")
+    val_set_size: float = setting(
+        0.0,
+        "hold out training examples for evaluation, chosen by seed: a fraction (0 < x < 1) or a count (>= 1)",
+        minimum=0.0,
+    )
+    eval_strategy: str = setting(
+        "steps",
+        "with eval data: evaluate every eval_steps and at the end (steps), or never during training (no)",
+        aliases=("evaluation_strategy",),
+        choices=("steps", "no"),
+    )
+    eval_steps: int | None = setting(None, "evaluate every N steps", minimum=1, default_help="only at the end")
+    per_device_eval_batch_size: int | None = setting(
+        None, "sequences per evaluation batch per data-parallel rank", minimum=1,
+        default_help="per_device_train_batch_size",
+    )  # fmt: skip
+    eval_prompts: tuple[str, ...] = setting(
+        (),
+        "prompts answered greedily at each evaluation, logged as eval_samples (a user turn of the chat template when "
+        "the data is conversations; the CLI takes one)",
+        default_help="none",
+        convert=lambda v: (v,) if isinstance(v, str) else v,
+    )  # fmt: skip
+    eval_max_new_tokens: int = setting(32, "tokens generated per eval prompt", minimum=1)
+    early_stopping_patience: int | None = setting(
+        None,
+        "stop after this many evaluations in a row without eval_loss improving on the best by more than "
+        "early_stopping_threshold",
+        minimum=1,
+        default_help="never",
+    )
+    early_stopping_threshold: float = setting(0.0, "least eval_loss improvement that counts", minimum=0.0)
+    load_best_model_at_end: bool = setting(
+        False, "end with the adapter of the step with the lowest eval_loss (its checkpoint is never rotated away)"
+    )
 
     def _validate(self) -> None:
         if self.max_steps is not None and self.num_train_epochs is not None:
@@ -556,6 +597,29 @@ class TrainConfig(Settings):
         resolve_report_to(self.report_to)  # "all" and "none" stand alone
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} is longer than the run (max_steps={self.max_steps})")
+        if self.val_set_size >= 1 and not float(self.val_set_size).is_integer():
+            raise ValueError(f"val_set_size must be a fraction below 1 or a whole count, got {self.val_set_size}")
+        if self.val_set_size and self.eval_dataset is not None:
+            raise ValueError("give eval_dataset or val_set_size, not both")
+        if self.val_set_size and self.streaming:
+            raise ValueError("val_set_size cannot hold out examples of a streamed dataset: give eval_dataset")
+        if self.eval_steps is not None and self.eval_strategy == "steps" and not self.has_eval_data:
+            raise ValueError("eval_steps needs eval data: give eval_dataset or val_set_size")
+        for name in ("early_stopping_patience", "load_best_model_at_end"):
+            if getattr(self, name) and not self.evaluates:
+                raise ValueError(
+                    f"{name} needs evaluations during training: give eval_dataset or val_set_size"
+                    + (" and eval_strategy='steps'" if self.eval_strategy == "no" else "")
+                )
+
+    @property
+    def has_eval_data(self) -> bool:
+        return self.eval_dataset is not None or self.val_set_size > 0
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates during training (eval data given and eval_strategy not "no")."""
+        return self.has_eval_data and self.eval_strategy != "no"
 
     @property
     def num_warmup_steps(self) -> int:

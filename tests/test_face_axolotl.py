@@ -273,7 +273,7 @@ def test_axolotl_lora_chat_template_example(tmp_path, caplog):
     assert (s["packing"], s["remat"], s["warmup_ratio"], s["lr_scheduler_type"]) == (False, "none", 0.1, "linear")
     assert s["max_steps"] == 3 and s["num_train_epochs"] is None  # a flag overrides the file, as for any config
     ignored = next(r.getMessage() for r in caplog.records if "ignored Axolotl keys" in r.getMessage())
-    assert "chat_template" in ignored and "val_set_size" in ignored
+    assert "chat_template" in ignored and "val_set_size" not in ignored and s["val_set_size"] == 0.05
 
 
 def test_llamafactory_lora_example_reads_dataset_info(tmp_path, alpaca_file, caplog):

@@ -82,7 +82,7 @@ def test_each_sft_config_argument_reaches_train_config(tmp_path):
         save_steps=7, packing=True, max_seq_length=48, completion_only_loss=False, seed=11,
         dataset_text_field="body", weight_decay=0.05, optim="sgd", eval_steps=5, bf16=True, push_to_hub=False,
     )  # fmt: skip
-    with pytest.warns(UserWarning, match="optim='sgd'.*eval_steps.*push_to_hub.*eval_dataset"):
+    with pytest.warns(UserWarning, match="optim='sgd'.*push_to_hub"):
         trainer = SFTTrainer(model, args=args, train_dataset=[{"body": "x"}], eval_dataset=[{"body": "y"}],
                              processing_class=tokenizer)  # fmt: skip
     tc = trainer.train_config
@@ -91,6 +91,8 @@ def test_each_sft_config_argument_reaches_train_config(tmp_path):
     assert (tc.save_steps, tc.packing, tc.seed, tc.dataset_text_field, tc.weight_decay) == (7, True, 11, "body", 0.05)
     assert tc.train_on_inputs and tc.output_dir == str(tmp_path / "run") and trainer.max_length == 48
     assert trainer.model.lora is not None  # jaxsloth's default adapter (warned: TRL would train every weight)
+    # eval_dataset and eval_steps reach the run; TRL's default eval_strategy "no" evaluates only on evaluate().
+    assert tc.eval_steps == 5 and tc.eval_dataset == [{"body": "y"}] and not tc.evaluates
     # assistant_only_loss=True masks prompts; max_steps wins over the epochs, as in transformers.
     ours, _, _ = SFTConfig(assistant_only_loss=True, max_steps=5, num_train_epochs=3).to_settings()
     assert ours["train_on_inputs"] is False and ours["max_steps"] == 5 and "num_train_epochs" not in ours

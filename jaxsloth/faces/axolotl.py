@@ -4,7 +4,7 @@
 or for LLaMA-Factory (``model_name_or_path`` + ``finetuning_type`` or ``stage``): ``translate_config`` maps its keys
 onto the schema's settings (jaxsloth.config), which then validates them like any other YAML file; their tracker
 keys (Axolotl's wandb_*, LLaMA-Factory's report_to) become report_to / project / run_name. Keys with no jaxsloth
-equivalent that do not change what is trained (logging, evaluation, attention backends) are ignored and listed in
+equivalent that do not change what is trained (logging, attention backends) are ignored and listed in
 one log line; keys that would change it in a way jaxsloth cannot follow (full fine-tuning, 8-bit loading, several
 datasets, custom prompt formats) are errors naming the key.
 """
@@ -118,6 +118,8 @@ _AXOLOTL_TYPES = {"alpaca": "alpaca", "sharegpt": "messages", "chat_template": "
 _AXOLOTL_SAME = (
     "gradient_accumulation_steps", "max_steps", "learning_rate", "warmup_steps", "warmup_ratio", "train_on_inputs",
     "seed", "weight_decay", "max_grad_norm", "save_steps", "output_dir", "lora_alpha", "lora_dropout", "load_in_4bit",
+    "val_set_size", "eval_steps", "eval_strategy", "early_stopping_patience", "load_best_model_at_end",
+    "eval_max_new_tokens",
 )  # fmt: skip
 
 
@@ -128,6 +130,7 @@ def _axolotl(m: _Mapper) -> None:
         m.take(key)
     m.take("sequence_len", "max_seq_length")
     m.take("micro_batch_size", "per_device_train_batch_size")
+    m.take("eval_batch_size", "per_device_eval_batch_size")
     m.take("num_epochs", "num_train_epochs")
     m.take("lr_scheduler", "lr_scheduler_type", _schedule(m, "lr_scheduler"))
     m.take("sample_packing", "packing")
@@ -234,7 +237,8 @@ def _axolotl_dataset(m: _Mapper, datasets: Any) -> None:
 _FACTORY_SAME = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "max_steps",
     "warmup_ratio", "warmup_steps", "output_dir", "save_steps", "seed", "weight_decay", "max_grad_norm", "lora_alpha",
-    "lora_dropout", "use_rslora", "packing",
+    "lora_dropout", "use_rslora", "packing", "eval_steps", "eval_strategy", "per_device_eval_batch_size",
+    "load_best_model_at_end",
 )  # fmt: skip
 # dataset_info.json columns each formatting reads, under the names jaxsloth's alpaca / sharegpt formats read.
 _FACTORY_COLUMNS = {
@@ -262,6 +266,7 @@ def _llamafactory(m: _Mapper) -> None:
     for key in _FACTORY_SAME:
         m.take(key)
     m.take("lora_rank", "r")
+    m.take("val_size", "val_set_size")
     m.take("cutoff_len", "max_seq_length")
     m.take("lr_scheduler_type", convert=_schedule(m, "lr_scheduler_type"))
     m.take("train_on_prompt", "train_on_inputs")

@@ -29,13 +29,15 @@ _TRL_DEFAULTS = {
     "per_device_train_batch_size": 8,
     "seed": 42,
     "packing": False,
+    "eval_strategy": "no",
 }
 # Same name, same meaning in TrainConfig.
 _DIRECT = (
     "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
     "warmup_steps", "warmup_ratio", "num_train_epochs", "max_steps", "save_steps", "packing", "seed",
     "dataset_text_field", "dataset_num_proc", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
-    "adam_epsilon", "run_name", "project",
+    "adam_epsilon", "run_name", "project", "eval_strategy", "eval_steps", "per_device_eval_batch_size",
+    "load_best_model_at_end",
 )  # fmt: skip
 # transformers' name -> TrainConfig's.
 _RENAMED = {"overwrite_output_dir": "overwrite"}
@@ -83,6 +85,11 @@ class SFTConfig:
                 out[_RENAMED[name]] = value
             elif name in ("max_length", "max_seq_length", "completion_only_loss", "assistant_only_loss"):
                 continue  # below
+            elif name == "evaluation_strategy":  # transformers' older name
+                out["eval_strategy"] = value
+            elif name in ("metric_for_best_model", "greater_is_better"):
+                if (name == "greater_is_better" and value) or value not in (False, "loss", "eval_loss"):
+                    raise ValueError(f"{name}={value!r}: jaxsloth picks the best step by the lowest eval_loss")
             elif name == "optim":
                 if value not in _ADAMW:
                     ignored.append(f"optim={value!r} (jaxsloth trains with AdamW)")
@@ -109,6 +116,10 @@ class SFTConfig:
         if "lr_scheduler_type" in out:
             name = str(getattr(out["lr_scheduler_type"], "value", out["lr_scheduler_type"]))
             out["lr_scheduler_type"] = _SCHEDULES.get(name, name)  # an unknown one: TrainConfig names the choices
+        if "eval_strategy" in out:
+            out["eval_strategy"] = str(getattr(out["eval_strategy"], "value", out["eval_strategy"]))
+            if out["eval_strategy"] == "steps" and "eval_steps" not in out:  # transformers: every logging_steps
+                out["eval_steps"] = given.get("logging_steps", 10)
         masks = [given[k] for k in ("completion_only_loss", "assistant_only_loss") if k in given]
         if masks:
             out["train_on_inputs"] = not any(masks)
@@ -174,6 +185,7 @@ class SFTTrainer:
         peft_config=None,
         formatting_func: Callable | None = None,
         tokenizer=None,
+        callbacks: list | None = None,
         **sft_args,
     ):
         if train_dataset is None:
@@ -197,8 +209,22 @@ class SFTTrainer:
         self.settings, self.max_length, ignored = self.args.to_settings(model)
         if no_adapter:
             ignored.append("full fine-tuning without peft_config (jaxsloth trains its default LoRA adapter instead)")
+        self.callbacks = []
+        for cb in callbacks or ():
+            if hasattr(cb, "early_stopping_patience"):  # transformers' EarlyStoppingCallback
+                self.settings["early_stopping_patience"] = cb.early_stopping_patience
+                self.settings["early_stopping_threshold"] = cb.early_stopping_threshold
+            elif callable(cb) or hasattr(cb, "on_evaluate"):  # a jaxsloth callback (jaxsloth.train.evaluate)
+                self.callbacks.append(cb)
+            else:
+                ignored.append(
+                    f"callback {type(cb).__name__} (jaxsloth's take cb(record) / cb.on_evaluate(record, model))"
+                )
+        if formatting_func is not None and eval_dataset is not None:
+            eval_dataset = _formatted(eval_dataset, formatting_func)
+        self.eval_dataset = eval_dataset
         if eval_dataset is not None:
-            ignored.append("eval_dataset (no evaluation loop yet)")
+            self.settings["eval_dataset"] = eval_dataset
         if data_collator is not None:
             ignored.append("data_collator (jaxsloth tokenizes and packs itself)")
         if ignored:
@@ -227,6 +253,7 @@ class SFTTrainer:
         length = model.max_seq_length
         if self.max_length is not None:
             model.max_seq_length = self.max_length  # for this run only
+        kwargs.setdefault("callbacks", self.callbacks)
         try:
             result = api.train(model, self.tokenizer, self.train_dataset, **settings)
         finally:
@@ -237,6 +264,23 @@ class SFTTrainer:
         metrics = {"train_runtime": runtime, "train_loss": loss, "train_steps_per_second": len(losses) / runtime}
         self.state = result
         return TrainOutput(result.step, loss, metrics)
+
+    def evaluate(self, eval_dataset=None) -> dict[str, float]:
+        """{"eval_loss", "eval_tokens", "eval_runtime"} of the model as it is now over eval_dataset (default: the
+        one given to the trainer), packed and masked as training packs and masks it."""
+        from jaxsloth.train.evaluate import evaluate_model
+
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        if data is None:
+            raise ValueError("SFTTrainer.evaluate needs an eval_dataset (here or in SFTTrainer(...))")
+        model, start, length = self.model, time.perf_counter(), self.model.max_seq_length
+        if self.max_length is not None:
+            model.max_seq_length = self.max_length
+        try:
+            metrics = evaluate_model(model, self.tokenizer, data, **self.settings)
+        finally:
+            model.max_seq_length = length
+        return {**metrics, "eval_runtime": time.perf_counter() - start}
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """The adapter in PEFT format with the tokenizer (default: output_dir)."""

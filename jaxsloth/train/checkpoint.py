@@ -72,6 +72,16 @@ def damage(step_dir: Path) -> str | None:
     return None
 
 
+class _KeptSteps:
+    """Orbax preservation policy: keep the steps in ``steps`` (a set the owner updates as training goes)."""
+
+    def __init__(self, steps: set[int]):
+        self.steps = steps
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
     """save(step, state, meta, identity) / latest_good() / restore(step, abstract_state) over a directory of step
     folders.
@@ -83,6 +93,7 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = Path(directory).absolute()
         self.keep = keep
+        self.kept_steps: set[int] = set()  # kept besides the latest ``keep`` (the best evaluated step)
         self._manager: ocp.CheckpointManager | None = None
 
     @property
@@ -91,7 +102,13 @@ class Checkpointer:
         if self._manager is None:
             self._manager = ocp.CheckpointManager(
                 self.directory,
-                options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True, cleanup_tmp_directories=True),
+                options=ocp.CheckpointManagerOptions(
+                    preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
+                        [ocp.checkpoint_managers.LatestN(self.keep), _KeptSteps(self.kept_steps)]
+                    ),
+                    create=True,
+                    cleanup_tmp_directories=True,
+                ),
             )
         return self._manager
 

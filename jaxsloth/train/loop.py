@@ -23,6 +23,7 @@ from jaxsloth.profiles import Profile
 from jaxsloth.quant import is_nf4
 from jaxsloth.sharding import batch_devices, place_train_state, put_key, shard_batch
 from jaxsloth.train.checkpoint import Checkpointer, array_to_key, key_to_array
+from jaxsloth.train.evaluate import Evaluator
 from jaxsloth.train.identity import check_identity, run_identity
 from jaxsloth.train.interrupts import InterruptGuard, TrainingInterrupted
 from jaxsloth.train.step import (
@@ -46,6 +47,8 @@ class TrainResult:
     step: int
     history: list[dict]
     interrupted: bool = False
+    evals: list[dict] = dataclasses.field(default_factory=list)  # the evaluation records (jaxsloth.train.evaluate)
+    best_step: int | None = None  # the step of the lowest eval_loss
 
 
 def validate_batch(batch: dict[str, np.ndarray], vocab_size: int, step: int) -> None:
@@ -165,6 +168,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     mesh: Mesh | None = None,
     shard_lora: bool = False,
+    evaluator: Evaluator | None = None,
 ) -> TrainResult:
     """Trains ``trainable`` for train_config.max_steps steps over batches from ``loader``.
 
@@ -186,6 +190,11 @@ def fit(
     on every process (same seed, same order); each process places only its own rows. Frozen weights shard over
     fsdp, LoRA and optimizer state are replicated, or sharded over fsdp with ``shard_lora``. Checkpoints are
     sharded and restore onto the current mesh, so a run may resume on a different device count.
+
+    evaluator (jaxsloth.train.evaluate): evaluate every ``evaluator.every`` steps and after the last one, each
+    record going to the callbacks; stop early when its tracker says so. With ``evaluator.load_best`` the best
+    step's checkpoint is kept from rotation and the result holds the best step's adapter (the last checkpoint
+    still holds the last step, to resume from). Early-stopping state is saved with each checkpoint.
     """
     tc = train_config
     identity = run_identity(config, params, lora, tc, loader)
@@ -210,6 +219,10 @@ def fit(
         state, meta = ckpt.restore(found[0], abstract)
         trainable, opt_state, key = state["trainable"], state["opt_state"], array_to_key(state["key"])
         step = int(meta["step"])
+        if evaluator is not None and meta.get("eval") is not None:
+            evaluator.tracker.load_state_dict(meta["eval"])
+            if evaluator.load_best and evaluator.tracker.best_step is not None:
+                ckpt.kept_steps.add(evaluator.tracker.best_step)
         if meta.get("data") is not None and hasattr(loader, "load_state_dict"):
             loader.load_state_dict(meta["data"])
         log.info("resumed from %s at step %d", step_dir, step)
@@ -238,7 +251,7 @@ def fit(
                 ckpt.save(
                     step,
                     {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)},
-                    {"step": step, "data": data_state},
+                    {"step": step, "data": data_state, "eval": evaluator and evaluator.tracker.state_dict()},
                     identity,
                 )
             except OSError:
@@ -250,6 +263,20 @@ def fit(
     learning_rate = learning_rate_schedule(tc)
     compiled_steps: dict[tuple[int, int], Callable] = {}  # batch shape -> the step compiled (and checked) for it
     history: list[dict] = []
+    evals: list[dict] = []
+    best_trainable = None  # a copy of the best step's adapter (load_best)
+    start_step = step
+
+    def evaluate() -> None:
+        nonlocal best_trainable
+        evals.append(evaluator.evaluate(step, trainable, params, callbacks))
+        if evaluator.load_best and evaluator.tracker.best_step == step:
+            best_trainable = jax.tree.map(jnp.copy, trainable)  # the step donates trainable's buffers
+            if ckpt is not None:
+                save()
+                ckpt.kept_steps.clear()
+                ckpt.kept_steps.add(step)
+
     failure: BaseException | None = None
     with guard:
         try:
@@ -325,12 +352,26 @@ def fit(
                 history.append(record)
                 for cb in callbacks:
                     cb(record)
+                if evaluator is not None and evaluator.due(step):
+                    evaluate()
+                    if evaluator.tracker.should_stop:
+                        log.info(
+                            "early stopping at step %d: eval_loss has not improved on %.4f (step %d) for %d evaluations",
+                            step,
+                            evaluator.tracker.best_loss,
+                            evaluator.tracker.best_step,
+                            evaluator.tracker.bad_evals,
+                        )
+                        guard.check()
+                        break
                 due = (save_every and step % save_every == 0) or (
                     save_every_seconds and time.monotonic() - last_save >= save_every_seconds
                 )
                 if due:
                     save()
                 guard.check()  # a signal held during the step or the save stops the run here, its step recorded
+            if evaluator is not None and step > start_step and evaluator.last_step != step:
+                evaluate()
         except BaseException as e:  # noqa: BLE001 - saved below, then re-raised
             failure = e
             if isinstance(e, KeyboardInterrupt) and ckpt is not None:
@@ -352,4 +393,13 @@ def fit(
         raise TrainingInterrupted(signum, saved_step=kept if kept == step else None, kept_step=kept) from None
     if failure is not None:
         raise failure
-    return TrainResult(trainable, opt_state, step, history)
+    best_step = None if evaluator is None else evaluator.tracker.best_step
+    if evaluator is not None and evaluator.load_best and best_step not in (None, step):
+        if best_trainable is None:  # the best step came before this run resumed: read its checkpoint
+            abstract = {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)}
+            reader = Checkpointer(checkpoint_dir, keep=keep)
+            best_trainable = reader.restore(best_step, abstract)[0]["trainable"]
+            reader.close()
+        log.info("returning the adapter of step %d (eval_loss %.4f)", best_step, evaluator.tracker.best_loss)
+        trainable = best_trainable
+    return TrainResult(trainable, opt_state, step, history, evals=evals, best_step=best_step)

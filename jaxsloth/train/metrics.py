@@ -38,6 +38,9 @@ class ProgressBar:
         self.bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True)
 
     def __call__(self, record: dict) -> None:
+        if "eval_loss" in record:  # an evaluation: one line above the bar
+            self.bar.write(f"step {record['step']}: eval_loss {_number(record['eval_loss'])}")
+            return
         post = {"loss": _number(record["loss"]), "tok/s": f"{record['tokens_per_s']:,.0f}"}
         if record.get("peak_gib") is not None:
             post["mem"] = f"{record['peak_gib']:.2f}GiB"
