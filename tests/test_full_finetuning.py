@@ -121,7 +121,6 @@ def test_full_finetuning_steps_match_torch_adamw(tiny):
     assert metrics[0]["grad_norm"] > ADAMW["max_grad_norm"]  # the clipping is exercised
     for step, (w, state) in enumerate(zip(weights, states, strict=True), 1):
         for name, value in to_hf_state_dict(w, config).items():
-            print(step, name, np.abs(value - state[name]).max())
             assert_close(value, state[name], "adamw_f32_weights", err_msg=f"step {step}: {name}")
 
 
@@ -175,7 +174,6 @@ def test_8bit_moments_train_and_step_close_to_float32(tiny):
         )  # noqa: E501
         d8 = np.concatenate([(b - a).ravel() for a, b in zip(jax.tree.leaves(w8[step - 1]), jax.tree.leaves(w8[step]))])  # noqa: E501
         rel = np.linalg.norm(d8 - d32) / np.linalg.norm(d32)
-        print(f"step {step + 1}: relative update difference {rel:.3g}")
         assert rel < bound, f"step {step + 1}: 8-bit update differs from the f32 one by {rel:.3g} (relative)"
     state = _step(config, "8bit")[1].init(params)
     f32_state_bytes = 8 * sum(x.size for x in jax.tree.leaves(params))
