@@ -301,3 +301,27 @@ def test_unsloth_target_modules_embed_tokens_and_lm_head_train_full_copies():
     lora = model.lora
     assert lora.train_embeddings and lora.train_lm_head and lora.embedding_learning_rate == 5e-6
     assert lora.target_modules == ("q_proj", "v_proj") and {"embed", "lm_head"} <= set(model.trainable)
+
+
+def test_bench_full_finetuning_step_and_memory_model(tmp_path):
+    """`jaxsloth.bench.step --full-finetuning` (the H200 suite full_ft_h200.sh): XLA's plan for the step takes every
+    weight and both f32 moments as arguments, and the memory model counts them with a gradient per weight."""
+    from jaxsloth.bench import step
+    from jaxsloth.models.decoder import count_params
+    from jaxsloth.train.memory import GIB, estimate_step_memory
+
+    out = tmp_path / "plan.jsonl"
+    step.main(["--model-path", str(demo.MODEL_DIR), "--quant", "bf16", "--full-finetuning", "--profile", "cpu"]
+              + ["--batch", "1", "--seq", "32", "--compile-only", "--out", str(out)])  # fmt: skip
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert rec["workload"] == "model-full-b1-s32" and rec["optimizer_state"] == "float32"
+    config, params = load_hf_model(demo.MODEL_DIR, dtype=jnp.float32)
+    n = count_params(params)
+    assert rec["compiled_argument_gib"] * GIB >= n * (4 + 8)  # f32 weights and two f32 moments per weight
+    kw = dict(batch=1, seq_len=32, quantized=False, lora_r=None)
+    full = estimate_step_memory(config, PROFILE, **kw)
+    eight = estimate_step_memory(config, PROFILE.replace(optimizer_state="8bit"), **kw)
+    assert full.fixed_gib * GIB == pytest.approx(n * (4 + 4 + 8) + GIB)  # weights, gradients, moments, workspace
+    assert (full.fixed_gib - eight.fixed_gib) * GIB == pytest.approx(n * (8 - 2 * (1 + 4 / 256)))
+    with pytest.raises(SystemExit, match="bf16"):
+        step.main(["--model-path", str(demo.MODEL_DIR), "--quant", "nf4", "--full-finetuning", "--out", str(out)])
