@@ -43,6 +43,7 @@ class Model:
     lora: LoraConfig | None = None
     trainable: dict | None = None
     local_dir: str | None = None  # where `path` (a directory or a Hub id) was read from
+    full_finetuning: bool = False  # every weight trains (jaxsloth.load(..., full_finetuning=True)); no adapter
 
     def generate(self, tokenizer, prompts, max_new_tokens: int = 64, **sampling) -> list[str]:
         """Answers each prompt (KV cache). Returns the new text per prompt.
@@ -80,7 +81,8 @@ def load(path: str | os.PathLike, *, token: str | None = None, **settings):
             max_seq_length,
             config.max_position_embeddings,
         )
-    model = Model(config, params, prof, max_seq_length, os.fspath(path), local_dir=str(local))
+    model = Model(config, params, prof, max_seq_length, os.fspath(path), local_dir=str(local),
+                  full_finetuning=cfg.full_finetuning)  # fmt: skip
     return model, load_tokenizer(local if cfg.tokenizer is None else cfg.tokenizer, token=token)
 
 
@@ -103,6 +105,8 @@ def add_lora(model: Model, *, seed: int = 0, overwrite: bool = False, **settings
     replaces it with a fresh one: calling add_lora again must not silently discard training.
     """
     lora = LoraConfig(**settings)
+    if model.full_finetuning:
+        raise ValueError("the model was loaded with full_finetuning=True: every weight trains, so it takes no adapter")
     if model.trainable is not None and not overwrite:
         raise ValueError(
             f"the model already has a LoRA adapter (r={model.lora.r}); keep training it by passing the model to "
@@ -114,7 +118,8 @@ def add_lora(model: Model, *, seed: int = 0, overwrite: bool = False, **settings
 
 @takes_settings(TrainConfig)
 def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: bool = True, **settings):
-    """Fine-tunes ``model``'s adapter on ``data``: a data file, a dataset folder or Hub id (``split``, and
+    """Fine-tunes ``model``'s adapter (or, loaded with full_finetuning=True, every weight: ``model.params`` becomes
+    the trained weights) on ``data``: a data file, a dataset folder or Hub id (``split``, and
     ``dataset_config`` for load_dataset's name), a list of records, or a datasets.Dataset / IterableDataset.
 
     Steps: max_steps, or num_train_epochs over the data (default 1 epoch). With output_dir: checkpoints (resumable;
@@ -156,7 +161,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     tc = TrainConfig(**settings)  # every setting checked before anything is loaded
     check_installed(tc.report_to)  # a tracker's missing package, too
     compile_cache.enable()
-    if model.trainable is None:
+    if model.trainable is None and not model.full_finetuning:
         raise ValueError("the model has no adapter to train: call jaxsloth.add_lora(model, ...) first")
     if tokenizer is None:
         raise ValueError(
@@ -224,6 +229,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     unroll = model.profile.unrolled_layers and device_mesh is None and not layers_unstacked(model.params)
     if unroll:
         model.params = unstack_layers(model.params, consume=True)
+    result = None
     try:
         if first:
             cbs += standard_callbacks(
@@ -233,7 +239,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
         result = fit(
             model.config,
             model.params,
-            model.trainable,
+            None if model.full_finetuning else model.trainable,
             loader,
             lora=model.lora,
             train_config=tc,
@@ -246,16 +252,28 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             shard_lora=tc.shard_lora,
             evaluator=evaluator,
         )
+    except BaseException as e:
+        if model.full_finetuning:  # the step took the weights: the last completed step's, when it handed them back
+            model.params = getattr(e, "trained_weights", model.params)
+        raise
     finally:
         # Every sink is closed even when one fails; a failing close never hides the error that stopped training.
         close_errors = close_all(cbs)
-        if unroll:
+        if model.full_finetuning and result is not None:
+            model.params = result.trainable
+        if unroll and not _deleted(model.params):
             model.params = stack_layers(model.params, consume=True)
         held.close()
     if close_errors:
         raise close_errors[0]
-    model.trainable = result.trainable
+    if not model.full_finetuning:
+        model.trainable = result.trainable
     return result
+
+
+def _deleted(tree) -> bool:
+    """Whether a training step took (donated) these arrays and none came back (full fine-tuning's failed step)."""
+    return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
 
 
 def save_adapter(model: Model, path: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:

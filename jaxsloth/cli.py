@@ -151,10 +151,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     initialize_distributed()  # several hosts: JAX_COORDINATOR_ADDRESS etc. or SLURM; before any device is touched
 
+    if s["full_finetuning"]:
+        lora_set = [f.name for f in dataclasses.fields(config.LoraConfig) if s[f.name] != f.default]
+        if lora_set:
+            raise ValueError(f"full_finetuning trains every weight, with no adapter: drop {', '.join(lora_set)}")
     out = Path(s["output_dir"])
     data = _checked_before_loading(s, out)
     model, tokenizer = jaxsloth.load(s["model"], **_api_settings(config.LoadConfig, s))
-    model = jaxsloth.add_lora(model, seed=s["seed"], **_api_settings(config.LoraConfig, s))
+    if not s["full_finetuning"]:
+        model = jaxsloth.add_lora(model, seed=s["seed"], **_api_settings(config.LoraConfig, s))
     out.mkdir(parents=True, exist_ok=True)
     try:
         result = jaxsloth.train(model, tokenizer, data, **{**_api_settings(config.TrainConfig, s), "output_dir": out})
@@ -164,16 +169,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         message, code = interrupted_message(e, out / "checkpoints")
         print(f"\n{message}", file=sys.stderr)
         return code
-    adapter = jaxsloth.save_adapter(model, out / "adapter", overwrite=True)  # this run's own adapter folder
+    if s["full_finetuning"]:  # every weight trained: the whole model, in its own dtype
+        dtype = model.profile.dtype.name
+        saved = f"model: {jaxsloth.save_merged(model, out / 'model', dtype=dtype, tokenizer=tokenizer, overwrite=True)}"
+    else:
+        saved = f"PEFT adapter: {jaxsloth.save_adapter(model, out / 'adapter', overwrite=True)}"  # this run's own
     if not result.history:
         print(
             f"the run in {out} is already complete (step {result.step} of {result.step}); nothing to train. Pass a "
-            f"larger --max-steps (with --resume) to train further, or --overwrite to start again. PEFT adapter: "
-            f"{adapter}"
+            f"larger --max-steps (with --resume) to train further, or --overwrite to start again. {saved}"
         )
         return 0
     last = result.history[-1]["loss"]
-    print(f"trained {result.step} steps (final loss {last:.4f}); PEFT adapter: {adapter}; metrics: {out}")
+    print(f"trained {result.step} steps (final loss {last:.4f}); {saved}; metrics: {out}")
     return 0
 
 

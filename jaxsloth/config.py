@@ -37,6 +37,7 @@ from jaxsloth import ops
 from jaxsloth.data.formats import FORMATS, resolve_format
 from jaxsloth.models.decoder import LAYER_LOOPS, LINEARS, REMAT_POLICIES, LoraRuntime
 from jaxsloth.profiles import LONG_CONTEXT, PROFILES, Profile, profile_for_device
+from jaxsloth.train.optim8bit import OPTIMIZER_STATES
 from jaxsloth.train.trackers import REPORT_TO_CHOICES, resolve_report_to
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -313,7 +314,7 @@ _PROFILE_FIELDS_ELSEWHERE = {
     "kernels": "kernels and the per-op fields",
     "micro_batch": "per_device_train_batch_size",
 }
-_PROFILE_CHOICES = {"remat": REMAT_POLICIES, "layer_loop": LAYER_LOOPS}
+_PROFILE_CHOICES = {"remat": REMAT_POLICIES, "layer_loop": LAYER_LOOPS, "optimizer_state": OPTIMIZER_STATES}
 
 
 def _override_fields() -> list[tuple]:
@@ -348,6 +349,9 @@ class _LoadFields(Settings):
         None, "tokenizer directory or Hub id, when the model has none", default_help="the model's own"
     )
     load_in_4bit: bool = setting(False, "QLoRA: quantize the frozen weights to NF4 while loading")
+    full_finetuning: bool = setting(
+        False, "train every weight, no adapter (16-bit weights; optimizer_state 8bit shrinks the AdamW moments)"
+    )
     max_seq_length: int = setting(2048, "tokens per packed row; longer examples are truncated", minimum=1)
     dtype: str | None = setting(
         None,
@@ -370,6 +374,10 @@ class _LoadFields(Settings):
     )  # fmt: skip
 
     def _validate(self) -> None:
+        if self.full_finetuning and self.load_in_4bit:
+            raise ValueError(
+                "full_finetuning=True trains every weight and load_in_4bit=True freezes them in NF4: choose one"
+            )
         both = set(parse_kernels(self.kernels)) & {op for op in ops.KERNEL_OPS if getattr(self, op) is not None}
         if both:
             raise ValueError(f"kernel for {sorted(both)[0]} given twice: in kernels and as its own setting")

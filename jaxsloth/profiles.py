@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxsloth.models.decoder import LAYER_LOOPS, REMAT_POLICIES
 from jaxsloth.ops import BlocksByHeadDim, KernelChoice, Ops
+from jaxsloth.train.optim8bit import OPTIMIZER_STATES
 from pallas_kernels.attention.common import AttentionBlocks
 
 
@@ -30,7 +31,8 @@ class Profile:
     memory-lean remat policies (full, offload), where the unrolled program held more memory than the scan
     (BENCHMARKS.md, layer loop); dots_layers: the first this many layers remat "dots" (every
     projection output kept) while the rest use ``remat``, a memory budget between the two that needs the unrolled
-    loop."""
+    loop; optimizer_state: how AdamW stores its two moments: float32, or 8bit (blockwise int8 with a dynamic
+    quantization map, as bitsandbytes' Adam8bit: about a quarter of the memory; jaxsloth.train.optim8bit)."""
 
     name: str
     compute_dtype: str = "bfloat16"
@@ -42,6 +44,7 @@ class Profile:
     remat_group: int = 1
     layer_loop: str = "scan"
     dots_layers: int = 0
+    optimizer_state: str = "float32"
 
     def __post_init__(self):
         if self.layer_loop not in LAYER_LOOPS:
@@ -52,6 +55,10 @@ class Profile:
             raise ValueError(f"dots_layers={self.dots_layers} needs layer_loop 'unrolled' or 'auto', not 'scan'")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"unknown optimizer_state {self.optimizer_state!r}; choose one of: {', '.join(OPTIMIZER_STATES)}"
+            )
         if self.compute_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"unsupported compute_dtype {self.compute_dtype!r}")
 

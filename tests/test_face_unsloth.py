@@ -149,9 +149,7 @@ def test_from_pretrained_maps_unsloth_defaults():
     assert not isinstance(model.params["layers"]["q_proj"]["weight"], jax.Array)  # Unsloth's default: 4-bit
 
 
-def test_from_pretrained_refuses_full_finetuning_and_names_ignored_arguments():
-    with pytest.raises(NotImplementedError, match="full_finetuning"):
-        FastLanguageModel.from_pretrained(str(demo.MODEL_DIR), full_finetuning=True)
+def test_from_pretrained_names_ignored_arguments():
     with pytest.warns(UserWarning, match="device_map"):
         FastLanguageModel.from_pretrained(str(demo.MODEL_DIR), load_in_4bit=False, device_map="auto")
     with pytest.raises(TypeError, match="not_a_setting"):

@@ -4,6 +4,7 @@
         --batch 2 --seq 2048 --profile h200 --out step.jsonl
 
 LoRA r=16, alpha=16 on q,k,v,o,gate,up,down, no dropout; AdamW on LoRA only; random token ids with labels = inputs.
+--full-finetuning (with --quant bf16) trains every weight instead, AdamW moments as --optimizer-state says.
 Reports the median step time after warm-up, tokens/s and the peak of device.memory_stats()["peak_bytes_in_use"].
 Speed and memory do not depend on the weight values, so NF4 weights are random bytes (no quantization pass).
 """
@@ -147,7 +148,9 @@ def run(args) -> dict:
         profile = profile.replace(blocks=(*dict(profile.kernels.blocks, attention=blocks).items(),))
         default = dataclasses.asdict(base)
         tiles = {k: v for k, v in dataclasses.asdict(blocks).items() if v != default[k]}  # what the record names
-    lora = LoraConfig(r=16, lora_alpha=16.0)
+    if args.full_finetuning and args.quant != "bf16":
+        raise SystemExit("--full-finetuning trains 16-bit weights: use --quant bf16")
+    lora = None if args.full_finetuning else LoraConfig(r=16, lora_alpha=16.0)
     tc = TrainConfig(learning_rate=2e-4, max_steps=10_000, gradient_accumulation_steps=args.grad_accum)
     t0 = time.perf_counter()
     mesh = None if args.mesh is None else make_mesh(args.mesh)
@@ -155,8 +158,11 @@ def run(args) -> dict:
     layer_loop = "unrolled" if profile.unrolled_layers and mesh is None else "scan"  # as jaxsloth.train decides
     if layer_loop == "unrolled":
         params = unstack_layers(params, consume=True)
-    trainable = init_lora(config, lora, jax.random.key(1))
-    optimizer = make_optimizer(tc, lora, trainable)
+    if lora is None:  # every weight trains: the step takes them as its trainable state
+        trainable, params = params, {}
+    else:
+        trainable = init_lora(config, lora, jax.random.key(1))
+    optimizer = make_optimizer(tc, lora, trainable, profile.optimizer_state)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch * args.grad_accum, args.seq))
     targets = np.concatenate([ids[:, 1:], np.full((ids.shape[0], 1), -100)], axis=1)
     batch = {"tokens": ids.astype(np.int32), "targets": targets.astype(np.int32)}
@@ -183,7 +189,8 @@ def run(args) -> dict:
     compiled = step.lower(state["t"], state["o"], params, batch, key_of(2)).compile()
     compile_s = time.perf_counter() - t0
     print(f"compiled in {compile_s:.1f} s", flush=True)
-    estimate = estimate_step_memory(config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4")
+    estimate = estimate_step_memory(config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4",
+                                    lora_r=None if lora is None else lora.r)  # fmt: skip
     if args.compile_only:
         return _record(
             args, model_name, profile, layer_loop, compile_only=True, compile_s=compile_s, setup_s=setup_s,
@@ -237,7 +244,7 @@ def _record(args, model_name: str, profile, layer_loop: str, **fields) -> dict:
     the environment."""
     return {
         "system": "jaxsloth",
-        "workload": f"{model_name}-{'qlora' if args.quant == 'nf4' else 'lora'}-b{args.batch}-s{args.seq}",
+        "workload": f"{model_name}-{_method(args)}-b{args.batch}-s{args.seq}",
         **fields,
         "profile": profile.name,
         **{k: getattr(profile, k) for k in PROFILE_OVERRIDES},
@@ -245,6 +252,12 @@ def _record(args, model_name: str, profile, layer_loop: str, **fields) -> dict:
         "kernels": {k: getattr(profile.kernels, k) for k in KERNEL_OPS},
         **environment(),
     }
+
+
+def _method(args) -> str:
+    if args.full_finetuning:
+        return "full"
+    return "qlora" if args.quant == "nf4" else "lora"
 
 
 def _compiled_memory(compiled) -> dict:
@@ -281,6 +294,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
+    p.add_argument("--full-finetuning", action="store_true", help="train every weight, no LoRA (needs --quant bf16)")
     p.add_argument("--compile-only", action="store_true", help="report XLA's memory plan for the step; do not run")
     p.add_argument("--trace", default=None, help=f"directory: profile {TRACED_STEPS} more steps, summarize device time")
     p.add_argument("--out", default=None)

@@ -201,8 +201,10 @@ class SFTTrainer:
             self.tokenizer = self.tokenizer if self.tokenizer is not None else loaded_tokenizer
         if not isinstance(model, api.Model):
             raise TypeError(f"SFTTrainer: model must be a jaxsloth Model or a model path / Hub id, got {type(model)}")
-        no_adapter = peft_config is None and model.trainable is None
-        if peft_config is not None or model.trainable is None:
+        if model.full_finetuning and peft_config is not None:
+            raise ValueError("SFTTrainer: the model trains every weight (full_finetuning=True); drop peft_config")
+        no_adapter = peft_config is None and model.trainable is None and not model.full_finetuning
+        if peft_config is not None or no_adapter:
             lora = {} if peft_config is None else lora_settings(peft_config)
             model = api.add_lora(model, seed=self.args.seed, overwrite=peft_config is not None, **lora)
         self.model = model
@@ -283,6 +285,10 @@ class SFTTrainer:
         return {**metrics, "eval_runtime": time.perf_counter() - start}
 
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
-        """The adapter in PEFT format with the tokenizer (default: output_dir)."""
+        """The adapter in PEFT format with the tokenizer (default: output_dir); with full fine-tuning, the whole
+        model in its own dtype."""
         out = output_dir if output_dir is not None else self.settings["output_dir"]
+        if self.model.full_finetuning:
+            dtype = self.model.profile.dtype.name
+            return api.save_merged(self.model, out, dtype=dtype, tokenizer=self.tokenizer, overwrite=True)
         return api.save_adapter(self.model, out, tokenizer=self.tokenizer, overwrite=True)

@@ -2,7 +2,7 @@
 ``save_pretrained*`` and transformers-style ``generate``, each mapped onto ``jaxsloth.api``.
 
 Unsloth arguments jaxsloth cannot honour fail with one line saying so when ignoring them would train a different
-model than asked for (full fine-tuning, 8-bit loading, LoRA bias, LoftQ, per-layer targets); arguments that only
+model than asked for (8-bit loading, LoRA bias, LoftQ, per-layer targets); arguments that only
 tune Unsloth's own runtime (device_map, fast_inference, ...) are ignored with one warning naming them.
 """
 
@@ -53,8 +53,11 @@ class UnslothModel(api.Model):
         return _generate_ids(self, input_ids, max_new_tokens, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None, **kwargs) -> Path:
-        """The LoRA adapter in PEFT format (``jaxsloth.save_adapter``)."""
+        """The LoRA adapter in PEFT format (``jaxsloth.save_adapter``); with full_finetuning, the whole model in its
+        own dtype (``jaxsloth.save_merged``), as transformers' save_pretrained."""
         _warn_ignored("save_pretrained", list(kwargs))
+        if self.full_finetuning:
+            return api.save_merged(self, save_directory, dtype=self.profile.dtype.name, tokenizer=tokenizer)
         return api.save_adapter(self, save_directory, tokenizer=tokenizer)
 
     def save_pretrained_merged(
@@ -157,14 +160,16 @@ class FastLanguageModel:
     ) -> tuple[UnslothModel, object]:
         """``jaxsloth.load`` with Unsloth's defaults (QLoRA: load_in_4bit=True) -> (model, tokenizer).
 
-        dtype: None (the profile's: bfloat16 on GPUs), a name or a torch dtype. kwargs: any other
-        ``jaxsloth.load`` setting (profile, remat, attention, ...); Unsloth's runtime-only arguments (device_map,
-        fast_inference, ...) are ignored with a warning."""
-        if full_finetuning:
-            raise NotImplementedError(
-                "full_finetuning=True: jaxsloth trains LoRA / QLoRA adapters only, not every weight; leave "
-                "full_finetuning=False and call FastLanguageModel.get_peft_model"
-            )
+        dtype: None (the profile's: bfloat16 on GPUs), a name or a torch dtype. full_finetuning: train every weight
+        (no adapter; pass the model to SFTTrainer as it is); as in Unsloth it turns 4-bit and 8-bit loading off,
+        with a warning naming them. kwargs: any other ``jaxsloth.load`` setting (profile, remat, attention,
+        optimizer_state, ...); Unsloth's runtime-only arguments (device_map, fast_inference, ...) are ignored
+        with a warning."""
+        if full_finetuning and (load_in_4bit or load_in_8bit):
+            # Unsloth's own rule: full fine-tuning trains 16-bit weights, so it loads them unquantized.
+            named = " and ".join(n for n, on in (("load_in_4bit", load_in_4bit), ("load_in_8bit", load_in_8bit)) if on)
+            warnings.warn(f"full_finetuning=True trains every 16-bit weight: {named} turned off", stacklevel=2)
+            load_in_4bit = load_in_8bit = False
         if load_in_8bit:
             raise NotImplementedError("load_in_8bit=True: jaxsloth quantizes to NF4 only; use load_in_4bit=True")
         names = spellings((LoadConfig,))
@@ -174,7 +179,8 @@ class FastLanguageModel:
         if unknown:  # one line naming them, where jaxsloth.load would name only the first
             raise TypeError(f"FastLanguageModel.from_pretrained: unknown arguments: {', '.join(sorted(unknown))}")
         model, tokenizer = api.load(model_name, token=token, max_seq_length=max_seq_length, dtype=_dtype_name(dtype),
-                                    load_in_4bit=load_in_4bit, **settings)  # fmt: skip
+                                    load_in_4bit=load_in_4bit, full_finetuning=full_finetuning,
+                                    **settings)  # fmt: skip
         return _as_unsloth(model, tokenizer), tokenizer
 
     @staticmethod
@@ -203,7 +209,12 @@ class FastLanguageModel:
         True -> "full", False -> "none". random_state: the LoRA initialisation seed. max_seq_length: the row length
         for training (default: from_pretrained's). bias other than "none", LoftQ, init_lora_weights other than True
         and layers_to_transform raise: jaxsloth does not implement them, and dropping them would silently train a
-        different adapter than the one asked for."""
+        different adapter than the one asked for. A model loaded with full_finetuning=True is returned as it is,
+        with a warning (as Unsloth): every weight trains already."""
+        if model.full_finetuning:
+            warnings.warn("get_peft_model: the model trains every weight (full_finetuning=True); no adapter added",
+                          stacklevel=2)  # fmt: skip
+            return _as_unsloth(model)
         refused = {
             "bias": bias != "none",
             "loftq_config": bool(loftq_config),

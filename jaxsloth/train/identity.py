@@ -24,6 +24,7 @@ LABELS = {
     "base_model.config": "base model config",
     "base_model.quantized": "base model quantization (--load-in-4bit)",
     "base_model.weights": "base model weights",
+    "lora": "full fine-tuning (--full-finetuning) or a LoRA adapter",
     "lora.r": "LoRA rank (--r)",
     "lora.lora_alpha": "LoRA alpha (--lora-alpha)",
     "lora.lora_dropout": "LoRA dropout (--lora-dropout)",
@@ -78,8 +79,8 @@ def weights_fingerprint(params: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def run_identity(config: ModelConfig, params: dict, lora: LoraConfig, tc: TrainConfig, loader) -> dict:
-    """The JSON identity stored with every checkpoint (see the module docstring)."""
+def run_identity(config: ModelConfig, params: dict, lora: LoraConfig | None, tc: TrainConfig, loader) -> dict:
+    """The JSON identity stored with every checkpoint (see the module docstring); lora None: full fine-tuning."""
     model = {k: v for k, v in dataclasses.asdict(config).items() if k != "hf_config"}
     quantized = any(is_nf4(x) for x in jax.tree.leaves(params, is_leaf=is_nf4))
     data = None
@@ -87,7 +88,9 @@ def run_identity(config: ModelConfig, params: dict, lora: LoraConfig, tc: TrainC
         data = {k: v for k, v in loader.state_dict().items() if k not in ("epoch", "index")}
     return {
         "base_model": {"config": _digest(model), "quantized": quantized, "weights": weights_fingerprint(params)},
-        "lora": {
+        "lora": None  # full fine-tuning
+        if lora is None
+        else {
             "r": lora.r,
             "lora_alpha": float(lora.lora_alpha),
             "lora_dropout": float(lora.lora_dropout),

@@ -83,7 +83,7 @@ def _is_quantized(params) -> bool:
     return any(is_nf4(x) for x in jax.tree.leaves(params, is_leaf=is_nf4))
 
 
-def _check_memory(config, profile, params, micro_batch, seq_len, lora_r) -> None:
+def _check_memory(config, profile, params, micro_batch, seq_len, lora_r: int | None) -> None:
     """Before the first compile: a step the memory model says cannot fit fails now, naming the longest length."""
     from jaxsloth.train.memory import check_fits, machine_memory_gib
 
@@ -115,7 +115,7 @@ def _compile_step(step_fn, args, config, profile, params, micro_batch, seq_len, 
     if mem is not None and stats is not None:
         quantized = _is_quantized(params)
         longest = longest_sequence(
-            config, profile, batch=micro_batch, quantized=quantized, device_gib=mem[0], host_gib=mem[1]
+            config, profile, batch=micro_batch, quantized=quantized, device_gib=mem[0], host_gib=mem[1], lora_r=lora_r
         )
         device, host = check_compiled_plan(
             stats,
@@ -154,10 +154,10 @@ def _consumed(tree) -> bool:
 def fit(
     config: ModelConfig,
     params: dict,
-    trainable: dict,
+    trainable: dict | None,
     loader: Iterator[dict[str, np.ndarray]],
     *,
-    lora: LoraConfig,
+    lora: LoraConfig | None,
     train_config: TrainConfig,
     profile: Profile,
     checkpoint_dir: str | None = None,
@@ -195,12 +195,21 @@ def fit(
     record going to the callbacks; stop early when its tracker says so. With ``evaluator.load_best`` the best
     step's checkpoint is kept from rotation and the result holds the best step's adapter (the last checkpoint
     still holds the last step, to resume from). Early-stopping state is saved with each checkpoint.
+    Full fine-tuning: trainable and lora None. Every weight of ``params`` trains; the step takes (donates) the
+    arrays of ``params`` rather than a copy, and TrainResult.trainable holds the trained weights. A run that fails
+    hands the last step's weights back on the exception's ``trained_weights`` (when the failed step had not already
+    taken them). Over a mesh the weights and optimizer state are replicated (data-parallel).
     """
     tc = train_config
     identity = run_identity(config, params, lora, tc, loader)
-    # The step donates its state buffers; copy (LoRA is small) so the caller's arrays stay valid.
-    trainable = jax.tree.map(jnp.copy, trainable)
-    optimizer = make_optimizer(tc, lora, trainable)
+    full = trainable is None
+    if full:  # every weight trains: no copy of the model beside it
+        trainable, params = params, {}
+    else:
+        # The step donates its state buffers; copy (LoRA is small) so the caller's arrays stay valid.
+        trainable = jax.tree.map(jnp.copy, trainable)
+    lora_r = None if full else lora.r
+    optimizer = make_optimizer(tc, lora, trainable, profile.optimizer_state)
     shardings = None
     if mesh is None:
         opt_state = optimizer.init(trainable)
@@ -291,7 +300,7 @@ def fit(
                 n_seq, seq_len = batch["tokens"].shape
                 if not history:
                     micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
-                    _check_memory(config, profile, params, micro, seq_len, lora.r)
+                    _check_memory(config, profile, trainable if full else params, micro, seq_len, lora_r)
                 if n_seq % tc.gradient_accumulation_steps:
                     raise ValueError(
                         f"batch of {n_seq} sequences does not split into gradient_accumulation_steps={tc.gradient_accumulation_steps} micro-batches"
@@ -312,7 +321,7 @@ def fit(
                     if (n_seq, seq_len) not in compiled_steps:
                         micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
                         compiled_steps[n_seq, seq_len] = _compile_step(
-                            step_fn, args, config, profile, params, micro, seq_len, lora.r
+                            step_fn, args, config, profile, params, micro, seq_len, lora_r
                         )
                     # The step, its result and the loader position and key that go with it are committed
                     # together: a signal waits for the step to finish rather than leave half a state.
@@ -390,8 +399,10 @@ def fit(
     if isinstance(failure, KeyboardInterrupt):
         signum = getattr(failure, "signum", signal.SIGINT)
         kept = saved_at if ckpt is not None and saved_at > 0 else None
-        raise TrainingInterrupted(signum, saved_step=kept if kept == step else None, kept_step=kept) from None
+        failure = TrainingInterrupted(signum, saved_step=kept if kept == step else None, kept_step=kept)
     if failure is not None:
+        if full and not _consumed(trainable):
+            failure.trained_weights = trainable
         raise failure
     best_step = None if evaluator is None else evaluator.tracker.best_step
     if evaluator is not None and evaluator.load_best and best_step not in (None, step):

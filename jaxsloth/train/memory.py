@@ -1,11 +1,13 @@
-"""A per-token memory model of the LoRA/QLoRA training step, to say before compiling whether a length fits and
-which length is the longest that does.
+"""A per-token memory model of the training step (LoRA, QLoRA, full fine-tuning), to say before compiling whether a
+length fits and which length is the longest that does.
 
 Bytes, for hidden D, MLP width F, kv width K (kv heads x head dim), Hq query heads, L layers, e bytes per
 activation (2 for bf16), g = remat_group (layers per residual checkpoint):
 
 - fixed: frozen weights (bf16: 2 per weight; NF4: 0.5 + block statistics, ~0.516), LoRA weights with their
-  gradient and two AdamW moments (4 x 4 bytes each), 1 GiB of XLA workspace, and the tiles of the MLP
+  gradient and two AdamW moments (4 x 4 bytes each; 8-bit moments: 2 x (1 + 4/256)), or in full fine-tuning a
+  gradient (e) and the two moments for every weight (the per-tensor temporaries of the update are not counted:
+  XLA fuses each tensor's update; the compiled plan check sees them), 1 GiB of XLA workspace, and the tiles of the MLP
   (3 F e per tiled token, x2 for gradients) and of the loss (the Pallas loss's [tile, 8192] gradient buffer; the
   chunked loss's [1024, V] f32 logits and their 16-bit gradient, beyond a layer's recompute temporaries).
 - per token, residual checkpoints: (L / g) D e; on the host when remat is "offload", else on the device.
@@ -49,16 +51,36 @@ class Longest:
     limited_by: str  # "device" or "host"
 
 
-def _weights_bytes(config: ModelConfig, quantized: bool, e: int) -> float:
+def _weight_counts(config: ModelConfig) -> tuple[int, int]:
+    """(projection weights, every other weight: embeddings, LM head, norms)."""
     proj = sum(o * i for o, i in linear_shapes(config).values()) * config.num_layers
     other = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     other += config.hidden_size * (2 * config.num_layers + 1)
+    return proj, other
+
+
+def _weights_bytes(config: ModelConfig, quantized: bool, e: int) -> float:
+    proj, other = _weight_counts(config)
     per_weight = 0.5 + 1 / 64 + 4 / (64 * 256) if quantized else e
     return proj * per_weight + other * e
 
 
-def _lora_bytes(config: ModelConfig, r: int) -> float:
-    return 16 * r * sum(o + i for o, i in linear_shapes(config).values()) * config.num_layers
+def _moment_bytes(profile: Profile) -> float:
+    """Bytes of AdamW's two moments per trained value: f32, or 8-bit codes with an f32 absmax per 256."""
+    return 8.0 if profile.optimizer_state == "float32" else 2 * (1 + 4 / 256)
+
+
+def _trained_bytes(config: ModelConfig, lora_r: int | None, e: int, profile: Profile) -> float:
+    """LoRA (f32 weights and gradients, and the moments), or in full fine-tuning (lora_r None) a gradient in the
+    weights' dtype and the moments for every weight (the weights themselves are in ``_weights_bytes``)."""
+    if lora_r is None:
+        return sum(_weight_counts(config)) * (e + _moment_bytes(profile))
+    return (
+        (8 + _moment_bytes(profile))
+        * lora_r
+        * sum(o + i for o, i in linear_shapes(config).values())
+        * config.num_layers
+    )
 
 
 def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
@@ -87,13 +109,14 @@ def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
 
 
 def estimate_step_memory(
-    config: ModelConfig, profile: Profile, *, batch: int, seq_len: int, quantized: bool, lora_r: int = 16
+    config: ModelConfig, profile: Profile, *, batch: int, seq_len: int, quantized: bool, lora_r: int | None = 16
 ) -> MemoryEstimate:
+    """lora_r None: full fine-tuning (every weight with its gradient and AdamW moments)."""
     e = profile.dtype.itemsize
     D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
     K, Hq, g = config.num_kv_heads * config.head_dim, config.num_heads, max(profile.remat_group, 1)
     tokens = batch * seq_len
-    fixed = _weights_bytes(config, quantized, e) + _lora_bytes(config, lora_r) + GIB
+    fixed = _weights_bytes(config, quantized, e) + _trained_bytes(config, lora_r, e, profile) + GIB
     residual = (L / g) * D * e
     layer = (6 * D + 2 * K) * e + 2 * D * e + 4 * Hq
     if profile.mlp_chunk:
@@ -127,10 +150,17 @@ def estimate_step_memory(
 
 
 def longest_sequence(
-    config: ModelConfig, profile: Profile, *, batch: int = 1, quantized: bool, device_gib: float, host_gib: float
+    config: ModelConfig,
+    profile: Profile,
+    *,
+    batch: int = 1,
+    quantized: bool,
+    device_gib: float,
+    host_gib: float,
+    lora_r: int | None = 16,
 ) -> Longest:
     """The longest seq_len (a multiple of 1024) the model says fits in ``device_gib`` and ``host_gib``."""
-    est = estimate_step_memory(config, profile, batch=batch, seq_len=1, quantized=quantized)
+    est = estimate_step_memory(config, profile, batch=batch, seq_len=1, quantized=quantized, lora_r=lora_r)
     dev_tokens = (device_gib - est.fixed_gib) * GIB / est.device_bytes_per_token
     host_tokens = host_gib * GIB / est.host_bytes_per_token if est.host_bytes_per_token else float("inf")
     tokens = max(int(min(dev_tokens, host_tokens) / batch) // 1024 * 1024, 0)
@@ -159,14 +189,14 @@ def check_fits(
     quantized: bool,
     device_gib: float,
     host_gib: float,
-    lora_r: int = 16,
+    lora_r: int | None = 16,
 ) -> MemoryEstimate:
     """Raises MemoryError naming the longest length that fits when ``seq_len`` does not (before compiling)."""
     est = estimate_step_memory(config, profile, batch=batch, seq_len=seq_len, quantized=quantized, lora_r=lora_r)
     if est.device_gib <= device_gib and est.host_gib <= host_gib:
         return est
     longest = longest_sequence(
-        config, profile, batch=batch, quantized=quantized, device_gib=device_gib, host_gib=host_gib
+        config, profile, batch=batch, quantized=quantized, device_gib=device_gib, host_gib=host_gib, lora_r=lora_r
     )
     raise MemoryError(
         f"batch {batch} x {seq_len:,} tokens needs about {est.device_gib:.1f} GiB of device memory and "

@@ -1,5 +1,6 @@
-"""The training step: value_and_grad over the LoRA tree only, gradient accumulation inside the jitted step,
-optax AdamW with warmup + schedule, global-norm clipping and a weight-decay mask.
+"""The training step: value_and_grad over the trainable tree (the LoRA tree, or in full fine-tuning every
+weight), gradient accumulation inside the jitted step, AdamW with warmup + schedule (moments in f32 or 8 bits,
+jaxsloth.train.optim8bit), global-norm clipping and a weight-decay mask.
 
 Loss = (sum of token losses over every micro-batch) / (number of counted tokens over every micro-batch), so
 accumulation gives exactly the large-batch loss. A non-finite loss or gradient never reaches the weights: the step
@@ -24,6 +25,7 @@ from jaxsloth.models.decoder import loss_sum_and_count
 from jaxsloth.ops import Ops
 from jaxsloth.profiles import Profile
 from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, replicated
+from jaxsloth.train import optim8bit
 
 
 def learning_rate_schedule(tc: TrainConfig, peak: float | None = None) -> optax.Schedule:
@@ -44,24 +46,37 @@ def learning_rate_schedule(tc: TrainConfig, peak: float | None = None) -> optax.
 
 
 def _decay_mask(tree):
-    """Weight decay on matrices (LoRA A/B, trained embedding copies), never on vectors."""
-    return jax.tree.map(lambda x: x.ndim >= 2, tree)
+    """Weight decay on matrices (LoRA A/B, projection weights, embeddings, LM head), never on norms or biases (as
+    transformers' Trainer: its decay list leaves out biases and norm weights; a stacked norm is [layers, D])."""
+
+    def decays(path, x) -> bool:
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        return x.ndim >= 2 and name != "bias" and not name.endswith("norm")
+
+    return jax.tree_util.tree_map_with_path(decays, tree)
 
 
-def make_optimizer(tc: TrainConfig, lora: LoraConfig, trainable: dict) -> optax.GradientTransformation:
+def make_optimizer(
+    tc: TrainConfig, lora: LoraConfig | None, trainable: dict, optimizer_state: str = "float32"
+) -> optax.GradientTransformation:
+    """AdamW over ``trainable`` (lora None: full fine-tuning, every weight); optimizer_state: "float32" or "8bit"
+    moments (the profile's)."""
+
     def adamw(peak):
-        return optax.adamw(
+        return optim8bit.adamw(
             learning_rate_schedule(tc, peak),
             b1=tc.adam_beta1,
             b2=tc.adam_beta2,
             eps=tc.adam_epsilon,
             weight_decay=tc.weight_decay,
             mask=_decay_mask,
+            state=optimizer_state,
         )
 
-    if lora.embedding_learning_rate is not None and any(k in trainable for k in ("embed", "lm_head")):
+    embedding_lr = None if lora is None else lora.embedding_learning_rate
+    if embedding_lr is not None and any(k in trainable for k in ("embed", "lm_head")):
         labels = {k: ("embedding" if k in ("embed", "lm_head") else "lora") for k in trainable}
-        inner = optax.multi_transform({"lora": adamw(None), "embedding": adamw(lora.embedding_learning_rate)}, labels)
+        inner = optax.multi_transform({"lora": adamw(None), "embedding": adamw(embedding_lr)}, labels)
     else:
         inner = adamw(None)
     if not tc.max_grad_norm:  # None or 0: no clipping (clipping to norm 0 would zero every update)
@@ -69,23 +84,28 @@ def make_optimizer(tc: TrainConfig, lora: LoraConfig, trainable: dict) -> optax.
     return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), inner)
 
 
-def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile, ops: Ops | None = None) -> Callable:
-    """(trainable, params, micro_batch, key) -> (loss_sum, count). ops: default the profile's."""
+def make_loss_fn(config: ModelConfig, lora: LoraConfig | None, profile: Profile, ops: Ops | None = None) -> Callable:
+    """(trainable, params, micro_batch, key) -> (loss_sum, count). ops: default the profile's. lora None: full
+    fine-tuning: trainable is every weight of the model and params is unused."""
     ops = profile.ops if ops is None else ops
 
     def loss_fn(trainable, params, batch, key):
-        p, lora_tree = with_trainable(params, trainable)
+        if lora is None:
+            p, lora_tree, lora_kwargs, head_grad = trainable, None, {}, True
+        else:
+            p, lora_tree = with_trainable(params, trainable)
+            lora_kwargs = dict(lora_rt=lora.runtime, dropout_key=key if lora.lora_dropout > 0 else None)
+            head_grad = "embed" in trainable or "lm_head" in trainable
         return loss_sum_and_count(
             p,
             batch,
             config=config,
             ops=ops,
             lora=lora_tree,
-            lora_rt=lora.runtime,
+            **lora_kwargs,
             remat=profile.remat,
-            dropout_key=key if lora.lora_dropout > 0 else None,
             compute_dtype=profile.dtype,
-            head_grad="embed" in trainable or "lm_head" in trainable,
+            head_grad=head_grad,
             mlp_chunk=profile.mlp_chunk,
             loss_chunk=profile.loss_chunk,
             remat_group=profile.remat_group,
@@ -97,7 +117,7 @@ def make_loss_fn(config: ModelConfig, lora: LoraConfig, profile: Profile, ops: O
 
 def make_train_step(
     config: ModelConfig,
-    lora: LoraConfig,
+    lora: LoraConfig | None,
     tc: TrainConfig,
     profile: Profile,
     optimizer: optax.GradientTransformation,
@@ -108,7 +128,8 @@ def make_train_step(
     """Returns jitted ``step(trainable, opt_state, params, batch, key) -> (trainable, opt_state, metrics)``.
 
     batch: dict of [gradient_accumulation_steps * micro_batch, seq] int32 arrays (tokens, targets, positions, segment_ids).
-    trainable and opt_state are donated. Compiles once per (shapes, profile).
+    trainable and opt_state are donated. Compiles once per (shapes, profile). lora None: full fine-tuning
+    (trainable holds every weight; params is an empty dict).
 
     mesh: run over a ("data", "fsdp") device mesh (jaxsloth.sharding): every micro-batch is split by rows over
     data x fsdp, so micro_batch must divide by data * fsdp. shardings: (trainable, opt_state, params) trees of
@@ -130,11 +151,14 @@ def make_train_step(
             g_sum = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g)
             return (g_sum, l_sum + l, c_sum + c), None
 
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (g_sum, l_sum, count), _ = jax.lax.scan(accumulate, init, (micro, keys))
+        if n == 1:  # no f32 accumulator (in full fine-tuning, twice the 16-bit weights' size)
+            (l_sum, count), g_sum = grad_fn(trainable, params, jax.tree.map(lambda x: x[0], micro), keys[0])
+        else:
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            (g_sum, l_sum, count), _ = jax.lax.scan(accumulate, init, (micro, keys))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, trainable)
+        grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), g_sum, trainable)
         loss = l_sum / denom
         updates, new_opt = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
