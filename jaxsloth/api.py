@@ -154,7 +154,12 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     micro = (model.profile.micro_batch if per_device is None else per_device) * batch_devices(device_mesh)
     rows = micro * tc.gradient_accumulation_steps
     where = dict(split=tc.split, name=tc.dataset_config)
-    if tc.streaming or type(data).__name__ == "IterableDataset":
+    make_step = None  # fit's default: the SFT step
+    if tc.method != "sft":  # preference tuning (jaxsloth.methods): its own data and step in the same loop
+        from jaxsloth.methods.preference_train import preference_run
+
+        loader, make_step = preference_run(model, tokenizer, data, tc, micro)
+    elif tc.streaming or type(data).__name__ == "IterableDataset":
         if tc.max_steps is None:
             raise ValueError("a streamed dataset has no known length: give max_steps")
         loader = streaming_loader(
@@ -216,6 +221,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             callbacks=cbs,
             mesh=device_mesh,
             shard_lora=tc.shard_lora,
+            make_step=make_step,
         )
     finally:
         # Every sink is closed even when one fails; a failing close never hides the error that stopped training.

@@ -39,6 +39,7 @@ from jaxsloth.models.decoder import LAYER_LOOPS, LINEARS, REMAT_POLICIES, LoraRu
 from jaxsloth.profiles import LONG_CONTEXT, PROFILES, Profile, profile_for_device
 
 SCHEDULES = ("linear", "cosine", "constant")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
 DTYPES = ("bfloat16", "float16", "float32")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -518,6 +519,20 @@ class TrainConfig(Settings):
         None, "device mesh, e.g. data=2,fsdp=4", default_help="every device data-parallel"
     )
     shard_lora: bool = setting(False, "also shard LoRA and optimizer state over the fsdp axis")
+    # Preference tuning (jaxsloth.methods), in TRL's names and with its defaults (DPOConfig, CPOConfig, KTOConfig).
+    method: str = setting("sft", "sft, or preference tuning: dpo, orpo, simpo (TRL's CPO loss), kto", choices=METHODS)
+    beta: float = setting(0.1, "preference methods: beta (DPO/SimPO/KTO temperature; ORPO's lambda)", above=0.0)
+    loss_type: str = setting("sigmoid", "DPO loss: sigmoid, ipo or hinge", choices=("sigmoid", "ipo", "hinge"))
+    label_smoothing: float = setting(
+        0.0, "DPO / SimPO: probability that a pair's labels are flipped (cDPO)", minimum=0.0, below=0.5
+    )
+    simpo_gamma: float = setting(0.5, "SimPO target reward margin", minimum=0.0)
+    cpo_alpha: float = setting(0.0, "SimPO: weight of the chosen NLL added to the loss (CPO-SimPO)", minimum=0.0)
+    desirable_weight: float = setting(1.0, "KTO: weight of desirable examples' losses", above=0.0)
+    undesirable_weight: float = setting(1.0, "KTO: weight of undesirable examples' losses", above=0.0)
+    precompute_ref_log_probs: bool = setting(
+        False, "DPO / KTO: compute the reference log-probs once before training instead of in every step"
+    )
 
     def _validate(self) -> None:
         if self.max_steps is not None and self.num_train_epochs is not None:

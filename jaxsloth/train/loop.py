@@ -158,6 +158,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     mesh: Mesh | None = None,
     shard_lora: bool = False,
+    make_step: Callable | None = None,
 ) -> TrainResult:
     """Trains ``trainable`` for train_config.max_steps steps over batches from ``loader``.
 
@@ -179,6 +180,9 @@ def fit(
     on every process (same seed, same order); each process places only its own rows. Frozen weights shard over
     fsdp, LoRA and optimizer state are replicated, or sharded over fsdp with ``shard_lora``. Checkpoints are
     sharded and restore onto the current mesh, so a run may resume on a different device count.
+
+    make_step: builds the step as ``make_train_step`` does (same arguments and signature; e.g. a preference
+    method's, jaxsloth.methods.preference_train); its metrics beyond loss, tokens and grad_norm join each record.
     """
     tc = train_config
     identity = run_identity(config, params, lora, tc, loader)
@@ -237,7 +241,7 @@ def fit(
                 raise
             saved_at, last_save = step, time.monotonic()
 
-    step_fn = make_train_step(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
+    step_fn = (make_step or make_train_step)(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
     compiled_steps: dict[tuple[int, int], Callable] = {}  # batch shape -> the step compiled (and checked) for it
     history: list[dict] = []
     failure: BaseException | None = None
@@ -300,6 +304,7 @@ def fit(
                     "peak_gib": _device_memory_gib(),
                     "total_steps": tc.max_steps,
                 }
+                record.update({k: float(v) for k, v in m.items() if k not in record and k != "finite"})
                 if not bool(m["finite"]):
                     if tc.on_nonfinite == "stop":
                         raise NonFiniteLossError(
