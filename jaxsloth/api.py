@@ -128,6 +128,10 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     sequences per micro-batch). shard_lora: shard LoRA and optimizer state over fsdp too (default: replicated).
     callbacks: called with each step's metrics record; progress: draw a progress bar.
 
+    method: "sft" (default), or preference tuning as TRL: "dpo", "orpo", "simpo", "kto" (data in TRL's preference
+    formats; beta, loss_type, ... as TRL names them; per_device_train_batch_size counts pairs or KTO examples; each
+    prompt + completion is cut to model.max_seq_length; see jaxsloth.methods.preference_train).
+
     Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the
     run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds
     both layouts, beyond one projection's stack while they are converted).

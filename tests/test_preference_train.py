@@ -110,6 +110,9 @@ def test_loader_batches_and_resume(tokenizer):
     other = PreferenceLoader(examples, pairs_per_micro=1, gradient_accumulation_steps=2, seed=3)
     with pytest.raises(ValueError, match="batch_size"):
         other.load_state_dict(state)
+    other = PreferenceLoader(examples, pairs_per_micro=2, gradient_accumulation_steps=2, seed=3, method="orpo")
+    with pytest.raises(ValueError, match="method='dpo' but this loader has method='orpo'"):
+        other.load_state_dict(state)
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,8 @@ class PreferenceLoader:
     stacked along rows ([accum * pairs_per_micro, seq_len]; "desirable" and "ref_logps" [accum * sequences]).
 
     Epoch e visits the examples in a permutation drawn from (seed, e). ``ref_logps`` ([n, 2] per example, from
-    ``preference_train.precompute_reference``) adds each batch's precomputed reference log-probs. state_dict() /
+    ``preference_train.precompute_reference``) adds each batch's precomputed reference log-probs. ``method`` is
+    recorded in the state (a run's identity) only. state_dict() /
     load_state_dict() as BatchLoader's: a resumed loader yields exactly the batches the first would have next."""
 
     def __init__(
@@ -172,6 +173,7 @@ class PreferenceLoader:
         shuffle: bool = True,
         num_epochs: int | None = None,
         ref_logps: np.ndarray | None = None,
+        method: str = "dpo",
     ):
         if pairs_per_micro < 1:
             raise ValueError(f"pairs_per_micro must be >= 1, got {pairs_per_micro}")
@@ -188,6 +190,7 @@ class PreferenceLoader:
         self.seq_len = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.ref_logps = ref_logps
+        self.method = method  # in the state: a checkpoint of one method never resumes another
         self.num_tokens = sum(examples.group_length(i) for i in range(len(examples)))
         self.epoch = self.index = 0
 
@@ -221,7 +224,7 @@ class PreferenceLoader:
             ).astype(np.float32)
         return batch
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, int | str]:
         return {"epoch": self.epoch, "index": self.index, **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -229,12 +232,13 @@ class PreferenceLoader:
         if missing:
             raise ValueError(f"loader state is missing {sorted(missing)}")
         for key, value in self._fingerprint().items():
-            if key in state and int(state[key]) != value:
-                raise ValueError(f"loader state has {key}={int(state[key])} but this loader has {key}={value}")
+            if key in state and type(value)(state[key]) != value:
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {key}={value!r}")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
-    def _fingerprint(self) -> dict[str, int]:
+    def _fingerprint(self) -> dict[str, int | str]:
         return {
+            "method": self.method,
             "seed": self.seed,
             "num_examples": len(self.examples),
             "num_tokens": self.num_tokens,

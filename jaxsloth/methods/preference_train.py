@@ -150,7 +150,7 @@ def preference_run(model: Any, tokenizer: Any, data: Any, tc: TrainConfig, pairs
     )
     loader = PreferenceLoader(
         examples, pairs_per_micro=pairs_per_micro, gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        seed=tc.seed,
+        seed=tc.seed, method=tc.method,
     )  # fmt: skip
     if tc.precompute_ref_log_probs and pc.needs_reference:
         log.info("precomputing the reference log-probs of %d examples", len(examples))
