@@ -5,11 +5,29 @@
 import jaxsloth.train.step  # noqa: F401
 from jaxsloth.api import Model, add_lora, load, load_adapter, save_adapter, save_gguf, save_merged, train
 from jaxsloth.faces import FastLanguageModel, SFTConfig, SFTTrainer
+from jaxsloth.faces.preference import (
+    CPOConfig,
+    CPOTrainer,
+    DPOConfig,
+    DPOTrainer,
+    KTOConfig,
+    KTOTrainer,
+    ORPOConfig,
+    ORPOTrainer,
+)
 
 __version__ = "0.1.0"
 __all__ = [
+    "CPOConfig",
+    "CPOTrainer",
+    "DPOConfig",
+    "DPOTrainer",
     "FastLanguageModel",
+    "KTOConfig",
+    "KTOTrainer",
     "Model",
+    "ORPOConfig",
+    "ORPOTrainer",
     "SFTConfig",
     "SFTTrainer",
     "add_lora",

@@ -141,6 +141,10 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     end, into the same records ({"step", "eval_loss", ...}); early_stopping_patience, load_best_model_at_end and
     callbacks' on_evaluate(record, model) as in ``jaxsloth.train.evaluate``.
 
+    method: "sft" (default), or preference tuning as TRL: "dpo", "orpo", "simpo", "kto" (data in TRL's preference
+    formats; beta, loss_type, ... as TRL names them; per_device_train_batch_size counts pairs or KTO examples; each
+    prompt + completion is cut to model.max_seq_length; see jaxsloth.methods.preference_train).
+
     Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the
     run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds
     both layouts, beyond one projection's stack while they are converted).
@@ -178,7 +182,12 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     rows = micro * tc.gradient_accumulation_steps
     where = dict(split=tc.split, name=tc.dataset_config)
     held_out = None  # the examples val_set_size holds out of the training data
-    if tc.streaming or type(data).__name__ == "IterableDataset":
+    make_step = None  # fit's default: the SFT step
+    if tc.method != "sft":  # preference tuning (jaxsloth.methods): its own data and step in the same loop
+        from jaxsloth.methods.preference_train import preference_run
+
+        loader, make_step = preference_run(model, tokenizer, data, tc, micro)
+    elif tc.streaming or type(data).__name__ == "IterableDataset":
         if tc.max_steps is None:
             raise ValueError("a streamed dataset has no known length: give max_steps")
         loader = streaming_loader(
@@ -251,6 +260,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             mesh=device_mesh,
             shard_lora=tc.shard_lora,
             evaluator=evaluator,
+            make_step=make_step,
         )
     except BaseException as e:
         if model.full_finetuning:  # the step took the weights: the last completed step's, when it handed them back

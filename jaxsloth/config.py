@@ -41,6 +41,7 @@ from jaxsloth.train.optim8bit import OPTIMIZER_STATES
 from jaxsloth.train.trackers import REPORT_TO_CHOICES, resolve_report_to
 
 SCHEDULES = ("linear", "cosine", "constant")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
 DTYPES = ("bfloat16", "float16", "float32")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SYNONYMS: set[str] = set()  # every setting's synonyms (see ``setting``)
@@ -589,6 +590,20 @@ class TrainConfig(Settings):
     early_stopping_threshold: float = setting(0.0, "least eval_loss improvement that counts", minimum=0.0)
     load_best_model_at_end: bool = setting(
         False, "end with the adapter of the step with the lowest eval_loss (its checkpoint is never rotated away)"
+    )
+    # Preference tuning (jaxsloth.methods), in TRL's names and with its defaults (DPOConfig, CPOConfig, KTOConfig).
+    method: str = setting("sft", "sft, or preference tuning: dpo, orpo, simpo (TRL's CPO loss), kto", choices=METHODS)
+    beta: float = setting(0.1, "preference methods: beta (DPO/SimPO/KTO temperature; ORPO's lambda)", above=0.0)
+    loss_type: str = setting("sigmoid", "DPO loss: sigmoid, ipo or hinge", choices=("sigmoid", "ipo", "hinge"))
+    label_smoothing: float = setting(
+        0.0, "DPO / SimPO: probability that a pair's labels are flipped (cDPO)", minimum=0.0, below=0.5
+    )
+    simpo_gamma: float = setting(0.5, "SimPO target reward margin", minimum=0.0)
+    cpo_alpha: float = setting(0.0, "SimPO: weight of the chosen NLL added to the loss (CPO-SimPO)", minimum=0.0)
+    desirable_weight: float = setting(1.0, "KTO: weight of desirable examples' losses", above=0.0)
+    undesirable_weight: float = setting(1.0, "KTO: weight of undesirable examples' losses", above=0.0)
+    precompute_ref_log_probs: bool = setting(
+        False, "DPO / KTO: compute the reference log-probs once before training instead of in every step"
     )
 
     def _validate(self) -> None:

@@ -93,15 +93,20 @@ def preference_loss(pc: PreferenceConfig, sums, counts, ref_sums=None, desirable
 def make_preference_loss_fn(
     config: ModelConfig, lora: LoraConfig, pc: PreferenceConfig, ops: Ops = Ops(), **forward_kwargs
 ) -> Callable:
-    """-> loss_fn(trainable, params, batch, num_sequences) -> (loss, metrics). batch: ``pack`` rows, plus
-    "desirable" [n] bool for KTO. forward_kwargs go to ``forward_hidden`` (remat, compute_dtype, ...)."""
+    """-> loss_fn(trainable, params, batch, num_sequences, dropout_key=None) -> (loss, metrics). batch: ``pack``
+    rows, plus "desirable" [n] bool for KTO and, when the reference was precomputed, "ref_logps" [num_sequences].
+    forward_kwargs go to ``forward_hidden`` (remat, compute_dtype, ...)."""
 
-    def loss_fn(trainable, params, batch, num_sequences: int):
+    def loss_fn(trainable, params, batch, num_sequences: int, dropout_key=None):
         p, lora_tree = with_trainable(params, trainable)
         kwargs = dict(config=config, ops=ops, **forward_kwargs)
-        sums, counts = sequence_logps(p, batch, num_sequences, lora=lora_tree, lora_rt=lora.runtime, **kwargs)
+        sums, counts = sequence_logps(
+            p, batch, num_sequences, lora=lora_tree, lora_rt=lora.runtime, dropout_key=dropout_key, **kwargs
+        )
         ref_sums = None
-        if pc.needs_reference:
+        if pc.needs_reference and "ref_logps" in batch:
+            ref_sums = jax.lax.stop_gradient(batch["ref_logps"])
+        elif pc.needs_reference:
             # The reference: the base weights (untrained embeddings too), adapter off.
             ref_sums, _ = sequence_logps(params, batch, num_sequences, lora=None, **kwargs)
             ref_sums = jax.lax.stop_gradient(ref_sums)

@@ -169,6 +169,7 @@ def fit(
     mesh: Mesh | None = None,
     shard_lora: bool = False,
     evaluator: Evaluator | None = None,
+    make_step: Callable | None = None,
 ) -> TrainResult:
     """Trains ``trainable`` for train_config.max_steps steps over batches from ``loader``.
 
@@ -199,6 +200,8 @@ def fit(
     arrays of ``params`` rather than a copy, and TrainResult.trainable holds the trained weights. A run that fails
     hands the last step's weights back on the exception's ``trained_weights`` (when the failed step had not already
     taken them). Over a mesh the weights and optimizer state are replicated (data-parallel).
+    make_step: builds the step as ``make_train_step`` does (same arguments and signature; e.g. a preference
+    method's, jaxsloth.methods.preference_train); its metrics beyond loss, tokens and grad_norm join each record.
     """
     tc = train_config
     identity = run_identity(config, params, lora, tc, loader)
@@ -268,7 +271,7 @@ def fit(
                 raise
             saved_at, last_save = step, time.monotonic()
 
-    step_fn = make_train_step(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
+    step_fn = (make_step or make_train_step)(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
     learning_rate = learning_rate_schedule(tc)
     compiled_steps: dict[tuple[int, int], Callable] = {}  # batch shape -> the step compiled (and checked) for it
     history: list[dict] = []
@@ -349,6 +352,7 @@ def fit(
                     "peak_gib": _device_memory_gib(),
                     "total_steps": tc.max_steps,
                 }
+                record.update({k: float(v) for k, v in m.items() if k not in record and k != "finite"})
                 if not bool(m["finite"]):
                     if tc.on_nonfinite == "stop":
                         raise NonFiniteLossError(

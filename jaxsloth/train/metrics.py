@@ -22,6 +22,11 @@ from pathlib import Path
 log = logging.getLogger("jaxsloth")
 
 TENSORBOARD_SCALARS = ("loss", "grad_norm", "learning_rate", "tokens_per_s", "peak_gib")
+# Preference methods' metrics (TRL's names, jaxsloth.methods.preference), written when a record has them.
+METHOD_SCALARS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+    "kl", "nll_loss", "log_odds_ratio", "log_odds_chosen",
+)  # fmt: skip
 _WRITER_IDS = itertools.count()
 
 
@@ -143,7 +148,7 @@ class TensorBoardWriter:
 
         if self.writer is None:
             self._open()
-        for name in TENSORBOARD_SCALARS:
+        for name in TENSORBOARD_SCALARS + METHOD_SCALARS:
             if record.get(name) is not None:
                 summary = scalar(f"train/{name}", float(record[name]))
                 self.writer.write_event(Event(wall_time=time.time(), step=int(record["step"]), summary=summary))
