@@ -40,7 +40,9 @@ COMPLETIONS = [("Zq", True), ("U7y", True), ("hello!", False), ("U1", True), ("x
 
 
 def length_reward(prompts, completions, answer, **kwargs):
-    return [None if c.startswith("Z") else float(len(c)) + (2.0 if a in c else 0.0) for c, a in zip(completions, answer)]
+    return [
+        None if c.startswith("Z") else float(len(c)) + (2.0 if a in c else 0.0) for c, a in zip(completions, answer)
+    ]
 
 
 def has_u(prompts, completions, **kwargs):
@@ -103,7 +105,6 @@ def _setup():
 CASES = {  # loss_type, beta, epsilon_high, scale_rewards, mask_truncated_completions, off-policy samples, KL
     # bias correction
     "grpo": ("grpo", 0.0, None, "group", False, False, True),
-    "grpo_kl_offpolicy": ("grpo", 0.3, 0.28, "group", False, True, True),
     "bnpo": ("bnpo", 0.3, None, "batch", True, True, False),
     "dr_grpo": ("dr_grpo", 0.0, 0.28, "none", False, True, True),
     "dapo": ("dapo", 0.3, 0.28, "group", True, True, True),
@@ -166,8 +167,10 @@ def test_grpo_step_matches_trl(case):
     metrics |= {k: float(v) for k, v in step_metrics.items()}
 
     assert_close(float(loss), loss_ref.item(), "f32", err_msg="loss")
-    if off_policy:  # the ratios leave [1 - epsilon, 1 + epsilon_high] on both sides
-        assert metrics_ref["clip_ratio/low_mean"] > 0 and metrics_ref["clip_ratio/high_mean"] > 0
+    if off_policy:  # the ratios leave [1 - epsilon, 1 + epsilon_high] (on both sides, all rows counted)
+        assert metrics_ref["clip_ratio/region_mean"] > 0
+        if not mask_truncated:
+            assert metrics_ref["clip_ratio/low_mean"] > 0 and metrics_ref["clip_ratio/high_mean"] > 0
     if beta:
         assert metrics_ref["kl"] > 1e-4  # the adapter moves the policy away from the reference
     keys = set(metrics_ref) - {"num_tokens"}

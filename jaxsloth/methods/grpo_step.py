@@ -61,7 +61,9 @@ def completion_logps(params, batch: dict, *, config: ModelConfig, chunk: int = L
     )
     # Position t predicts token t + 1: the completion's C tokens are predicted from positions P - 1 .. P + C - 2.
     hidden = hidden[:, p - 1 : p - 1 + c].reshape(b * c, -1)
-    logps, entropy = token_logps_entropy(params, hidden, batch["completion_ids"].reshape(-1), config=config, chunk=chunk)
+    logps, entropy = token_logps_entropy(
+        params, hidden, batch["completion_ids"].reshape(-1), config=config, chunk=chunk
+    )
     return logps.reshape(b, c), entropy.reshape(b, c)
 
 
@@ -101,7 +103,9 @@ def make_grpo_loss_fn(
     return loss_fn
 
 
-def make_logps_fn(config: ModelConfig, lora: LoraConfig, ops: Ops = Ops(), chunk: int = LOGPROB_CHUNK, **forward_kwargs):
+def make_logps_fn(
+    config: ModelConfig, lora: LoraConfig, ops: Ops = Ops(), chunk: int = LOGPROB_CHUNK, **forward_kwargs
+):
     """Jitted ``logps(trainable, params, batch) -> [B, C]``: the policy's completion log-probs at sampling time,
     kept as the old log-probs when one batch of samples serves several steps (num_iterations > 1)."""
 
