@@ -5,6 +5,8 @@
 import jaxsloth.train.step  # noqa: F401
 from jaxsloth.api import Model, add_lora, load, load_adapter, save_adapter, save_gguf, save_merged, train
 from jaxsloth.faces import FastLanguageModel, SFTConfig, SFTTrainer
+from jaxsloth.faces.grpo import GRPOConfig as GRPOConfig
+from jaxsloth.faces.grpo import GRPOTrainer as GRPOTrainer
 
 __version__ = "0.1.0"
 __all__ = [
