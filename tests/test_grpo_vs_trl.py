@@ -19,7 +19,7 @@ import torch
 from converters.hf import load_hf_model
 from jaxsloth.lora import LoraConfig
 from jaxsloth.methods.grpo import GRPOLossConfig, completion_metrics, group_advantages
-from jaxsloth.methods.grpo_step import make_grpo_loss_fn
+from jaxsloth.methods.grpo_step import make_grpo_loss_fn, make_logps_fn
 from jaxsloth.methods.rewards import reward_name, score
 from jaxsloth.methods.rollout import completion_batch
 from tests.test_lora_step_vs_peft import _trainable_from_peft
@@ -102,6 +102,11 @@ def _setup():
     return config, params, peft, trainer, tok, prompt_ids, completion_ids
 
 
+@functools.cache
+def _logps_fn(config):
+    return make_logps_fn(config, LoraConfig(r=R, lora_alpha=ALPHA), chunk=CHUNK)  # compiled once for every case
+
+
 CASES = {  # loss_type, beta, epsilon_high, scale_rewards, mask_truncated_completions, off-policy samples, KL
     # bias correction
     "grpo": ("grpo", 0.0, None, "group", False, False, True),
@@ -150,9 +155,14 @@ def test_grpo_step_matches_trl(case):
         prompt_ids, completion_ids, MAX_COMPLETION, truncated=truncated, mask_truncated_completions=mask_truncated
     )
     batch["advantages"] = advantages
-    if old is not None:
-        batch["old_logps"] = old.numpy()
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    lora = LoraConfig(r=R, lora_alpha=ALPHA)
+    trainable = _trainable_from_peft(peft, config.num_layers)
+    if old is not None:  # jaxsloth's sampling-time log-probs (make_logps_fn), shifted as TRL's
+        sampled = np.asarray(_logps_fn(config)(trainable, params, batch))
+        mask = batch["completion_mask"]
+        assert_close(sampled * mask, logps.numpy() * mask, "f32", err_msg="sampling-time log-probs")
+        batch["old_logps"] = jnp.asarray(sampled + shift.numpy())
     lc = GRPOLossConfig(
         beta=beta,
         epsilon_high=epsilon_high,
@@ -160,8 +170,7 @@ def test_grpo_step_matches_trl(case):
         max_completion_length=MAX_COMPLETION,
         use_bias_correction_kl=bias_correction,
     )
-    loss_fn = make_grpo_loss_fn(config, LoraConfig(r=R, lora_alpha=ALPHA), lc, chunk=CHUNK)
-    trainable = _trainable_from_peft(peft, config.num_layers)
+    loss_fn = make_grpo_loss_fn(config, lora, lc, chunk=CHUNK)
     num_items = jnp.sum(batch["completion_mask"].astype(jnp.float32))
     (loss, step_metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, num_items)
     metrics |= {k: float(v) for k, v in step_metrics.items()}
