@@ -187,3 +187,57 @@ def test_grpo_step_matches_trl(case):
     for key in sorted(keys):
         assert_close(metrics[key], metrics_ref[key], "f32", err_msg=key)  # NaN matches NaN
     _check_grads(g, _lora_grads(peft), config.num_layers)
+
+
+def test_accumulated_step_matches_trl():
+    """The jitted step over two micro-batches (bnpo: each normalised by its own tokens, then / 2) against TRL's
+    ``_compute_loss`` on the two halves with gradient_accumulation_steps=2, gradients accumulated."""
+    import optax
+
+    from jaxsloth.methods.grpo_step import make_grpo_step
+
+    config, params, peft, trainer, tok, prompt_ids, completion_ids = _setup()
+    trainer.beta, trainer.loss_type, trainer.scale_rewards = 0.3, "bnpo", "group"
+    trainer.epsilon_high, trainer.mask_truncated_completions = 0.28, False
+    trainer.args.use_bias_correction_kl = True
+    trainer._metrics["train"].clear()
+    peft.train()
+    peft.zero_grad()
+    out = trainer._generate_and_score_completions([{"prompt": p, "answer": a} for p, a in PROMPTS for _ in range(G)])
+    shift = np.random.default_rng(1).uniform(-0.5, 0.5, out["completion_ids"].shape).astype(np.float32)
+    with torch.no_grad():
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        attention = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(peft, ids, attention, MAX_COMPLETION)
+    out["old_per_token_logps"] = logps + torch.from_numpy(shift)
+    trainer.current_gradient_accumulation_steps = 2
+    half = len(COMPLETIONS) // 2
+    try:
+        loss_ref = 0.0
+        for rows in (slice(0, half), slice(half, None)):
+            part = {k: v[rows] if torch.is_tensor(v) and v.dim() else v for k, v in out.items()}
+            loss = trainer._compute_loss(peft, part)
+            loss.backward()
+            loss_ref += loss.item()
+    finally:
+        trainer.current_gradient_accumulation_steps = 1
+    metrics_ref = {k: np.mean(v) for k, v in trainer._metrics["train"].items()}
+
+    batch = completion_batch(prompt_ids, completion_ids, MAX_COMPLETION)
+    batch["advantages"] = out["advantages"].numpy()
+    batch["old_logps"] = out["old_per_token_logps"].numpy()
+    micro = {k: jnp.asarray(v.reshape(2, half, *v.shape[1:])) for k, v in batch.items()}
+    lora = LoraConfig(r=R, lora_alpha=ALPHA)
+    lc = GRPOLossConfig(beta=0.3, epsilon_high=0.28, loss_type="bnpo", max_completion_length=MAX_COMPLETION)
+    sgd = optax.sgd(1.0)  # the update is minus the gradient
+    step = make_grpo_step(config, lora, lc, sgd, chunk=CHUNK)
+    trainable = _trainable_from_peft(peft, config.num_layers)
+    before = jax.tree.map(np.array, trainable)
+    after, _, metrics = step(trainable, sgd.init(trainable), params, micro)
+    g = jax.tree.map(lambda b, a: b - np.asarray(a), before, after)
+
+    assert_close(float(metrics["loss"]), loss_ref, "f32", err_msg="loss")
+    assert metrics_ref["clip_ratio/region_mean"] > 0 and metrics_ref["kl"] > 1e-4
+    for key in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert_close(float(metrics[key]), metrics_ref[key], "f32", err_msg=key)
+    _check_grads(g, _lora_grads(peft), config.num_layers)
