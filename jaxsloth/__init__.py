@@ -5,6 +5,7 @@
 import jaxsloth.train.step  # noqa: F401
 from jaxsloth.api import Model, add_lora, load, load_adapter, save_adapter, save_gguf, save_merged, train
 from jaxsloth.faces import FastLanguageModel, SFTConfig, SFTTrainer
+from jaxsloth.faces.grpo import GRPOConfig, GRPOTrainer
 from jaxsloth.faces.preference import (
     CPOConfig,
     CPOTrainer,
@@ -23,6 +24,8 @@ __all__ = [
     "DPOConfig",
     "DPOTrainer",
     "FastLanguageModel",
+    "GRPOConfig",
+    "GRPOTrainer",
     "KTOConfig",
     "KTOTrainer",
     "Model",
