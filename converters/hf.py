@@ -54,7 +54,7 @@ def load_config(model_dir: str | os.PathLike) -> ModelConfig:
 
 
 def _norm_names(config: ModelConfig) -> dict[str, str]:
-    if config.post_norms:  # Gemma 2: post_attention_layernorm is a real post-norm; the MLP has its own pre-norm
+    if config.post_norms:  # Gemma 2 and 3: post_attention_layernorm is a real post-norm; the MLP has its own pre-norm
         return {
             "input_layernorm": "attn_norm",
             "post_attention_layernorm": "attn_post_norm",
@@ -84,6 +84,9 @@ def hf_layout(config: ModelConfig) -> dict[str, list[TensorSlot]]:
             out[f"{pre}self_attn.{name}.weight"] = [TensorSlot(("layers", name, "weight"), i, shapes[name])]
             if config.qkv_bias and name != "o_proj":
                 out[f"{pre}self_attn.{name}.bias"] = [TensorSlot(("layers", name, "bias"), i, shapes[name][:1])]
+        if config.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                out[f"{pre}self_attn.{name}.weight"] = [TensorSlot(("layers", name), i, (config.head_dim,))]
         if config.fused_qkv:
             nq, nk = shapes["q_proj"][0], shapes["k_proj"][0]
             bounds = {"q_proj": (0, nq), "k_proj": (nq, nq + nk), "v_proj": (nq + nk, nq + 2 * nk)}
