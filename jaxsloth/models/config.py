@@ -233,7 +233,9 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         layer_types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers))
     if mt == "gemma3_text" and not layer_types:  # every sliding_window_pattern-th layer is global
         pattern = d.get("sliding_window_pattern") or 6
-        layer_types = tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers))
+        layer_types = tuple(
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
+        )
     if not window:
         layer_types = ("full_attention",) * n_layers
         window = None
