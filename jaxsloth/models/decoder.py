@@ -99,6 +99,12 @@ def param_shapes(config: ModelConfig) -> dict:
     return tree
 
 
+def param_count(config: ModelConfig) -> int:
+    """Number of weights of the full-precision model (``param_shapes``), without building it."""
+    shapes = jax.tree.leaves(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    return sum(math.prod(shape) for shape in shapes)
+
+
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
     """Random params (normal(0, std) weights, norms at their identity value). For tests and benchmarks."""
     shapes = param_shapes(config)

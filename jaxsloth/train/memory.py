@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxsloth.models.config import ModelConfig
-from jaxsloth.models.decoder import ATTN_DOTS, linear_shapes
+from jaxsloth.models.decoder import ATTN_DOTS, linear_shapes, param_count
 from jaxsloth.profiles import Profile
 
 GIB = 2**30
@@ -51,8 +51,7 @@ class Longest:
 
 def _weights_bytes(config: ModelConfig, quantized: bool, e: int) -> float:
     proj = sum(o * i for o, i in linear_shapes(config).values()) * config.num_layers
-    other = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    other += config.hidden_size * (2 * config.num_layers + 1)
+    other = param_count(config) - proj  # embeddings, head and every norm (post- and q/k norms included)
     per_weight = 0.5 + 1 / 64 + 4 / (64 * 256) if quantized else e
     return proj * per_weight + other * e
 
