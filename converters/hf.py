@@ -105,6 +105,37 @@ def hf_layout(config: ModelConfig) -> dict[str, list[TensorSlot]]:
     return out
 
 
+# Multimodal checkpoints whose text tower is read alone (Gemma 3): where the tower's "model." and "lm_head." tensors
+# are, and the prefixes of the other towers, whose tensors stay unread. Hub checkpoints use the first naming.
+_TEXT_TOWERS = (
+    (
+        {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."},
+        ("vision_tower.", "multi_modal_projector."),
+    ),
+    (
+        {"model.": "model.language_model.", "lm_head.": "lm_head."},
+        ("model.vision_tower.", "model.multi_modal_projector."),
+    ),
+)
+
+
+def text_tower_layout(layout: dict[str, list[TensorSlot]], keys) -> tuple[dict[str, list[TensorSlot]], set[str]]:
+    """``layout`` renamed to where the checkpoint holding ``keys`` keeps the text model (a multimodal checkpoint
+    nests it), and the checkpoint's tensors of other towers, which loading skips."""
+    keys = set(keys)
+    if "model.embed_tokens.weight" in keys:
+        return layout, set()
+    for renames, others in _TEXT_TOWERS:
+        if renames["model."] + "embed_tokens.weight" in keys:
+
+            def rename(k, renames=renames):
+                old = next(p for p in renames if k.startswith(p))
+                return renames[old] + k[len(old) :]
+
+            return {rename(k): v for k, v in layout.items()}, {k for k in keys if k.startswith(others)}
+    return layout, set()
+
+
 def _fused_shape(slots: list[TensorSlot]) -> tuple[int, ...]:
     if slots[0].rows is None:
         return slots[0].shape
@@ -271,9 +302,10 @@ def load_params(
     quantized layers are stacked with ``jaxsloth.quant.stack_nf4``.
     """
     config = config or load_config(model_dir)
-    layout = hf_layout(config)
     reader = CheckpointReader(model_dir)
-    allow = ["lm_head.weight"] if config.tie_word_embeddings else []
+    layout, other_towers = text_tower_layout(hf_layout(config), reader.keys())
+    allow = [k for k in ("lm_head.weight", "language_model.lm_head.weight") if config.tie_word_embeddings]
+    allow += other_towers
     prequantized = {}
     if is_bnb_4bit(config):
         prequantized = {k: v for k, v in layout.items() if v[0].path[-1] == "weight" and v[0].path[0] == "layers"}

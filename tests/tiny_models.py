@@ -165,6 +165,35 @@ def saved_model(family: str, dtype: str = "float32") -> Path:
     return path
 
 
+@functools.cache
+def saved_gemma3_multimodal() -> Path:
+    """A tiny Gemma 3 image-text checkpoint (SigLIP tower of one layer) whose text tower is the "gemma3" family's
+    config, saved as transformers saves Gemma3ForConditionalGeneration (the Hub's language_model.model.* names)."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    cfg = Gemma3Config(
+        text_config=hf_config("gemma3").to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        boi_token_index=128,
+        eoi_token_index=129,
+        image_token_index=130,
+    )
+    model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    path = Path(tempfile.mkdtemp(prefix="tiny-gemma3-multimodal-")) / "model"
+    model.save_pretrained(path)
+    return path
+
+
 def hf_model(path: Path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -190,8 +190,8 @@ def text_config(d: dict[str, Any]) -> dict[str, Any]:
         return d
     text = d
     if d["model_type"] == "gemma3":
-        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
-        tower = {k: d[k] for k in ids if d.get(k) is not None}
+        shared = ("bos_token_id", "eos_token_id", "pad_token_id", "quantization_config")
+        tower = {k: d[k] for k in shared if d.get(k) is not None}
         text = {**tower, **(d.get("text_config") or {}), "architectures": ["Gemma3ForCausalLM"]}
     given = {k: v for k, v in text.items() if v is not None}
     return {**GEMMA3_TEXT_DEFAULTS, **given, "model_type": "gemma3_text"}
