@@ -56,7 +56,7 @@ def test_merged_checkpoint_matches_unmerged_lora(family, tmp_path):
     assert np.abs(_hf_logits(saved_model(family), ids) - ours).max() > 1e-2
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3"])
 def test_merged_qlora_matches_qlora_forward(family, tmp_path):
     """NF4 base dequantized in f32, plus the LoRA delta: the same weights the QLoRA forward multiplies by, so the
     f32 logits agree to the f32 tolerance."""

@@ -31,6 +31,11 @@ _COMMON = dict(
 # layers; 4 for Gemma 3, so a global layer follows its sliding ones and the pattern ends part-way, as in its 26-,
 # 34- and 62-layer models): the parity, export, generation and PEFT-step tests run them all.
 NEW_FAMILIES = ("qwen3", "qwen2.5", "gemma3", "mistral_nemo", "phi4", "llama3.3", "smollm2")
+# The new families whose forward or backward runs code the first ones do not (q/k norms, per-layer-kind RoPE,
+# projections that are not hidden x hidden, fused projections with grouped kv heads). The others (Qwen 2.5,
+# Llama 3.3, SmolLM2) are the Qwen 2 and Llama layouts with other values: the slower generation and training-step
+# tests run their layouts once, with the first families.
+NEW_CODE_FAMILIES = ("qwen3", "gemma3", "mistral_nemo", "phi4")
 FAMILIES = ("llama", "llama_tied", "mistral", "gemma", "gemma2", "qwen2", "phi3", "phi3_longrope", *NEW_FAMILIES)
 SLIDING_WINDOW = 7
 

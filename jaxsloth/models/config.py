@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "qwen2", "phi3", "qwen3", "gemma3_text")
 # config.json model types read as one of the above: Gemma 3's multimodal checkpoints, whose text tower is read alone.
 TEXT_TOWER_MODEL_TYPES = ("gemma3",)
 
@@ -203,8 +203,11 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
     A multimodal Gemma 3 config gives its text tower's ModelConfig (``hf_config`` then holds the text config, so a
     merged export is a text-only Gemma 3 checkpoint)."""
     mt = d.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES + TEXT_TOWER_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    known = SUPPORTED_MODEL_TYPES + TEXT_TOWER_MODEL_TYPES
+    if mt not in known:
+        raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(known)}")
+    # What export writes back: the config as given, but a multimodal one's text config (the export is text-only).
+    original = d if mt in SUPPORTED_MODEL_TYPES else None
     d = text_config(d)
     mt = d["model_type"]
     if d.get("use_bidirectional_attention"):
@@ -269,7 +272,7 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=d.get("pad_token_id"),
-        hf_config=json.dumps(d, sort_keys=True),
+        hf_config=json.dumps(original or d, sort_keys=True),
     )
 
 
