@@ -152,10 +152,10 @@ def rope_config_from_hf(d: dict[str, Any], layer_type: str = "full_attention") -
     params = dict(d.get("rope_parameters") or {})
     if isinstance(params.get(layer_type), dict):
         params = dict(params[layer_type])
+    elif layer_type == "sliding_attention":
+        return RopeConfig(theta=float(d.get("rope_local_base_freq") or 10000.0))
     elif "full_attention" in params and isinstance(params["full_attention"], dict):
         params = dict(params["full_attention"])
-    elif layer_type == "sliding_attention":
-        return RopeConfig(theta=float(d["rope_local_base_freq"]))
     scaling = dict(d.get("rope_scaling") or {})
     merged = {**scaling, **params}
     kind = merged.get("rope_type") or merged.get("type") or "default"
@@ -218,7 +218,8 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
     gemma = mt in ("gemma", "gemma2", "gemma3_text")
-    softcapped = mt in ("gemma2", "gemma3_text")  # Gemma 3's softcaps are null: read from the config all the same
+    # Gemma 2 and 3 read softcaps (null in Gemma 3's configs) and query_pre_attn_scalar from the config.
+    gemma_attention = mt in ("gemma2", "gemma3_text")
     act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
     if act in ("gelu_pytorch_tanh", "gelu_tanh", "gelu") and gemma:
         # transformers runs Gemma with the tanh approximation even when the config says "gelu".
@@ -265,9 +266,9 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         post_norms=mt in ("gemma2", "gemma3_text"),
         sliding_window=window,
         layer_types=layer_types,
-        attn_logit_softcap=d.get("attn_logit_softcapping") if softcapped else None,
-        final_logit_softcap=d.get("final_logit_softcapping") if softcapped else None,
-        query_pre_attn_scalar=d.get("query_pre_attn_scalar") if softcapped else None,
+        attn_logit_softcap=d.get("attn_logit_softcapping") if gemma_attention else None,
+        final_logit_softcap=d.get("final_logit_softcapping") if gemma_attention else None,
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar") if gemma_attention else None,
         fused_qkv=mt == "phi3",
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
