@@ -54,7 +54,7 @@ def load_config(model_dir: str | os.PathLike) -> ModelConfig:
 
 
 def _norm_names(config: ModelConfig) -> dict[str, str]:
-    if config.post_norms:  # Gemma 2: post_attention_layernorm is a real post-norm; the MLP has its own pre-norm
+    if config.post_norms:  # Gemma 2 and 3: post_attention_layernorm is a real post-norm; the MLP has its own pre-norm
         return {
             "input_layernorm": "attn_norm",
             "post_attention_layernorm": "attn_post_norm",
@@ -84,6 +84,9 @@ def hf_layout(config: ModelConfig) -> dict[str, list[TensorSlot]]:
             out[f"{pre}self_attn.{name}.weight"] = [TensorSlot(("layers", name, "weight"), i, shapes[name])]
             if config.qkv_bias and name != "o_proj":
                 out[f"{pre}self_attn.{name}.bias"] = [TensorSlot(("layers", name, "bias"), i, shapes[name][:1])]
+        if config.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                out[f"{pre}self_attn.{name}.weight"] = [TensorSlot(("layers", name), i, (config.head_dim,))]
         if config.fused_qkv:
             nq, nk = shapes["q_proj"][0], shapes["k_proj"][0]
             bounds = {"q_proj": (0, nq), "k_proj": (nq, nq + nk), "v_proj": (nq + nk, nq + 2 * nk)}
@@ -100,6 +103,37 @@ def hf_layout(config: ModelConfig) -> dict[str, list[TensorSlot]]:
                 out[f"{pre}mlp.{name}.weight"] = [TensorSlot(("layers", name, "weight"), i, shapes[name])]
         out[f"{pre}mlp.down_proj.weight"] = [TensorSlot(("layers", "down_proj", "weight"), i, shapes["down_proj"])]
     return out
+
+
+# Multimodal checkpoints whose text tower is read alone (Gemma 3): where the tower's "model." and "lm_head." tensors
+# are, and the prefixes of the other towers, whose tensors stay unread. Hub checkpoints use the first naming.
+_TEXT_TOWERS = (
+    (
+        {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."},
+        ("vision_tower.", "multi_modal_projector."),
+    ),
+    (
+        {"model.": "model.language_model.", "lm_head.": "lm_head."},
+        ("model.vision_tower.", "model.multi_modal_projector."),
+    ),
+)
+
+
+def text_tower_layout(layout: dict[str, list[TensorSlot]], keys) -> tuple[dict[str, list[TensorSlot]], set[str]]:
+    """``layout`` renamed to where the checkpoint holding ``keys`` keeps the text model (a multimodal checkpoint
+    nests it), and the checkpoint's tensors of other towers, which loading skips."""
+    keys = set(keys)
+    if "model.embed_tokens.weight" in keys:
+        return layout, set()
+    for renames, others in _TEXT_TOWERS:
+        if renames["model."] + "embed_tokens.weight" in keys:
+
+            def rename(k, renames=renames):
+                old = next(p for p in renames if k.startswith(p))
+                return renames[old] + k[len(old) :]
+
+            return {rename(k): v for k, v in layout.items()}, {k for k in keys if k.startswith(others)}
+    return layout, set()
 
 
 def _fused_shape(slots: list[TensorSlot]) -> tuple[int, ...]:
@@ -268,9 +302,10 @@ def load_params(
     quantized layers are stacked with ``jaxsloth.quant.stack_nf4``.
     """
     config = config or load_config(model_dir)
-    layout = hf_layout(config)
     reader = CheckpointReader(model_dir)
-    allow = ["lm_head.weight"] if config.tie_word_embeddings else []
+    layout, other_towers = text_tower_layout(hf_layout(config), reader.keys())
+    allow = [k for k in ("lm_head.weight", "language_model.lm_head.weight") if config.tie_word_embeddings]
+    allow += other_towers
     prequantized = {}
     if is_bnb_4bit(config):
         prequantized = {k: v for k, v in layout.items() if v[0].path[-1] == "weight" and v[0].path[0] == "layers"}

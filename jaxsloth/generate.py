@@ -134,9 +134,9 @@ def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_
     slots = jnp.arange(p)[None, :]
     positions = jnp.maximum(slots - pads[:, None], 0).astype(jnp.int32)
     valid = (slots >= pads[:, None]).astype(jnp.int32)  # pads attend among themselves only, never to the prompt
-    inv_freq, rope_scaling, long_rope = rope_setup(config, (last - pads + 1)[:, None])
     period = layer_period(config)
     slidings = config.sliding_layers[:period]
+    ropes = {s: rope_setup(config, (last - pads + 1)[:, None], s) for s in set(slidings)}
     kw = dict(config=config, ops=ops, lora_rt=lora_rt)
 
     def step(h, xs):
@@ -145,6 +145,7 @@ def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_
         for j in range(period):
             lp = layer_slice(lp_group, j)
             ll = None if ll_group is None else layer_slice(ll_group, j)
+            inv_freq, rope_scaling, long_rope = ropes[slidings[j]]
             q, k, v = attention_inputs(
                 h,
                 lp,
@@ -183,9 +184,9 @@ def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_
 def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, config, ops, lora_rt, compute_dtype):
     """token: [B] at cache slot ``slot`` -> (logits [B, V], updated caches)."""
     positions = (slot - pads)[:, None].astype(jnp.int32)
-    inv_freq, rope_scaling, long_rope = rope_setup(config, positions + 1)
     period = layer_period(config)
     slidings = config.sliding_layers[:period]
+    ropes = {s: rope_setup(config, positions + 1, s) for s in set(slidings)}
     kw = dict(config=config, ops=ops, lora_rt=lora_rt)
 
     def step(carry, xs):
@@ -195,6 +196,7 @@ def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, co
             layer = g * period + j
             lp = layer_slice(lp_group, j)
             ll = None if ll_group is None else layer_slice(ll_group, j)
+            inv_freq, rope_scaling, long_rope = ropes[slidings[j]]
             q, k, v = attention_inputs(
                 h,
                 lp,

@@ -126,3 +126,28 @@ def test_unsupported_model_type_lists_supported(tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"gpt2.*llama, mistral, gemma, gemma2, qwen2, phi3"):
         load_hf_model(d)
+
+
+@pytest.mark.parametrize("name", ["gemma3-1b", "gemma3-12b"])
+def test_gemma3_hub_config_fields_read_as_transformers_reads_them(name):
+    """The Hub's Gemma 3 config.json (rope_local_base_freq, sliding_window_pattern, rope_scaling; a multimodal
+    checkpoint's text_config listing only what differs from Gemma3TextConfig's defaults) gives the ModelConfig
+    of transformers' own reading of it (rope_parameters per layer type, layer_types)."""
+    import dataclasses
+
+    from transformers import Gemma3TextConfig
+
+    from jaxsloth.models.config import GEMMA3_TEXT_DEFAULTS, config_from_hf_dict
+    from jaxsloth.models.presets import PRESETS
+
+    hub = {k: v for k, v in PRESETS[name].items() if k != "model_type"}
+    ours = config_from_hf_dict({"model_type": "gemma3_text", **hub})
+    theirs = config_from_hf_dict(Gemma3TextConfig(**hub).to_dict())
+    sparse = {k: v for k, v in hub.items() if GEMMA3_TEXT_DEFAULTS.get(k, object()) != v}
+    multimodal = config_from_hf_dict({"model_type": "gemma3", "text_config": sparse, "vision_config": {}})
+    for config in (ours, multimodal):
+        for field in dataclasses.fields(config):
+            if field.name != "hf_config":
+                assert getattr(config, field.name) == getattr(theirs, field.name), field.name
+    assert theirs.layer_types.count("full_attention") == theirs.num_layers // 6
+    assert theirs.local_rope.theta == 10000.0 and theirs.rope.theta == 1e6

@@ -20,6 +20,13 @@ CASES = {  # family -> (train embeddings, train lm_head)
     "gemma2": (True, False),  # tied embeddings: the trained copy is the head too
     "qwen2": (False, False),  # q/k/v biases stay as they are
     "phi3": (False, False),  # fused qkv_proj / gate_up_proj re-fused on export
+    "qwen3": (False, True),  # q/k norm weights written back beside the merged projections
+    "qwen2.5": (True, False),
+    "gemma3": (True, False),
+    "mistral_nemo": (False, False),
+    "phi4": (False, False),
+    "llama3.3": (False, False),
+    "smollm2": (True, False),
 }
 
 
@@ -49,7 +56,7 @@ def test_merged_checkpoint_matches_unmerged_lora(family, tmp_path):
     assert np.abs(_hf_logits(saved_model(family), ids) - ours).max() > 1e-2
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma3"])
 def test_merged_qlora_matches_qlora_forward(family, tmp_path):
     """NF4 base dequantized in f32, plus the LoRA delta: the same weights the QLoRA forward multiplies by, so the
     f32 logits agree to the f32 tolerance."""

@@ -38,11 +38,19 @@ CASES = {  # family -> (target modules, train embeddings, train lm_head)
     "gemma2": (ALL, True, False),  # tied: the trained embedding is the LM head too
     "qwen2": (ALL, False, False),
     "phi3": (ALL, False, False),  # fused qkv_proj / gate_up_proj, rank 3r and 2r
+    "qwen3": (ALL, False, False),  # q/k norms stay frozen
+    "qwen2.5": (ALL, True, False),  # tied
+    "gemma3": (ALL, True, False),  # tied, q/k norms and per-layer-kind RoPE
+    "mistral_nemo": (ALL, False, True),  # q_proj / o_proj not square: heads x head_dim != hidden
+    "phi4": (ALL, False, False),  # Phi-3's fused tensors with grouped kv heads: unequal q, k, v row blocks
+    "llama3.3": (ALL, False, False),
+    "smollm2": (ALL, True, False),  # tied
 }
+# rsLoRA changes only the scale, family-independently: the first families run both, the rest plain LoRA.
+RSLORA_CASES = [(f, r) for f in CASES for r in (False, True) if not r or f in ("llama", "gemma2", "qwen2", "phi3")]
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize("family,use_rslora", RSLORA_CASES)
 def test_exported_adapter_gives_our_logits_in_peft(family, use_rslora, tmp_path):
     targets, embed, head = CASES[family]
     path = saved_model(family)

@@ -11,7 +11,7 @@ from jaxsloth import generate as gen
 from jaxsloth.lora import with_trainable
 from jaxsloth.models.decoder import LoraRuntime
 from jaxsloth.ops import KernelChoice, Ops
-from tests.tiny_models import SLIDING_WINDOW, hf_model, saved_model
+from tests.tiny_models import NEW_CODE_FAMILIES, SLIDING_WINDOW, hf_model, saved_model
 from tests.tolerances import assert_close
 
 LENGTHS = (5, 13, 2)  # a batch of different lengths; 13 + new tokens runs past the sliding window (7)
@@ -51,7 +51,7 @@ def _hf_greedy(model, prompts, max_new_tokens):
     return out[:, width:].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mistral", "qwen2", *NEW_CODE_FAMILIES])
 def test_greedy_matches_transformers(family):
     path = saved_model(family)
     config, params = load_hf_model(path, dtype=jnp.float32)
@@ -61,7 +61,7 @@ def test_greedy_matches_transformers(family):
     assert ours == _hf_greedy(hf_model(path), prompts, NEW)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+@pytest.mark.parametrize("family", ["gemma2", "mistral", "gemma3"])
 def test_cached_step_logits_match_transformers(family):
     """The logits behind every generated token (prefill, then each cached decode step), not only their argmax:
     tiny random models repeat tokens, which could hide a wrong cache or window mask."""

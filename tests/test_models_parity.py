@@ -8,7 +8,7 @@ import torch
 
 from converters.hf import load_hf_model
 from jaxsloth.models import forward
-from tests.tiny_models import FAMILIES, SLIDING_WINDOW, hf_model, saved_model
+from tests.tiny_models import FAMILIES, SLIDING_WINDOW, hf_model, saved_gemma3_multimodal, saved_model
 from tests.tolerances import assert_close
 
 T = 19  # longer than the sliding window (7), not a multiple of anything
@@ -83,3 +83,23 @@ def test_bf16_logits_close_to_f32_reference(family):
     # bf16 weights and activations (8-bit mantissa) through 3-4 layers: errors relative to the logit scale.
     scale = np.abs(ref).max()
     assert_close(ours / scale, ref / scale, "bf16")
+
+
+def test_gemma3_multimodal_text_tower_matches_transformers(tmp_path):
+    """A Gemma 3 image-text checkpoint loads as its text tower (the vision tower's tensors unread) with the logits
+    transformers' image-text model gives text; its export is a text-only Gemma 3 that Gemma3ForCausalLM loads."""
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    from converters.hf import save_hf_model
+
+    path = saved_gemma3_multimodal()
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    assert config.model_type == "gemma3_text" and config.qk_norm and config.local_rope is not None
+    ids = np.random.default_rng(5).integers(3, 128, (2, T))  # below the image tokens
+    ours = forward(params, jnp.asarray(ids), config=config)
+    mm = Gemma3ForConditionalGeneration.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    assert_close(ours, _hf_logits(mm.eval(), ids), "f32_logits")
+    save_hf_model(params, config, tmp_path, dtype=jnp.float32)
+    text = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", dtype=torch.float32)
+    assert type(text).__name__ == "Gemma3ForCausalLM"
+    assert_close(ours, _hf_logits(text.eval(), ids), "f32_logits")

@@ -7,7 +7,32 @@ import json
 import math
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "qwen2", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "qwen2", "phi3", "qwen3", "gemma3_text")
+# config.json model types read as one of the above: Gemma 3's multimodal checkpoints, whose text tower is read alone.
+TEXT_TOWER_MODEL_TYPES = ("gemma3",)
+
+# Gemma3TextConfig's defaults: the text_config of a multimodal Gemma 3 config.json lists only what differs from them.
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +64,8 @@ class RopeConfig:
 class ModelConfig:
     """One decoder, every family: the HF config's meaning, with derived values as properties.
 
-    Layer kinds: ``layer_types[i]`` is "full_attention" or "sliding_attention" (window ``sliding_window``).
+    Layer kinds: ``layer_types[i]`` is "full_attention" or "sliding_attention" (window ``sliding_window``); sliding
+    layers rotate with ``local_rope`` where the family gives them their own RoPE (Gemma 3), else with ``rope``.
     """
 
     model_type: str
@@ -52,13 +78,15 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    local_rope: RopeConfig | None = None  # Gemma 3: sliding layers' own base frequency, without global scaling
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     activation: str = "silu"  # silu (SwiGLU) or gelu_tanh (GeGLU)
     norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights minus one
     scale_embeddings: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
     qkv_bias: bool = False  # Qwen 2
-    post_norms: bool = False  # Gemma 2: norms after attention and after the MLP too
+    qk_norm: bool = False  # Qwen 3, Gemma 3: RMSNorm over each head of q and k (weights [head_dim]) before RoPE
+    post_norms: bool = False  # Gemma 2 and 3: norms after attention and after the MLP too
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
     attn_logit_softcap: float | None = None
@@ -105,6 +133,9 @@ class ModelConfig:
     def window_for(self, sliding: bool) -> int | None:
         return self.sliding_window if sliding else None
 
+    def rope_for(self, sliding: bool) -> RopeConfig:
+        return self.local_rope if sliding and self.local_rope is not None else self.rope
+
 
 def _get(d: dict, *names, default=None):
     for n in names:
@@ -113,10 +144,17 @@ def _get(d: dict, *names, default=None):
     return default
 
 
-def rope_config_from_hf(d: dict[str, Any]) -> RopeConfig:
-    """Reads both transformers 5's ``rope_parameters`` and older ``rope_theta`` + ``rope_scaling``."""
+def rope_config_from_hf(d: dict[str, Any], layer_type: str = "full_attention") -> RopeConfig:
+    """Reads both transformers 5's ``rope_parameters`` and older ``rope_theta`` + ``rope_scaling``.
+
+    ``layer_type``: whose RoPE to read where ``rope_parameters`` holds one per layer type (Gemma 3); older Gemma 3
+    configs give sliding layers ``rope_local_base_freq`` and no scaling."""
     params = dict(d.get("rope_parameters") or {})
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    elif layer_type == "sliding_attention":
+        return RopeConfig(theta=float(d.get("rope_local_base_freq") or 10000.0))
+    elif "full_attention" in params and isinstance(params["full_attention"], dict):
         params = dict(params["full_attention"])
     scaling = dict(d.get("rope_scaling") or {})
     merged = {**scaling, **params}
@@ -144,17 +182,44 @@ def rope_config_from_hf(d: dict[str, Any]) -> RopeConfig:
     )
 
 
+def text_config(d: dict[str, Any]) -> dict[str, Any]:
+    """The config.json of the text model alone, as transformers reads it: Gemma 3's (a multimodal checkpoint's
+    ``text_config``, with the top level's token ids) with Gemma3TextConfig's defaults for the fields it leaves out;
+    any other config as it is."""
+    if d.get("model_type") not in ("gemma3", "gemma3_text"):
+        return d
+    text = d
+    if d["model_type"] == "gemma3":
+        shared = ("bos_token_id", "eos_token_id", "pad_token_id", "quantization_config")
+        tower = {k: d[k] for k in shared if d.get(k) is not None}
+        text = {**tower, **(d.get("text_config") or {}), "architectures": ["Gemma3ForCausalLM"]}
+    given = {k: v for k, v in text.items() if v is not None}
+    return {**GEMMA3_TEXT_DEFAULTS, **given, "model_type": "gemma3_text"}
+
+
 def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
-    """Hugging Face ``config.json`` contents -> ModelConfig. Raises ValueError naming what is unsupported."""
+    """Hugging Face ``config.json`` contents -> ModelConfig. Raises ValueError naming what is unsupported.
+
+    A multimodal Gemma 3 config gives its text tower's ModelConfig (``hf_config`` then holds the text config, so a
+    merged export is a text-only Gemma 3 checkpoint)."""
     mt = d.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    known = SUPPORTED_MODEL_TYPES + TEXT_TOWER_MODEL_TYPES
+    if mt not in known:
+        raise ValueError(f"unsupported model_type {mt!r}; supported: {', '.join(known)}")
+    # What export writes back: the config as given, but a multimodal one's text config (the export is text-only).
+    original = d if mt in SUPPORTED_MODEL_TYPES else None
+    d = text_config(d)
+    mt = d["model_type"]
+    if d.get("use_bidirectional_attention"):
+        raise ValueError(f"use_bidirectional_attention=true (an embedding model) is unsupported for {mt!r}")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in d:
             raise ValueError(f"config.json lacks required field {key!r} for model_type {mt!r}")
     heads = d["num_attention_heads"]
     head_dim = d.get("head_dim") or d["hidden_size"] // heads
-    gemma = mt in ("gemma", "gemma2")
+    gemma = mt in ("gemma", "gemma2", "gemma3_text")
+    # Gemma 2 and 3 read softcaps (null in Gemma 3's configs) and query_pre_attn_scalar from the config.
+    gemma_attention = mt in ("gemma2", "gemma3_text")
     act = d.get("hidden_activation") or d.get("hidden_act") or "silu"
     if act in ("gelu_pytorch_tanh", "gelu_tanh", "gelu") and gemma:
         # transformers runs Gemma with the tanh approximation even when the config says "gelu".
@@ -165,11 +230,16 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"unsupported activation {act!r} for model_type {mt!r}")
     n_layers = d["num_hidden_layers"]
     window = d.get("sliding_window")
-    if mt == "qwen2" and not d.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
         window = None
     layer_types = tuple(d.get("layer_types") or ())
     if mt == "gemma2" and not layer_types:
         layer_types = tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers))
+    if mt == "gemma3_text" and not layer_types:  # every sliding_window_pattern-th layer is global
+        pattern = d.get("sliding_window_pattern") or 6
+        layer_types = tuple(
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
+        )
     if not window:
         layer_types = ("full_attention",) * n_layers
         window = None
@@ -185,34 +255,37 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         head_dim=head_dim,
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope=rope_config_from_hf(d),
+        local_rope=rope_config_from_hf(d, "sliding_attention") if mt == "gemma3_text" else None,
         max_position_embeddings=d.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
         activation=activation,
         norm_weight_offset=1.0 if gemma else 0.0,
         scale_embeddings=gemma,
         qkv_bias=bool(d.get("attention_bias", mt == "qwen2")),
-        post_norms=mt == "gemma2",
+        qk_norm=mt in ("qwen3", "gemma3_text"),
+        post_norms=mt in ("gemma2", "gemma3_text"),
         sliding_window=window,
         layer_types=layer_types,
-        attn_logit_softcap=d.get("attn_logit_softcapping") if mt == "gemma2" else None,
-        final_logit_softcap=d.get("final_logit_softcapping") if mt == "gemma2" else None,
-        query_pre_attn_scalar=d.get("query_pre_attn_scalar") if mt == "gemma2" else None,
+        attn_logit_softcap=d.get("attn_logit_softcapping") if gemma_attention else None,
+        final_logit_softcap=d.get("final_logit_softcapping") if gemma_attention else None,
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar") if gemma_attention else None,
         fused_qkv=mt == "phi3",
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=d.get("pad_token_id"),
-        hf_config=json.dumps(d, sort_keys=True),
+        hf_config=json.dumps(original or d, sort_keys=True),
     )
 
 
-def rope_inv_freq(config: ModelConfig, seq_len: int | None = None):
+def rope_inv_freq(config: ModelConfig, seq_len: int | None = None, sliding: bool = False):
     """The (inv_freq [rotary_dim / 2] as numpy f32, attention_scaling) pair transformers computes.
 
-    ``seq_len`` picks longrope's long factors when it exceeds the original context (Phi-3), as transformers does.
+    ``seq_len`` picks longrope's long factors when it exceeds the original context (Phi-3), as transformers does;
+    ``sliding``: the RoPE of sliding-window layers (``ModelConfig.rope_for``).
     """
     import numpy as np
 
-    r = config.rope
+    r = config.rope_for(sliding)
     dim = config.rotary_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
     pos_freqs = np.float32(r.theta) ** exponents
@@ -230,7 +303,7 @@ def rope_inv_freq(config: ModelConfig, seq_len: int | None = None):
         medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
         inv = np.where(medium, smoothed, scaled).astype(np.float32)
     elif r.kind == "yarn":
-        inv, scaling = _yarn(config, pos_freqs, dim)
+        inv, scaling = _yarn(config, r, pos_freqs, dim)
     elif r.kind == "longrope":
         orig = r.original_max_position_embeddings or config.max_position_embeddings
         factor = r.factor if r.factor != 1.0 else config.max_position_embeddings / orig
@@ -242,10 +315,9 @@ def rope_inv_freq(config: ModelConfig, seq_len: int | None = None):
     return inv.astype(np.float32), float(scaling)
 
 
-def _yarn(config: ModelConfig, pos_freqs, dim):
+def _yarn(config: ModelConfig, r: RopeConfig, pos_freqs, dim):
     import numpy as np
 
-    r = config.rope
     factor = r.factor
     orig = r.original_max_position_embeddings or config.max_position_embeddings
 

@@ -8,7 +8,8 @@ Every op goes through ``jaxsloth.ops.Ops`` (the dispatch point).
 Param tree::
 
     embed [V, D]; final_norm [D]; lm_head [V, D] (absent when tied)
-    layers: attn_norm, mlp_norm [L, D]; attn_post_norm, mlp_post_norm [L, D] (Gemma 2)
+    layers: attn_norm, mlp_norm [L, D]; attn_post_norm, mlp_post_norm [L, D] (Gemma 2 and 3);
+            q_norm, k_norm [L, head_dim] (Qwen 3, Gemma 3)
             q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: {"weight": [L, out, in] or NF4Weight,
             "bias": [L, out] (q/k/v on Qwen 2)}
 
@@ -85,6 +86,9 @@ def param_shapes(config: ModelConfig) -> dict:
     if config.post_norms:
         layers["attn_post_norm"] = (L, D)
         layers["mlp_post_norm"] = (L, D)
+    if config.qk_norm:
+        layers["q_norm"] = (L, config.head_dim)
+        layers["k_norm"] = (L, config.head_dim)
     for name, (o, i) in linear_shapes(config).items():
         layers[name] = {"weight": (L, o, i)}
         if config.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
@@ -93,6 +97,12 @@ def param_shapes(config: ModelConfig) -> dict:
     if not config.tie_word_embeddings:
         tree["lm_head"] = (V, D)
     return tree
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of weights of the full-precision model (``param_shapes``), without building it."""
+    shapes = jax.tree.leaves(param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    return sum(math.prod(shape) for shape in shapes)
 
 
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> dict:
@@ -275,14 +285,19 @@ def attention_inputs(
 ):
     """First half of a layer. h: [B, T, D] -> rotated q [B, T, Hq, hd], k and v [B, T, Hk, hd].
 
-    long_rope: None, or longrope's (long inv_freq, use_long [B, T] bool) from :func:`rope_setup`."""
+    inv_freq, rope_scaling, long_rope: this layer's kind's :func:`rope_setup`; long_rope: None, or longrope's
+    (long inv_freq, use_long [B, T] bool)."""
     b, t, _ = h.shape
     hd = config.head_dim
+    eps, off = config.rms_norm_eps, config.norm_weight_offset
     proj = _projector(lp, ll, ops, lora_rt, dropout_key)
-    x = ops.rms_norm(h, lp["attn_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
+    x = ops.rms_norm(h, lp["attn_norm"], eps=eps, weight_offset=off)
     q = proj("q_proj", x, 0).reshape(b, t, config.num_heads, hd)
     k = proj("k_proj", x, 0).reshape(b, t, config.num_kv_heads, hd)
     v = proj("v_proj", x, 0).reshape(b, t, config.num_kv_heads, hd)
+    if config.qk_norm:
+        q = ops.rms_norm(q, lp["q_norm"], eps=eps, weight_offset=off)
+        k = ops.rms_norm(k, lp["k_norm"], eps=eps, weight_offset=off)
     q, k = apply_rope(ops, q, k, positions, inv_freq, rope_scaling, long_rope)
     return q, k, v
 
@@ -298,16 +313,17 @@ def example_lengths(positions, segment_ids=None):
     return (jnp.take_along_axis(positions, last, axis=1) + 1).astype(jnp.int32)
 
 
-def rope_setup(config: ModelConfig, lengths=None):
-    """(inv_freq, attention_scaling, long_rope) for :func:`attention_inputs`.
+def rope_setup(config: ModelConfig, lengths=None, sliding: bool = False):
+    """(inv_freq, attention_scaling, long_rope) for :func:`attention_inputs` of full-attention layers, or with
+    ``sliding`` of sliding-window layers (Gemma 3 gives them a RoPE of their own: ``ModelConfig.rope_for``).
 
     Longrope (Phi-3) rotates with its long factors when the sequence is longer than the original context, which
     transformers decides per forward call from max position + 1. Here each token decides from its own example's
     length (``lengths``: [B, T] or [B, 1], e.g. :func:`example_lengths`), so a packed or padded row gives every
     example what transformers gives it alone: long_rope = (long inv_freq, lengths > original context). None for
     every other rope (and ``lengths`` unused)."""
-    inv_freq, scaling = rope_inv_freq(config)
-    if config.rope.kind != "longrope":
+    inv_freq, scaling = rope_inv_freq(config, sliding=sliding)
+    if config.rope_for(sliding).kind != "longrope":
         return jnp.asarray(inv_freq), scaling, None
     orig = config.rope.original_max_position_embeddings or config.max_position_embeddings
     long_inv_freq, _ = rope_inv_freq(config, seq_len=orig + 1)
@@ -451,17 +467,18 @@ def forward_hidden(
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     lengths = example_lengths(positions, segment_ids) if config.rope.kind == "longrope" else None
-    inv_freq, rope_scaling, long_rope = rope_setup(config, lengths)
     h = embed(params, tokens, config, compute_dtype)
     period = layer_period(config, remat_group)
     groups = config.num_layers // period
     slidings = config.sliding_layers[:period]
+    ropes = {sliding: rope_setup(config, lengths, sliding) for sliding in set(slidings)}
 
     def run_group(h, lps, lls, idx):
         """The ``period`` layers of one remat group: lps, lls are their per-layer (unstacked) trees."""
         h = checkpoint_name(h, "layer_in")
         for j in range(period):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, idx * period + j)
+            inv_freq, rope_scaling, long_rope = ropes[slidings[j]]
             h = decoder_layer(
                 h,
                 lps[j],

@@ -16,6 +16,30 @@ _LLAMA31_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+_GEMMA3 = {  # the fields Gemma 3's text models share (google/gemma-3-*-pt config.json, text_config of 4B and up)
+    "model_type": "gemma3_text",
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "sliding_window_pattern": 6,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+_GEMMA3_LONG = {  # 4B and up: 128k context, the global layers' RoPE interpolated 8x, a window of 1024
+    **_GEMMA3,
+    "vocab_size": 262208,
+    "sliding_window": 1024,
+    "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    "max_position_embeddings": 131072,
+}
+
 PRESETS: dict[str, dict] = {
     "llama3.1-8b": {
         "model_type": "llama",
@@ -119,6 +143,136 @@ PRESETS: dict[str, dict] = {
         "use_sliding_window": False,
         "sliding_window": 131072,
     },
+    "llama3.3-70b": {  # meta-llama/Llama-3.3-70B-Instruct: the Llama 3.1 70B architecture
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": _LLAMA31_ROPE,
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+        "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009],
+    },
+    "smollm2-1.7b": {  # HuggingFaceTB/SmolLM2-1.7B
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 130000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "qwen3-8b": {  # Qwen/Qwen3-8B
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "attention_bias": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 36,
+        "tie_word_embeddings": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+    "gemma3-1b": {  # google/gemma-3-1b-pt: text only, 32k context, no RoPE scaling, a window of 512
+        **_GEMMA3,
+        "vocab_size": 262144,
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "sliding_window": 512,
+        "max_position_embeddings": 32768,
+    },
+    "gemma3-4b": {  # google/gemma-3-4b-pt's text_config (the text tower of the multimodal model)
+        **_GEMMA3_LONG,
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "num_hidden_layers": 34,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
+    "gemma3-12b": {  # google/gemma-3-12b-pt's text_config
+        **_GEMMA3_LONG,
+        "hidden_size": 3840,
+        "intermediate_size": 15360,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+    },
+    "mistral-nemo-12b": {  # mistralai/Mistral-Nemo-Base-2407: head_dim 128, not 5120 / 32
+        "model_type": "mistral",
+        "vocab_size": 131072,
+        "hidden_size": 5120,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "max_position_embeddings": 1024000,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "mistral-small-24b": {  # mistralai/Mistral-Small-24B-Base-2501
+        "model_type": "mistral",
+        "vocab_size": 131072,
+        "hidden_size": 5120,
+        "intermediate_size": 32768,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000000.0,
+        "sliding_window": None,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "phi4": {  # microsoft/phi-4: the Phi-3 layout (fused qkv_proj, gate_up_proj) with 10 kv heads, no window
+        "model_type": "phi3",
+        "vocab_size": 100352,
+        "hidden_size": 5120,
+        "intermediate_size": 17920,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 10,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 250000.0,
+        "max_position_embeddings": 16384,
+        "original_max_position_embeddings": 16384,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": 100257,
+        "eos_token_id": 100265,
+        "pad_token_id": 100349,
+    },
     "phi3-mini": {
         "model_type": "phi3",
         "vocab_size": 32064,
@@ -138,7 +292,9 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# Parameter counts of the published checkpoints (model cards / safetensors metadata).
+# Parameter counts of the published checkpoints (model cards / safetensors metadata). Gemma 3 4B and 12B are
+# multimodal checkpoints: their text towers' counts are the Gemma 3 technical report's (Table 1) non-embedding
+# parameters (3,209M and 10,759M) plus the text embedding (vocabulary x hidden) and the final norm.
 PUBLISHED_PARAM_COUNTS = {
     "llama3.1-8b": 8_030_261_248,
     "llama3.1-70b": 70_553_706_496,
@@ -147,6 +303,15 @@ PUBLISHED_PARAM_COUNTS = {
     "gemma2-9b": 9_241_705_984,
     "qwen2-7b": 7_615_616_512,
     "phi3-mini": 3_821_079_552,
+    "llama3.3-70b": 70_553_706_496,  # Llama-3.3-70B-Instruct: 70.6B (safetensors metadata)
+    "smollm2-1.7b": 1_711_376_384,  # SmolLM2-1.7B: 1.71B
+    "qwen3-8b": 8_190_735_360,  # Qwen3-8B model card: 8.2B, 6.95B non-embedding
+    "gemma3-1b": 999_885_952,  # gemma-3-1b-pt: 1B (report: 302M embedding + 698M non-embedding)
+    "gemma3-4b": 3_880_263_168,  # text tower of gemma-3-4b-pt (4.3B with its 417M vision encoder)
+    "gemma3-12b": 11_766_034_176,  # text tower of gemma-3-12b-pt (12.2B with its 417M vision encoder)
+    "mistral-nemo-12b": 12_247_782_400,  # Mistral-Nemo-Base-2407: 12.2B
+    "mistral-small-24b": 23_572_403_200,  # Mistral-Small-24B-Base-2501: 23.6B
+    "phi4": 14_659_507_200,  # phi-4 model card: 14B parameters; safetensors metadata 14.7B
 }
 
 

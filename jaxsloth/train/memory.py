@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxsloth.models.config import ModelConfig
-from jaxsloth.models.decoder import ATTN_DOTS, linear_shapes
+from jaxsloth.models.decoder import ATTN_DOTS, linear_shapes, param_count
 from jaxsloth.profiles import Profile
 
 GIB = 2**30
@@ -54,8 +54,7 @@ class Longest:
 def _weight_counts(config: ModelConfig) -> tuple[int, int]:
     """(projection weights, every other weight: embeddings, LM head, norms)."""
     proj = sum(o * i for o, i in linear_shapes(config).values()) * config.num_layers
-    other = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    other += config.hidden_size * (2 * config.num_layers + 1)
+    other = param_count(config) - proj  # embeddings, head and every norm (post- and q/k norms included)
     return proj, other
 
 
