@@ -71,8 +71,8 @@ def test_second_process_reads_the_compiled_programs_back(tmp_path):
 
 @pytest.fixture
 def unset(monkeypatch):
-    """jaxsloth.compile_cache as in a process that has not enabled it, with no JAX cache directory set; JAX's
-    options are restored afterwards (nothing is compiled meanwhile)."""
+    """jaxsloth.compile_cache as in a process that has not enabled it, with no JAX cache directory set and JAX's
+    default thresholds; JAX's options are restored afterwards (nothing is compiled meanwhile)."""
     import jax
 
     from jaxsloth import compile_cache
@@ -81,6 +81,8 @@ def unset(monkeypatch):
     saved = {n: getattr(jax.config, n) for n in names}
     monkeypatch.setattr(compile_cache, "_enabled", None)
     jax.config.update("jax_compilation_cache_dir", None)
+    for name, (jax_default, _) in compile_cache._THRESHOLDS.items():  # an earlier test's load may have set ours
+        jax.config.update(name, jax_default)
     yield compile_cache, jax.config
     for n, v in saved.items():
         jax.config.update(n, v)

@@ -306,7 +306,7 @@ def test_kto_from_a_file_precomputed_accumulated_and_resumed(tmp_path):
     assert [r["step"] for r in first.history] == [1, 2]
     assert first.history[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)  # B = 0: the policy is the reference
     assert all(np.isfinite(r["kl"]) and r["kl"] >= 0 for r in first.history)
-    resumed = jaxsloth.train(model, tok, str(path), max_steps=3, **settings)
+    resumed = jaxsloth.train(model, tok, str(path), max_steps=3, resume=True, **settings)
     assert [r["step"] for r in resumed.history] == [3]
     # The method's metrics reach the trackers: metrics.jsonl and TensorBoard.
     from tests.test_metrics import _read_scalars

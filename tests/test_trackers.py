@@ -29,7 +29,11 @@ def tracker_dirs(tmp_path_factory):
         mp.setenv("WANDB_SILENT", "true")
         mp.setenv("MLFLOW_TRACKING_URI", (root / "mlruns").as_uri())
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's local store without a database
-        mp.setenv("TRACKIO_DIR", str(root / "trackio"))  # read when trackio is imported: first in this module
+        mp.setenv("TRACKIO_DIR", str(root / "trackio"))  # read when trackio is imported
+        # Another test in this process may have imported trackio already: point its modules' copies here too.
+        for name in ("trackio.utils", "trackio.sqlite_storage", "trackio"):
+            if name in sys.modules and hasattr(sys.modules[name], "TRACKIO_DIR"):
+                mp.setattr(sys.modules[name], "TRACKIO_DIR", root / "trackio")
         for variable in ("WANDB_PROJECT", "MLFLOW_EXPERIMENT_NAME", "TRACKIO_PROJECT"):
             mp.delenv(variable, raising=False)
         yield root

@@ -132,6 +132,7 @@ class _PreferenceTrainer(SFTTrainer):
         processing_class=None,
         peft_config=None,
         tokenizer=None,
+        callbacks: list | None = None,
         **config_args,
     ):
         name = type(self).__name__
@@ -162,6 +163,11 @@ class _PreferenceTrainer(SFTTrainer):
         self.settings, self.max_length, ignored = self.args.to_settings(model)
         if no_adapter:
             ignored.append("full fine-tuning without peft_config (jaxsloth trains its default LoRA adapter instead)")
+        self.callbacks = [cb for cb in callbacks or () if callable(cb)]  # jaxsloth's: cb(record)
+        ignored += [
+            f"callback {type(cb).__name__} (jaxsloth's take cb(record))" for cb in callbacks or () if not callable(cb)
+        ]
+        self.eval_dataset = None
         if eval_dataset is not None:
             ignored.append("eval_dataset (no evaluation loop yet)")
         if data_collator is not None:
