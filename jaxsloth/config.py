@@ -38,9 +38,11 @@ from jaxsloth.data.formats import FORMATS, resolve_format
 from jaxsloth.models.decoder import LAYER_LOOPS, LINEARS, REMAT_POLICIES, LoraRuntime
 from jaxsloth.profiles import LONG_CONTEXT, PROFILES, Profile, profile_for_device
 from jaxsloth.train.optim8bit import OPTIMIZER_STATES
-from jaxsloth.train.trackers import REPORT_TO_CHOICES, resolve_report_to
 
 SCHEDULES = ("linear", "cosine", "constant")
+# Experiment trackers report_to can name (jaxsloth.train.trackers), as transformers names them.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
 METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
 DTYPES = ("bfloat16", "float16", "float32")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -617,7 +619,8 @@ class TrainConfig(Settings):
             )
         if self.resume is not False and self.output_dir is None:
             raise ValueError("resume needs output_dir, the directory whose checkpoints it continues")
-        resolve_report_to(self.report_to)  # "all" and "none" stand alone
+        if ("all" in self.report_to or "none" in self.report_to) and len(self.report_to) > 1:
+            raise ValueError(f"report_to {','.join(self.report_to)}: 'all' and 'none' stand alone")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} is longer than the run (max_steps={self.max_steps})")
         if self.val_set_size >= 1 and not float(self.val_set_size).is_integer():

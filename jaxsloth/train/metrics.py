@@ -232,7 +232,7 @@ def standard_callbacks(
     out_dir/metrics.jsonl and out_dir/loss.png (written at close), and the trackers of ``report_to``
     (``jaxsloth.train.trackers``: TensorBoard events in out_dir/tensorboard by default; wandb, mlflow, trackio
     runs logging ``run_config``)."""
-    from jaxsloth.train.trackers import make_trackers
+    from jaxsloth.train.trackers import make_trackers, resolve_report_to
 
     callbacks: list = []
     if progress:
@@ -240,6 +240,8 @@ def standard_callbacks(
     if out_dir is not None:
         out_dir = Path(out_dir)
         callbacks.append(JsonlWriter(out_dir / "metrics.jsonl"))
+    if out_dir is not None and "tensorboard" in resolve_report_to(report_to):
+        callbacks.append(TensorBoardWriter(out_dir / "tensorboard"))
     callbacks += make_trackers(report_to, out_dir=out_dir, config=run_config, project=project, run_name=run_name)
     if out_dir is not None:
         callbacks.append(LossPlot(out_dir / "loss.png", history=out_dir / "metrics.jsonl"))

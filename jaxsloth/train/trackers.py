@@ -22,14 +22,9 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from jaxsloth.api import Model
-    from jaxsloth.config import TrainConfig
+from jaxsloth.config import REPORT_TO_CHOICES, TRACKERS, TrainConfig
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
 DEFAULT_PROJECT = "jaxsloth"
 # The package each tracker imports, and the jaxsloth extra that installs it (tensorboardX is a dependency).
 _PACKAGES = {"tensorboard": ("tensorboardX", None), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow"),
@@ -100,8 +95,8 @@ def _flat(value, prefix: str, out: dict) -> None:
         out[prefix] = str(value)
 
 
-def run_config(model: Model, train_config: TrainConfig, data=None) -> dict:
-    """Every setting of the run, flattened for a tracker's config: the TrainConfig and LoraConfig fields by their
+def run_config(model, train_config: TrainConfig, data=None) -> dict:
+    """Every setting of the run (model: a ``jaxsloth.api.Model``), flattened for a tracker's config: the TrainConfig and LoraConfig fields by their
     own names, ``model`` (its path), ``max_seq_length`` and ``data`` (a path or Hub id; else the kind of object
     given), the GPU profile as ``profile.<field>`` and the architecture as ``model_config.<field>`` (the HF config
     text left out)."""
@@ -243,18 +238,13 @@ def make_trackers(
     project: str | None = None,
     run_name: str | None = None,
 ) -> list:
-    """The sinks of ``report_to``: TensorBoard events in out_dir/tensorboard (with an out_dir only) and a
-    Weights & Biases, MLflow or Trackio run logging ``config`` and every record. Raises ImportError naming the
-    extra to install when a tracker's package is missing."""
-    from jaxsloth.train.metrics import TensorBoardWriter
-
+    """The sinks of ``report_to``'s services: a Weights & Biases, MLflow or Trackio run logging ``config`` and every
+    record (TensorBoard is a file sink of ``jaxsloth.train.metrics.standard_callbacks``). Raises ImportError naming
+    the extra to install when a tracker's package is missing."""
     check_installed(report_to)
     out = None if out_dir is None else Path(out_dir)
     sinks: list = []
     for name in resolve_report_to(report_to):
-        if name == "tensorboard":
-            if out is not None:
-                sinks.append(TensorBoardWriter(out / "tensorboard"))
-        else:
+        if name != "tensorboard":
             sinks.append(_TRACKER_CLASSES[name](config or {}, project=project, run_name=run_name, out_dir=out))
     return sinks
