@@ -115,7 +115,7 @@ def run_identity(config: ModelConfig, params: dict, lora: LoraConfig | None, tc:
 
 def _differences(saved, current, prefix: str = ""):
     if isinstance(saved, dict) and isinstance(current, dict):
-        for key in saved.keys() | current.keys():
+        for key in dict.fromkeys([*current, *saved]):  # in the identity's order (a set's would vary per process)
             yield from _differences(saved.get(key), current.get(key), f"{prefix}.{key}" if prefix else key)
     elif saved != current:
         yield prefix, saved, current
