@@ -10,12 +10,11 @@ TrainingArguments names translate as in ``SFTConfig``. The reference model is th
 
 from __future__ import annotations
 
-import os
 import warnings
 
 from jaxsloth import api
 from jaxsloth.config import TrainConfig
-from jaxsloth.faces.trl import SFTConfig, SFTTrainer, lora_settings
+from jaxsloth.faces.trl import SFTConfig, SFTTrainer, lora_settings, resolve_model
 
 # TRL's defaults shared by every preference config (where they differ from SFTConfig's).
 _PREFERENCE_DEFAULTS = {"learning_rate": 1e-6, "max_length": 1024}
@@ -149,12 +148,7 @@ class _PreferenceTrainer(SFTTrainer):
                 "ref_model=None"
             )
         self.args = self.config_class(**{**(args.values if args is not None else {}), **config_args})
-        self.tokenizer = processing_class if processing_class is not None else tokenizer
-        if isinstance(model, str | os.PathLike):
-            model, loaded_tokenizer = api.load(model)
-            self.tokenizer = self.tokenizer if self.tokenizer is not None else loaded_tokenizer
-        if not isinstance(model, api.Model):
-            raise TypeError(f"{name}: model must be a jaxsloth Model or a model path / Hub id, got {type(model)}")
+        model, self.tokenizer = resolve_model(model, processing_class, tokenizer, name)
         no_adapter = peft_config is None and model.trainable is None
         if peft_config is not None or model.trainable is None:
             lora = {} if peft_config is None else lora_settings(peft_config)

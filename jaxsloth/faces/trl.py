@@ -53,6 +53,18 @@ _ADAMW = {"adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_b
 _SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 
 
+def resolve_model(model, processing_class, tokenizer, trainer: str):
+    """A trainer's (model, tokenizer): the model as given (a jaxsloth Model) or loaded from a path / Hub id; the
+    tokenizer as given (processing_class, or the older tokenizer=), else the one loaded with the model."""
+    tokenizer = processing_class if processing_class is not None else tokenizer
+    if isinstance(model, str | os.PathLike):
+        model, loaded_tokenizer = api.load(model)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    if not isinstance(model, api.Model):
+        raise TypeError(f"{trainer}: model must be a jaxsloth Model or a model path / Hub id, got {type(model)}")
+    return model, tokenizer
+
+
 class SFTConfig:
     """TRL's SFTConfig (and TrainingArguments) names and defaults. max_length (max_seq_length in older TRL):
     tokens per row for the run (default: the model's max_seq_length); completion_only_loss / assistant_only_loss:
@@ -195,12 +207,7 @@ class SFTTrainer:
                 f"SFTTrainer: args must be a jaxsloth SFTConfig (from jaxsloth import SFTConfig), got {type(args)}"
             )
         self.args = SFTConfig(**{**(args.values if args is not None else {}), **sft_args})
-        self.tokenizer = processing_class if processing_class is not None else tokenizer
-        if isinstance(model, str | os.PathLike):
-            model, loaded_tokenizer = api.load(model)
-            self.tokenizer = self.tokenizer if self.tokenizer is not None else loaded_tokenizer
-        if not isinstance(model, api.Model):
-            raise TypeError(f"SFTTrainer: model must be a jaxsloth Model or a model path / Hub id, got {type(model)}")
+        model, self.tokenizer = resolve_model(model, processing_class, tokenizer, "SFTTrainer")
         if model.full_finetuning and peft_config is not None:
             raise ValueError("SFTTrainer: the model trains every weight (full_finetuning=True); drop peft_config")
         no_adapter = peft_config is None and model.trainable is None and not model.full_finetuning
