@@ -17,7 +17,7 @@ from jaxsloth.train.interrupts import TrainingInterrupted
 from jaxsloth.train.step import TrainConfig
 from tests.test_training import LORA, PROFILE, _dataset, _setup
 
-STEPS = 7
+STEPS = 9
 
 
 class Loader:
@@ -71,7 +71,7 @@ def _interrupted(config, params, ckpt_dir, losses, **kw):
     """Runs until interrupted; returns the exception after adding the losses of the steps it completed."""
     records = []
     with pytest.raises(TrainingInterrupted) as e:
-        _fit(config, params, ckpt_dir, callbacks=[records.append], **kw)
+        _fit(config, params, ckpt_dir, callbacks=[*kw.pop("callbacks", ()), records.append], **kw)
     losses.update({r["step"]: r["loss"] for r in records})
     assert e.value.saved_step == max(losses), (e.value.saved_step, sorted(losses))
     return e.value
@@ -104,6 +104,17 @@ def test_interrupt_anywhere_resumes_exactly(tmp_path, monkeypatch):
     e = _interrupted(config, params, ckpt, losses)
     monkeypatch.setattr(jax, "device_get", real_get)
     assert e.signum == signal.SIGTERM and e.exit_code == 143
+
+    # 3b. SIGTERM while a step's record is being handed to the logs: every logger still gets it (the checkpoint
+    # and the logs name the same last step).
+    handed = []
+
+    def sigterm_on_first_record(record):
+        handed.append(record)
+        if len(handed) == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    _interrupted(config, params, ckpt, losses, callbacks=[sigterm_on_first_record])
 
     # 4. Ctrl-C twice, 50 ms apart, during a periodic save: the save completes, then the run stops.
     real_save = train_checkpoint.Checkpointer.save

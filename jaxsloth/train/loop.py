@@ -6,6 +6,7 @@ checkpoints hold everything needed to continue with exactly the losses an uninte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -149,6 +150,38 @@ def _loader_state(loader) -> dict | None:
 def _consumed(tree) -> bool:
     """Whether a step that was cut short already took (donated) these buffers."""
     return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
+
+
+@contextlib.contextmanager
+def _oom_explained(batch: int, seq_len: int, profile) -> Iterator[None]:
+    """Turns XLA's out-of-memory error (a generic runtime error) into one that says what to change."""
+    try:
+        yield
+    except Exception as e:
+        if is_oom(e):
+            raise explain_oom(e, batch=batch, seq_len=seq_len, profile=profile) from e
+        raise
+
+
+def _step_record(step: int, m: dict, batch: dict, dt: float, learning_rate: Callable, tc) -> dict:
+    """The log record of one completed step (``m``: the step's metrics, on the host)."""
+    n_seq, seq_len = batch["tokens"].shape
+    real = real_tokens(batch)
+    record = {
+        "step": step,
+        "loss": float(m["loss"]),
+        "grad_norm": float(m["grad_norm"]),
+        "tokens": int(m["tokens"]),
+        "real_tokens": real,
+        "seq_tokens": n_seq * seq_len,
+        "step_time_s": dt,
+        "tokens_per_s": real / dt,  # padding left out: the throughput of the data
+        "learning_rate": float(learning_rate(step - 1)),  # this step's update (optax counts from 0)
+        "peak_gib": _device_memory_gib(),
+        "total_steps": tc.max_steps,
+    }
+    record.update({k: float(v) for k, v in m.items() if k not in record and k != "finite"})
+    return record
 
 
 def fit(
@@ -320,51 +353,33 @@ def fit(
                 else:
                     device_batch, sub = shard_batch(batch, mesh), put_key(sub, mesh)
                 args = (trainable, opt_state, params, device_batch, sub)
-                try:
-                    if (n_seq, seq_len) not in compiled_steps:
-                        micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
+                if (n_seq, seq_len) not in compiled_steps:
+                    micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
+                    with _oom_explained(n_seq, seq_len, profile):
                         compiled_steps[n_seq, seq_len] = _compile_step(
                             step_fn, args, config, profile, params, micro, seq_len, lora_r
                         )
-                    # The step, its result and the loader position and key that go with it are committed
-                    # together: a signal waits for the step to finish rather than leave half a state.
-                    with guard.hold(f"finishing step {step + 1}"):
+                # The step, its result, the loader position and key that go with it, and its record in the logs
+                # are committed together: a signal waits for them rather than leave a checkpointed step unlogged.
+                with guard.hold(f"finishing step {step + 1}"):
+                    with _oom_explained(n_seq, seq_len, profile):
                         new_trainable, new_opt_state, m = compiled_steps[n_seq, seq_len](*args)
                         m = jax.device_get(m)
-                        trainable, opt_state, key, data_state = new_trainable, new_opt_state, next_key, fetched_state
-                        step += 1
-                except Exception as e:  # XLA reports OOM as a generic runtime error
-                    if is_oom(e):
-                        raise explain_oom(e, batch=n_seq, seq_len=seq_len, profile=profile) from e
-                    raise
-                dt = time.perf_counter() - t0
-                real = real_tokens(batch)
-                record = {
-                    "step": step,
-                    "loss": float(m["loss"]),
-                    "grad_norm": float(m["grad_norm"]),
-                    "tokens": int(m["tokens"]),
-                    "real_tokens": real,
-                    "seq_tokens": n_seq * seq_len,
-                    "step_time_s": dt,
-                    "tokens_per_s": real / dt,  # padding left out: the throughput of the data
-                    "learning_rate": float(learning_rate(step - 1)),  # this step's update (optax counts from 0)
-                    "peak_gib": _device_memory_gib(),
-                    "total_steps": tc.max_steps,
-                }
-                record.update({k: float(v) for k, v in m.items() if k not in record and k != "finite"})
-                if not bool(m["finite"]):
-                    if tc.on_nonfinite == "stop":
-                        raise NonFiniteLossError(
-                            f"loss became {record['loss']} (grad norm {record['grad_norm']}) at step {step}; the "
-                            "update was not applied. Lower the learning rate, check the data, or set "
-                            "on_nonfinite='skip'."
-                        )
-                    log.warning("step %d: non-finite loss %s, update skipped", step, record["loss"])
-                    record["skipped"] = True
-                history.append(record)
-                for cb in callbacks:
-                    cb(record)
+                    trainable, opt_state, key, data_state = new_trainable, new_opt_state, next_key, fetched_state
+                    step += 1
+                    record = _step_record(step, m, batch, time.perf_counter() - t0, learning_rate, tc)
+                    if not bool(m["finite"]):
+                        if tc.on_nonfinite == "stop":
+                            raise NonFiniteLossError(
+                                f"loss became {record['loss']} (grad norm {record['grad_norm']}) at step {step}; the "
+                                "update was not applied. Lower the learning rate, check the data, or set "
+                                "on_nonfinite='skip'."
+                            )
+                        log.warning("step %d: non-finite loss %s, update skipped", step, record["loss"])
+                        record["skipped"] = True
+                    history.append(record)
+                    for cb in callbacks:
+                        cb(record)
                 if evaluator is not None and evaluator.due(step):
                     evaluate()
                     if evaluator.tracker.should_stop:
