@@ -87,6 +87,9 @@ def build_params(config, quant: str, dtype, key, mesh=None):
         params["layers"][name] = {"weight": random_nf4(next(keys), config.num_layers, o, i)}
         if config.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
             params["layers"][name]["bias"] = jnp.zeros((config.num_layers, o), dtype)
+    for name in ("router", "experts_gate_up", "experts_down") if config.is_moe else ():  # unquantized, as in loading
+        shape = shapes["layers"][name]["weight"].shape
+        params["layers"][name] = {"weight": (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)}
     return params
 
 

@@ -1,0 +1,282 @@
+"""Mixture of experts (Qwen 3 MoE, Mixtral) against transformers and PEFT: logits, the load-balancing loss, one
+LoRA training step, PEFT adapter and merged exports, checkpoints (per-expert and fused), routing ties,
+generation, and the full-size parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from converters.hf import load_hf_model, save_hf_model
+from jaxsloth.lora import LoraConfig, init_lora, merge
+from jaxsloth.models import forward
+from jaxsloth.models.decoder import forward_hidden, loss_sum_and_count
+from jaxsloth.models.moe import load_balancing_loss
+from tests.moe_models import MOE_FAMILIES, saved_moe_model
+from tests.tiny_models import hf_model, lora_logits, random_trainable
+from tests.tolerances import assert_close
+
+T = 19
+R, ALPHA = 4, 8.0
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="module", params=MOE_FAMILIES)
+def family(request):
+    path = saved_moe_model(request.param)
+    config, params = load_hf_model(path, dtype=jnp.float32)
+    return path, config, params
+
+
+def _hf_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(np.asarray(ids))).logits.float().numpy()
+
+
+def test_logits_match_transformers(family):
+    path, config, params = family
+    assert config.is_moe and config.num_experts_per_tok < config.num_experts
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, (2, T))
+    ours = jax.jit(lambda p, t: forward(p, t, config=config))(params, jnp.asarray(ids))
+    assert_close(ours, _hf_logits(hf_model(path), ids), "f32_logits")
+
+
+def _batch(config, seed=5):
+    """A right-padded batch: ids, HF labels and attention mask, and our tokens/targets/segment_ids."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, config.vocab_size, (2, 13))
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    labels = np.where(mask == 1, ids, -100)
+    labels[0, :4] = -100  # a prompt that is not trained on
+    targets = np.concatenate([labels[:, 1:], np.full((2, 1), -100)], axis=1)
+    ours = {
+        "tokens": jnp.asarray(ids, jnp.int32),
+        "targets": jnp.asarray(targets, jnp.int32),
+        "segment_ids": jnp.asarray(mask, jnp.int32),
+    }
+    return ids, labels, mask, ours
+
+
+def test_loss_with_load_balancing_matches_transformers(family):
+    """transformers' loss (mean token loss + router_aux_loss_coef x aux_loss) and aux_loss over the attention mask."""
+    path, config, params = family
+    ids, labels, mask, batch = _batch(config)
+    with torch.no_grad():
+        out = hf_model(path)(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)
+        )
+    _, stats = forward_hidden(
+        params, batch["tokens"], config=config, segment_ids=batch["segment_ids"], with_router_stats=True
+    )
+    assert abs(float(load_balancing_loss(stats, config)) - out.aux_loss.item()) < 1e-5
+    total, count = loss_sum_and_count(params, batch, config=config)
+    assert abs(float(total / count) - out.loss.item()) < 1e-5
+
+
+def _peft_model(path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    cfg = PeftLoraConfig(
+        r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(ATTENTION), target_parameters=EXPERT_PARAMS
+    )
+    model = get_peft_model(hf_model(path), cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero in PEFT; make it non-zero so A's gradient is not trivially zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _peft_key(i, module, ab):
+    return f"base_model.model.model.layers.{i}.{module}.lora_{ab}.default.weight"
+
+
+# Our expert LoRA -> PEFT's nested ParamWrapper (gate_up_proj wrapped first, so it is the inner base_layer).
+_PEFT_EXPERT_MODULES = {"experts_gate_up": "mlp.experts.base_layer", "experts_down": "mlp.experts"}
+
+
+def _peft_to_ours(sd, config, name, ab):
+    """PEFT's tensors of one projection over the layers -> our layout ([L, r, in] / [L, out, r]; experts
+    [L, E, r, in] / [L, E, out, r]), by PEFT's ParamWrapper reshapes (lora_A [E r, in], lora_B [out, r E])."""
+    e = config.num_experts
+    if name in ATTENTION:
+        return np.stack([sd[_peft_key(i, f"self_attn.{name}", ab.upper())] for i in range(config.num_layers)])
+    per = [sd[_peft_key(i, _PEFT_EXPERT_MODULES[name], ab.upper())] for i in range(config.num_layers)]
+    if ab == "a":
+        return np.stack([x.reshape(e, -1, x.shape[-1]) for x in per])
+    return np.stack([x.reshape(x.shape[0], -1, e).transpose(2, 0, 1) for x in per])
+
+
+def test_lora_step_matches_peft(family):
+    """Loss (token loss + the load-balancing term) and every LoRA gradient, attention and experts, equal PEFT's on
+    transformers, through the training step's loss; the jitted step then runs on the same batch."""
+    from jaxsloth.profiles import profile_for_device
+    from jaxsloth.train.step import TrainConfig, make_loss_fn, make_optimizer, make_train_step
+
+    path, config, params = family
+    peft = _peft_model(path)
+    sd = {k: v.detach().numpy() for k, v in peft.state_dict().items() if "lora_" in k}
+    names = (*ATTENTION, "experts_gate_up", "experts_down")
+    trainable = {"layers": {n: {ab: jnp.asarray(_peft_to_ours(sd, config, n, ab)) for ab in ("a", "b")} for n in names}}
+    lora = LoraConfig(r=R, lora_alpha=ALPHA)
+    expected = init_lora(config, lora, jax.random.key(0))
+    assert jax.tree.map(jnp.shape, expected) == jax.tree.map(jnp.shape, trainable)
+
+    ids, labels, mask, batch = _batch(config)
+    out = peft(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels))
+    assert out.aux_loss.item() > 0
+    out.loss.backward()
+    grads = {k: p.grad.numpy() for k, p in peft.named_parameters() if p.requires_grad}
+
+    profile = profile_for_device(name="cpu")
+    loss_fn = make_loss_fn(config, lora, profile)
+    (l_sum, count), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, jax.random.key(0))
+    assert abs(float(l_sum / count) - out.loss.item()) < 1e-5
+    for name in names:
+        for ab in ("a", "b"):
+            ref = _peft_to_ours(grads, config, name, ab)
+            assert_close(g["layers"][name][ab] / count, ref, "f32_grad", err_msg=f"{name}.{ab}")
+
+    tc = TrainConfig(learning_rate=1e-3, lr_scheduler_type="constant", max_grad_norm=None, weight_decay=0.0)
+    optimizer = make_optimizer(tc, lora, trainable)
+    step = make_train_step(config, lora, tc, profile, optimizer)
+    _, _, metrics = step(trainable, optimizer.init(trainable), params, batch, jax.random.key(0))
+    assert abs(float(metrics["loss"]) - out.loss.item()) < 1e-5
+
+
+def test_peft_adapter_and_merged_export_load_in_transformers(family, tmp_path):
+    """The adapter (PEFT's target_parameters layout for the experts) loads into PEFT on transformers, and the merged
+    export into transformers, each with our LoRA logits; the adapter reads back unchanged."""
+    from peft import PeftModel
+
+    from converters.peft import load_peft_adapter, save_peft_adapter
+
+    path, config, params = family
+    lora = LoraConfig(r=R, lora_alpha=ALPHA)
+    trainable = random_trainable(config, params, lora)
+    assert set(trainable["layers"]) == {*ATTENTION, "experts_gate_up", "experts_down"}
+    ids = np.random.default_rng(2).integers(0, config.vocab_size, (2, T))
+    ours = lora_logits(params, trainable, lora, config, ids)
+
+    save_peft_adapter(trainable, lora, config, tmp_path / "adapter")
+    peft = PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
+    assert_close(ours, _hf_logits(peft, ids), "f32_logits")
+    back, back_lora = load_peft_adapter(tmp_path / "adapter", config)
+    assert back_lora.scale == lora.scale
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), back, trainable)
+
+    save_hf_model(merge(params, trainable, lora), config, tmp_path / "merged", dtype=jnp.float32)
+    assert_close(ours, _hf_logits(hf_model(tmp_path / "merged"), ids), "f32_logits")
+
+
+def test_checkpoints_per_expert_and_fused(family, tmp_path):
+    """save_pretrained's per-expert tensors are what export writes back, bit for bit; transformers 5's fused
+    in-memory layout (experts.gate_up_proj, experts.down_proj) loads to the same params."""
+    from safetensors.numpy import load_file, save_file
+
+    path, config, params = family
+    save_hf_model(params, config, tmp_path / "round", dtype=jnp.float32)
+    original, written = load_file(path / "model.safetensors"), load_file(tmp_path / "round" / "model.safetensors")
+    assert sorted(original) == sorted(written)
+    for k in original:
+        np.testing.assert_array_equal(original[k], written[k], err_msg=k)
+
+    fused = {k: v.detach().numpy().copy() for k, v in hf_model(path).state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in fused)
+    (tmp_path / "fused").mkdir()
+    save_file(fused, tmp_path / "fused" / "model.safetensors")
+    (tmp_path / "fused" / "config.json").write_text((path / "config.json").read_text())
+    _, again = load_hf_model(tmp_path / "fused", dtype=jnp.float32)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again, params)
+
+
+def test_qlora_keeps_experts_unquantized_and_matches_dequantized_model(family):
+    """load_in_4bit quantizes attention to NF4 and keeps router and experts in 16 bits, as transformers + bitsandbytes
+    do (its 4-bit layers replace nn.Linear only); the forward equals the dense model with attention dequantized."""
+    from jaxsloth.quant import dequantize_nf4, is_nf4
+
+    path, config, params = family
+    _, q = load_hf_model(path, dtype=jnp.float32, load_in_4bit=True)
+    assert all(is_nf4(q["layers"][n]["weight"]) for n in ATTENTION)
+    for n in ("router", "experts_gate_up", "experts_down"):
+        np.testing.assert_array_equal(np.asarray(q["layers"][n]["weight"]), np.asarray(params["layers"][n]["weight"]))
+    dense = {**q, "layers": dict(q["layers"])}
+    for n in ATTENTION:
+        w = q["layers"][n]["weight"]
+        dense["layers"][n] = {"weight": jax.vmap(lambda x: dequantize_nf4(x, jnp.float32))(w)}
+    ids = np.random.default_rng(3).integers(0, config.vocab_size, (1, 11))
+    assert_close(forward(q, jnp.asarray(ids), config=config), forward(dense, jnp.asarray(ids), config=config), "f32")
+
+
+def test_greedy_generation_matches_transformers(family):
+    from jaxsloth.generate import generate
+
+    path, config, params = family
+    prompts = [[5, 9, 17, 33, 2 + 1], [7, 11, 13]]
+    ours = generate(params, config, prompts, max_new_tokens=6, temperature=0.0, stop_tokens=())
+    model = hf_model(path)
+    for prompt, got in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            ref = model.generate(
+                torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        assert got == ref[0, len(prompt) :].tolist()
+
+
+def test_routing_ties_resolve_as_torch_topk():
+    """Experts with equal router rows tie on every token; both frameworks then pick the lower expert id."""
+    from jaxsloth.models.config import config_from_hf_dict
+    from jaxsloth.models.moe import route
+    from tests.moe_models import hf_moe_config
+
+    for fam in MOE_FAMILIES:
+        config = config_from_hf_dict(hf_moe_config(fam).to_dict())
+        rng = np.random.default_rng(0)
+        w = rng.normal(size=(config.num_experts, config.hidden_size)).astype(np.float32)
+        w[2] = w[1]
+        w[4] = w[3]
+        x = rng.normal(size=(64, config.hidden_size)).astype(np.float32)
+        weights, experts, _ = route(jnp.asarray(x), jnp.asarray(w), config)
+        probs = torch.softmax(torch.tensor(x) @ torch.tensor(w).T, dim=-1)
+        ref_w, ref_i = torch.topk(probs, config.num_experts_per_tok, dim=-1)
+        if config.norm_topk_prob:
+            ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+        np.testing.assert_array_equal(np.asarray(experts), ref_i.numpy())
+        assert_close(weights, ref_w.numpy(), "f32")
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_full_size_param_count_matches_transformers(name):
+    """The eval_shape count equals transformers' model built on the meta device (and the published count)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from jaxsloth.models import count_params, init_params
+    from jaxsloth.models.presets import PRESETS, PUBLISHED_PARAM_COUNTS, preset
+
+    config = preset(name)
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.bfloat16))
+    d = dict(PRESETS[name])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+    assert count_params(shapes) == sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAM_COUNTS[name]
+
+
+def test_unsupported_moe_configs_name_the_field():
+    from jaxsloth.models.config import config_from_hf_dict
+    from tests.moe_models import hf_moe_config
+
+    d = hf_moe_config("qwen3_moe").to_dict()
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        config_from_hf_dict({**d, "mlp_only_layers": [1]})
+    with pytest.raises(ValueError, match="router_jitter_noise"):
+        config_from_hf_dict({**hf_moe_config("mixtral").to_dict(), "router_jitter_noise": 0.1})
+    config = config_from_hf_dict(d)
+    with pytest.raises(ValueError, match="gate_proj/up_proj"):
+        init_lora(config, LoraConfig(r=4, target_modules=("q_proj", "gate_proj")), jax.random.key(0))
+    with pytest.raises(ValueError, match="lora_dropout"):
+        init_lora(config, LoraConfig(r=4, lora_dropout=0.1), jax.random.key(0))
