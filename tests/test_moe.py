@@ -25,9 +25,25 @@ EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 @pytest.fixture(scope="module", params=MOE_FAMILIES)
 def family(request):
-    path = saved_moe_model(request.param)
+    return _loaded(request.param)
+
+
+def _loaded(name):
+    path = saved_moe_model(name)
     config, params = load_hf_model(path, dtype=jnp.float32)
     return path, config, params
+
+
+# The slower tests run one family each: the expert code is the same for both, and the logits, loss and gradient
+# tests above run both families' own fields (Qwen 3 MoE's q/k norms and optional renormalisation, Mixtral's names).
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    return _loaded("qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return _loaded("mixtral")
 
 
 def _hf_logits(model, ids):
@@ -68,11 +84,11 @@ def test_loss_with_load_balancing_matches_transformers(family):
         out = hf_model(path)(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)
         )
-    _, stats = forward_hidden(
-        params, batch["tokens"], config=config, segment_ids=batch["segment_ids"], with_router_stats=True
-    )
+    _, stats = jax.jit(
+        lambda p, b: forward_hidden(p, b["tokens"], config=config, segment_ids=b["segment_ids"], with_router_stats=True)
+    )(params, batch)
     assert abs(float(load_balancing_loss(stats, config)) - out.aux_loss.item()) < 1e-5
-    total, count = loss_sum_and_count(params, batch, config=config)
+    total, count = jax.jit(lambda p, b: loss_sum_and_count(p, b, config=config))(params, batch)
     assert abs(float(total / count) - out.loss.item()) < 1e-5
 
 
@@ -114,9 +130,9 @@ def _peft_to_ours(sd, config, name, ab):
 
 def test_lora_step_matches_peft(family):
     """Loss (token loss + the load-balancing term) and every LoRA gradient, attention and experts, equal PEFT's on
-    transformers, through the training step's loss; the jitted step then runs on the same batch."""
+    transformers, through the training step's loss (the jitted step itself: tests/test_moe_bench.py)."""
     from jaxsloth.profiles import profile_for_device
-    from jaxsloth.train.step import TrainConfig, make_loss_fn, make_optimizer, make_train_step
+    from jaxsloth.train.step import make_loss_fn
 
     path, config, params = family
     peft = _peft_model(path)
@@ -135,28 +151,23 @@ def test_lora_step_matches_peft(family):
 
     profile = profile_for_device(name="cpu")
     loss_fn = make_loss_fn(config, lora, profile)
-    (l_sum, count), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, params, batch, jax.random.key(0))
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (l_sum, count), g = grad_fn(trainable, params, batch, jax.random.key(0))
     assert abs(float(l_sum / count) - out.loss.item()) < 1e-5
     for name in names:
         for ab in ("a", "b"):
             ref = _peft_to_ours(grads, config, name, ab)
             assert_close(g["layers"][name][ab] / count, ref, "f32_grad", err_msg=f"{name}.{ab}")
 
-    tc = TrainConfig(learning_rate=1e-3, lr_scheduler_type="constant", max_grad_norm=None, weight_decay=0.0)
-    optimizer = make_optimizer(tc, lora, trainable)
-    step = make_train_step(config, lora, tc, profile, optimizer)
-    _, _, metrics = step(trainable, optimizer.init(trainable), params, batch, jax.random.key(0))
-    assert abs(float(metrics["loss"]) - out.loss.item()) < 1e-5
 
-
-def test_peft_adapter_and_merged_export_load_in_transformers(family, tmp_path):
+def test_peft_adapter_and_merged_export_load_in_transformers(qwen3_moe, tmp_path):
     """The adapter (PEFT's target_parameters layout for the experts) loads into PEFT on transformers, and the merged
     export into transformers, each with our LoRA logits; the adapter reads back unchanged."""
     from peft import PeftModel
 
     from converters.peft import load_peft_adapter, save_peft_adapter
 
-    path, config, params = family
+    path, config, params = qwen3_moe
     lora = LoraConfig(r=R, lora_alpha=ALPHA)
     trainable = random_trainable(config, params, lora)
     assert set(trainable["layers"]) == {*ATTENTION, "experts_gate_up", "experts_down"}
@@ -195,12 +206,12 @@ def test_checkpoints_per_expert_and_fused(family, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again, params)
 
 
-def test_qlora_keeps_experts_unquantized_and_matches_dequantized_model(family):
+def test_qlora_keeps_experts_unquantized_and_matches_dequantized_model(mixtral):
     """load_in_4bit quantizes attention to NF4 and keeps router and experts in 16 bits, as transformers + bitsandbytes
     do (its 4-bit layers replace nn.Linear only); the forward equals the dense model with attention dequantized."""
     from jaxsloth.quant import dequantize_nf4, is_nf4
 
-    path, config, params = family
+    path, config, params = mixtral
     _, q = load_hf_model(path, dtype=jnp.float32, load_in_4bit=True)
     assert all(is_nf4(q["layers"][n]["weight"]) for n in ATTENTION)
     for n in ("router", "experts_gate_up", "experts_down"):
@@ -210,13 +221,14 @@ def test_qlora_keeps_experts_unquantized_and_matches_dequantized_model(family):
         w = q["layers"][n]["weight"]
         dense["layers"][n] = {"weight": jax.vmap(lambda x: dequantize_nf4(x, jnp.float32))(w)}
     ids = np.random.default_rng(3).integers(0, config.vocab_size, (1, 11))
-    assert_close(forward(q, jnp.asarray(ids), config=config), forward(dense, jnp.asarray(ids), config=config), "f32")
+    run = jax.jit(lambda p, t: forward(p, t, config=config))
+    assert_close(run(q, jnp.asarray(ids)), run(dense, jnp.asarray(ids)), "f32")
 
 
-def test_greedy_generation_matches_transformers(family):
+def test_greedy_generation_matches_transformers(qwen3_moe):
     from jaxsloth.generate import generate
 
-    path, config, params = family
+    path, config, params = qwen3_moe
     prompts = [[5, 9, 17, 33, 2 + 1], [7, 11, 13]]
     ours = generate(params, config, prompts, max_new_tokens=6, temperature=0.0, stop_tokens=())
     model = hf_model(path)
@@ -229,7 +241,10 @@ def test_greedy_generation_matches_transformers(family):
 
 
 def test_routing_ties_resolve_as_torch_topk():
-    """Experts with equal router rows tie on every token; both frameworks then pick the lower expert id."""
+    """Experts with equal router rows tie on every token. Where torch.topk's choice follows from the values (both
+    tied experts in the top k, or both out), both frameworks pick the same experts with the same weights; a tie at
+    the k-th place goes to the lower expert id here, while torch's CPU selection (an unstable partition) may take
+    either, so there the two choices must be the tied pair and the weights equal."""
     from jaxsloth.models.config import config_from_hf_dict
     from jaxsloth.models.moe import route
     from tests.moe_models import hf_moe_config
@@ -239,20 +254,26 @@ def test_routing_ties_resolve_as_torch_topk():
         rng = np.random.default_rng(0)
         w = rng.normal(size=(config.num_experts, config.hidden_size)).astype(np.float32)
         w[2] = w[1]
-        w[4] = w[3]
         x = rng.normal(size=(64, config.hidden_size)).astype(np.float32)
         weights, experts, _ = route(jnp.asarray(x), jnp.asarray(w), config)
         probs = torch.softmax(torch.tensor(x) @ torch.tensor(w).T, dim=-1)
         ref_w, ref_i = torch.topk(probs, config.num_experts_per_tok, dim=-1)
         if config.norm_topk_prob:
             ref_w = ref_w / ref_w.sum(-1, keepdim=True)
-        np.testing.assert_array_equal(np.asarray(experts), ref_i.numpy())
-        assert_close(weights, ref_w.numpy(), "f32")
+        assert_close(np.sort(np.asarray(weights), -1), np.sort(ref_w.numpy(), -1), "f32")
+        both = 0
+        for ours, ref in zip(np.asarray(experts), ref_i.numpy(), strict=True):
+            if {1, 2} <= set(ours):
+                both += 1
+            if set(ours) != set(ref):
+                assert set(ours) ^ set(ref) == {1, 2} and 1 in ours, (ours, ref)
+        assert both > 0
 
 
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+@pytest.mark.parametrize("name", ["mixtral-8x7b"])  # Qwen3-30B-A3B: 12 s on the meta device; published count only
 def test_full_size_param_count_matches_transformers(name):
-    """The eval_shape count equals transformers' model built on the meta device (and the published count)."""
+    """The eval_shape count equals transformers' model built on the meta device (and the published count; every
+    preset's: tests/test_full_size_shapes.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from jaxsloth.models import count_params, init_params
