@@ -165,8 +165,9 @@ def has_fused_experts(keys) -> bool:
 
 
 def is_expert_path(path: tuple[str, ...]) -> bool:
-    """Router and experts: kept unquantized under load_in_4bit, as transformers + bitsandbytes keep them (its 4-bit
-    layers replace nn.Linear; the router is frozen and small, the experts are fused parameters)."""
+    """Router and experts, which fill their stacked tensors from one checkpoint tensor per expert: under
+    load_in_4bit the experts are quantized once a whole stack is read (each expert matrix on its own, as
+    bitsandbytes quantizes a matrix), the router (small, frozen, routing on exact logits) never."""
     return len(path) > 1 and path[1] in ("router", "experts_gate_up", "experts_down")
 
 
@@ -410,6 +411,12 @@ def load_params(
             buf[(slot.layer, *slot.region())] = t
         if progress is not None:
             progress(n + 1, total)
+    if quantize is not None:
+        for name in ("experts_gate_up", "experts_down") if config.is_moe else ():
+            path = ("layers", name, "weight")
+            dense = _get(params, path)
+            if not is_nf4(dense):
+                _set(params, path, quantize(path, dense))
     if quantized:
         from jaxsloth.quant import stack_nf4
 

@@ -215,10 +215,12 @@ class Ops:
 
     def grouped_matmul(self, x, weight, group_sizes, lora=None, lora_scale: float = 0.0):
         """Per-expert projections of rows sorted by expert: y = x @ W[g]^T + lora_scale * (x @ A[g]^T) @ B[g]^T for
-        the rows of group g (PEFT's expert LoRA, factored). x: [M, in]; weight: [G, out, in]; group_sizes: [G];
+        the rows of group g (PEFT's expert LoRA, factored). x: [M, in]; weight: [G, out, in] or NF4; group_sizes: [G];
         lora: {"a": [G, r, in], "b": [G, out, r]} or None."""
-        if is_nf4(weight):
-            raise ValueError("NF4 expert weights are unsupported: load mixture-of-experts models' experts unquantized")
+        if is_nf4(weight):  # one layer's experts dequantized at a time, as bitsandbytes dequantizes before its matmul
+            from jaxsloth.quant import dequantize_nf4
+
+            weight = dequantize_nf4(weight, x.dtype)
         y = self._call("grouped_matmul", "reference", x, weight, group_sizes)
         if lora is not None:
             u = self._call("grouped_matmul", "reference", x, lora["a"], group_sizes)

@@ -16,12 +16,12 @@ def test_bench_step_runs_moe_qlora(tmp_path):
 
     out = tmp_path / "step.jsonl"
     path = saved_moe_model("qwen3_moe")
-    step.main(["--model-path", str(path), "--quant", "nf4", "--batch", "1", "--seq", "32", "--steps", "1"] + [
+    step.main(["--model-path", str(path), "--quant", "nf4", "--batch", "1", "--seq", "16", "--steps", "1"] + [
         "--out", str(out)
     ])  # fmt: skip
     rec = json.loads(out.read_text().splitlines()[-1])
     assert rec["tokens_per_s"] > 0 and np.isfinite(rec["first_loss"])
-    assert rec["workload"] == "model-qlora-b1-s32"
+    assert rec["workload"] == "model-qlora-b1-s16"
 
 
 def test_hf_runner_adapts_every_expert_of_a_moe_model():

@@ -7,6 +7,8 @@ Params of one layer (stacked over layers like every other weight, HF orientation
     experts_gate_up {"weight": [L, E, 2 * I, D]}   (gate rows first, then up: transformers' experts.gate_up_proj)
     experts_down    {"weight": [L, E, D, I]}       (experts.down_proj)
 
+Under QLoRA each expert matrix is an NF4 weight of its own (lead axes [L, E]), dequantized a layer at a time.
+
 LoRA on the experts is PEFT's ``target_parameters`` layout: one adapter per expert on the fused gate_up and on down,
 {"a": [L, E, r, in], "b": [L, E, out, r]}; the dense names "gate_proj"/"up_proj"/"down_proj" of ``target_modules``
 select them in an MoE model.

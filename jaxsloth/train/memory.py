@@ -66,9 +66,10 @@ def _lora_width(config: ModelConfig) -> int:
 
 
 def _weight_counts(config: ModelConfig) -> tuple[int, int]:
-    """(projection weights quantized under QLoRA, every other weight: embeddings, LM head, norms, and a mixture of
-    experts' router and experts, which stay in 16 bits as transformers + bitsandbytes keep them)."""
+    """(projection weights, experts' included, every other weight: embeddings, LM head, norms, router)."""
     proj = sum(o * i for o, i in linear_shapes(config).values()) * config.num_layers
+    if config.is_moe:
+        proj += sum(e * o * i for e, o, i in expert_shapes(config).values()) * config.num_layers
     other = param_count(config) - proj  # embeddings, head and every norm (post- and q/k norms included)
     return proj, other
 
