@@ -11,8 +11,6 @@ import torch
 from converters.hf import load_hf_model, save_hf_model
 from jaxsloth.lora import LoraConfig, init_lora, merge
 from jaxsloth.models import forward
-from jaxsloth.models.decoder import forward_hidden, loss_sum_and_count
-from jaxsloth.models.moe import load_balancing_loss
 from tests.moe_models import MOE_FAMILIES, saved_moe_model
 from tests.tiny_models import hf_model, lora_logits, random_trainable
 from tests.tolerances import assert_close
@@ -78,20 +76,25 @@ def _batch(config, seed=5):
 
 
 def test_loss_with_load_balancing_matches_transformers(mixtral):
-    """transformers' loss (mean token loss + router_aux_loss_coef x aux_loss) and aux_loss over the attention mask
-    (Qwen 3 MoE's: in its training-step test, whose loss includes it)."""
+    """The training step's loss (mean token loss + router_aux_loss_coef x aux_loss) and its router_aux_loss metric are
+    transformers' loss and aux_loss over the attention mask (Qwen 3 MoE's: in its training-step test's loss)."""
+    from jaxsloth.profiles import profile_for_device
+    from jaxsloth.train.step import TrainConfig, make_optimizer, make_train_step
+
     path, config, params = mixtral
     ids, labels, mask, batch = _batch(config)
     with torch.no_grad():
         out = hf_model(path)(
             input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels)
         )
-    _, stats = jax.jit(
-        lambda p, b: forward_hidden(p, b["tokens"], config=config, segment_ids=b["segment_ids"], with_router_stats=True)
-    )(params, batch)
-    assert abs(float(load_balancing_loss(stats, config)) - out.aux_loss.item()) < 1e-5
-    total, count = jax.jit(lambda p, b: loss_sum_and_count(p, b, config=config))(params, batch)
-    assert abs(float(total / count) - out.loss.item()) < 1e-5
+    lora = LoraConfig(r=R, lora_alpha=ALPHA)
+    trainable = init_lora(config, lora, jax.random.key(0))  # B = 0: the model's own loss
+    tc = TrainConfig(learning_rate=1e-3, lr_scheduler_type="constant", max_grad_norm=None)
+    optimizer = make_optimizer(tc, lora, trainable)
+    step = make_train_step(config, lora, tc, profile_for_device(name="cpu"), optimizer)
+    _, _, metrics = step(trainable, optimizer.init(trainable), params, batch, jax.random.key(0))
+    assert abs(float(metrics["router_aux_loss"]) - out.aux_loss.item()) < 1e-5
+    assert abs(float(metrics["loss"]) - out.loss.item()) < 1e-5
 
 
 def _peft_model(path):

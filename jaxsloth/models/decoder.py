@@ -590,6 +590,7 @@ def loss_sum_and_count(
     ops: Ops = Ops(),
     head_grad: bool = True,
     loss_chunk: int | None = None,
+    with_router_aux: bool = False,
     **kwargs,
 ):
     """batch: tokens, targets (next-token labels, -100 = no loss), optional positions and segment_ids, all [B, T].
@@ -597,7 +598,8 @@ def loss_sum_and_count(
     Returns (sum of token losses, number of counted tokens). The Pallas loss never builds the logits; ``loss_chunk``
     also tiles the tokens (each tile rematerialised), so the loss's temporaries stay bounded at any length.
     A mixture of experts whose config sets ``output_router_logits`` adds router_aux_loss_coef x the load-balancing
-    loss to the mean, as transformers does (count x that to the sum).
+    loss to the mean, as transformers does (count x that to the sum); ``with_router_aux`` (for the metric) returns
+    (sum, count, that load-balancing loss without its coefficient) instead.
     """
     aux = config.is_moe and config.output_router_logits
     hidden = forward_hidden(
@@ -613,9 +615,11 @@ def loss_sum_and_count(
     if aux:
         hidden, router = hidden
         total, count = _token_loss(params, hidden, batch, config, ops, head_grad, loss_chunk)
-        coef = config.router_aux_loss_coef * moe.load_balancing_loss(router, config)
-        return total + coef * count.astype(total.dtype), count
-    return _token_loss(params, hidden, batch, config, ops, head_grad, loss_chunk)
+        balance = moe.load_balancing_loss(router, config)
+        total = total + config.router_aux_loss_coef * balance * count.astype(total.dtype)
+        return (total, count, balance) if with_router_aux else (total, count)
+    total, count = _token_loss(params, hidden, batch, config, ops, head_grad, loss_chunk)
+    return (total, count, jnp.zeros((), jnp.float32)) if with_router_aux else (total, count)
 
 
 def _token_loss(params, hidden, batch, config: ModelConfig, ops: Ops, head_grad: bool, loss_chunk: int | None):
