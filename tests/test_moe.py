@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from converters.hf import load_hf_model, save_hf_model
-from jaxsloth.lora import LoraConfig, init_lora, merge
+from jaxsloth.lora import LoraConfig, init_lora, merge, with_trainable
 from jaxsloth.models import forward
 from tests.moe_models import MOE_FAMILIES, saved_moe_model
-from tests.tiny_models import hf_model, lora_logits, random_trainable
+from tests.tiny_models import hf_model, random_trainable
 from tests.tolerances import assert_close
 
 T = 19
@@ -76,10 +76,11 @@ def _batch(config, seed=5):
 
 
 def test_loss_with_load_balancing_matches_transformers(mixtral):
-    """The training step's loss (mean token loss + router_aux_loss_coef x aux_loss) and its router_aux_loss metric are
-    transformers' loss and aux_loss over the attention mask (Qwen 3 MoE's: in its training-step test's loss)."""
+    """The training loss (mean token loss + router_aux_loss_coef x aux_loss) and the load-balancing loss the step
+    logs as router_aux_loss are transformers' loss and aux_loss over the attention mask (Qwen 3 MoE's: in its
+    training-step test's loss; the jitted step with the metric: tests/test_moe_bench.py)."""
     from jaxsloth.profiles import profile_for_device
-    from jaxsloth.train.step import TrainConfig, make_optimizer, make_train_step
+    from jaxsloth.train.step import make_loss_fn
 
     path, config, params = mixtral
     ids, labels, mask, batch = _batch(config)
@@ -89,12 +90,10 @@ def test_loss_with_load_balancing_matches_transformers(mixtral):
         )
     lora = LoraConfig(r=R, lora_alpha=ALPHA)
     trainable = init_lora(config, lora, jax.random.key(0))  # B = 0: the model's own loss
-    tc = TrainConfig(learning_rate=1e-3, lr_scheduler_type="constant", max_grad_norm=None)
-    optimizer = make_optimizer(tc, lora, trainable)
-    step = make_train_step(config, lora, tc, profile_for_device(name="cpu"), optimizer)
-    _, _, metrics = step(trainable, optimizer.init(trainable), params, batch, jax.random.key(0))
-    assert abs(float(metrics["router_aux_loss"]) - out.aux_loss.item()) < 1e-5
-    assert abs(float(metrics["loss"]) - out.loss.item()) < 1e-5
+    loss_fn = make_loss_fn(config, lora, profile_for_device(name="cpu"), with_router_aux=True)
+    total, (count, balance) = jax.jit(loss_fn)(trainable, params, batch, None)
+    assert abs(float(balance) - out.aux_loss.item()) < 1e-5
+    assert abs(float(total / count) - out.loss.item()) < 1e-5
 
 
 def _peft_model(path):
@@ -182,7 +181,8 @@ def test_peft_adapter_and_merged_export_load_in_transformers(qwen3_moe, tmp_path
     trainable = random_trainable(config, params, lora)
     assert set(trainable["layers"]) == {*ATTENTION, "experts_gate_up", "experts_down"}
     ids = np.random.default_rng(2).integers(0, config.vocab_size, (2, T))
-    ours = lora_logits(params, trainable, lora, config, ids)
+    p, tree = with_trainable(params, trainable)
+    ours = jax.jit(lambda p, t, i: forward(p, i, config=config, lora=t, lora_rt=lora.runtime))(p, tree, ids)
 
     save_peft_adapter(trainable, lora, config, tmp_path / "adapter")
     peft = PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()

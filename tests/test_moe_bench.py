@@ -12,6 +12,7 @@ from tests.moe_models import saved_moe_model
 
 
 def test_bench_step_runs_moe_qlora(tmp_path):
+    """The tiny model's config sets output_router_logits: the step adds the load-balancing loss and its metric."""
     from jaxsloth.bench import step
 
     out = tmp_path / "step.jsonl"
