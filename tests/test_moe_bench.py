@@ -17,7 +17,7 @@ def test_bench_step_runs_moe_qlora(tmp_path):
 
     out = tmp_path / "step.jsonl"
     path = saved_moe_model("qwen3_moe")
-    step.main(["--model-path", str(path), "--quant", "nf4", "--batch", "1", "--seq", "16", "--steps", "1"] + [
+    step.main(["--model-path", str(path), "--quant", "nf4", "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "0"] + [
         "--out", str(out)
     ])  # fmt: skip
     rec = json.loads(out.read_text().splitlines()[-1])
