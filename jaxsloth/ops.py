@@ -217,11 +217,17 @@ class Ops:
         """Per-expert projections of rows sorted by expert: y = x @ W[g]^T + lora_scale * (x @ A[g]^T) @ B[g]^T for
         the rows of group g (PEFT's expert LoRA, factored). x: [M, in]; weight: [G, out, in] or NF4; group_sizes: [G];
         lora: {"a": [G, r, in], "b": [G, out, r]} or None."""
-        if is_nf4(weight):  # one layer's experts dequantized at a time, as bitsandbytes dequantizes before its matmul
+        if is_nf4(weight):
             from jaxsloth.quant import dequantize_nf4
 
-            weight = dequantize_nf4(weight, x.dtype)
-        y = self._call("grouped_matmul", "reference", x, weight, group_sizes)
+            # One layer's experts dequantized at a time, as bitsandbytes dequantizes before its matmul; rematerialised,
+            # so the backward dequantizes again instead of keeping every layer's 16-bit experts as residuals.
+            def nf4_grouped(x, weight, group_sizes):
+                return self._call("grouped_matmul", "reference", x, dequantize_nf4(weight, x.dtype), group_sizes)
+
+            y = jax.checkpoint(nf4_grouped)(x, weight, group_sizes)
+        else:
+            y = self._call("grouped_matmul", "reference", x, weight, group_sizes)
         if lora is not None:
             u = self._call("grouped_matmul", "reference", x, lora["a"], group_sizes)
             y = y + lora_scale * self._call("grouped_matmul", "reference", u, lora["b"], group_sizes)
