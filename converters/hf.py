@@ -37,6 +37,22 @@ class TensorSlot:
     layer: int | None
     shape: tuple[int, ...]
     rows: tuple[int, int] | None = None
+    # Per-expert checkpoint tensors (mixtures of experts): the expert and the rows of the stacked expert tensor
+    # (per layer: ``stack_shape``) this tensor fills.
+    expert: int | None = None
+    expert_rows: tuple[int, int] | None = None
+    stack_shape: tuple[int, ...] | None = None
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """The shape of one layer's slice of the param this slot fills."""
+        return self.stack_shape or self.shape
+
+    def region(self) -> tuple:
+        """Index of this slot's part within one layer's slice of the param."""
+        if self.expert is None:
+            return ()
+        return (self.expert,) if self.expert_rows is None else (self.expert, slice(*self.expert_rows))
 
 
 def load_config(model_dir: str | os.PathLike) -> ModelConfig:
@@ -64,8 +80,9 @@ def _norm_names(config: ModelConfig) -> dict[str, str]:
     return {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
 
 
-def hf_layout(config: ModelConfig) -> dict[str, list[TensorSlot]]:
-    """Every HF tensor name this config's checkpoint holds -> the slot(s) it fills."""
+def hf_layout(config: ModelConfig, fused_experts: bool = False) -> dict[str, list[TensorSlot]]:
+    """Every HF tensor name this config's checkpoint holds -> the slot(s) it fills (``fused_experts``: the
+    checkpoint's experts are fused per layer, ``has_fused_experts``)."""
     D, V = config.hidden_size, config.vocab_size
     out: dict[str, list[TensorSlot]] = {
         "model.embed_tokens.weight": [TensorSlot(("embed",), None, (V, D))],
@@ -98,11 +115,60 @@ def hf_layout(config: ModelConfig) -> dict[str, list[TensorSlot]]:
                 TensorSlot(("layers", "gate_proj", "weight"), i, shapes["gate_proj"], (0, f)),
                 TensorSlot(("layers", "up_proj", "weight"), i, shapes["up_proj"], (f, 2 * f)),
             ]
+        elif config.is_moe:
+            out.update(_moe_layout(config, i, fused_experts))
+            continue
         else:
             for name in ("gate_proj", "up_proj"):
                 out[f"{pre}mlp.{name}.weight"] = [TensorSlot(("layers", name, "weight"), i, shapes[name])]
         out[f"{pre}mlp.down_proj.weight"] = [TensorSlot(("layers", "down_proj", "weight"), i, shapes["down_proj"])]
     return out
+
+
+# Per-expert checkpoint names (what transformers' save_pretrained writes): mixture block, router, and the names of
+# the gate, up and down projections of expert N.
+_EXPERT_NAMES = {
+    "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def _moe_layout(config: ModelConfig, i: int, fused_experts: bool) -> dict[str, list[TensorSlot]]:
+    """Layer i's router and experts. Checkpoints hold one tensor per expert projection; transformers 5's in-memory
+    layout, fused per layer (mlp.experts.gate_up_proj [E, 2I, D], mlp.experts.down_proj [E, D, I]), loads too."""
+    from jaxsloth.models.moe import expert_shapes
+
+    block, gate, up, down = _EXPERT_NAMES[config.model_type]
+    shapes = expert_shapes(config)
+    e, d, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+    if fused_experts:
+        block = "mlp"
+    pre = f"model.layers.{i}.{block}."
+    out = {pre + "gate.weight": [TensorSlot(("layers", "router", "weight"), i, (e, d))]}
+    gate_up, down_path = ("layers", "experts_gate_up", "weight"), ("layers", "experts_down", "weight")
+    if fused_experts:
+        out[pre + "experts.gate_up_proj"] = [TensorSlot(gate_up, i, shapes["experts_gate_up"])]
+        out[pre + "experts.down_proj"] = [TensorSlot(down_path, i, shapes["experts_down"])]
+        return out
+    for x in range(e):
+        ex = f"{pre}experts.{x}."
+        up_shape, stack = (inter, d), shapes["experts_gate_up"]
+        out[f"{ex}{gate}.weight"] = [TensorSlot(gate_up, i, up_shape, None, x, (0, inter), stack)]
+        out[f"{ex}{up}.weight"] = [TensorSlot(gate_up, i, up_shape, None, x, (inter, 2 * inter), stack)]
+        out[f"{ex}{down}.weight"] = [TensorSlot(down_path, i, (d, inter), None, x, None, shapes["experts_down"])]
+    return out
+
+
+def has_fused_experts(keys) -> bool:
+    """Whether a checkpoint holds transformers 5's fused expert tensors rather than one tensor per expert."""
+    return any(k.endswith("mlp.experts.gate_up_proj") for k in keys)
+
+
+def is_expert_path(path: tuple[str, ...]) -> bool:
+    """Router and experts, which fill their stacked tensors from one checkpoint tensor per expert: under
+    load_in_4bit the experts are quantized once a whole stack is read (each expert matrix on its own, as
+    bitsandbytes quantizes a matrix), the router (small, frozen, routing on exact logits) never."""
+    return len(path) > 1 and path[1] in ("router", "experts_gate_up", "experts_down")
 
 
 # Multimodal checkpoints whose text tower is read alone (Gemma 3): where the tower's "model." and "lm_head." tensors
@@ -303,12 +369,16 @@ def load_params(
     """
     config = config or load_config(model_dir)
     reader = CheckpointReader(model_dir)
-    layout, other_towers = text_tower_layout(hf_layout(config), reader.keys())
+    layout, other_towers = text_tower_layout(hf_layout(config, has_fused_experts(reader.keys())), reader.keys())
     allow = [k for k in ("lm_head.weight", "language_model.lm_head.weight") if config.tie_word_embeddings]
     allow += other_towers
     prequantized = {}
     if is_bnb_4bit(config):
-        prequantized = {k: v for k, v in layout.items() if v[0].path[-1] == "weight" and v[0].path[0] == "layers"}
+        prequantized = {
+            k: v
+            for k, v in layout.items()
+            if v[0].path[-1] == "weight" and v[0].path[0] == "layers" and not is_expert_path(v[0].path)
+        }
         allow += [k + sfx for k in prequantized for sfx in _BNB_SUFFIXES]
         layout = {k: v for k, v in layout.items() if k not in prequantized}
     _check_keys(reader.keys(), list(layout) + list(prequantized), model_dir, allow_extra=set(allow))
@@ -323,7 +393,7 @@ def load_params(
             yield from _load_bnb_projection(reader, key, slots)
 
     for n, (slot, t) in enumerate(tensors()):
-        is_proj = slot.path[-1] == "weight"
+        is_proj = slot.path[-1] == "weight" and not is_expert_path(slot.path)
         if is_nf4(t):  # pre-quantized
             q = t
         else:
@@ -336,11 +406,17 @@ def load_params(
             try:
                 buf = _get(params, slot.path)
             except KeyError:
-                buf = np.empty((config.num_layers, *slot.shape), np_dtype)
+                buf = np.empty((config.num_layers, *slot.layer_shape), np_dtype)
                 _set(params, slot.path, buf)
-            buf[slot.layer] = t
+            buf[(slot.layer, *slot.region())] = t
         if progress is not None:
             progress(n + 1, total)
+    if quantize is not None:
+        for name in ("experts_gate_up", "experts_down") if config.is_moe else ():
+            path = ("layers", name, "weight")
+            dense = _get(params, path)
+            if not is_nf4(dense):
+                _set(params, path, quantize(path, dense))
     if quantized:
         from jaxsloth.quant import stack_nf4
 
@@ -389,9 +465,18 @@ def to_hf_state_dict(params, config: ModelConfig, dtype=None) -> dict[str, np.nd
         a = np.asarray(a)
         return a if dtype is None else a.astype(_np_dtype(dtype))
 
+    layers: dict = {}  # path -> (layer, host copy): one read per layer for the many per-expert tensors
+
+    def part(s: TensorSlot):
+        if s.expert is None:
+            return host(_get(params, s.path), s.layer)
+        if layers.get(s.path, (None,))[0] != s.layer:
+            layers[s.path] = (s.layer, host(_get(params, s.path), s.layer))
+        return layers[s.path][1][s.region()]
+
     out = {}
     for key, slots in hf_layout(config).items():
-        parts = [host(_get(params, s.path), s.layer) for s in slots]
+        parts = [part(s) for s in slots]
         out[key] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     return out
 

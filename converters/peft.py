@@ -10,6 +10,13 @@ rank r on q, k and v are exactly one LoRA of rank 3r on the fused projection: A 
 block-diagonal, since B A x = [B_q A_q x; B_k A_k x; B_v A_v x]. Its scale must stay ours, so the fused module
 gets ``rank_pattern`` 3r and an ``alpha_pattern`` alpha' with alpha' / 3r (or alpha' / sqrt(3r) under rsLoRA)
 equal to our scale. Importing a fused PEFT adapter gives each part the whole A and its rows of B.
+
+Mixtures of experts (transformers 5 holds each layer's experts as fused parameters, experts.gate_up_proj
+[E, 2I, D] and experts.down_proj [E, D, I]) take PEFT's ``target_parameters`` LoRA: per parameter, lora_A
+[E * r, in] (expert-major rows) and lora_B [out, r * E] (expert-minor columns), the delta of expert e being
+B.reshape(out, r, E)[:, :, e] @ A.reshape(E, r, in)[e]. Two parameters of one module nest their wrappers in the
+module's parameter order: gate_up_proj's weights are ``...mlp.experts.base_layer.lora_A.weight``, down_proj's
+``...mlp.experts.lora_A.weight`` (a lone target has the latter name).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from converters.safetensors_io import SafetensorsFile, save_file
 from jaxsloth.lora import LoraConfig
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import LINEARS, linear_shapes
+from jaxsloth.models.moe import EXPERT_LINEARS, expert_shapes
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,6 +42,10 @@ _PREFIX = "base_model.model."
 _EMBED_KEY = _PREFIX + "model.embed_tokens.weight"
 _LM_HEAD_KEY = _PREFIX + "lm_head.weight"
 _LAYER_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+_EXPERT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.mlp\.experts\.(base_layer\.)?lora_([AB])\.weight$")
+# Our expert projections -> the transformers 5 parameters PEFT's target_parameters adapts, in the experts module's
+# parameter order (the order PEFT nests their wrappers in).
+_EXPERT_PARAMS = {"experts_gate_up": "mlp.experts.gate_up_proj", "experts_down": "mlp.experts.down_proj"}
 # PEFT initialisations that rewrite the base weights: such an adapter is only right on its modified base model.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
@@ -44,6 +56,8 @@ def _block(name: str) -> str:
 
 def _hf_modules(config: ModelConfig) -> dict[str, tuple[str, ...]]:
     """HF module name -> our projections it holds, in row order."""
+    if config.is_moe:
+        return {name: (name,) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
     if config.fused_qkv:
         return {
             "qkv_proj": ("q_proj", "k_proj", "v_proj"),
@@ -84,9 +98,10 @@ def save_peft_adapter(
     """
     out_dir = Path(out_dir)
     layers = trainable["layers"]
-    unknown = set(layers) - set(LINEARS)
+    known = (*LINEARS, *EXPERT_LINEARS) if model_config.is_moe else LINEARS
+    unknown = set(layers) - set(known)
     if unknown:
-        raise ValueError(f"trainable has unknown projections {sorted(unknown)}; expected names from {list(LINEARS)}")
+        raise ValueError(f"trainable has unknown projections {sorted(unknown)}; expected names from {list(known)}")
     tensors: dict[str, np.ndarray] = {}
     targets, rank_pattern, alpha_pattern = [], {}, {}
     for hf_name, parts in _hf_modules(model_config).items():
@@ -115,6 +130,7 @@ def save_peft_adapter(
         for i in range(model_config.num_layers):
             tensors[pre.format(i) + ".lora_A.weight"] = fused_a[i]
             tensors[pre.format(i) + ".lora_B.weight"] = fused_b[i]
+    tensors.update(_expert_tensors(layers, model_config))
     modules_to_save = []
     if "embed" in trainable:
         modules_to_save.append("embed_tokens")
@@ -138,6 +154,7 @@ def save_peft_adapter(
         "lora_dropout": lora_config.lora_dropout,
         "use_rslora": lora_config.use_rslora,
         "target_modules": targets,
+        "target_parameters": [_EXPERT_PARAMS[n] for n in EXPERT_LINEARS if n in layers] or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": modules_to_save or None,
@@ -154,6 +171,49 @@ def save_peft_adapter(
     }
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     return out_dir
+
+
+def _expert_keys(present: list[str]) -> dict[str, str]:
+    """Our expert projections -> the module path (after the layer) PEFT saves their LoRA under."""
+    nested = len(present) > 1
+    return {n: "mlp.experts.base_layer" if nested and i == 0 else "mlp.experts" for i, n in enumerate(present)}
+
+
+def _expert_tensors(layers: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+    """PEFT's target_parameters tensors of the expert LoRAs in ``layers`` (A [L, E, r, in], B [L, E, out, r])."""
+    present = [n for n in EXPERT_LINEARS if n in layers]
+    out = {}
+    for name, module in _expert_keys(present).items():
+        a, b = np.asarray(layers[name]["a"]), np.asarray(layers[name]["b"])
+        n_exp, rank, inp = a.shape[1:]
+        for i in range(config.num_layers):
+            pre = f"{_PREFIX}model.layers.{i}.{module}"
+            out[pre + ".lora_A.weight"] = np.ascontiguousarray(a[i].reshape(n_exp * rank, inp))
+            out[pre + ".lora_B.weight"] = np.ascontiguousarray(b[i].transpose(1, 2, 0).reshape(-1, rank * n_exp))
+    return out
+
+
+def _experts_from_peft(found: dict, cfg: dict, config: ModelConfig, weights: Path) -> dict:
+    """Inverse of ``_expert_tensors``: {wrapper path: {layer: {"A", "B"}}} -> our expert LoRA trees."""
+    targeted = [n for n in EXPERT_LINEARS if _EXPERT_PARAMS[n] in (cfg.get("target_parameters") or ())]
+    modules = {module: name for name, module in _expert_keys(targeted).items()}
+    shapes = expert_shapes(config)
+    layers = {}
+    for module, per_layer in found.items():
+        if module not in modules or sorted(per_layer) != list(range(config.num_layers)):
+            raise ValueError(f"{weights}: LoRA weights of {module!r} do not match target_parameters in every layer")
+        name = modules[module]
+        n_exp, out, inp = shapes[name]
+        a_list, b_list = [], []
+        for i in range(config.num_layers):
+            a, b = per_layer[i].get("A"), per_layer[i].get("B")
+            if a is None or b is None or a.shape[1] != inp or b.shape[0] != out or a.shape[0] % n_exp:
+                raise ValueError(f"{weights}: layer {i} {module} LoRA does not fit {n_exp} experts of ({out}, {inp})")
+            rank = a.shape[0] // n_exp
+            a_list.append(a.reshape(n_exp, rank, inp))
+            b_list.append(b.reshape(out, rank, n_exp).transpose(2, 0, 1))
+        layers[name] = {"a": jnp.asarray(np.stack(a_list)), "b": jnp.asarray(np.stack(b_list))}
+    return layers
 
 
 def _check_supported(cfg: dict, path: Path) -> None:
@@ -174,8 +234,8 @@ def _check_supported(cfg: dict, path: Path) -> None:
         bad("layer_replication", "replicated layers are not supported")
     if cfg.get("fan_in_fan_out"):
         bad("fan_in_fan_out", "only nn.Linear-oriented weights are supported")
-    if cfg.get("target_parameters"):
-        bad("target_parameters", "LoRA on parameters is not supported")
+    if set(cfg.get("target_parameters") or ()) - set(_EXPERT_PARAMS.values()):
+        bad("target_parameters", f"LoRA on parameters other than {sorted(_EXPERT_PARAMS.values())} is unsupported")
     if cfg.get("trainable_token_indices"):
         bad("trainable_token_indices", "trainable tokens are not supported; use modules_to_save")
     init = cfg.get("init_lora_weights", True)
@@ -218,6 +278,7 @@ def load_peft_adapter(path: str | os.PathLike, model_config: ModelConfig) -> tup
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=float(cfg.get("lora_dropout") or 0.0), use_rslora=rslora)
     modules = _hf_modules(model_config)
     found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    found_experts: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     trainable: dict = {}
     for key in f:
         if key == _EMBED_KEY:
@@ -225,6 +286,13 @@ def load_peft_adapter(path: str | os.PathLike, model_config: ModelConfig) -> tup
             continue
         if key == _LM_HEAD_KEY:
             trainable["lm_head"] = jnp.asarray(f[key])
+            continue
+        e = _EXPERT_KEY.match(key) if model_config.is_moe else None
+        if e is not None:
+            module = "mlp.experts." + (e.group(2) or "")
+            found_experts.setdefault(module.rstrip("."), {}).setdefault(int(e.group(1)), {})[e.group(3)] = np.asarray(
+                f[key], np.float32
+            )
             continue
         m = _LAYER_KEY.match(key)
         if m is None or m.group(3) not in modules or m.group(2) != _block(m.group(3)):
@@ -272,6 +340,7 @@ def load_peft_adapter(path: str | os.PathLike, model_config: ModelConfig) -> tup
                     f"{hf_name} ({rows[parts[-1]][1]}, {shapes[p][1]})"
                 )
             layers[p] = {"a": jnp.asarray(a), "b": jnp.asarray(b[:, r0:r1])}
+    layers.update(_experts_from_peft(found_experts, cfg, model_config, weights))
     if not layers:
         raise ValueError(f"{weights}: no LoRA weights found")
     lora = LoraConfig(
@@ -279,8 +348,15 @@ def load_peft_adapter(path: str | os.PathLike, model_config: ModelConfig) -> tup
         lora_alpha=alpha,
         lora_dropout=lora.lora_dropout,
         use_rslora=rslora,
-        target_modules=tuple(n for n in LINEARS if n in layers),
+        target_modules=tuple(n for n in LINEARS if n in layers or _adapts_expert(n, layers)),
         train_embeddings="embed" in trainable,
         train_lm_head="lm_head" in trainable,
     )
     return {"layers": layers, **trainable}, lora
+
+
+def _adapts_expert(name: str, layers: dict) -> bool:
+    """Whether target_modules' dense MLP name ``name`` selects an expert LoRA present in ``layers``."""
+    from jaxsloth.models.moe import EXPERT_TARGETS
+
+    return EXPERT_TARGETS.get(name) in layers

@@ -10,6 +10,8 @@ Trainable tree::
     {"layers": {name: {"a", "b"}}, "embed": [V, D] (optional), "lm_head": [V, D] (optional)}
 
 Embeddings and LM head, when trained (continued pretraining), are full copies, like PEFT's ``modules_to_save``.
+In a mixture of experts, target_modules' gate_proj/up_proj/down_proj adapt every expert (``jaxsloth.models.moe``:
+"experts_gate_up", "experts_down" with A [L, E, r, in], B [L, E, out, r]).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import jax.numpy as jnp
 from jaxsloth.config import LoraConfig
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import linear_shapes
+from jaxsloth.models.moe import expert_shapes
+from jaxsloth.models.moe import lora_targets as moe_lora_targets
 
 __all__ = ["LoraConfig", "count_trainable", "init_lora", "lora_delta", "merge", "unmerge", "with_trainable"]
 
@@ -31,14 +35,24 @@ def init_lora(config: ModelConfig, lora: LoraConfig, key: jax.Array, params=None
 
     ``params`` is needed only when embeddings / LM head are trained (their copies start from the frozen values).
     """
-    shapes = linear_shapes(config)
+    shapes = {name: (config.num_layers, *shape) for name, shape in linear_shapes(config).items()}
+    targets = [name for name in lora.target_modules if name in shapes]
+    if config.is_moe:  # PEFT's target_parameters LoRA per expert: [L, E, r, in] and [L, E, out, r]
+        shapes.update({name: (config.num_layers, *shape) for name, shape in expert_shapes(config).items()})
+        experts = moe_lora_targets(config, lora.target_modules)
+        if experts and lora.lora_dropout:
+            raise ValueError(
+                f"lora_dropout={lora.lora_dropout} with LoRA on experts: PEFT's expert LoRA (target_parameters) has "
+                "no dropout; set lora_dropout=0 or leave gate_proj, up_proj and down_proj out of target_modules"
+            )
+        targets += experts
     layers = {}
-    keys = jax.random.split(key, len(lora.target_modules))
-    for k, name in zip(keys, lora.target_modules, strict=True):
-        out, inp = shapes[name]
+    keys = jax.random.split(key, len(targets))
+    for k, name in zip(keys, targets, strict=True):
+        *lead, out, inp = shapes[name]
         bound = 1.0 / math.sqrt(inp)
-        a = jax.random.uniform(k, (config.num_layers, lora.r, inp), jnp.float32, -bound, bound).astype(dtype)
-        layers[name] = {"a": a, "b": jnp.zeros((config.num_layers, out, lora.r), dtype)}
+        a = jax.random.uniform(k, (*lead, lora.r, inp), jnp.float32, -bound, bound).astype(dtype)
+        layers[name] = {"a": a, "b": jnp.zeros((*lead, out, lora.r), dtype)}
     tree: dict = {"layers": layers}
     if lora.train_embeddings or lora.train_lm_head:
         if params is None:

@@ -48,6 +48,8 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
     },
     # The 16-bit LoRA linear has no kernel: XLA's three GEMMs beat a fused Triton one (BENCHMARKS.md, LoRA linear).
     "lora_matmul": {"reference": ("pallas_kernels.lora_matmul", "lora_matmul_reference")},
+    # Mixture-of-experts projections: XLA's ragged dot until a grouped kernel is measured faster in the step.
+    "grouped_matmul": {"reference": ("pallas_kernels.grouped_matmul", "grouped_matmul_reference")},
 }
 
 
@@ -210,3 +212,23 @@ class Ops:
 
                 y = y + lora_delta(lora_x.reshape(x2.shape), lora["a"], lora["b"], lora_scale).astype(y.dtype)
         return y.reshape(*lead, -1)
+
+    def grouped_matmul(self, x, weight, group_sizes, lora=None, lora_scale: float = 0.0):
+        """Per-expert projections of rows sorted by expert: y = x @ W[g]^T + lora_scale * (x @ A[g]^T) @ B[g]^T for
+        the rows of group g (PEFT's expert LoRA, factored). x: [M, in]; weight: [G, out, in] or NF4; group_sizes: [G];
+        lora: {"a": [G, r, in], "b": [G, out, r]} or None."""
+        if is_nf4(weight):
+            from jaxsloth.quant import dequantize_nf4
+
+            # One layer's experts dequantized at a time, as bitsandbytes dequantizes before its matmul; rematerialised,
+            # so the backward dequantizes again instead of keeping every layer's 16-bit experts as residuals.
+            def nf4_grouped(x, weight, group_sizes):
+                return self._call("grouped_matmul", "reference", x, dequantize_nf4(weight, x.dtype), group_sizes)
+
+            y = jax.checkpoint(nf4_grouped)(x, weight, group_sizes)
+        else:
+            y = self._call("grouped_matmul", "reference", x, weight, group_sizes)
+        if lora is not None:
+            u = self._call("grouped_matmul", "reference", x, lora["a"], group_sizes)
+            y = y + lora_scale * self._call("grouped_matmul", "reference", u, lora["b"], group_sizes)
+        return y

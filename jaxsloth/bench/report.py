@@ -43,6 +43,11 @@ def flops_per_token(config: ModelConfig, seq: int) -> float:
     from jaxsloth.models.decoder import linear_shapes
 
     per_layer = sum(o * i for o, i in linear_shapes(config).values())
+    if config.is_moe:  # the router and the k experts each token runs through
+        from jaxsloth.models.moe import expert_shapes
+
+        experts = sum(o * i for _, o, i in expert_shapes(config).values())
+        per_layer += config.num_experts * config.hidden_size + config.num_experts_per_tok * experts
     matmul_params = per_layer * config.num_layers + config.vocab_size * config.hidden_size
     attention_fwd = sum(
         4 * mean_keys_per_query(seq, config.window_for(sliding)) * config.head_dim * config.num_heads

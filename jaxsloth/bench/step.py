@@ -87,6 +87,14 @@ def build_params(config, quant: str, dtype, key, mesh=None):
         params["layers"][name] = {"weight": random_nf4(next(keys), config.num_layers, o, i)}
         if config.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
             params["layers"][name]["bias"] = jnp.zeros((config.num_layers, o), dtype)
+    if config.is_moe:  # the router at full precision, every expert matrix NF4, as load_in_4bit loads them
+        shape = shapes["layers"]["router"]["weight"].shape
+        router = (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+        params["layers"]["router"] = {"weight": router}
+        for name in ("experts_gate_up", "experts_down"):
+            lead, (o, i) = shapes["layers"][name]["weight"].shape[:2], shapes["layers"][name]["weight"].shape[2:]
+            w = random_nf4(next(keys), math.prod(lead), o, i)
+            params["layers"][name] = {"weight": jax.tree.map(lambda a, lead=lead: a.reshape(*lead, *a.shape[1:]), w)}
     return params
 
 

@@ -24,6 +24,10 @@ from jaxsloth.bench.timing import emit_jsonl, portable_command
 from jaxsloth.models.presets import PRESETS
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Mixtures of experts in transformers 5 hold each layer's experts as fused parameters, not nn.Linear: PEFT adapts them
+# with target_parameters (LoRA per expert), the layout jaxsloth trains and exports.
+EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
 # hf-peft-bnb's preparations: "plain" (train mode and checkpointing only) or "kbit" (prepare_model_for_kbit_training).
 VARIANTS = ("plain", "kbit")
 
@@ -146,7 +150,9 @@ def build_model(cfg, system: str, variant: str, attn: str, checkpointing: bool, 
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
+    experts = EXPERT_PARAMETERS if cfg.model_type in MOE_MODEL_TYPES else None
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, target_parameters=experts)
+    model = get_peft_model(model, lora)
     model.config.use_cache = False
     model.train()  # checkpointing only runs in train mode
     return model

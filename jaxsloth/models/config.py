@@ -7,7 +7,18 @@ import json
 import math
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "qwen2", "phi3", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "qwen2",
+    "phi3",
+    "qwen3",
+    "gemma3_text",
+    "qwen3_moe",
+    "mixtral",
+)
 # config.json model types read as one of the above: Gemma 3's multimodal checkpoints, whose text tower is read alone.
 TEXT_TOWER_MODEL_TYPES = ("gemma3",)
 
@@ -93,6 +104,14 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     query_pre_attn_scalar: float | None = None
     fused_qkv: bool = False  # Phi-3 checkpoints fuse q,k,v and gate,up; the converter splits them
+    # Mixture of experts (Qwen 3 MoE, Mixtral; 0 experts: a dense MLP): every layer's MLP is ``num_experts`` GLU
+    # experts of width ``moe_intermediate_size``, of which a router picks ``num_experts_per_tok`` per token.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # the top-k routing weights renormalised to sum to one (Mixtral always)
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False  # training adds router_aux_loss_coef x the load-balancing loss
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -117,6 +136,12 @@ class ModelConfig:
             raise ValueError(f"unsupported layer_types {sorted(bad)}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} for {self.num_experts} experts")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def attention_scale(self) -> float:
@@ -230,7 +255,7 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         raise ValueError(f"unsupported activation {act!r} for model_type {mt!r}")
     n_layers = d["num_hidden_layers"]
     window = d.get("sliding_window")
-    if mt in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
+    if mt in ("qwen2", "qwen3", "qwen3_moe") and not d.get("use_sliding_window", False):
         window = None
     layer_types = tuple(d.get("layer_types") or ())
     if mt == "gemma2" and not layer_types:
@@ -244,6 +269,7 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         layer_types = ("full_attention",) * n_layers
         window = None
     eos = d.get("eos_token_id")
+    moe = moe_fields_from_hf(d, mt, n_layers)
     return ModelConfig(
         model_type=mt,
         vocab_size=d["vocab_size"],
@@ -262,7 +288,7 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         norm_weight_offset=1.0 if gemma else 0.0,
         scale_embeddings=gemma,
         qkv_bias=bool(d.get("attention_bias", mt == "qwen2")),
-        qk_norm=mt in ("qwen3", "gemma3_text"),
+        qk_norm=mt in ("qwen3", "gemma3_text", "qwen3_moe"),
         post_norms=mt in ("gemma2", "gemma3_text"),
         sliding_window=window,
         layer_types=layer_types,
@@ -274,6 +300,39 @@ def config_from_hf_dict(d: dict[str, Any]) -> ModelConfig:
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=d.get("pad_token_id"),
         hf_config=json.dumps(original or d, sort_keys=True),
+        **moe,
+    )
+
+
+def moe_fields_from_hf(d: dict[str, Any], model_type: str, num_layers: int) -> dict[str, Any]:
+    """The mixture-of-experts fields of ModelConfig from a Qwen 3 MoE or Mixtral config.json ({} for dense models).
+
+    Layers with a dense MLP among the sparse ones (Qwen 3 MoE's ``mlp_only_layers``, ``decoder_sparse_step`` > 1) and
+    Mixtral's router jitter are unsupported: every published checkpoint of both families has neither."""
+    if model_type not in ("qwen3_moe", "mixtral"):
+        return {}
+    if model_type == "mixtral":
+        experts, width, norm = _get(d, "num_local_experts", "num_experts", default=8), d["intermediate_size"], True
+        if d.get("router_jitter_noise"):
+            raise ValueError(f"router_jitter_noise={d['router_jitter_noise']} is unsupported (published Mixtrals: 0)")
+    else:
+        # transformers 5 writes num_local_experts, the Hub's configs num_experts
+        experts = _get(d, "num_experts", "num_local_experts", default=128)
+        width, norm = d.get("moe_intermediate_size", 768), d.get("norm_topk_prob")
+        dense = sorted(set(d.get("mlp_only_layers") or ()) & set(range(num_layers)))
+        step = d.get("decoder_sparse_step", 1)
+        if dense or (experts and any((i + 1) % step for i in range(num_layers))):
+            raise ValueError(
+                f"dense MLP layers among the expert layers (mlp_only_layers={dense}, decoder_sparse_step={step}) "
+                "are unsupported; every layer must be a mixture of experts"
+            )
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=int(d.get("num_experts_per_tok", 2)),
+        moe_intermediate_size=int(width),
+        norm_topk_prob=bool(norm),
+        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        output_router_logits=bool(d.get("output_router_logits", False)),
     )
 
 

@@ -14,6 +14,9 @@ Param tree::
             "bias": [L, out] (q/k/v on Qwen 2)}
 
 LoRA tree (optional): {"layers": {name: {"a": [L, r, in], "b": [L, out, r]}}}, scale alpha / r (or / sqrt(r)).
+
+Mixture-of-experts models (``config.is_moe``) have no gate/up/down_proj: their MLP is ``jaxsloth.models.moe``'s
+(router, experts_gate_up, experts_down).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxsloth.models import moe
 from jaxsloth.models.config import ModelConfig, rope_inv_freq
 from jaxsloth.ops import Ops
 from jaxsloth.quant import is_nf4
@@ -65,18 +69,13 @@ class LoraRuntime:
 
 
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of every projection of one layer."""
+    """(out, in) of every projection of one layer (a mixture of experts' are ``moe.expert_shapes``)."""
     d, hd = config.hidden_size, config.head_dim
     q, kv, f = config.num_heads * hd, config.num_kv_heads * hd, config.intermediate_size
-    return {
-        "q_proj": (q, d),
-        "k_proj": (kv, d),
-        "v_proj": (kv, d),
-        "o_proj": (d, q),
-        "gate_proj": (f, d),
-        "up_proj": (f, d),
-        "down_proj": (d, f),
-    }
+    shapes = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q)}
+    if not config.is_moe:
+        shapes.update({"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)})
+    return shapes
 
 
 def param_shapes(config: ModelConfig) -> dict:
@@ -93,6 +92,8 @@ def param_shapes(config: ModelConfig) -> dict:
         layers[name] = {"weight": (L, o, i)}
         if config.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
             layers[name]["bias"] = (L, o)
+    if config.is_moe:
+        layers.update(moe.layer_param_shapes(config))
     tree = {"embed": (V, D), "final_norm": (D,), "layers": layers}
     if not config.tie_word_embeddings:
         tree["lm_head"] = (V, D)
@@ -354,10 +355,24 @@ def _in_chunks(fn, x, chunk: int):
 
 
 def layer_output(
-    h, a, lp, ll, *, config: ModelConfig, ops: Ops, lora_rt: LoraRuntime, dropout_key=None, mlp_chunk: int | None = None
+    h,
+    a,
+    lp,
+    ll,
+    *,
+    config: ModelConfig,
+    ops: Ops,
+    lora_rt: LoraRuntime,
+    dropout_key=None,
+    mlp_chunk: int | None = None,
+    router_stats: list | None = None,
+    token_mask=None,
 ):
     """Second half of a layer. h: [B, T, D] (layer input), a: attention output [B, T, Hq, hd] -> [B, T, D]:
-    o_proj, post-norm (Gemma 2), residual, MLP (in sequence chunks of ``mlp_chunk`` when set), residual."""
+    o_proj, post-norm (Gemma 2), residual, MLP (in sequence chunks of ``mlp_chunk`` when set), residual.
+
+    A mixture of experts appends its ``moe.RouterStats`` (over the tokens of ``token_mask`` [B, T]) to
+    ``router_stats`` when given."""
     b, t = h.shape[:2]
     eps, off = config.rms_norm_eps, config.norm_weight_offset
     proj = _projector(lp, ll, ops, lora_rt, dropout_key)
@@ -373,7 +388,11 @@ def layer_output(
         act = ops.glu(p("gate_proj", x, 2), p("up_proj", x, 2), activation=config.activation)
         return p("down_proj", act, 3)
 
-    if mlp_chunk and t > mlp_chunk:
+    if config.is_moe:
+        d, stats = moe.moe_mlp(x, lp, ll, config=config, ops=ops, lora_scale=lora_rt.scale, token_mask=token_mask)
+        if router_stats is not None:
+            router_stats.append(stats)
+    elif mlp_chunk and t > mlp_chunk:
         d = _in_chunks(lambda xs: mlp(*xs), x, mlp_chunk)
     else:
         d = mlp(x)
@@ -398,8 +417,10 @@ def decoder_layer(
     dropout_key=None,
     mlp_chunk: int | None = None,
     long_rope=None,
+    router_stats: list | None = None,
 ):
-    """One layer. h: [B, T, D]; lp: this layer's params; ll: this layer's LoRA (or None)."""
+    """One layer. h: [B, T, D]; lp: this layer's params; ll: this layer's LoRA (or None); router_stats: see
+    ``layer_output`` (the tokens counted: segment id not 0)."""
     q, k, v = attention_inputs(
         h,
         lp,
@@ -424,7 +445,17 @@ def decoder_layer(
         scale=config.attention_scale,
     )
     return layer_output(
-        h, a, lp, ll, config=config, ops=ops, lora_rt=lora_rt, dropout_key=dropout_key, mlp_chunk=mlp_chunk
+        h,
+        a,
+        lp,
+        ll,
+        config=config,
+        ops=ops,
+        lora_rt=lora_rt,
+        dropout_key=dropout_key,
+        mlp_chunk=mlp_chunk,
+        router_stats=router_stats,
+        token_mask=None if segment_ids is None else segment_ids != 0,
     )
 
 
@@ -454,8 +485,10 @@ def forward_hidden(
     mlp_chunk: int | None = None,
     remat_group: int = 1,
     dots_layers: int = 0,
+    with_router_stats: bool = False,
 ):
-    """tokens: [B, T] int32 -> final-normed hidden states [B, T, D].
+    """tokens: [B, T] int32 -> final-normed hidden states [B, T, D]; with ``with_router_stats`` (mixtures of
+    experts), (hidden, ``moe.RouterStats`` summed over layers).
 
     positions: [B, T] (default arange; packed rows restart per segment); segment_ids: [B, T] (packing; no attention
     across segments); lora: LoRA tree or None; remat: none / dots / attn_dots / full / offload, applied per scan step
@@ -476,6 +509,7 @@ def forward_hidden(
     def run_group(h, lps, lls, idx):
         """The ``period`` layers of one remat group: lps, lls are their per-layer (unstacked) trees."""
         h = checkpoint_name(h, "layer_in")
+        stats: list = []
         for j in range(period):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, idx * period + j)
             inv_freq, rope_scaling, long_rope = ropes[slidings[j]]
@@ -494,18 +528,22 @@ def forward_hidden(
                 dropout_key=key,
                 mlp_chunk=mlp_chunk,
                 long_rope=long_rope,
+                router_stats=stats,
             )
-        return h
+        return h, (sum(stats[1:], stats[0]) if stats else None)
 
     if layers_unstacked(params):
         # Unstacked layers (``unstack_layers``): a Python loop, every projection reading its own weight buffer.
         # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
         # into a buffer of their own, forward and backward; the loop reads them in place (BENCHMARKS.md, layer loop).
         group, group_dots = _remat(run_group, remat), _remat(run_group, "dots")
+        router = []
         for g in range(groups):
             lps = params["layers"][g * period : (g + 1) * period]
             lls = None if lora is None else [layer_slice(lora["layers"], g * period + j) for j in range(period)]
-            h = (group_dots if g * period < dots_layers else group)(h, lps, lls, g)
+            h, stats = (group_dots if g * period < dots_layers else group)(h, lps, lls, g)
+            router.append(stats)
+        router = None if router[0] is None else sum(router[1:], router[0])
     else:
         if dots_layers:
             raise ValueError(f"dots_layers={dots_layers} needs the unrolled layer loop (unstack_layers)")
@@ -514,12 +552,14 @@ def forward_hidden(
             lp_group, ll_group, idx = xs
             lps = [layer_slice(lp_group, j) for j in range(period)]
             lls = None if ll_group is None else [layer_slice(ll_group, j) for j in range(period)]
-            return run_group(h, lps, lls, idx), None
+            return run_group(h, lps, lls, idx)
 
         layers = group_layers(params["layers"], period)
         lora_layers = None if lora is None else group_layers(lora["layers"], period)
-        h, _ = jax.lax.scan(_remat(step, remat), h, (layers, lora_layers, jnp.arange(groups)))
-    return ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
+        h, router = jax.lax.scan(_remat(step, remat), h, (layers, lora_layers, jnp.arange(groups)))
+        router = None if router is None else jax.tree.map(lambda x: jnp.sum(x, axis=0), router)
+    hidden = ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
+    return (hidden, router) if with_router_stats else hidden
 
 
 def lm_head(params, config: ModelConfig):
@@ -550,13 +590,18 @@ def loss_sum_and_count(
     ops: Ops = Ops(),
     head_grad: bool = True,
     loss_chunk: int | None = None,
+    with_router_aux: bool = False,
     **kwargs,
 ):
     """batch: tokens, targets (next-token labels, -100 = no loss), optional positions and segment_ids, all [B, T].
 
     Returns (sum of token losses, number of counted tokens). The Pallas loss never builds the logits; ``loss_chunk``
     also tiles the tokens (each tile rematerialised), so the loss's temporaries stay bounded at any length.
+    A mixture of experts whose config sets ``output_router_logits`` adds router_aux_loss_coef x the load-balancing
+    loss to the mean, as transformers does (count x that to the sum); ``with_router_aux`` (for the metric) returns
+    (sum, count, that load-balancing loss without its coefficient) instead.
     """
+    aux = config.is_moe and config.output_router_logits
     hidden = forward_hidden(
         params,
         batch["tokens"],
@@ -564,8 +609,21 @@ def loss_sum_and_count(
         ops=ops,
         positions=batch.get("positions"),
         segment_ids=batch.get("segment_ids"),
+        with_router_stats=aux,
         **kwargs,
     )
+    if aux:
+        hidden, router = hidden
+        total, count = _token_loss(params, hidden, batch, config, ops, head_grad, loss_chunk)
+        balance = moe.load_balancing_loss(router, config)
+        total = total + config.router_aux_loss_coef * balance * count.astype(total.dtype)
+        return (total, count, balance) if with_router_aux else (total, count)
+    total, count = _token_loss(params, hidden, batch, config, ops, head_grad, loss_chunk)
+    return (total, count, jnp.zeros((), jnp.float32)) if with_router_aux else (total, count)
+
+
+def _token_loss(params, hidden, batch, config: ModelConfig, ops: Ops, head_grad: bool, loss_chunk: int | None):
+    """(sum of token losses, count) of hidden [B, T, D] against batch["targets"]."""
     head = lm_head(params, config).astype(hidden.dtype)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t2 = batch["targets"].reshape(-1)

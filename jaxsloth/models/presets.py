@@ -290,6 +290,53 @@ PRESETS: dict[str, dict] = {
         "eos_token_id": 32000,
         "pad_token_id": 32000,
     },
+    "qwen3-30b-a3b": {  # Qwen/Qwen3-30B-A3B: 128 experts of width 768, 8 per token (3.3B active)
+        "model_type": "qwen3_moe",
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "router_aux_loss_coef": 0.001,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+    },
+    "mixtral-8x7b": {  # mistralai/Mixtral-8x7B-v0.1: 8 experts of width 14336, 2 per token (12.9B active)
+        "model_type": "mixtral",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "router_aux_loss_coef": 0.02,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
 }
 
 # Parameter counts of the published checkpoints (model cards / safetensors metadata). Gemma 3 4B and 12B are
@@ -312,6 +359,8 @@ PUBLISHED_PARAM_COUNTS = {
     "mistral-nemo-12b": 12_247_782_400,  # Mistral-Nemo-Base-2407: 12.2B
     "mistral-small-24b": 23_572_403_200,  # Mistral-Small-24B-Base-2501: 23.6B
     "phi4": 14_659_507_200,  # phi-4 model card: 14B parameters; safetensors metadata 14.7B
+    "qwen3-30b-a3b": 30_532_122_624,  # Qwen3-30B-A3B model card: 30.5B in total, 3.3B activated
+    "mixtral-8x7b": 46_702_792_704,  # Mixtral-8x7B-v0.1: 46.7B
 }
 
 

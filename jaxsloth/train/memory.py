@@ -30,6 +30,7 @@ import dataclasses
 
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import ATTN_DOTS, linear_shapes, param_count
+from jaxsloth.models.moe import expert_shapes
 from jaxsloth.profiles import Profile
 
 GIB = 2**30
@@ -51,9 +52,24 @@ class Longest:
     limited_by: str  # "device" or "host"
 
 
+def _mlp_width(config: ModelConfig) -> int:
+    """Per-token width of the MLP's activations: a mixture of experts runs each token through k experts."""
+    return config.num_experts_per_tok * config.moe_intermediate_size if config.is_moe else config.intermediate_size
+
+
+def _lora_width(config: ModelConfig) -> int:
+    """Sum of in + out over one layer's LoRA-adapted matrices (every expert's, in a mixture of experts)."""
+    width = sum(o + i for o, i in linear_shapes(config).values())
+    if config.is_moe:
+        width += sum(e * (o + i) for e, o, i in expert_shapes(config).values())
+    return width
+
+
 def _weight_counts(config: ModelConfig) -> tuple[int, int]:
-    """(projection weights, every other weight: embeddings, LM head, norms)."""
+    """(projection weights, experts' included, every other weight: embeddings, LM head, norms, router)."""
     proj = sum(o * i for o, i in linear_shapes(config).values()) * config.num_layers
+    if config.is_moe:
+        proj += sum(e * o * i for e, o, i in expert_shapes(config).values()) * config.num_layers
     other = param_count(config) - proj  # embeddings, head and every norm (post- and q/k norms included)
     return proj, other
 
@@ -74,12 +90,7 @@ def _trained_bytes(config: ModelConfig, lora_r: int | None, e: int, profile: Pro
     weights' dtype and the moments for every weight (the weights themselves are in ``_weights_bytes``)."""
     if lora_r is None:
         return sum(_weight_counts(config)) * (e + _moment_bytes(profile))
-    return (
-        (8 + _moment_bytes(profile))
-        * lora_r
-        * sum(o + i for o, i in linear_shapes(config).values())
-        * config.num_layers
-    )
+    return (8 + _moment_bytes(profile)) * lora_r * _lora_width(config) * config.num_layers
 
 
 def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
@@ -96,7 +107,7 @@ def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
         rest = _saved_by_policy(config, profile.replace(dots_layers=0), e)
         return (k * dots + (L - k) * rest) / L
     shapes = linear_shapes(config)
-    D, F = config.hidden_size, config.intermediate_size
+    D, F = config.hidden_size, _mlp_width(config)
     if profile.remat == "dots":
         attention = config.num_heads * (config.head_dim * e + 4)
         return L * (e * sum(o for o, _ in shapes.values()) + attention)
@@ -112,7 +123,7 @@ def estimate_step_memory(
 ) -> MemoryEstimate:
     """lora_r None: full fine-tuning (every weight with its gradient and AdamW moments)."""
     e = profile.dtype.itemsize
-    D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
+    D, F, L = config.hidden_size, _mlp_width(config), config.num_layers
     K, Hq, g = config.num_kv_heads * config.head_dim, config.num_heads, max(profile.remat_group, 1)
     tokens = batch * seq_len
     fixed = _weights_bytes(config, quantized, e) + _trained_bytes(config, lora_r, e, profile) + GIB

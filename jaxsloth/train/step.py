@@ -84,9 +84,16 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm), inner)
 
 
-def make_loss_fn(config: ModelConfig, lora: LoraConfig | None, profile: Profile, ops: Ops | None = None) -> Callable:
-    """(trainable, params, micro_batch, key) -> (loss_sum, count). ops: default the profile's. lora None: full
-    fine-tuning: trainable is every weight of the model and params is unused."""
+def make_loss_fn(
+    config: ModelConfig,
+    lora: LoraConfig | None,
+    profile: Profile,
+    ops: Ops | None = None,
+    with_router_aux: bool = False,
+) -> Callable:
+    """(trainable, params, micro_batch, key) -> (loss_sum, count), or with ``with_router_aux`` (loss_sum, (count,
+    the mixture of experts' load-balancing loss)). ops: default the profile's. lora None: full fine-tuning:
+    trainable is every weight of the model and params is unused."""
     ops = profile.ops if ops is None else ops
 
     def loss_fn(trainable, params, batch, key):
@@ -110,9 +117,12 @@ def make_loss_fn(config: ModelConfig, lora: LoraConfig | None, profile: Profile,
             loss_chunk=profile.loss_chunk,
             remat_group=profile.remat_group,
             dots_layers=profile.dots_layers,
+            with_router_aux=with_router_aux,
         )
 
-    return loss_fn
+    if not with_router_aux:
+        return loss_fn
+    return lambda *args: (lambda total, count, balance: (total, (count, balance)))(*loss_fn(*args))
 
 
 def make_train_step(
@@ -136,7 +146,15 @@ def make_train_step(
     NamedSharding the step is compiled for; the new trainable and opt_state keep theirs.
     """
     ops = None if mesh is None else ShardedOps(profile.kernels, mesh=mesh)
-    grad_fn = jax.value_and_grad(make_loss_fn(config, lora, profile, ops), has_aux=True)
+    router_aux = config.is_moe and config.output_router_logits  # logged as the metric router_aux_loss
+    value_and_grad = jax.value_and_grad(make_loss_fn(config, lora, profile, ops, router_aux), has_aux=True)
+
+    def grad_fn(*args):
+        """((loss_sum, count, load-balancing loss), grads): a mixture of experts' load-balancing loss is in the sum
+        as transformers adds it, and returned alone (without its coefficient) for the metric; 0 otherwise."""
+        (l, aux), g = value_and_grad(*args)
+        count, balance = aux if router_aux else (aux, jnp.zeros((), jnp.float32))
+        return (l, count, balance), g
 
     def step(trainable, opt_state, params, batch, key):
         n = tc.gradient_accumulation_steps
@@ -146,17 +164,17 @@ def make_train_step(
         keys = jax.random.split(key, n)
 
         def accumulate(carry, xs):
-            g_sum, l_sum, c_sum = carry
-            (l, c), g = grad_fn(trainable, params, *xs)
+            g_sum, l_sum, c_sum, b_sum = carry
+            (l, c, b), g = grad_fn(trainable, params, *xs)
             g_sum = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_sum, g)
-            return (g_sum, l_sum + l, c_sum + c), None
+            return (g_sum, l_sum + l, c_sum + c, b_sum + b), None
 
         if n == 1:  # no f32 accumulator (in full fine-tuning, twice the 16-bit weights' size)
-            (l_sum, count), g_sum = grad_fn(trainable, params, jax.tree.map(lambda x: x[0], micro), keys[0])
+            (l_sum, count, b_sum), g_sum = grad_fn(trainable, params, jax.tree.map(lambda x: x[0], micro), keys[0])
         else:
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-            (g_sum, l_sum, count), _ = jax.lax.scan(accumulate, init, (micro, keys))
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+            (g_sum, l_sum, count, b_sum), _ = jax.lax.scan(accumulate, init, (micro, keys))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), g_sum, trainable)
         loss = l_sum / denom
@@ -166,6 +184,8 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
+        if router_aux:  # the mean over micro-batches, as transformers' aux_loss of each forward
+            metrics["router_aux_loss"] = b_sum / n
         return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
 
     if shardings is None:
