@@ -19,12 +19,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsloth.config import LoraConfig, TrainConfig
+from jaxsloth.context_parallel import ContextOps, context_parallel_loss
 from jaxsloth.lora import with_trainable
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import loss_sum_and_count
 from jaxsloth.ops import Ops
 from jaxsloth.profiles import Profile
-from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, replicated
+from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, context_size, replicated
 from jaxsloth.train import optim8bit
 
 
@@ -115,6 +116,15 @@ def make_loss_fn(config: ModelConfig, lora: LoraConfig | None, profile: Profile,
     return loss_fn
 
 
+def make_mesh_loss_fn(config: ModelConfig, lora: LoraConfig | None, profile: Profile, mesh: Mesh | None) -> Callable:
+    """``make_loss_fn`` for a step over ``mesh``: per-device Pallas kernels (ShardedOps), and with a "context" axis
+    each sequence split over it (jaxsloth.context_parallel)."""
+    if context_size(mesh) > 1:
+        ops = ContextOps(profile.kernels, mesh=mesh)
+        return context_parallel_loss(make_loss_fn(config, lora, profile, ops), mesh, config)
+    return make_loss_fn(config, lora, profile, None if mesh is None else ShardedOps(profile.kernels, mesh=mesh))
+
+
 def make_train_step(
     config: ModelConfig,
     lora: LoraConfig | None,
@@ -132,11 +142,11 @@ def make_train_step(
     (trainable holds every weight; params is an empty dict).
 
     mesh: run over a ("data", "fsdp") device mesh (jaxsloth.sharding): every micro-batch is split by rows over
-    data x fsdp, so micro_batch must divide by data * fsdp. shardings: (trainable, opt_state, params) trees of
-    NamedSharding the step is compiled for; the new trainable and opt_state keep theirs.
+    data x fsdp, so micro_batch must divide by data * fsdp; a "context" axis also splits each sequence's tokens.
+    shardings: (trainable, opt_state, params) trees of NamedSharding the step is compiled for; the new trainable
+    and opt_state keep theirs.
     """
-    ops = None if mesh is None else ShardedOps(profile.kernels, mesh=mesh)
-    grad_fn = jax.value_and_grad(make_loss_fn(config, lora, profile, ops), has_aux=True)
+    grad_fn = jax.value_and_grad(make_mesh_loss_fn(config, lora, profile, mesh), has_aux=True)
 
     def step(trainable, opt_state, params, batch, key):
         n = tc.gradient_accumulation_steps

@@ -1,0 +1,159 @@
+"""Context parallelism: a sequence split over the mesh's "context" axis (ring attention, zigzag order) gives the
+loss and LoRA gradients of the single-device step.
+
+The multi-device cases run in ONE subprocess with 8 fake CPU devices (XLA_FLAGS must be set before JAX starts):
+``python -m tests.test_context_parallel WORKDIR`` writes results.npz with every case's loss and gradients, from
+the single-device loss function (the reference: the full-sequence attention of ``attention_reference``) and from
+the step's loss over the mesh (``make_mesh_loss_fn``). Lengths are multiples of neither the attention blocks nor
+the device counts (padded inside and masked).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.tolerances import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (tiny model family, mesh, length, packed rows, kernels, profile overrides)
+CASES = {
+    "causal_context4": ("llama", "context=4", 37, False, "reference", {}),
+    "window_context2_fsdp2_data2": ("mistral", "context=2,fsdp=2,data=2", 45, False, "reference", {}),
+    "gemma2_softcap_window_context8": ("gemma2", "context=8", 53, False, "reference", {}),
+    "packed_context4_data2": ("llama", "context=4,data=2", 41, True, "reference", {}),
+    # The long-context options inside the shard_map: full remat per 2-layer group, MLP and loss tiles.
+    "tiles_remat_context2_fsdp2": (
+        "gemma2",
+        "context=2,fsdp=2",
+        35,
+        True,
+        "reference",
+        {"remat": "full", "remat_group": 2, "mlp_chunk": 8, "loss_chunk": 16},
+    ),
+    # The Pallas flash kernels (interpret mode) for every block pair, packed and windowed (Gemma 2).
+    "pallas_gemma2_packed_context4": ("gemma2", "context=4", 29, True, "pallas", {}),
+}
+
+
+def _batch(vocab: int, rows: int, length: int, packed: bool, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (rows, length)).astype(np.int32)
+    targets = np.where(rng.random((rows, length)) < 0.2, -100, rng.integers(3, vocab, (rows, length))).astype(np.int32)
+    batch = {"tokens": tokens, "targets": targets}
+    if packed:  # three examples per row, positions restarting at each
+        cuts = sorted(rng.choice(np.arange(4, length - 4), 2, replace=False))
+        seg = np.zeros((rows, length), np.int32)
+        seg[:, cuts[0] :] = 1
+        seg[:, cuts[1] :] = 2
+        starts = np.array([0, *cuts])
+        pos = np.arange(length) - starts[seg[0]]
+        batch["segment_ids"] = seg
+        batch["positions"] = np.broadcast_to(pos, (rows, length)).astype(np.int32)
+    return batch
+
+
+def _worker(workdir: Path) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from converters.hf import load_hf_model
+    from jaxsloth.lora import LoraConfig, init_lora
+    from jaxsloth.ops import KernelChoice
+    from jaxsloth.profiles import profile_for_device
+    from jaxsloth.sharding import batch_devices, make_mesh, put, replicated
+    from jaxsloth.train.step import make_mesh_loss_fn
+    from tests.tiny_models import saved_model
+
+    assert jax.device_count() == 8, jax.devices()
+    lora = LoraConfig(r=4, lora_alpha=8.0)
+    base = profile_for_device(name="cpu")
+    out: dict[str, np.ndarray] = {}
+    models = {}
+    for i, (name, (family, spec, length, packed, kernels, overrides)) in enumerate(CASES.items()):
+        if family not in models:
+            models[family] = load_hf_model(saved_model(family), dtype=jnp.float32)
+        config, params = models[family]
+        profile = base.replace(kernels=KernelChoice.all(kernels, interpret=True), **overrides)
+        trainable = init_lora(config, lora, jax.random.key(0))
+        # Nonzero B, so every LoRA A gets a gradient too.
+        trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(7), x.shape), trainable)
+        size = int(np.prod([int(v) for v in (p.split("=")[1] for p in spec.split(","))]))
+        mesh = make_mesh(spec, devices=jax.devices()[:size])
+        batch = _batch(config.vocab_size, 2 * batch_devices(mesh), length, packed, seed=i)
+        for which, m in (("single", None), ("mesh", mesh)):
+            loss_fn = make_mesh_loss_fn(config, lora, profile, m)
+
+            def mean_loss(t, p, b, loss_fn=loss_fn):
+                s, c = loss_fn(t, p, b, jax.random.key(1))
+                return s / c
+
+            args = (trainable, params, {k: jnp.asarray(v) for k, v in batch.items()})
+            if m is not None:
+                args = (put(args[0], replicated(m)), put(args[1], replicated(m)), put(args[2], replicated(m)))
+            value, grads = jax.jit(jax.value_and_grad(mean_loss))(*args)
+            out[f"{name}/{which}/loss"] = np.asarray(value)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
+                out[f"{name}/{which}/grad{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    np.savez(workdir / "results.npz", **out)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, np.ndarray]:
+    workdir = tmp_path_factory.mktemp("context_parallel")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(ROOT),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_context_parallel", str(workdir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dict(np.load(workdir / "results.npz"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_context_parallel_matches_one_device(results, case):
+    single = {k.split("/", 2)[2]: v for k, v in results.items() if k.startswith(f"{case}/single/")}
+    mesh = {k.split("/", 2)[2]: v for k, v in results.items() if k.startswith(f"{case}/mesh/")}
+    assert single.keys() == mesh.keys() and len(single) > 1
+    assert_close(mesh.pop("loss"), single.pop("loss"), "f32", err_msg=case)
+    for key, g in single.items():
+        assert np.abs(g).max() > 0, key  # every LoRA weight takes part
+        assert_close(mesh[key], g, "f32_grad", err_msg=f"{case} {key}")
+
+
+def test_zigzag_order_balances_the_causal_work():
+    from jaxsloth.models.ring_attention import zigzag_order
+
+    order = zigzag_order(16, 4).reshape(4, 4)  # 4 devices, chunks of 2 tokens
+    assert order.tolist() == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
+    # Causal (query, key) pairs per device: equal on every device.
+    work = [sum(int(q) + 1 for q in row) for row in order]
+    assert len(set(work)) == 1, work
+
+
+def test_mesh_spec_with_context_axis():
+    from jaxsloth.sharding import parse_mesh_spec
+
+    assert parse_mesh_spec("context=2,fsdp=2,data=2") == {"data": 2, "fsdp": 2, "context": 2}
+    assert parse_mesh_spec("context=1,fsdp=2") == {"data": 1, "fsdp": 2}  # size 1: no axis, today's path
+    with pytest.raises(ValueError, match="axis 'ctx'"):
+        parse_mesh_spec("ctx=2")
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
