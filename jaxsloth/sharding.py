@@ -73,11 +73,12 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     return {**{a: sizes.get(a, 1) for a in AXES}, **context}
 
 
-def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None, context_axis: bool = False) -> Mesh:
     """A ("data", "fsdp") mesh over ``devices`` (default: every device of every process), with a third axis
     "context" when the spec gives it a size above 1 (neighbours on it are adjacent devices: the ring's hops).
 
     spec None or "": all devices data-parallel. The product of the sizes must equal the number of devices.
+    context_axis: keep the "context" axis at size 1 too (ring attention's code on unsplit sequences: its cost).
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec or {"data": -1})
@@ -92,8 +93,8 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
             f"mesh {sizes} needs {math.prod(sizes.values())} devices but there are {len(devices)}; "
             "the sizes must multiply to the device count (use -1 for one axis to take the rest)"
         )
-    axes = AXES if sizes.get(CONTEXT, 1) == 1 else (*AXES, CONTEXT)
-    shape = tuple(sizes[a] for a in axes)
+    axes = (*AXES, CONTEXT) if context_axis or sizes.get(CONTEXT, 1) != 1 else AXES
+    shape = tuple(sizes.get(a, 1) for a in axes)
     # Auto axes: XLA's partitioner propagates shardings (GSPMD); make_mesh's default in JAX 0.11 is Explicit.
     return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
@@ -116,6 +117,11 @@ def batch_devices(mesh: Mesh | None) -> int:
 def context_size(mesh: Mesh | None) -> int:
     """How many ways each sequence is split (the "context" axis); 1 without a mesh or the axis."""
     return 1 if mesh is None else dict(mesh.shape).get(CONTEXT, 1)
+
+
+def has_context_axis(mesh: Mesh | None) -> bool:
+    """Whether the step runs context parallelism (``make_mesh`` leaves out an axis of size 1 unless asked)."""
+    return mesh is not None and CONTEXT in mesh.axis_names
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

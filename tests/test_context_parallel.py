@@ -59,7 +59,7 @@ def _batch(vocab: int, rows: int, length: int, packed: bool, seed: int) -> dict[
     return batch
 
 
-def _worker(workdir: Path) -> None:
+def _worker(workdir: Path, only: list[str]) -> None:
     import jax
     import jax.numpy as jnp
 
@@ -77,6 +77,8 @@ def _worker(workdir: Path) -> None:
     out: dict[str, np.ndarray] = {}
     models = {}
     for i, (name, (family, spec, length, packed, kernels, overrides)) in enumerate(CASES.items()):
+        if only and name not in only:
+            continue
         if family not in models:
             models[family] = load_hf_model(saved_model(family), dtype=jnp.float32)
         config, params = models[family]
@@ -156,4 +158,4 @@ def test_mesh_spec_with_context_axis():
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    _worker(Path(sys.argv[1]), sys.argv[2:])  # optional case names: run only those

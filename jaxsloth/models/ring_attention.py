@@ -163,7 +163,7 @@ def _ring_backward(ring: _Ring, q, k, v, segs, out, lse, do):
 
     def add(acc, part, where=None):
         part = part.astype(jnp.float32)
-        return acc + (part if where is None else jnp.where(where, part, 0.0))
+        return acc + (part if where is None else jnp.where(where, part, jnp.zeros_like(part)))
 
     g = ring.diagonal(True, qa, k[:, :c], v[:, :c], doa, la, da, qs=sa, ks=sa)
     dqa, dk, dv = add(dqa, g[0]), dk.at[:, :c].add(g[1]), dv.at[:, :c].add(g[2])

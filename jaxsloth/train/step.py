@@ -25,7 +25,7 @@ from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import loss_sum_and_count
 from jaxsloth.ops import Ops
 from jaxsloth.profiles import Profile
-from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, context_size, replicated
+from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, has_context_axis, replicated
 from jaxsloth.train import optim8bit
 
 
@@ -119,7 +119,7 @@ def make_loss_fn(config: ModelConfig, lora: LoraConfig | None, profile: Profile,
 def make_mesh_loss_fn(config: ModelConfig, lora: LoraConfig | None, profile: Profile, mesh: Mesh | None) -> Callable:
     """``make_loss_fn`` for a step over ``mesh``: per-device Pallas kernels (ShardedOps), and with a "context" axis
     each sequence split over it (jaxsloth.context_parallel)."""
-    if context_size(mesh) > 1:
+    if has_context_axis(mesh):
         ops = ContextOps(profile.kernels, mesh=mesh)
         return context_parallel_loss(make_loss_fn(config, lora, profile, ops), mesh, config)
     return make_loss_fn(config, lora, profile, None if mesh is None else ShardedOps(profile.kernels, mesh=mesh))
