@@ -103,7 +103,22 @@ def _worker(workdir: Path, only: list[str]) -> None:
             out[f"{name}/{which}/loss"] = np.asarray(value)
             for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
                 out[f"{name}/{which}/grad{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    if not only or "bench" in only:
+        out["bench"] = np.array(_bench_entry_points(workdir))
     np.savez(workdir / "results.npz", **out)
+
+
+def _bench_entry_points(workdir: Path) -> str:
+    """The GPU suite's commands (jaxsloth/bench/suites/long_context_cp_h200.sh) at tiny shapes: the long-context
+    step over a context axis of 8, and the ring path on a context axis of size 1 (here beside data=8)."""
+    from jaxsloth.bench import step
+
+    demo = ROOT / "jaxsloth" / "demo_assets" / "model"
+    common = ["--model-path", str(demo), "--quant", "nf4", "--seq", "50", "--steps", "1", "--warmup", "0"]
+    common += ["--out", str(workdir / "bench.jsonl")]
+    step.main([*common, "--batch", "1", "--long-context", "--mesh", "context=8"])
+    step.main([*common, "--batch", "8", "--mesh", "data=8,context=1", "--context-axis"])
+    return (workdir / "bench.jsonl").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +151,38 @@ def test_context_parallel_matches_one_device(results, case):
     for key, g in single.items():
         assert np.abs(g).max() > 0, key  # every LoRA weight takes part
         assert_close(mesh[key], g, "f32_grad", err_msg=f"{case} {key}")
+
+
+def test_bench_suite_entry_points(results):
+    import json
+
+    records = [json.loads(line) for line in str(results["bench"]).splitlines()]
+    assert [r["mesh"] for r in records] == [
+        {"data": 1, "fsdp": 1, "context": 8},
+        {"data": 8, "fsdp": 1, "context": 1},
+    ]
+    assert all(r["tokens_per_s"] > 0 for r in records)
+
+
+def test_memory_model_splits_activations_over_the_context_axis():
+    from jaxsloth.models.presets import preset
+    from jaxsloth.profiles import long_context, profile_for_device
+    from jaxsloth.train.memory import estimate_step_memory, longest_sequence
+
+    config = preset("llama3.1-8b")
+    profile = long_context(profile_for_device(name="h200"))
+    kw = dict(batch=1, seq_len=600_000, quantized=True)
+    one, two = estimate_step_memory(config, profile, **kw), estimate_step_memory(config, profile, **kw, context=2)
+    assert two.fixed_gib == one.fixed_gib  # weights are replicated over the axis
+    activations = one.device_gib - one.fixed_gib
+    # Half the tokens per device, plus ring attention's K/V blocks and accumulators of the layer in flight.
+    assert 0.5 * activations < two.device_gib - two.fixed_gib < 0.75 * activations
+    assert two.host_gib == pytest.approx(one.host_gib / 2)
+    # Device-limited (ample host memory): eight devices take more than five times one device's length.
+    mem = dict(batch=1, quantized=True, device_gib=139, host_gib=1000)
+    single, eight = longest_sequence(config, profile, **mem), longest_sequence(config, profile, **mem, context=8)
+    assert single.limited_by == eight.limited_by == "device"
+    assert 5 * single.tokens < eight.tokens < 8 * single.tokens
 
 
 def test_zigzag_order_balances_the_causal_work():

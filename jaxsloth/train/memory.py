@@ -130,8 +130,8 @@ def estimate_step_memory(
     fixed = _weights_bytes(config, quantized, e) + _trained_bytes(config, lora_r, e, profile) + GIB
     residual = (L / g) * D * e
     layer = (6 * D + 2 * K) * e + 2 * D * e + 4 * Hq
-    if context > 1:
-        layer += 4 * K * e + 16 * K + 4 * Hq * config.head_dim + 4 * Hq
+    # Ring attention's buffers, for the one layer whose attention runs (not per layer of a remat group).
+    ring = 4 * K * e + 16 * K + 4 * Hq * config.head_dim + 4 * Hq if context > 1 else 0
     if profile.mlp_chunk:
         fixed += min(profile.mlp_chunk, tokens) * 6 * F * e
     else:
@@ -150,7 +150,11 @@ def estimate_step_memory(
     else:
         outside += 8 * config.vocab_size
     device_pt = (
-        g * layer + outside + (0 if profile.remat == "offload" else residual) + _saved_by_policy(config, profile, e)
+        g * layer
+        + ring
+        + outside
+        + (0 if profile.remat == "offload" else residual)
+        + _saved_by_policy(config, profile, e)
     )
     host_pt = residual if profile.remat == "offload" else 0.0
     return MemoryEstimate(
@@ -174,7 +178,8 @@ def longest_sequence(
     context: int = 1,
 ) -> Longest:
     """The longest seq_len (a multiple of 1024) the model says fits in ``device_gib`` and ``host_gib`` of each
-    device, with each sequence split over ``context`` devices (the mesh's context axis)."""
+    device, with each sequence split over ``context`` devices (the mesh's context axis). The devices of one host
+    share its memory: with offload, ``host_gib`` is this device's share."""
     est = estimate_step_memory(
         config, profile, batch=batch, seq_len=context, quantized=quantized, lora_r=lora_r, context=context
     )
