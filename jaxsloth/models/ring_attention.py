@@ -132,9 +132,10 @@ def _ring_forward(ring: _Ring, q, k, v, segs):
     acc_a = _merge(zero, ring.diagonal(False, qa, k[:, : ring.c], v[:, : ring.c], qs=sa, ks=sa))
     acc_b = _merge(zero, ring.diagonal(False, qb, k[:, ring.c :], v[:, ring.c :], qs=sb, ks=sb))
     acc_b = _merge(acc_b, ring.earlier(False, 2 * n - 1 - 2 * d, qb, k[:, : ring.c], v[:, : ring.c], qs=sb, ks=sa))
-    kv = (k, v, segs)
+    kv = _shift((k, v, segs), n) if n > 1 else None
     for step in range(1, n):
-        kv = _shift(kv, n)
+        # The next block is sent before this one is used, so the transfer overlaps this step's attention.
+        nxt = _shift(kv, n) if step < n - 1 else None
         src = (d - step) % n
         (ka, kb), (va, vb), (ska, skb) = _halves(kv[0]), _halves(kv[1]), _halves(kv[2]) or (None, None)
         acc_b = _merge(acc_b, ring.earlier(False, 2 * n - 1 - d - src, qb, ka, va, qs=sb, ks=ska))
@@ -144,6 +145,7 @@ def _ring_forward(ring: _Ring, q, k, v, segs):
         part = ring.earlier(False, jnp.abs(d - src), qy, ky, vy, qs=qsy, ks=ksy)
         acc_a = _pick(before, _merge(acc_a, part), acc_a)
         acc_b = _pick(before, acc_b, _merge(acc_b, part))
+        kv = nxt
     out = jnp.concatenate([acc_a[0], acc_b[0]], axis=1).astype(q.dtype)
     return out, jnp.concatenate([acc_a[1], acc_b[1]], axis=2)
 
@@ -171,9 +173,10 @@ def _ring_backward(ring: _Ring, q, k, v, segs, out, lse, do):
     dqb, dk, dv = add(dqb, g[0]), dk.at[:, c:].add(g[1]), dv.at[:, c:].add(g[2])
     g = ring.earlier(True, 2 * n - 1 - 2 * d, qb, k[:, :c], v[:, :c], dob, lb, db, qs=sb, ks=sa)
     dqb, dk, dv = add(dqb, g[0]), dk.at[:, :c].add(g[1]), dv.at[:, :c].add(g[2])
-    kv = (k, v, segs)
+    kv = _shift((k, v, segs), n) if n > 1 else None
     for step in range(1, n):
-        kv, (dk, dv) = _shift(kv, n), _shift((dk, dv), n)  # the K/V block's gradient travels with it
+        nxt = _shift(kv, n) if step < n - 1 else None  # sent ahead, as in the forward
+        dk, dv = _shift((dk, dv), n)  # the K/V block's gradient travels with it
         src = (d - step) % n
         (ka, kb), (va, vb), (ska, skb) = _halves(kv[0]), _halves(kv[1]), _halves(kv[2]) or (None, None)
         g = ring.earlier(True, 2 * n - 1 - d - src, qb, ka, va, dob, lb, db, qs=sb, ks=ska)
@@ -185,7 +188,9 @@ def _ring_backward(ring: _Ring, q, k, v, segs, out, lse, do):
         dqa, dqb = add(dqa, g[0], before), add(dqb, g[0], ~before)
         dk = jnp.concatenate([add(dk[:, :c], g[1], before), add(dk[:, c:], g[1], ~before)], axis=1)
         dv = jnp.concatenate([add(dv[:, :c], g[2], before), add(dv[:, c:], g[2], ~before)], axis=1)
-    dk, dv = _shift((dk, dv), n)  # home: after n - 1 steps device d holds device d + 1's accumulators
+        kv = nxt
+    if n > 1:  # home: after n - 1 steps device d holds device d + 1's accumulators
+        dk, dv = _shift((dk, dv), n)
     dq = jnp.concatenate([dqa, dqb], axis=1)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
