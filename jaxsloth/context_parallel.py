@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.ring_attention import AXIS, ring_attention, zigzag_order
-from jaxsloth.sharding import BATCH_AXES, ShardedOps, context_size
+from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_devices, context_size
 
 # Padding values of the batch's [B, T] arrays (positions continue their row's count instead).
 _PAD = {"targets": -100, "segment_ids": -1}
@@ -33,6 +33,16 @@ _PAD = {"targets": -100, "segment_ids": -1}
 @dataclasses.dataclass(frozen=True)
 class ContextOps(ShardedOps):
     """ShardedOps inside the shard_map over "context": attention is ring attention over that axis."""
+
+    def _constrain(self, y):
+        # A bare PartitionSpec: inside the shard_map the mesh in context has "context" manual, which a
+        # NamedSharding on ``self.mesh`` (all axes auto) would contradict.
+        def one(a):
+            if a.ndim == 0 or a.shape[0] % batch_devices(self.mesh):
+                return a
+            return jax.lax.with_sharding_constraint(a, P(BATCH_AXES))
+
+        return jax.tree.map(one, y)
 
     def attention(self, q, k, v, *, segment_ids=None, causal=True, sliding_window=None, softcap=None, scale=None):
         if not causal:
