@@ -44,6 +44,9 @@ class ContextOps(ShardedOps):
 
         return jax.tree.map(one, y)
 
+    def _kernel_mesh(self):
+        return jax.sharding.get_abstract_mesh()  # the mesh in context: "context" already manual
+
     def attention(self, q, k, v, *, segment_ids=None, causal=True, sliding_window=None, softcap=None, scale=None):
         if not causal:
             raise ValueError("context parallelism runs causal attention only (decoder training)")

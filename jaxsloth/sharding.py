@@ -366,6 +366,10 @@ class ShardedOps(Ops):
 
         return jax.tree.map(one, y)
 
+    def _kernel_mesh(self):
+        """The mesh the per-device kernel calls' shard_map runs over."""
+        return self.mesh
+
     def linear(self, x, weight, bias=None, lora=None, lora_scale: float = 0.0, lora_x=None):
         return self._constrain(super().linear(x, weight, bias, lora, lora_scale, lora_x))
 
@@ -396,7 +400,12 @@ class ShardedOps(Ops):
 
         # Over the batch axes only: under context parallelism this runs inside the shard_map over "context".
         y = jax.shard_map(
-            local, mesh=self.mesh, in_specs=specs, out_specs=P(BATCH_AXES), axis_names=set(BATCH_AXES), check_vma=False
+            local,
+            mesh=self._kernel_mesh(),
+            in_specs=specs,
+            out_specs=P(BATCH_AXES),
+            axis_names=set(BATCH_AXES),
+            check_vma=False,
         )(*values)
         if op == "cross_entropy":
             return tuple(v.sum() for v in y)

@@ -24,21 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (tiny model family, mesh, length, packed rows, kernels, profile overrides)
 CASES = {
-    "causal_context4": ("llama", "context=4", 37, False, "reference", {}),
-    "window_context2_fsdp2_data2": ("mistral", "context=2,fsdp=2,data=2", 45, False, "reference", {}),
-    "gemma2_softcap_window_context8": ("gemma2", "context=8", 53, False, "reference", {}),
-    "packed_context4_data2": ("llama", "context=4,data=2", 41, True, "reference", {}),
-    # The long-context options inside the shard_map: full remat per 2-layer group, MLP and loss tiles.
-    "tiles_remat_context2_fsdp2": (
-        "gemma2",
-        "context=2,fsdp=2",
-        35,
-        True,
+    # Causal, with the long-context options inside the shard_map: full remat per 2-layer group, MLP and loss tiles.
+    "causal_tiles_remat_context4": (
+        "llama",
+        "context=4",
+        37,
+        False,
         "reference",
         {"remat": "full", "remat_group": 2, "mlp_chunk": 8, "loss_chunk": 16},
     ),
+    "window_context2_fsdp2_data2": ("mistral", "context=2,fsdp=2,data=2", 45, False, "reference", {}),
+    "gemma2_softcap_window_packed_context8": ("gemma2", "context=8", 53, True, "reference", {}),
     # The Pallas flash kernels (interpret mode) for every block pair, packed and windowed (Gemma 2).
-    "pallas_gemma2_packed_context4": ("gemma2", "context=4", 29, True, "pallas", {}),
+    "pallas_gemma2_packed_context2_data2": ("gemma2", "context=2,data=2", 29, True, "pallas", {}),
 }
 
 
