@@ -344,10 +344,16 @@ _BATCHED_ARGS = {
     "swiglu": (0, 1),
     "geglu": (0, 1),
     "attention": (0, 1, 2),
+    "attention_block": (0, 1, 2),  # ring attention's block pairs: (out, lse) and (dq, dk, dv) are per row too
+    "attention_block_grad": (0, 1, 2, 3, 4, 5),
     "cross_entropy": (0, 2),
     "nf4_matmul": (0,),
 }
-_BATCHED_KWARGS = {"attention": ("segment_ids",)}
+_BATCHED_KWARGS = {
+    "attention": ("segment_ids",),
+    "attention_block": ("q_segment_ids", "kv_segment_ids"),
+    "attention_block_grad": ("q_segment_ids", "kv_segment_ids"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
