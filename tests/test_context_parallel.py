@@ -183,6 +183,50 @@ def test_memory_model_splits_activations_over_the_context_axis():
     assert 5 * single.tokens < eight.tokens < 8 * single.tokens
 
 
+def test_attention_block_kernel_matches_its_reference():
+    # One block pair of a longer sequence: queries at key positions 24..39, keys 0..23 (a windowed pair one chunk
+    # apart), segments crossing it, softcap; the Pallas kernels (interpret mode) against the jnp reference, whose
+    # own semantics are attention_reference's (checked on the whole sequence first).
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.attention import attention_reference
+    from pallas_kernels.attention.blockwise import (
+        attention_block,
+        attention_block_grad,
+        attention_block_grad_reference,
+        attention_block_reference,
+    )
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(keys[0], (2, 16, 4, 16))
+    k, v = (jax.random.normal(key, (2, 24, 2, 16)) for key in keys[1:3])
+    seg = jnp.asarray(np.repeat([[0] * 20 + [1] * 20], 2, axis=0), jnp.int32)
+    whole = dict(segment_ids=seg[:, :24], sliding_window=13, softcap=4.0)
+    out_whole, _ = attention_block_reference(q, k, v, q_segment_ids=seg[:, 8:24], kv_segment_ids=seg[:, :24],
+                                             causal=True, sliding_window=13, softcap=4.0)  # fmt: skip
+    assert_close(out_whole, attention_reference(q, k, v, causal=True, **whole), "f32")
+
+    kw = dict(q_offset=24, causal=False, sliding_window=13, softcap=4.0)
+    segs = dict(q_segment_ids=seg[:, 24:], kv_segment_ids=seg[:, :24])
+    out_r, lse_r = attention_block_reference(q, k, v, **segs, **kw)
+    out_p, lse_p = attention_block(q, k, v, **segs, **kw, interpret=True)
+    seen = jnp.isfinite(lse_r)
+    assert bool(seen.any()) and not bool(seen.all())  # some rows see keys of this block, some none
+    assert bool((jnp.isfinite(lse_p) == seen).all())
+    assert_close(jnp.where(seen, lse_p, 0.0), jnp.where(seen, lse_r, 0.0), "f32")
+    rows = seen.transpose(0, 2, 1)[..., None]  # [B, T, Hq, 1]: a row that sees nothing has no defined output
+    assert_close(jnp.where(rows, out_p, 0.0), jnp.where(rows, out_r, 0.0), "f32")
+    do = jax.random.normal(keys[3], q.shape)
+    lse = jnp.where(seen, lse_r, 0.0) + 0.5  # a whole row's lse is at least this block's
+    delta = jax.random.normal(keys[4], lse.shape)
+    grads_r = attention_block_grad_reference(q, k, v, do, lse, delta, **segs, **kw)
+    grads_p = attention_block_grad(q, k, v, do, lse, delta, **segs, **kw, interpret=True)
+    for name, a, b in zip(("dq", "dk", "dv"), grads_p, grads_r, strict=True):
+        assert np.abs(np.asarray(b)).max() > 0, name
+        assert_close(a, b, "f32_grad", err_msg=name)
+
+
 def test_zigzag_order_balances_the_causal_work():
     from jaxsloth.models.ring_attention import zigzag_order
 

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from pallas_kernels.attention import _backward_dkv, _backward_dq, _forward, _pad_to, _validate, prepare
 from pallas_kernels.attention.common import LOG2E, MASK_VALUE, AttentionBlocks
 
-# A row whose every key block the kernel skipped ends with lse = -MASK_VALUE (so its own backward's exp2 is 0);
-# here such a row saw nothing, which merging needs as -inf.
+# A row that sees no key of the block ends with lse = -MASK_VALUE when the kernel skipped every key block of its
+# rows (so its own backward's exp2 is 0), or near MASK_VALUE when the blocks it visited were masked throughout;
+# merging needs either as -inf.
 _EMPTY = -0.5 * MASK_VALUE
 
 
@@ -72,7 +73,7 @@ def attention_block(
     )
     out, lse = _forward(*padded, st)
     lse = lse[:, :, :t]
-    return out[:, :t, :, :d], jnp.where(lse > _EMPTY, -jnp.inf, lse / LOG2E)
+    return out[:, :t, :, :d], jnp.where(jnp.abs(lse) > _EMPTY, -jnp.inf, lse / LOG2E)
 
 
 def attention_block_grad(
