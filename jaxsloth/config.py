@@ -549,7 +549,9 @@ class TrainConfig(Settings):
     )
     seed: int = setting(0, "seed for data order and dropout (and, in the CLI, LoRA init)")
     mesh: str | Mesh | None = setting(
-        None, "device mesh, e.g. data=2,fsdp=4", default_help="every device data-parallel"
+        None,
+        "device mesh, e.g. data=2,fsdp=4 (context=N splits each sequence)",
+        default_help="every device data-parallel",
     )
     shard_lora: bool = setting(False, "also shard LoRA and optimizer state over the fsdp axis")
     eval_dataset: str | object | None = setting(

@@ -36,6 +36,16 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
         "pallas": ("pallas_kernels.attention", "attention"),
         "cudnn": ("jaxsloth.ops", "_cudnn_attention"),
     },
+    # One block pair of ring attention (context parallelism): the forward with its log-sum-exp, and the backward
+    # against the merged row's log-sum-exp; the attention op's choice picks these too (cuDNN: the Pallas kernels).
+    "attention_block": {
+        "reference": ("pallas_kernels.attention.blockwise", "attention_block_reference"),
+        "pallas": ("pallas_kernels.attention.blockwise", "attention_block"),
+    },
+    "attention_block_grad": {
+        "reference": ("pallas_kernels.attention.blockwise", "attention_block_grad_reference"),
+        "pallas": ("pallas_kernels.attention.blockwise", "attention_block_grad"),
+    },
     "cross_entropy": {
         "reference": ("pallas_kernels.cross_entropy", "cross_entropy_reference"),
         "pallas": ("pallas_kernels.cross_entropy", "cross_entropy"),
@@ -137,7 +147,8 @@ class Ops:
         fn = _resolve(op, impl)
         if impl == "pallas":
             kwargs["interpret"] = self.kernels.interpret
-            block = self.kernels.block_for(op, args[0])
+            # The block-pair ops run the attention kernels, on the attention op's tiles.
+            block = self.kernels.block_for("attention" if op.startswith("attention") else op, args[0])
             if block is not None:
                 kwargs["block"] = block
         return fn(*args, **kwargs)
@@ -164,6 +175,18 @@ class Ops:
                 return self._call("attention", impl, q, k, v, **kwargs)
             impl = "pallas"  # cuDNN has neither softcap nor segment ids: the Pallas kernel takes those calls
         return self._call("attention", impl, q, k, v, segment_ids=segment_ids, softcap=softcap, **kwargs)
+
+    def attention_block(self, q, k, v, **kwargs):
+        """One block pair of a longer sequence (``pallas_kernels.attention.blockwise.attention_block``'s keywords:
+        q_segment_ids, kv_segment_ids, q_offset, causal, sliding_window, softcap, scale) -> (out, lse [B, Hq, T])."""
+        return self._call("attention_block", self._block_impl(), q, k, v, **kwargs)
+
+    def attention_block_grad(self, q, k, v, do, lse, delta, **kwargs):
+        """That block pair's (dq, dk, dv) against the merged row's lse and delta [B, Hq, T]."""
+        return self._call("attention_block_grad", self._block_impl(), q, k, v, do, lse, delta, **kwargs)
+
+    def _block_impl(self) -> str:
+        return "reference" if self.kernels.attention == "reference" else "pallas"
 
     def cross_entropy(self, hidden, head, targets, *, softcap=None, head_grad: bool = True):
         """hidden: [N, D], head: [V, D], targets: [N] -> (loss_sum, count).

@@ -1,5 +1,5 @@
-"""Several devices and hosts: a ("data", "fsdp") device mesh, sharding rules for params, LoRA, optimizer state and
-batches, per-process batch placement, and multi-host start.
+"""Several devices and hosts: a ("data", "fsdp") device mesh (with a "context" axis for context parallelism),
+sharding rules for params, LoRA, optimizer state and batches, per-process batch placement, and multi-host start.
 
 Data parallelism and FSDP are one mechanism here: the batch axis is split over BOTH mesh axes (so FSDP is also
 data-parallel over its axis), while frozen weights (bf16 or NF4) are split over "fsdp" only. The jitted step is
@@ -7,6 +7,10 @@ compiled with these shardings and XLA's partitioner inserts the collectives: per
 weights inside the layer scan (FSDP), all-reduces of the LoRA gradients (replicated LoRA) or reduce-scatters
 (LoRA sharded over fsdp). Pallas kernels are opaque custom calls to that partitioner, which would run them
 replicated on gathered inputs; ``ShardedOps`` runs them per device on the local batch rows through ``shard_map``.
+
+Context parallelism: a "context" axis (``make_mesh("context=2,fsdp=4")``) splits each sequence's tokens over its
+devices (``jaxsloth.context_parallel``); weights and batch rows are split as without it, and replicated along it.
+A mesh is built with the axis only when its size is above 1, so a size of 1 is exactly the path without it.
 
     mesh = make_mesh("data=2,fsdp=4")          # 8 devices; make_mesh(None): every device data-parallel
     params = shard_params(params, mesh)
@@ -32,13 +36,14 @@ from jaxsloth.quant import NF4Weight, is_nf4
 log = logging.getLogger("jaxsloth")
 
 AXES = ("data", "fsdp")
+CONTEXT = "context"
 # The batch axis is split over both mesh axes: FSDP ranks see different rows, like data-parallel ranks.
 BATCH_AXES = AXES
 
 
 def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
     """ "data=2,fsdp=4" (or a mapping) -> {"data": 2, "fsdp": 4}; an absent axis has size 1, one axis may be -1
-    (the rest of the devices)."""
+    (the rest of the devices). "context" (sequence split) appears in the result only when given and not 1."""
     if isinstance(spec, Mapping):
         items = [(str(k), v) for k, v in spec.items()]
     else:
@@ -55,8 +60,8 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
                 raise ValueError(f"mesh spec {spec!r}: size of axis {name.strip()!r} is not an integer") from None
     sizes = {}
     for name, value in items:
-        if name not in AXES:
-            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {AXES}")
+        if name not in (*AXES, CONTEXT):
+            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {(*AXES, CONTEXT)}")
         if name in sizes:
             raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
         if not isinstance(value, int) or (value < 1 and value != -1):
@@ -64,13 +69,16 @@ def parse_mesh_spec(spec: str | Mapping[str, int]) -> dict[str, int]:
         sizes[name] = value
     if list(sizes.values()).count(-1) > 1:
         raise ValueError(f"mesh spec {spec!r}: at most one axis may be -1")
-    return {a: sizes.get(a, 1) for a in AXES}
+    context = {CONTEXT: sizes[CONTEXT]} if sizes.get(CONTEXT, 1) != 1 else {}
+    return {**{a: sizes.get(a, 1) for a in AXES}, **context}
 
 
-def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """A ("data", "fsdp") mesh over ``devices`` (default: every device of every process).
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None, context_axis: bool = False) -> Mesh:
+    """A ("data", "fsdp") mesh over ``devices`` (default: every device of every process), with a third axis
+    "context" when the spec gives it a size above 1 (neighbours on it are adjacent devices: the ring's hops).
 
     spec None or "": all devices data-parallel. The product of the sizes must equal the number of devices.
+    context_axis: keep the "context" axis at size 1 too (ring attention's code on unsplit sequences: its cost).
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec or {"data": -1})
@@ -85,9 +93,10 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
             f"mesh {sizes} needs {math.prod(sizes.values())} devices but there are {len(devices)}; "
             "the sizes must multiply to the device count (use -1 for one axis to take the rest)"
         )
-    shape = tuple(sizes[a] for a in AXES)
+    axes = (*AXES, CONTEXT) if context_axis or sizes.get(CONTEXT, 1) != 1 else AXES
+    shape = tuple(sizes.get(a, 1) for a in axes)
     # Auto axes: XLA's partitioner propagates shardings (GSPMD); make_mesh's default in JAX 0.11 is Explicit.
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def resolve_mesh(mesh: Mesh | str | Mapping[str, int] | None) -> Mesh | None:
@@ -103,6 +112,16 @@ def resolve_mesh(mesh: Mesh | str | Mapping[str, int] | None) -> Mesh | None:
 def batch_devices(mesh: Mesh | None) -> int:
     """How many ways the batch axis is split (data * fsdp); 1 without a mesh."""
     return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def context_size(mesh: Mesh | None) -> int:
+    """How many ways each sequence is split (the "context" axis); 1 without a mesh or the axis."""
+    return 1 if mesh is None else dict(mesh.shape).get(CONTEXT, 1)
+
+
+def has_context_axis(mesh: Mesh | None) -> bool:
+    """Whether the step runs context parallelism (``make_mesh`` leaves out an axis of size 1 unless asked)."""
+    return mesh is not None and CONTEXT in mesh.axis_names
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -325,10 +344,16 @@ _BATCHED_ARGS = {
     "swiglu": (0, 1),
     "geglu": (0, 1),
     "attention": (0, 1, 2),
+    "attention_block": (0, 1, 2),  # ring attention's block pairs: (out, lse) and (dq, dk, dv) are per row too
+    "attention_block_grad": (0, 1, 2, 3, 4, 5),
     "cross_entropy": (0, 2),
     "nf4_matmul": (0,),
 }
-_BATCHED_KWARGS = {"attention": ("segment_ids",)}
+_BATCHED_KWARGS = {
+    "attention": ("segment_ids",),
+    "attention_block": ("q_segment_ids", "kv_segment_ids"),
+    "attention_block_grad": ("q_segment_ids", "kv_segment_ids"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,6 +371,10 @@ class ShardedOps(Ops):
             return jax.lax.with_sharding_constraint(a, batch_sharding(self.mesh))
 
         return jax.tree.map(one, y)
+
+    def _kernel_mesh(self):
+        """The mesh the per-device kernel calls' shard_map runs over."""
+        return self.mesh
 
     def linear(self, x, weight, bias=None, lora=None, lora_scale: float = 0.0, lora_x=None):
         return self._constrain(super().linear(x, weight, bias, lora, lora_scale, lora_x))
@@ -375,7 +404,15 @@ class ShardedOps(Ops):
                 return tuple(v[None] for v in y)
             return y
 
-        y = jax.shard_map(local, mesh=self.mesh, in_specs=specs, out_specs=P(BATCH_AXES), check_vma=False)(*values)
+        # Over the batch axes only: under context parallelism this runs inside the shard_map over "context".
+        y = jax.shard_map(
+            local,
+            mesh=self._kernel_mesh(),
+            in_specs=specs,
+            out_specs=P(BATCH_AXES),
+            axis_names=set(BATCH_AXES),
+            check_vma=False,
+        )(*values)
         if op == "cross_entropy":
             return tuple(v.sum() for v in y)
         return y

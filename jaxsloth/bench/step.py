@@ -35,7 +35,14 @@ from jaxsloth.models.presets import preset  # noqa: E402
 from jaxsloth.ops import KERNEL_OPS  # noqa: E402
 from jaxsloth.profiles import profile_for_device  # noqa: E402
 from jaxsloth.quant import NF4Weight  # noqa: E402
-from jaxsloth.sharding import make_mesh, param_shardings, place_train_state, put_key, shard_batch  # noqa: E402
+from jaxsloth.sharding import (  # noqa: E402
+    context_size,
+    make_mesh,
+    param_shardings,
+    place_train_state,
+    put_key,
+    shard_batch,
+)
 from jaxsloth.train.memory import estimate_step_memory  # noqa: E402
 from jaxsloth.train.step import make_optimizer, make_train_step  # noqa: E402
 
@@ -161,7 +168,7 @@ def run(args) -> dict:
     lora = None if args.full_finetuning else LoraConfig(r=16, lora_alpha=16.0)
     tc = TrainConfig(learning_rate=2e-4, max_steps=10_000, gradient_accumulation_steps=args.grad_accum)
     t0 = time.perf_counter()
-    mesh = None if args.mesh is None else make_mesh(args.mesh)
+    mesh = None if args.mesh is None else make_mesh(args.mesh, context_axis=args.context_axis)
     params = build_params(config, args.quant, profile.dtype, jax.random.key(0), mesh)
     layer_loop = "unrolled" if profile.unrolled_layers and mesh is None else "scan"  # as jaxsloth.train decides
     if layer_loop == "unrolled":
@@ -198,7 +205,7 @@ def run(args) -> dict:
     compile_s = time.perf_counter() - t0
     print(f"compiled in {compile_s:.1f} s", flush=True)
     estimate = estimate_step_memory(config, profile, batch=args.batch, seq_len=args.seq, quantized=args.quant == "nf4",
-                                    lora_r=None if lora is None else lora.r)  # fmt: skip
+                                    lora_r=None if lora is None else lora.r, context=context_size(mesh))  # fmt: skip
     if args.compile_only:
         return _record(
             args, model_name, profile, layer_loop, compile_only=True, compile_s=compile_s, setup_s=setup_s,
@@ -302,6 +309,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2 or fsdp=2 (--batch is then global)")
     p.add_argument("--shard-lora", action="store_true", help="with --mesh: LoRA and Adam state sharded over fsdp")
+    p.add_argument(
+        "--context-axis", action="store_true", help="with --mesh: keep a context axis of size 1 (the ring's own cost)"
+    )
     p.add_argument("--full-finetuning", action="store_true", help="train every weight, no LoRA (needs --quant bf16)")
     p.add_argument("--compile-only", action="store_true", help="report XLA's memory plan for the step; do not run")
     p.add_argument("--trace", default=None, help=f"directory: profile {TRACED_STEPS} more steps, summarize device time")

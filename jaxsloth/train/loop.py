@@ -22,7 +22,7 @@ from jaxsloth.lora import LoraConfig
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.profiles import Profile
 from jaxsloth.quant import is_nf4
-from jaxsloth.sharding import batch_devices, place_train_state, put_key, shard_batch
+from jaxsloth.sharding import batch_devices, context_size, place_train_state, put_key, shard_batch
 from jaxsloth.train.checkpoint import Checkpointer, array_to_key, key_to_array
 from jaxsloth.train.evaluate import Evaluator
 from jaxsloth.train.identity import check_identity, run_identity
@@ -84,7 +84,7 @@ def _is_quantized(params) -> bool:
     return any(is_nf4(x) for x in jax.tree.leaves(params, is_leaf=is_nf4))
 
 
-def _check_memory(config, profile, params, micro_batch, seq_len, lora_r: int | None) -> None:
+def _check_memory(config, profile, params, micro_batch, seq_len, lora_r: int | None, context: int = 1) -> None:
     """Before the first compile: a step the memory model says cannot fit fails now, naming the longest length."""
     from jaxsloth.train.memory import check_fits, machine_memory_gib
 
@@ -101,10 +101,11 @@ def _check_memory(config, profile, params, micro_batch, seq_len, lora_r: int | N
         lora_r=lora_r,
         device_gib=mem[0],
         host_gib=mem[1],
+        context=context,
     )
 
 
-def _compile_step(step_fn, args, config, profile, params, micro_batch, seq_len, lora_r):
+def _compile_step(step_fn, args, config, profile, params, micro_batch, seq_len, lora_r, context: int = 1):
     """The step compiled ahead of time for one batch shape, its XLA memory plan checked against the machine."""
     from jaxsloth.train.memory import check_compiled_plan, longest_sequence, machine_memory_gib
 
@@ -116,7 +117,14 @@ def _compile_step(step_fn, args, config, profile, params, micro_batch, seq_len, 
     if mem is not None and stats is not None:
         quantized = _is_quantized(params)
         longest = longest_sequence(
-            config, profile, batch=micro_batch, quantized=quantized, device_gib=mem[0], host_gib=mem[1], lora_r=lora_r
+            config,
+            profile,
+            batch=micro_batch,
+            quantized=quantized,
+            device_gib=mem[0],
+            host_gib=mem[1],
+            lora_r=lora_r,
+            context=context,
         )
         device, host = check_compiled_plan(
             stats,
@@ -336,7 +344,9 @@ def fit(
                 n_seq, seq_len = batch["tokens"].shape
                 if not history:
                     micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
-                    _check_memory(config, profile, trainable if full else params, micro, seq_len, lora_r)
+                    _check_memory(
+                        config, profile, trainable if full else params, micro, seq_len, lora_r, context_size(mesh)
+                    )
                 if n_seq % tc.gradient_accumulation_steps:
                     raise ValueError(
                         f"batch of {n_seq} sequences does not split into gradient_accumulation_steps={tc.gradient_accumulation_steps} micro-batches"
@@ -357,7 +367,7 @@ def fit(
                     micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
                     with _oom_explained(n_seq, seq_len, profile):
                         compiled_steps[n_seq, seq_len] = _compile_step(
-                            step_fn, args, config, profile, params, micro, seq_len, lora_r
+                            step_fn, args, config, profile, params, micro, seq_len, lora_r, context_size(mesh)
                         )
                 # The step, its result, the loader position and key that go with it, and its record in the logs
                 # are committed together: a signal waits for them rather than leave a checkpointed step unlogged.

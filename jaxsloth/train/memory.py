@@ -18,6 +18,10 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
   arrays (16), and when the loss is not tiled the Pallas loss's gradient tile (8192 e), or the reference loss's
   f32 logits and their gradient (8 V); the chunked loss's f32 dhidden is the f32 gradient already counted.
 - per token and layer, what the remat policy saves besides the residual (``_saved_by_policy``).
+- context parallelism over c devices (``context``): each device holds tokens / c of every per-token term, and
+  ring attention adds, per local token of the layer in flight, the K/V block received plus the one in transit
+  (4 K e), the travelling f32 dK/dV accumulators and their copy in transit (16 K), and the f32 output / dQ
+  accumulator with its log-sum-exp (4 Hq hd + 4 Hq). Weights are replicated over the context axis.
 Checked against the H200 (8B QLoRA; BENCHMARKS.md, long context, and tests/test_long_context.py): the estimate stays
 above every long-context measurement and XLA's compiled plan for 600,000 tokens, and within 20% of them; the
 "gradients in flight" term is 2 D e, which keeps it so. It falls below one configuration no profile uses: offload
@@ -119,16 +123,26 @@ def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
 
 
 def estimate_step_memory(
-    config: ModelConfig, profile: Profile, *, batch: int, seq_len: int, quantized: bool, lora_r: int | None = 16
+    config: ModelConfig,
+    profile: Profile,
+    *,
+    batch: int,
+    seq_len: int,
+    quantized: bool,
+    lora_r: int | None = 16,
+    context: int = 1,
 ) -> MemoryEstimate:
-    """lora_r None: full fine-tuning (every weight with its gradient and AdamW moments)."""
+    """One device's memory. lora_r None: full fine-tuning (every weight with its gradient and AdamW moments);
+    context: the mesh's context axis size (each sequence split over that many devices)."""
     e = profile.dtype.itemsize
     D, F, L = config.hidden_size, _mlp_width(config), config.num_layers
     K, Hq, g = config.num_kv_heads * config.head_dim, config.num_heads, max(profile.remat_group, 1)
-    tokens = batch * seq_len
+    tokens = -(-batch * seq_len // context)  # this device's share
     fixed = _weights_bytes(config, quantized, e) + _trained_bytes(config, lora_r, e, profile) + GIB
     residual = (L / g) * D * e
     layer = (6 * D + 2 * K) * e + 2 * D * e + 4 * Hq
+    # Ring attention's buffers, for the one layer whose attention runs (not per layer of a remat group).
+    ring = 4 * K * e + 16 * K + 4 * Hq * config.head_dim + 4 * Hq if context > 1 else 0
     if profile.mlp_chunk:
         fixed += min(profile.mlp_chunk, tokens) * 6 * F * e
     else:
@@ -147,7 +161,11 @@ def estimate_step_memory(
     else:
         outside += 8 * config.vocab_size
     device_pt = (
-        g * layer + outside + (0 if profile.remat == "offload" else residual) + _saved_by_policy(config, profile, e)
+        g * layer
+        + ring
+        + outside
+        + (0 if profile.remat == "offload" else residual)
+        + _saved_by_policy(config, profile, e)
     )
     host_pt = residual if profile.remat == "offload" else 0.0
     return MemoryEstimate(
@@ -168,12 +186,17 @@ def longest_sequence(
     device_gib: float,
     host_gib: float,
     lora_r: int | None = 16,
+    context: int = 1,
 ) -> Longest:
-    """The longest seq_len (a multiple of 1024) the model says fits in ``device_gib`` and ``host_gib``."""
-    est = estimate_step_memory(config, profile, batch=batch, seq_len=1, quantized=quantized, lora_r=lora_r)
+    """The longest seq_len (a multiple of 1024) the model says fits in ``device_gib`` and ``host_gib`` of each
+    device, with each sequence split over ``context`` devices (the mesh's context axis). The devices of one host
+    share its memory: with offload, ``host_gib`` is this device's share."""
+    est = estimate_step_memory(
+        config, profile, batch=batch, seq_len=context, quantized=quantized, lora_r=lora_r, context=context
+    )
     dev_tokens = (device_gib - est.fixed_gib) * GIB / est.device_bytes_per_token
     host_tokens = host_gib * GIB / est.host_bytes_per_token if est.host_bytes_per_token else float("inf")
-    tokens = max(int(min(dev_tokens, host_tokens) / batch) // 1024 * 1024, 0)
+    tokens = max(int(min(dev_tokens, host_tokens) * context / batch) // 1024 * 1024, 0)
     return Longest(tokens, "device" if dev_tokens <= host_tokens else "host")
 
 
@@ -200,13 +223,23 @@ def check_fits(
     device_gib: float,
     host_gib: float,
     lora_r: int | None = 16,
+    context: int = 1,
 ) -> MemoryEstimate:
     """Raises MemoryError naming the longest length that fits when ``seq_len`` does not (before compiling)."""
-    est = estimate_step_memory(config, profile, batch=batch, seq_len=seq_len, quantized=quantized, lora_r=lora_r)
+    est = estimate_step_memory(
+        config, profile, batch=batch, seq_len=seq_len, quantized=quantized, lora_r=lora_r, context=context
+    )
     if est.device_gib <= device_gib and est.host_gib <= host_gib:
         return est
     longest = longest_sequence(
-        config, profile, batch=batch, quantized=quantized, device_gib=device_gib, host_gib=host_gib, lora_r=lora_r
+        config,
+        profile,
+        batch=batch,
+        quantized=quantized,
+        device_gib=device_gib,
+        host_gib=host_gib,
+        lora_r=lora_r,
+        context=context,
     )
     raise MemoryError(
         f"batch {batch} x {seq_len:,} tokens needs about {est.device_gib:.1f} GiB of device memory and "

@@ -19,12 +19,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxsloth.config import LoraConfig, TrainConfig
+from jaxsloth.context_parallel import ContextOps, context_parallel_loss
 from jaxsloth.lora import with_trainable
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import loss_sum_and_count
 from jaxsloth.ops import Ops
 from jaxsloth.profiles import Profile
-from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, replicated
+from jaxsloth.sharding import BATCH_AXES, ShardedOps, batch_sharding, has_context_axis, replicated
 from jaxsloth.train import optim8bit
 
 
@@ -125,6 +126,27 @@ def make_loss_fn(
     return lambda *args: (lambda total, count, balance: (total, (count, balance)))(*loss_fn(*args))
 
 
+def make_mesh_loss_fn(
+    config: ModelConfig,
+    lora: LoraConfig | None,
+    profile: Profile,
+    mesh: Mesh | None,
+    with_router_aux: bool = False,
+) -> Callable:
+    """``make_loss_fn`` for a step over ``mesh``: per-device Pallas kernels (ShardedOps), and with a "context" axis
+    each sequence split over it (jaxsloth.context_parallel)."""
+    if has_context_axis(mesh):
+        if with_router_aux:
+            raise ValueError(
+                "output_router_logits: the load-balancing loss is not split over a context axis; "
+                "set output_router_logits: false or drop context from the mesh"
+            )
+        ops = ContextOps(profile.kernels, mesh=mesh)
+        return context_parallel_loss(make_loss_fn(config, lora, profile, ops), mesh, config)
+    ops = None if mesh is None else ShardedOps(profile.kernels, mesh=mesh)
+    return make_loss_fn(config, lora, profile, ops, with_router_aux)
+
+
 def make_train_step(
     config: ModelConfig,
     lora: LoraConfig | None,
@@ -142,12 +164,12 @@ def make_train_step(
     (trainable holds every weight; params is an empty dict).
 
     mesh: run over a ("data", "fsdp") device mesh (jaxsloth.sharding): every micro-batch is split by rows over
-    data x fsdp, so micro_batch must divide by data * fsdp. shardings: (trainable, opt_state, params) trees of
-    NamedSharding the step is compiled for; the new trainable and opt_state keep theirs.
+    data x fsdp, so micro_batch must divide by data * fsdp; a "context" axis also splits each sequence's tokens.
+    shardings: (trainable, opt_state, params) trees of NamedSharding the step is compiled for; the new trainable
+    and opt_state keep theirs.
     """
-    ops = None if mesh is None else ShardedOps(profile.kernels, mesh=mesh)
     router_aux = config.is_moe and config.output_router_logits  # logged as the metric router_aux_loss
-    value_and_grad = jax.value_and_grad(make_loss_fn(config, lora, profile, ops, router_aux), has_aux=True)
+    value_and_grad = jax.value_and_grad(make_mesh_loss_fn(config, lora, profile, mesh, router_aux), has_aux=True)
 
     def grad_fn(*args):
         """((loss_sum, count, load-balancing loss), grads): a mixture of experts' load-balancing loss is in the sum

@@ -152,11 +152,14 @@ class Static:
     precision: lax.Precision | None  # of every dot: HIGHEST (IEEE) for f32 inputs, else the fast default
     blocks: AttentionBlocks
     interpret: bool
+    # Key position of query 0 when the queries are not the last q_len keys: one block pair of a longer sequence
+    # (ring attention's chunks). None: kv_len - q_len.
+    q_offset: int | None = None
 
     @property
     def offset(self) -> int:
-        """Queries are the last q_len keys: query i sits at key position i + offset."""
-        return self.kv_len - self.q_len
+        """Query i sits at key position i + offset (by default the queries are the last q_len keys)."""
+        return self.kv_len - self.q_len if self.q_offset is None else self.q_offset
 
 
 def scale_scores(raw, st: Static):
