@@ -1,0 +1,122 @@
+"""An explicit reference model (TRL's ``ref_model``) and full fine-tuning with preference methods, and evaluation of
+preference runs.
+
+The full fine-tuning DPO loss, metrics and gradient of every weight equal TRL's ``DPOTrainer._compute_loss`` with a
+separate reference model (a stub trainer running TRL's own code on the tiny model, the policy's weights perturbed
+away from the reference's). Through the API: a full fine-tuning DPO run against a reference loaded from a path
+starts at loss log 2 (the policy is its reference) and evaluates with TRL's metric names; mismatched vocabularies
+or tokenizers are one-line errors.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jaxsloth
+from converters.hf import load_hf_model, to_hf_state_dict
+from jaxsloth import demo
+from jaxsloth.methods.preference_data import pack_pairs
+from jaxsloth.methods.preference_step import PreferenceConfig, make_preference_loss_fn
+from tests.test_preference_train import _word_pairs
+from tests.test_preference_vs_trl import BETA, CHUNK, SEQ_LEN, _pairs, _stub_trainer
+from tests.tiny_models import hf_model, saved_model
+from tests.tolerances import assert_close
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")  # fmt: skip
+
+
+def test_full_finetuning_dpo_with_a_reference_model_matches_trl(tmp_path):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    path = saved_model("llama")
+    policy = hf_model(path)
+    torch.manual_seed(2)
+    with torch.no_grad():  # the policy away from the reference: every reward non-zero
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    policy.save_pretrained(tmp_path / "policy")
+    ref = hf_model(path)
+    for m in (policy, ref):
+        add_fused_lm_head(m, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    config, policy_params = load_hf_model(tmp_path / "policy", dtype=jnp.float32)
+    _, ref_params = load_hf_model(path, dtype=jnp.float32)
+
+    pairs = _pairs(config.vocab_size)
+    stub = _stub_trainer(
+        policy, ref_model=ref, f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0],
+        ld_alpha=None, use_weighting=False,
+    )  # fmt: skip
+    inputs = DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs]
+    )
+    loss_ref = DPOTrainer._compute_loss(stub, policy, inputs, return_outputs=False)
+    loss_ref.backward()
+    metrics_ref = {k: v[-1] for k, v in stub._metrics["train"].items()}
+    grads_ref = {k: p.grad.numpy() for k, p in policy.named_parameters()}
+
+    pc = PreferenceConfig(method="dpo", beta=BETA)
+    loss_fn = make_preference_loss_fn(config, None, pc, ref_config=config, chunk=CHUNK)
+    batch = {k: jnp.asarray(v) for k, v in pack_pairs(pairs, SEQ_LEN).items()}
+    (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(
+        policy_params, {}, batch, 2 * len(pairs), None, ref_params
+    )
+    assert_close(float(loss), loss_ref.item(), "f32", err_msg="loss")
+    assert abs(metrics_ref["rewards/margins"]) > 1e-3
+    for key in METRICS:
+        assert_close(float(metrics[key]), metrics_ref[key], "f32", err_msg=key)
+    ours = to_hf_state_dict(g, config)
+    assert set(ours) == set(grads_ref)  # a gradient for every weight
+    for name, grad in ours.items():
+        assert_close(grad, grads_ref[name], "f32_grad", err_msg=name)
+    with pytest.raises(ValueError, match="needs a reference model"):  # full fine-tuning: no adapter to switch off
+        loss_fn(policy_params, {}, batch, 2 * len(pairs))
+
+
+def test_full_finetuning_dpo_through_the_api_with_a_reference_and_evaluation():
+    pairs, held = _word_pairs(8, seed=1), _word_pairs(3, seed=2)
+    model, tok = jaxsloth.load(demo.MODEL_DIR, profile="cpu", max_seq_length=64, full_finetuning=True)
+    records = []
+    jaxsloth.train(
+        model, tok, pairs, method="dpo", beta=0.5, ref_model=demo.MODEL_DIR, max_steps=2, learning_rate=1e-3,
+        per_device_train_batch_size=4, eval_dataset=held, eval_steps=1, per_device_eval_batch_size=2,
+        report_to="none", progress=False, callbacks=[records.append],
+    )  # fmt: skip
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    # The policy starts as its reference (the same checkpoint, loaded apart): every reward 0, the loss log 2.
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert [r["step"] for r in evals] == [1, 2]
+    for key in ("eval_loss", *(f"eval_{k}" for k in METRICS), "eval_tokens"):
+        assert all(math.isfinite(r[key]) for r in evals), key
+    assert evals[0]["eval_rewards/margins"] != 0.0  # the trained weights differ from the reference's
+    assert model.trainable is None and not any(map(_deleted, jax.tree.leaves(model.params)))
+
+
+def _deleted(x) -> bool:
+    return x.is_deleted()
+
+
+def test_reference_with_another_vocabulary_or_tokenizer_is_refused():
+    from jaxsloth.config import TrainConfig
+    from jaxsloth.methods.preference_reference import resolve_reference
+    from tests.tiny_tokenizers import CHAT_FAMILIES, tiny_tokenizer
+
+    model, tok = jaxsloth.load(demo.MODEL_DIR, profile="cpu", max_seq_length=64)
+    other = saved_model("llama")  # vocabulary of 131 tokens
+    with pytest.raises(ValueError, match=r"ref_model .*vocab_size 131 differs from the policy's"):
+        resolve_reference(model, tok, TrainConfig(method="dpo", ref_model=str(other)), True)
+    stranger = tiny_tokenizer(CHAT_FAMILIES["qwen2"], model.config.vocab_size)
+    assert stranger.get_vocab() != tok.get_vocab()
+    with pytest.raises(ValueError, match="its tokenizer differs from the policy's"):
+        resolve_reference(model, stranger, TrainConfig(method="dpo", ref_model=demo.MODEL_DIR), True)
+    # A jaxsloth Model as the reference: its own arrays, never the policy's.
+    ref = resolve_reference(model, tok, TrainConfig(method="dpo", ref_model=model), True)
+    assert all(a is not b for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(model.params), strict=True))
+    np.testing.assert_array_equal(ref.params["embed"], model.params["embed"])
