@@ -251,6 +251,11 @@ _AXOLOTL_PREFERENCE_TYPES = {
 }
 
 
+# The schema's column settings' defaults (TRL's names; no system column).
+_SCHEMA_COLUMNS = {"prompt_field": "prompt", "chosen_field": "chosen", "rejected_field": "rejected",
+                   "system_field": None}  # fmt: skip
+
+
 def _axolotl_preference(m: _Mapper, rl: Any) -> None:
     """rl: dpo | ipo | orpo | kto | simpo and their settings (TRL's trainers, as Axolotl builds them)."""
     if rl not in _AXOLOTL_RL:
@@ -312,7 +317,7 @@ def _axolotl_preference_dataset(m: _Mapper, datasets: Any) -> None:
         names = {k: v for k, v in names.items() if k in ("prompt_field", "system_field")}
     for setting, (key, default) in names.items():
         value = entry.pop(key, None) or default
-        if value is not None and value != setting.removesuffix("_field"):
+        if value != _SCHEMA_COLUMNS[setting]:
             m.out[setting] = value
     for key in ("field_chosen", "field_rejected"):
         entry.pop(key, None)
