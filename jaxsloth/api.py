@@ -143,7 +143,9 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
 
     method: "sft" (default), or preference tuning as TRL: "dpo", "orpo", "simpo", "kto" (data in TRL's preference
     formats; beta, loss_type, ... as TRL names them; per_device_train_batch_size counts pairs or KTO examples; each
-    prompt + completion is cut to model.max_seq_length; see jaxsloth.methods.preference_train).
+    prompt + completion is cut to model.max_seq_length; see jaxsloth.methods.preference_train). DPO / KTO's
+    reference: ref_model when given, else the adapter-off policy (full fine-tuning: a frozen copy of the initial
+    weights); evaluation records TRL's eval_loss, eval_rewards/chosen, ... (jaxsloth.methods.preference_eval).
 
     Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the
     run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds

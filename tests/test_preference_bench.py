@@ -41,11 +41,12 @@ def test_trl_runner_trains_the_peft_bnb_model_in_train_mode(tmp_path):
     _check(rec, "trl-peft-bnb")
     assert rec["train_mode"] and rec["gradient_checkpointing"]
     assert rec["trl_lengths"] == {"prompt": SEQ // 2, "chosen": SEQ - SEQ // 2, "rejected": SEQ - SEQ // 2}
+    assert rec["same_workload"]
 
 
 def _fake_unsloth(calls: list):
     """Unsloth's calls as its DPO recipe makes them: from_pretrained (inference mode, as Unsloth returns it),
-    get_peft_model, for_training (train mode, checkpointing flags on), PatchDPOTrainer."""
+    get_peft_model (checkpointing on), for_training (train mode), PatchDPOTrainer."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,14 +63,13 @@ def _fake_unsloth(calls: list):
         ):
             calls.append(("get_peft_model", use_gradient_checkpointing))
             cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules)
+            # Unsloth's model checkpoints its layers itself (here transformers' checkpointing stands in for it).
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return get_peft_model(model, cfg)
 
         @staticmethod
         def for_training(model):
             calls.append(("for_training",))
-            for m in model.modules():
-                if hasattr(m, "gradient_checkpointing"):
-                    m.gradient_checkpointing = True
             model.train()
 
     def PatchDPOTrainer():  # noqa: N802 (Unsloth's name)
@@ -85,7 +85,7 @@ def test_unsloth_runner_follows_unslothsdpo_recipe(monkeypatch, tmp_path):
     assert calls == [("PatchDPOTrainer",), ("from_pretrained", True, SEQ), ("get_peft_model", "unsloth"),
                      ("for_training",)]  # fmt: skip
     _check(rec, "unsloth")
-    assert rec["train_mode"] and rec["gradient_checkpointing"] and rec["patch_dpo_trainer"]
+    assert rec["train_mode"] and rec["gradient_checkpointing"] and rec["patch_dpo_trainer"] and rec["same_workload"]
 
 
 def test_table_compares_with_each_baseline(tmp_path, capsys):

@@ -77,15 +77,23 @@ def test_full_finetuning_dpo_with_a_reference_model_matches_trl(tmp_path):
         loss_fn(policy_params, {}, batch, 2 * len(pairs))
 
 
-def test_full_finetuning_dpo_through_the_api_with_a_reference_and_evaluation():
-    pairs, held = _word_pairs(8, seed=1), _word_pairs(3, seed=2)
+def test_full_finetuning_dpo_trainer_with_a_ref_model_and_evaluation(tmp_path):
+    """TRL's DPOTrainer(model, ref_model=..., eval_dataset=...) on a model loaded for full fine-tuning."""
+    from datasets import Dataset
+
+    from jaxsloth import DPOConfig, DPOTrainer
+    from tests.test_metrics import _read_scalars
+
+    pairs, held = Dataset.from_list(_word_pairs(8, seed=1)), Dataset.from_list(_word_pairs(3, seed=2))
     model, tok = jaxsloth.load(demo.MODEL_DIR, profile="cpu", max_seq_length=64, full_finetuning=True)
     records = []
-    jaxsloth.train(
-        model, tok, pairs, method="dpo", beta=0.5, ref_model=demo.MODEL_DIR, max_steps=2, learning_rate=1e-3,
-        per_device_train_batch_size=4, eval_dataset=held, eval_steps=1, per_device_eval_batch_size=3,
-        report_to="none", progress=False, callbacks=[records.append],
+    args = DPOConfig(
+        output_dir=str(tmp_path / "run"), beta=0.5, max_steps=2, learning_rate=1e-3, per_device_train_batch_size=4,
+        eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=3, report_to="tensorboard", max_length=64,
     )  # fmt: skip
+    trainer = DPOTrainer(model, ref_model=str(demo.MODEL_DIR), args=args, train_dataset=pairs, eval_dataset=held,
+                         processing_class=tok, callbacks=[records.append])  # fmt: skip
+    trainer.train()
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     # The policy starts as its reference (the same checkpoint, loaded apart): every reward 0, the loss log 2.
@@ -96,6 +104,12 @@ def test_full_finetuning_dpo_through_the_api_with_a_reference_and_evaluation():
         assert all(math.isfinite(r[key]) for r in evals), key
     assert evals[0]["eval_rewards/margins"] != 0.0  # the trained weights differ from the reference's
     assert model.trainable is None and not any(map(_deleted, jax.tree.leaves(model.params)))
+    scalars = _read_scalars(tmp_path / "run" / "tensorboard")  # the trackers' names: eval/rewards/accuracies, ...
+    assert [step for step, _ in scalars["eval/rewards/accuracies"]] == [1, 2]
+    assert [value for _, value in scalars["eval/loss"]] == pytest.approx([r["eval_loss"] for r in evals])
+    again = trainer.evaluate()  # the trained model, as the last evaluation saw it
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        assert again[key] == pytest.approx(evals[-1][key], rel=1e-5, abs=1e-6), key
 
 
 def _deleted(x) -> bool:
@@ -119,3 +133,24 @@ def test_reference_with_another_vocabulary_or_tokenizer_is_refused():
     ref = resolve_reference(model, tok, TrainConfig(method="dpo", ref_model=model), True)
     assert all(a is not b for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(model.params), strict=True))
     np.testing.assert_array_equal(ref.params["embed"], model.params["embed"])
+
+
+def test_which_reference_each_run_holds(caplog):
+    from jaxsloth.config import TrainConfig
+    from jaxsloth.methods.preference_reference import resolve_reference
+
+    lora_model, tok = jaxsloth.load(demo.MODEL_DIR, profile="cpu", max_seq_length=64)
+    lora_model = jaxsloth.add_lora(lora_model, r=4)
+    assert resolve_reference(lora_model, tok, TrainConfig(method="dpo"), True) is None  # the adapter off
+    with caplog.at_level("WARNING", logger="jaxsloth"):
+        assert resolve_reference(lora_model, tok, TrainConfig(method="orpo", ref_model="x"), False) is None
+    assert "ref_model ignored" in caplog.text
+    full, _ = jaxsloth.load(demo.MODEL_DIR, profile="cpu", max_seq_length=64, full_finetuning=True)
+    copy = resolve_reference(full, tok, TrainConfig(method="dpo"), True)  # TRL's create_reference_model
+    assert all(a is not b for a, b in zip(jax.tree.leaves(copy.params), jax.tree.leaves(full.params), strict=True))
+    np.testing.assert_array_equal(copy.params["embed"], full.params["embed"])
+    # Precomputed: scored once before the first step changes the weights, so no copy is made.
+    scored = resolve_reference(full, tok, TrainConfig(method="kto", precompute_ref_log_probs=True), True)
+    assert scored.params is full.params
+    with pytest.raises(TypeError, match="ref_model must be a model directory"):
+        resolve_reference(full, tok, TrainConfig(method="dpo", ref_model=3), True)

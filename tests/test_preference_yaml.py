@@ -121,3 +121,12 @@ def test_mapped_rows_tokenize_as_trls_conversational_pairs(tmp_path):
     s = cli.train_settings(cli.build_parser().parse_args(["train", str(yml)]))
     assert (s["method"], s["beta"], s["prompt_field"], s["system_field"], s["chat_answers"]) == (
         "dpo", 0.3, "question", "system", True)  # fmt: skip
+
+
+def test_reference_and_column_flags_reach_the_settings():
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--model", "m", "--data", "d", "--method", "dpo", "--ref-model", "ref",
+                              "--prompt-field", "question", "--system-field", "system", "--chat-answers"])  # fmt: skip
+    s = cli.train_settings(args)
+    assert (s["ref_model"], s["prompt_field"], s["system_field"], s["chat_answers"]) == (
+        "ref", "question", "system", True)  # fmt: skip

@@ -287,6 +287,11 @@ def evaluate_preferences(model: Any, tokenizer: Any, data: Any, **settings) -> d
     if tc.method == "sft":
         raise ValueError("evaluate_preferences needs a preference method (method='dpo', 'orpo', 'simpo' or 'kto')")
     pc = preference_config(tc)
+    if model.full_finetuning and pc.needs_reference and tc.ref_model is None:
+        raise ValueError(
+            f"evaluating {tc.method} on a fully fine-tuned model needs ref_model: its initial weights, the "
+            "reference of the run, are gone"
+        )
     rows = tc.per_device_eval_batch_size or tc.per_device_train_batch_size or model.profile.micro_batch
     examples, chat = _examples(model, tokenizer, data, tc, rows, tc.eval_split or tc.split)
     reference = resolve_reference(model, tokenizer, tc, pc.needs_reference)

@@ -11,8 +11,8 @@ source "$(dirname "$0")/common.sh" "$@"
   "$TREE"/.whl/*.whl > "$OUTDIR/logs/pip.log" 2>&1
 D=("$PY" -m jaxsloth.bench.preference_baseline --arch llama3.1-8b --pairs 2 --seq 1024 --steps 5 --warmup 2
   --work-dir /tmp --out "$OUTDIR/dpo.jsonl")
-timed dpo_jaxsloth 170 "${D[@]}" --system jaxsloth --profile h200
+timed dpo_jaxsloth 150 "${D[@]}" --system jaxsloth --profile h200
 timed dpo_trl_peft_bnb 140 "${D[@]}" --system trl-peft-bnb
-timed dpo_unsloth 170 "${D[@]}" --system unsloth
+timed dpo_unsloth 190 "${D[@]}" --system unsloth
 [ -f "$OUTDIR/dpo.jsonl" ] && "$PY" -m jaxsloth.bench.preference_baseline --table "$OUTDIR/dpo.jsonl" \
   | tee "$OUTDIR/dpo_table.md"
