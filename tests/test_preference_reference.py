@@ -154,3 +154,23 @@ def test_which_reference_each_run_holds(caplog):
     assert scored.params is full.params
     with pytest.raises(TypeError, match="ref_model must be a model directory"):
         resolve_reference(full, tok, TrainConfig(method="dpo", ref_model=3), True)
+
+
+def test_held_out_preference_examples_and_their_eval_batches():
+    from transformers import AutoTokenizer
+
+    from jaxsloth.methods.preference_eval import eval_batches, split_examples
+    from jaxsloth.methods.preference_loader import sequence_order, tokenize_preferences
+
+    tok = AutoTokenizer.from_pretrained(str(demo.MODEL_DIR))
+    examples = tokenize_preferences(_word_pairs(10), tok, method="dpo", max_length=64, pairs_per_micro=2)
+    train, held = split_examples(examples, 0.25, seed=0)  # 3 of 10, rounded up as datasets' train_test_split
+    assert (len(train), len(held)) == (7, 3)
+    pairs = lambda e: [(tuple(p), tuple(map(tuple, c))) for p, c in zip(e.prompts, e.completions, strict=True)]  # noqa: E731
+    assert sorted(pairs(train) + pairs(held)) == sorted(pairs(examples))  # disjoint, nothing lost
+    with pytest.raises(ValueError, match="val_set_size=10"):
+        split_examples(examples, 10, seed=0)
+    ref = np.arange(2 * len(held), dtype=np.float32).reshape(-1, 2)
+    batches = eval_batches(held, 2, ref)  # every example once: a batch of 2, then one of 1
+    assert [b["tokens"].shape[0] for b in batches] == [2, 1]
+    np.testing.assert_array_equal(np.concatenate([b["ref_logps"] for b in batches]), sequence_order(held, ref))
