@@ -616,7 +616,9 @@ class TrainConfig(Settings):
     prompt_field: str = setting("prompt", "preference data: the column holding the prompt")
     chosen_field: str = setting("chosen", "preference data: the column holding the chosen answer")
     rejected_field: str = setting("rejected", "preference data: the column holding the rejected answer")
-    system_field: str | None = setting(None, "preference data: a column holding a system prompt (chat_answers)")
+    system_field: str | None = setting(
+        None, "preference data: a column holding a system prompt, a system turn before a conversational prompt"
+    )
     chat_answers: bool = setting(
         False,
         "preference data: string prompts and answers become a user turn and assistant turns, formatted by the "

@@ -77,6 +77,50 @@ def test_full_finetuning_dpo_with_a_reference_model_matches_trl(tmp_path):
         loss_fn(policy_params, {}, batch, 2 * len(pairs))
 
 
+def test_lora_dpo_with_a_separate_reference_model_matches_trl(tmp_path):
+    """TRL with a PEFT model and a ref_model uses the ref_model, not the adapter-off policy; so does jaxsloth."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tests.test_lora_step_vs_peft import _trainable_from_peft
+    from tests.test_preference_vs_trl import ALPHA, R, _check_grads, _lora_grads, _setup
+
+    config, params, peft = _setup("llama")
+    ref = hf_model(saved_model("llama"))
+    torch.manual_seed(3)
+    with torch.no_grad():  # a reference that is not the policy's base weights
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "ref")
+    add_fused_lm_head(ref, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    _, ref_params = load_hf_model(tmp_path / "ref", dtype=jnp.float32)
+    pairs = _pairs(config.vocab_size)
+    peft.zero_grad()
+    stub = _stub_trainer(
+        peft, ref_model=ref, f_divergence_type="reverse_kl", loss_types=["sigmoid"], loss_weights=[1.0],
+        ld_alpha=None, use_weighting=False,
+    )  # fmt: skip
+    inputs = DataCollatorForPreference(pad_token_id=0)(
+        [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs]
+    )
+    loss_ref = DPOTrainer._compute_loss(stub, peft, inputs, return_outputs=False)
+    loss_ref.backward()
+    metrics_ref = {k: v[-1] for k, v in stub._metrics["train"].items()}
+
+    from jaxsloth.lora import LoraConfig
+
+    pc = PreferenceConfig(method="dpo", beta=BETA)
+    loss_fn = make_preference_loss_fn(config, LoraConfig(r=R, lora_alpha=ALPHA), pc, ref_config=config, chunk=CHUNK)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=3)
+    batch = {k: jnp.asarray(v) for k, v in pack_pairs(pairs, SEQ_LEN).items()}
+    trainable = _trainable_from_peft(peft, config.num_layers)
+    (loss, metrics), g = grad_fn(trainable, params, batch, 2 * len(pairs), None, ref_params)
+    assert_close(float(loss), loss_ref.item(), "f32", err_msg="loss")
+    for key in METRICS:
+        assert_close(float(metrics[key]), metrics_ref[key], "f32", err_msg=key)
+    _check_grads(g, _lora_grads(peft), config.num_layers)
+
+
 def test_full_finetuning_dpo_trainer_with_a_ref_model_and_evaluation(tmp_path):
     """TRL's DPOTrainer(model, ref_model=..., eval_dataset=...) on a model loaded for full fine-tuning."""
     from datasets import Dataset
