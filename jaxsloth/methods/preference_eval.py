@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsloth.methods.preference_loader import ROW_MULTIPLE, PreferenceExamples, pack_examples, sequence_order
+from jaxsloth.methods.preference_loader import PreferenceExamples, pack_examples, row_length, sequence_order
 from jaxsloth.train.evaluate import BestTracker, Evaluator
 
 log = logging.getLogger("jaxsloth")
@@ -49,8 +49,7 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """Every example once, in order, ``rows`` per batch (``pack_examples`` arrays, [rows, seq_len]; the last batch
     may have fewer rows), with the batch's slice of ``ref_logps`` ([n, 2], precomputed) as "ref_logps"."""
-    longest = max(examples.group_length(i) for i in range(len(examples)))
-    seq_len = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
+    seq_len = row_length(examples)
     out = []
     for start in range(0, len(examples), rows):
         ids = np.arange(start, min(start + rows, len(examples)))

@@ -26,10 +26,10 @@ from jaxsloth.methods.logprobs import sequence_logps
 from jaxsloth.methods.preference_data import map_fields
 from jaxsloth.methods.preference_eval import PreferenceEvaluator, eval_batches, split_examples
 from jaxsloth.methods.preference_loader import (
-    ROW_MULTIPLE,
     PreferenceExamples,
     PreferenceLoader,
     pack_examples,
+    row_length,
     tokenize_preferences,
 )
 from jaxsloth.methods.preference_reference import Reference, resolve_reference
@@ -202,7 +202,7 @@ def _evaluator(model, tokenizer, tc, pc, examples, chat, reference, ref_in_step,
     ref_logps = None
     if tc.precompute_ref_log_probs and pc.needs_reference:
         ref = reference or Reference(model.config, model.params)
-        ref_logps = precompute_reference(ref.config, ref.params, model.profile, examples, rows, _seq_len(examples))
+        ref_logps = precompute_reference(ref.config, ref.params, model.profile, examples, rows, row_length(examples))
     lora = None if model.full_finetuning else dataclasses.replace(model.lora, lora_dropout=0.0)
     ref_config = None if reference is None else reference.config
     loss_fn = make_preference_loss_fn(
@@ -235,11 +235,6 @@ def _evaluator(model, tokenizer, tc, pc, examples, chat, reference, ref_in_step,
         answer=answer,
         as_model=as_model,
     )
-
-
-def _seq_len(examples: PreferenceExamples) -> int:
-    longest = max(examples.group_length(i) for i in range(len(examples)))
-    return -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def preference_run(model: Any, tokenizer: Any, data: Any, tc: TrainConfig, pairs_per_micro: int):
