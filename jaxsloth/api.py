@@ -143,7 +143,9 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
 
     method: "sft" (default), or preference tuning as TRL: "dpo", "orpo", "simpo", "kto" (data in TRL's preference
     formats; beta, loss_type, ... as TRL names them; per_device_train_batch_size counts pairs or KTO examples; each
-    prompt + completion is cut to model.max_seq_length; see jaxsloth.methods.preference_train).
+    prompt + completion is cut to model.max_seq_length; see jaxsloth.methods.preference_train). DPO / KTO's
+    reference: ref_model when given, else the adapter-off policy (full fine-tuning: a frozen copy of the initial
+    weights); evaluation records TRL's eval_loss, eval_rewards/chosen, ... (jaxsloth.methods.preference_eval).
 
     Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the
     run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds
@@ -186,7 +188,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     if tc.method != "sft":  # preference tuning (jaxsloth.methods): its own data and step in the same loop
         from jaxsloth.methods.preference_train import preference_run
 
-        loader, make_step = preference_run(model, tokenizer, data, tc, micro)
+        loader, make_step, evaluator = preference_run(model, tokenizer, data, tc, micro)
     elif tc.streaming or type(data).__name__ == "IterableDataset":
         if tc.max_steps is None:
             raise ValueError("a streamed dataset has no known length: give max_steps")
@@ -221,7 +223,8 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
         steps = sum(loader.num_batches(e) for e in range(tc.num_train_epochs or 1))
         tc = dataclasses.replace(tc, max_steps=steps, num_train_epochs=None)
     max_steps = tc.max_steps
-    evaluator = make_evaluator(model, tokenizer, tc, held_out, mesh=device_mesh)
+    if make_step is None:  # a preference run's evaluator came with its data
+        evaluator = make_evaluator(model, tokenizer, tc, held_out, mesh=device_mesh)
     out = Path(tc.output_dir) if tc.output_dir is not None else None
     # On several hosts every process trains; only the first writes metrics, plots and the progress bar.
     first = jax.process_index() == 0

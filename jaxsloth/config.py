@@ -609,6 +609,23 @@ class TrainConfig(Settings):
     precompute_ref_log_probs: bool = setting(
         False, "DPO / KTO: compute the reference log-probs once before training instead of in every step"
     )
+    ref_model: str | object | None = setting(
+        None,
+        "DPO / KTO: the reference model, a model directory or Hub id (in Python also a jaxsloth Model), sharing the "
+        "policy's tokenizer",
+        default_help="the policy with its adapter off; with full fine-tuning, a frozen copy of the initial weights",
+    )
+    prompt_field: str = setting("prompt", "preference data: the column holding the prompt")
+    chosen_field: str = setting("chosen", "preference data: the column holding the chosen answer")
+    rejected_field: str = setting("rejected", "preference data: the column holding the rejected answer")
+    system_field: str | None = setting(
+        None, "preference data: a column holding a system prompt, a system turn before a conversational prompt"
+    )
+    chat_answers: bool = setting(
+        False,
+        "preference data: string prompts and answers become a user turn and assistant turns, formatted by the "
+        "tokenizer's chat template (Axolotl's chatml.* and llama3.* types)",
+    )
 
     def _validate(self) -> None:
         if self.max_steps is not None and self.num_train_epochs is not None:

@@ -326,7 +326,7 @@ def test_llamafactory_qlora_example_with_a_file_path(tmp_path, alpaca_file):
             "unknown projection 'qkv'",
         ),  # fmt: skip
         ({"model_name_or_path": "m", "finetuning_type": "full", "dataset": "x"}, "finetuning_type: 'full' is not"),
-        ({"model_name_or_path": "m", "stage": "dpo", "dataset": "x"}, "stage: 'dpo'"),
+        ({"model_name_or_path": "m", "stage": "ppo", "dataset": "x"}, "stage: 'ppo'"),
         ({"model_name_or_path": "m", "stage": "sft", "quantization_bit": 8, "dataset": "x"}, "quantization_bit: 8"),
         ({"model_name_or_path": "m", "stage": "sft", "dataset": "nowhere"}, "give the data file's path"),
     ],

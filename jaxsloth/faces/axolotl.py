@@ -164,7 +164,12 @@ def _axolotl(m: _Mapper) -> None:
         m.out["target_modules"] = _targets(m, "lora_target_modules", modules)
     _dtype(m)
     _axolotl_trackers(m)
-    _axolotl_dataset(m, m.pop("datasets"))
+    rl = m.pop("rl")
+    if rl:
+        _axolotl_preference(m, rl)
+        _axolotl_preference_dataset(m, m.pop("datasets"))
+    else:
+        _axolotl_dataset(m, m.pop("datasets"))
     m.ignore_rest()
 
 
@@ -232,6 +237,97 @@ def _axolotl_dataset(m: _Mapper, datasets: Any) -> None:
     m.ignored += [f"datasets[0].{k}" for k, v in entry.items() if v not in (None, False, 0, "", [], {})]
 
 
+# Axolotl's rl methods -> (method, DPO loss_type); ipo is Axolotl's name for DPO with the IPO loss.
+_AXOLOTL_RL = {"dpo": ("dpo", None), "ipo": ("dpo", "ipo"), "orpo": ("orpo", None), "kto": ("kto", None),
+               "simpo": ("simpo", None)}  # fmt: skip
+# Axolotl's preference dataset types (prefix chatml / llama3: the strings formatted as chat turns; the template is
+# the tokenizer's) -> their column names: prompt, chosen, rejected, system.
+_AXOLOTL_PREFERENCE_TYPES = {
+    "intel": ("question", "chosen", "rejected", "system"),
+    "argilla": ("instruction", "chosen_response", "rejected_response", None),
+    "prompt_pairs": ("prompt", "chosen", "rejected", None),
+    "icr": ("input", "chosen", "rejected", None),
+    "default": ("prompt", "chosen", "rejected", "system"),
+}
+
+
+# The schema's column settings' defaults (TRL's names; no system column).
+_SCHEMA_COLUMNS = {"prompt_field": "prompt", "chosen_field": "chosen", "rejected_field": "rejected",
+                   "system_field": None}  # fmt: skip
+
+
+def _axolotl_preference(m: _Mapper, rl: Any) -> None:
+    """rl: dpo | ipo | orpo | kto | simpo and their settings (TRL's trainers, as Axolotl builds them)."""
+    if rl not in _AXOLOTL_RL:
+        raise m.error("rl", f"{rl!r} is not supported; jaxsloth trains rl: {', '.join(_AXOLOTL_RL)}")
+    method, loss_type = _AXOLOTL_RL[rl]
+    m.out["method"] = method
+    if loss_type:
+        m.out["loss_type"] = loss_type
+    m.take("rl_beta", "beta")
+    if method == "orpo":
+        m.take("orpo_alpha", "beta")  # Axolotl passes orpo_alpha as ORPOConfig's beta (the paper's lambda)
+    m.take("dpo_label_smoothing", "label_smoothing")
+    m.take("precompute_ref_log_probs")
+    m.take("simpo_gamma")
+    if method == "simpo":  # CPOConfig's cpo_alpha (1.0 unless given), which Axolotl leaves in place
+        alpha = m.pop("cpo_alpha")
+        m.out["cpo_alpha"] = 1.0 if alpha is None else alpha
+    m.take("kto_desirable_weight", "desirable_weight")
+    m.take("kto_undesirable_weight", "undesirable_weight")
+
+
+def _axolotl_preference_dataset(m: _Mapper, datasets: Any) -> None:
+    """One preference dataset: its path, and its type's columns (field_prompt / field_chosen / field_rejected /
+    field_system, or chat_template.default's field_messages, override them)."""
+    if not datasets or not isinstance(datasets, list) or not all(isinstance(d, Mapping) for d in datasets):
+        raise m.error("datasets", "expected a list with one {path, type} entry")
+    if len(datasets) > 1:
+        raise m.error(
+            "datasets", f"{len(datasets)} datasets given; jaxsloth trains on one: concatenate them into one file"
+        )
+    entry = dict(datasets[0])
+    if not entry.get("path"):
+        raise m.error("datasets[0].path", "missing")
+    m.out["data"] = entry.pop("data_files", None) or entry.pop("path")
+    entry.pop("path", None)
+    kind = entry.pop("type", None)
+    columns: tuple = ("prompt", "chosen", "rejected", None)
+    if kind is not None:
+        prefix, _, name = str(kind).partition(".")
+        if prefix in ("chatml", "llama3") and name in _AXOLOTL_PREFERENCE_TYPES:
+            columns = _AXOLOTL_PREFERENCE_TYPES[name]
+            m.out["chat_answers"] = True
+        elif kind == "chat_template.default":
+            columns = (entry.pop("field_messages", None) or "messages", "chosen", "rejected", None)
+            for key in ("role", "content"):
+                mapped = (entry.get("message_property_mappings") or {}).get(key, key)
+                if mapped != key:
+                    raise m.error(f"datasets[0].message_property_mappings.{key}", f"{mapped!r}: jaxsloth reads "
+                                  f"turns' {key}; rename the field in the data")  # fmt: skip
+            entry.pop("message_property_mappings", None)
+        else:
+            types = [f"{p}.{n}" for p in ("chatml", "llama3") for n in _AXOLOTL_PREFERENCE_TYPES]
+            raise m.error("datasets[0].type", f"{kind!r} is not supported for rl; jaxsloth reads: "
+                          f"{', '.join(types)}, chat_template.default (or leave type out for TRL's columns)")  # fmt: skip
+    prompt, chosen, rejected, system = columns
+    names = {"prompt_field": ("field_prompt", prompt), "chosen_field": ("field_chosen", chosen),
+             "rejected_field": ("field_rejected", rejected), "system_field": ("field_system", system)}  # fmt: skip
+    if m.out["method"] == "kto":  # unpaired rows: prompt, completion, label
+        names = {k: v for k, v in names.items() if k in ("prompt_field", "system_field")}
+    for setting, (key, default) in names.items():
+        value = entry.pop(key, None) or default
+        if value != _SCHEMA_COLUMNS[setting]:
+            m.out[setting] = value
+    for key in ("field_chosen", "field_rejected"):
+        entry.pop(key, None)
+    if entry.get("split") is not None:
+        m.out["split"] = entry.pop("split")
+    if entry.get("name") is not None:
+        m.out["dataset_config"] = entry.pop("name")
+    m.ignored += [f"datasets[0].{k}" for k, v in entry.items() if v not in (None, False, 0, "", [], {})]
+
+
 # --- LLaMA-Factory -------------------------------------------------------------------------------------------------
 
 _FACTORY_SAME = (
@@ -258,8 +354,10 @@ _FACTORY_TAGS = {
 def _llamafactory(m: _Mapper) -> None:
     m.take("model_name_or_path", "model")
     stage = m.pop("stage", "sft")
-    if stage not in ("sft", "pt"):
-        raise m.error("stage", f"{stage!r}: jaxsloth does supervised fine-tuning (sft) or pretraining (pt) only")
+    if stage not in ("sft", "pt", "dpo", "kto"):
+        raise m.error("stage", f"{stage!r}: jaxsloth trains stage sft, pt, dpo or kto")
+    if stage in ("dpo", "kto"):
+        _factory_preference(m, stage)
     kind = m.pop("finetuning_type", "lora")
     if kind != "lora":
         raise m.error("finetuning_type", f"{kind!r} is not supported yet; jaxsloth trains LoRA adapters (lora)")
@@ -294,6 +392,38 @@ def _llamafactory(m: _Mapper) -> None:
     _dtype(m)
     _factory_dataset(m, m.pop("dataset"), m.pop("dataset_dir", "data"), stage)
     m.ignore_rest()
+
+
+# LLaMA-Factory's pref_loss -> (method, DPO loss_type).
+_FACTORY_LOSSES = {"sigmoid": ("dpo", "sigmoid"), "ipo": ("dpo", "ipo"), "hinge": ("dpo", "hinge"),
+                   "orpo": ("orpo", None), "simpo": ("simpo", None)}  # fmt: skip
+
+
+def _factory_preference(m: _Mapper, stage: str) -> None:
+    """stage: dpo (pref_loss: sigmoid, ipo, hinge, orpo, simpo) or kto, with pref_beta, simpo_gamma, pref_ftx (the
+    SFT loss weight: SimPO's cpo_alpha), kto_chosen_weight / kto_rejected_weight and ref_model."""
+    m.take("pref_beta", "beta")
+    m.take("ref_model")
+    ftx = m.pop("pref_ftx") or 0.0
+    if stage == "kto":
+        m.out["method"] = "kto"
+        m.take("kto_chosen_weight", "desirable_weight")
+        m.take("kto_rejected_weight", "undesirable_weight")
+        m.pop("pref_loss")
+    else:
+        loss = m.pop("pref_loss", "sigmoid")
+        if loss not in _FACTORY_LOSSES:
+            raise m.error("pref_loss", f"{loss!r} is not supported; jaxsloth trains: {', '.join(_FACTORY_LOSSES)}")
+        m.out["method"], loss_type = _FACTORY_LOSSES[loss]
+        if loss_type:
+            m.out["loss_type"] = loss_type
+        m.take("simpo_gamma")
+        if m.out["method"] == "simpo":
+            m.out["cpo_alpha"] = ftx
+            ftx = 0.0
+        m.take("dpo_label_smoothing", "label_smoothing")
+    if ftx:
+        raise m.error("pref_ftx", f"{ftx}: an SFT loss added to {m.out['method']} is not supported (SimPO's only)")
 
 
 def _factory_dataset(m: _Mapper, names: Any, dataset_dir: str, stage: str) -> None:
@@ -334,7 +464,9 @@ def _factory_dataset(m: _Mapper, names: Any, dataset_dir: str, stage: str) -> No
     if formatting not in _FACTORY_COLUMNS:
         raise ValueError(f"{where}: formatting {formatting!r} is not supported (alpaca or sharegpt)")
     columns = dict(entry.get("columns") or {})
-    if stage == "pt":
+    if stage in ("dpo", "kto"):
+        _factory_preference_columns(m, where, formatting, columns, stage)
+    elif stage == "pt":
         m.out["format"], m.out["dataset_text_field"] = "text", columns.pop("prompt", "text")
     else:
         m.out["format"] = "alpaca" if formatting == "alpaca" else "messages"
@@ -347,3 +479,26 @@ def _factory_dataset(m: _Mapper, names: Any, dataset_dir: str, stage: str) -> No
         if column not in _FACTORY_TAGS.get(tag, ()):
             raise ValueError(f"{where}: tag {tag}={column!r} is not supported; jaxsloth reads from/value or "
                              "role/content turns with human/gpt or user/assistant roles")  # fmt: skip
+
+
+def _factory_preference_columns(m: _Mapper, where: str, formatting: str, columns: dict, stage: str) -> None:
+    """A ranking dataset's columns: alpaca's prompt (a user turn) or sharegpt's conversation, and the chosen and
+    rejected answers, formatted by the tokenizer's chat template as LLaMA-Factory's template formats them."""
+    if stage == "kto":
+        if columns:
+            raise ValueError(f"{where}: stage kto reads TRL's prompt/completion/label columns; leave columns out")
+        return
+    prompt = (
+        columns.pop("prompt", "instruction") if formatting == "alpaca" else columns.pop("messages", "conversations")
+    )
+    if columns.pop("query", None):
+        raise ValueError(f"{where}: column query (the alpaca input appended to the prompt) is not supported for "
+                         "ranking data: join it into the prompt column")  # fmt: skip
+    m.out.update(prompt_field=prompt, chat_answers=True)
+    for role in ("chosen", "rejected", "system"):
+        column = columns.pop(role, None)
+        if column is not None:
+            m.out[f"{role}_field"] = column
+    if columns:
+        raise ValueError(f"{where}: columns {sorted(columns)} are not supported for ranking data (prompt / messages, "
+                         "chosen, rejected, system)")  # fmt: skip

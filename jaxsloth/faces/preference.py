@@ -4,12 +4,17 @@ and ``KTOTrainer`` / ``KTOConfig``, shaped as TRL's: ``DPOTrainer(model, args=DP
 processing_class=tokenizer, peft_config=...).train()``.
 
 The configs take TRL's names with TRL's defaults (learning rate 1e-6, beta 0.1, max_length 1024, ...); the
-TrainingArguments names translate as in ``SFTConfig``. The reference model is the policy with its adapter off, so
-``ref_model`` must be None (as TRL's with a peft model). Names with no effect are listed in one warning.
+TrainingArguments names translate as in ``SFTConfig``. The reference model (DPO, KTO) is ``ref_model`` when given
+(a jaxsloth Model or a model path / Hub id, as TRL's), else the policy with its adapter off (TRL's with a peft
+model), or with full fine-tuning a frozen copy of the initial weights (TRL's ``create_reference_model``).
+``eval_dataset`` is evaluated as TRL does (eval_loss, eval_rewards/..., every eval_steps and at the end). Names with
+no effect are listed in one warning.
 """
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 
 from jaxsloth import api
@@ -114,8 +119,8 @@ class KTOConfig(_PreferenceConfig):
 
 
 class _PreferenceTrainer(SFTTrainer):
-    """TRL's preference trainer on jaxsloth (see SFTTrainer: model, processing_class / tokenizer, peft_config).
-    ref_model must be None: the reference is the model with its adapter off. Config names given directly (as
+    """TRL's preference trainer on jaxsloth (see SFTTrainer: model, processing_class / tokenizer, peft_config,
+    eval_dataset, callbacks). ref_model: the reference (see the module docstring). Config names given directly (as
     Unsloth's notebooks pass beta, max_length) override ``args``'s."""
 
     config_class: type[_PreferenceConfig] = DPOConfig
@@ -142,28 +147,34 @@ class _PreferenceTrainer(SFTTrainer):
                 f"{name}: args must be a jaxsloth {self.config_class.__name__} (from jaxsloth import "
                 f"{self.config_class.__name__}), got {type(args)}"
             )
-        if ref_model is not None:
-            raise NotImplementedError(
-                f"{name}(ref_model=...): jaxsloth's reference model is the policy with its LoRA adapter off; pass "
-                "ref_model=None"
-            )
         self.args = self.config_class(**{**(args.values if args is not None else {}), **config_args})
         model, self.tokenizer = resolve_model(model, processing_class, tokenizer, name)
-        no_adapter = peft_config is None and model.trainable is None
-        if peft_config is not None or model.trainable is None:
+        if model.full_finetuning and peft_config is not None:
+            raise ValueError(f"{name}: the model trains every weight (full_finetuning=True); drop peft_config")
+        no_adapter = peft_config is None and model.trainable is None and not model.full_finetuning
+        if peft_config is not None or no_adapter:
             lora = {} if peft_config is None else lora_settings(peft_config)
             model = api.add_lora(model, seed=self.args.seed, overwrite=peft_config is not None, **lora)
         self.model = model
         self.settings, self.max_length, ignored = self.args.to_settings(model)
+        if ref_model is not None:
+            if not isinstance(ref_model, str | os.PathLike | api.Model):
+                raise TypeError(
+                    f"{name}: ref_model must be a jaxsloth Model or a model path / Hub id, got {type(ref_model)}"
+                )
+            self.settings["ref_model"] = ref_model
         if no_adapter:
             ignored.append("full fine-tuning without peft_config (jaxsloth trains its default LoRA adapter instead)")
-        self.callbacks = [cb for cb in callbacks or () if callable(cb)]  # jaxsloth's: cb(record)
-        ignored += [
-            f"callback {type(cb).__name__} (jaxsloth's take cb(record))" for cb in callbacks or () if not callable(cb)
-        ]
-        self.eval_dataset = None
+        self.callbacks = [cb for cb in callbacks or () if callable(cb) or hasattr(cb, "on_evaluate")]
+        for cb in callbacks or ():
+            if hasattr(cb, "early_stopping_patience"):  # transformers' EarlyStoppingCallback
+                self.settings["early_stopping_patience"] = cb.early_stopping_patience
+                self.settings["early_stopping_threshold"] = cb.early_stopping_threshold
+            elif not (callable(cb) or hasattr(cb, "on_evaluate")):
+                ignored.append(f"callback {type(cb).__name__} (jaxsloth's take cb(record) / cb.on_evaluate)")
+        self.eval_dataset = eval_dataset
         if eval_dataset is not None:
-            ignored.append("eval_dataset (no evaluation loop yet)")
+            self.settings["eval_dataset"] = eval_dataset
         if data_collator is not None:
             ignored.append("data_collator (jaxsloth tokenizes and packs itself)")
         if ignored:
@@ -171,6 +182,23 @@ class _PreferenceTrainer(SFTTrainer):
         self.train_config = TrainConfig(**self.settings)  # every setting checked before training
         self.lora_config = model.lora
         self.train_dataset = train_dataset
+
+    def evaluate(self, eval_dataset=None) -> dict[str, float]:
+        """TRL's eval metrics (eval_loss, eval_rewards/chosen, eval_rewards/accuracies, ...) of the model as it is
+        now over eval_dataset (default: the one given to the trainer), plus eval_runtime."""
+        from jaxsloth.methods.preference_train import evaluate_preferences
+
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        if data is None:
+            raise ValueError(f"{type(self).__name__}.evaluate needs an eval_dataset (here or in the trainer)")
+        model, start, length = self.model, time.perf_counter(), self.model.max_seq_length
+        if self.max_length is not None:
+            model.max_seq_length = self.max_length
+        try:
+            metrics = evaluate_preferences(model, self.tokenizer, data, **self.settings)
+        finally:
+            model.max_seq_length = length
+        return {**metrics, "eval_runtime": time.perf_counter() - start}
 
 
 class DPOTrainer(_PreferenceTrainer):

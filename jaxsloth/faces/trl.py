@@ -262,7 +262,7 @@ class SFTTrainer:
         length = model.max_seq_length
         if self.max_length is not None:
             model.max_seq_length = self.max_length  # for this run only
-        kwargs.setdefault("callbacks", self.callbacks)
+        settings.setdefault("callbacks", self.callbacks)
         try:
             result = api.train(model, self.tokenizer, self.train_dataset, **settings)
         finally:

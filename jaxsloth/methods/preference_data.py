@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from jaxsloth.data.chat import chat_token_ids
+from jaxsloth.data.formats import ROLE_NAMES
 
 IGNORE_INDEX = -100
 
@@ -51,11 +52,59 @@ def _token_ids(tokenizer: Any, value: Any, add_generation_prompt: bool = False) 
     return list(tokenizer(value)["input_ids"])
 
 
+def _turn(message: dict) -> dict:
+    """A message with ShareGPT's from/value keys (human, gpt, ...) as role/content; others as they are."""
+    if "from" in message and "value" in message and "role" not in message:
+        return {"role": ROLE_NAMES.get(message["from"], message["from"]), "content": message["value"]}
+    return message
+
+
+def _as_turns(answer: Any) -> list[dict]:
+    """An answer to a conversational prompt as a list of messages: a string is one assistant turn, a message one."""
+    if isinstance(answer, str):
+        return [{"role": "assistant", "content": answer}]
+    return [_turn(m) for m in ([answer] if isinstance(answer, dict) else answer)]
+
+
+def map_fields(
+    example: dict,
+    *,
+    prompt_field: str = "prompt",
+    chosen_field: str = "chosen",
+    rejected_field: str = "rejected",
+    system_field: str | None = None,
+    chat_answers: bool = False,
+) -> dict:
+    """A row under the dataset's own column names -> TRL's prompt/chosen/rejected (other columns kept). system_field:
+    a system turn put before a conversational prompt. chat_answers: a string prompt becomes a user turn (after the
+    system turn) and string answers assistant turns, so the tokenizer's chat template formats them."""
+    out = dict(example)
+    for field, name in ((prompt_field, "prompt"), (chosen_field, "chosen"), (rejected_field, "rejected")):
+        if field != name:
+            if field not in example:
+                raise ValueError(f"no {field!r} column ({name}_field) in the row (columns: {sorted(example)})")
+            out.pop(name, None)
+            out[name] = out.pop(field)
+    system = out.pop(system_field, None) if system_field else None
+    if chat_answers and isinstance(out.get("prompt"), str):
+        out["prompt"] = [{"role": "user", "content": out["prompt"]}]
+        for name in ("chosen", "rejected", "completion"):
+            if isinstance(out.get(name), str):
+                out[name] = _as_turns(out[name])
+    if system and _is_conversational(out.get("prompt")):
+        out["prompt"] = [{"role": "system", "content": system}, *out["prompt"]]
+    return out
+
+
 def tokenize_completions(tokenizer: Any, prompt: Any, completions: Sequence[Any]) -> tuple[list[int], list[list[int]]]:
     """prompt and its completions (strings or message lists) -> (prompt ids, [completion ids]) as TRL builds them:
     prompt+completion tokenized whole, split where it diverges from the tokenized prompt (the shortest such split
-    over the completions, so every completion shares the prompt ids)."""
+    over the completions, so every completion shares the prompt ids). A conversational prompt's completion may also
+    be one message or a string (one assistant turn)."""
     conversational = _is_conversational(prompt)
+    if conversational:
+        prompt = [_turn(m) for m in prompt]
+        completions = [_as_turns(c) for c in completions]
     if not conversational:
         eos = tokenizer.eos_token
         if eos is None:

@@ -136,6 +136,12 @@ def tokenize_preferences(
     return PreferenceExamples(kept_prompts, with_kl, np.asarray(kept_labels, bool), num_dropped=dropped)
 
 
+def row_length(examples: PreferenceExamples) -> int:
+    """Tokens per packed row: the longest example's sequences together, rounded up to ROW_MULTIPLE."""
+    longest = max(examples.group_length(i) for i in range(len(examples)))
+    return -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
 def pack_examples(examples: PreferenceExamples, ids, seq_len: int) -> dict[str, np.ndarray]:
     """Examples ``ids`` -> ``preference_data.pack`` rows, one row per example ([len(ids), seq_len] each), sequences
     numbered as the losses read them: pairs chosen 2i, rejected 2i + 1; KTO examples 0..n-1, KL sequences n..2n-1
@@ -186,8 +192,7 @@ class PreferenceLoader:
                 f"the preference dataset has {len(examples)} examples, fewer than one batch "
                 f"({pairs_per_micro} per device x {gradient_accumulation_steps} accumulation steps)"
             )
-        longest = max(examples.group_length(i) for i in range(len(examples)))
-        self.seq_len = -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE
+        self.seq_len = row_length(examples)
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.ref_logps = ref_logps
         self.method = method  # in the state: a checkpoint of one method never resumes another

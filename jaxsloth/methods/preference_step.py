@@ -1,6 +1,7 @@
-"""The preference training step: policy log-probs (with the LoRA) and reference log-probs (the same weights with
-the adapter off) of packed sequences in one jitted function, the method's loss, value_and_grad over the LoRA tree
-and the SFT step's AdamW (``make_optimizer``). No second copy of the weights exists."""
+"""The preference training step: policy log-probs (with the LoRA, or every weight in full fine-tuning) and reference
+log-probs of packed sequences in one jitted function, the method's loss, value_and_grad over the trained tree and
+the SFT step's AdamW (``make_optimizer``). With LoRA the reference is the same weights with the adapter off (no
+second copy of the weights); a separate reference model (TRL's ``ref_model``) is a frozen argument of the step."""
 
 from __future__ import annotations
 
@@ -91,24 +92,46 @@ def preference_loss(pc: PreferenceConfig, sums, counts, ref_sums=None, desirable
 
 
 def make_preference_loss_fn(
-    config: ModelConfig, lora: LoraConfig, pc: PreferenceConfig, ops: Ops = Ops(), **forward_kwargs
+    config: ModelConfig,
+    lora: LoraConfig | None,
+    pc: PreferenceConfig,
+    ops: Ops = Ops(),
+    *,
+    ref_config: ModelConfig | None = None,
+    **forward_kwargs,
 ) -> Callable:
-    """-> loss_fn(trainable, params, batch, num_sequences, dropout_key=None) -> (loss, metrics). batch: ``pack``
-    rows, plus "desirable" [n] bool for KTO and, when the reference was precomputed, "ref_logps" [num_sequences].
-    forward_kwargs go to ``forward_hidden`` (remat, compute_dtype, ...)."""
+    """-> loss_fn(trainable, params, batch, num_sequences, dropout_key=None, ref_params=None) -> (loss, metrics).
+    batch: ``pack`` rows, plus "desirable" [n] bool for KTO and, when the reference was precomputed, "ref_logps"
+    [num_sequences]. lora None: full fine-tuning (trainable is every weight of the model, params unused).
 
-    def loss_fn(trainable, params, batch, num_sequences: int, dropout_key=None):
-        p, lora_tree = with_trainable(params, trainable)
-        kwargs = dict(config=config, ops=ops, **forward_kwargs)
-        sums, counts = sequence_logps(
-            p, batch, num_sequences, lora=lora_tree, lora_rt=lora.runtime, dropout_key=dropout_key, **kwargs
-        )
+    The reference (DPO, KTO): batch["ref_logps"] when given; else ``ref_params``, a separate frozen model of
+    architecture ``ref_config`` (default: the policy's), as TRL's ``ref_model``; else the policy's own weights with
+    the adapter off. forward_kwargs go to ``forward_hidden`` (remat, compute_dtype, ...)."""
+
+    def loss_fn(trainable, params, batch, num_sequences: int, dropout_key=None, ref_params=None):
+        kwargs = dict(ops=ops, **forward_kwargs)
+        if lora is None:
+            sums, counts = sequence_logps(trainable, batch, num_sequences, config=config, **kwargs)
+        else:
+            p, lora_tree = with_trainable(params, trainable)
+            sums, counts = sequence_logps(
+                p, batch, num_sequences, config=config, lora=lora_tree, lora_rt=lora.runtime, dropout_key=dropout_key,
+                **kwargs,
+            )  # fmt: skip
         ref_sums = None
         if pc.needs_reference and "ref_logps" in batch:
-            ref_sums = jax.lax.stop_gradient(batch["ref_logps"])
+            ref_sums = batch["ref_logps"]
+        elif pc.needs_reference and ref_params is not None:
+            ref_sums, _ = sequence_logps(ref_params, batch, num_sequences, config=ref_config or config, **kwargs)
         elif pc.needs_reference:
+            if lora is None:
+                raise ValueError(
+                    f"method={pc.method!r} with full fine-tuning needs a reference model (ref_model) or precomputed "
+                    "reference log-probs"
+                )
             # The reference: the base weights (untrained embeddings too), adapter off.
-            ref_sums, _ = sequence_logps(params, batch, num_sequences, lora=None, **kwargs)
+            ref_sums, _ = sequence_logps(params, batch, num_sequences, config=config, lora=None, **kwargs)
+        if ref_sums is not None:
             ref_sums = jax.lax.stop_gradient(ref_sums)
         return preference_loss(pc, sums, counts, ref_sums, batch.get("desirable"))
 

@@ -114,7 +114,7 @@ class JsonlWriter:
 
 class TensorBoardWriter:
     """Scalars ``train/<name>`` for loss, grad_norm, learning_rate, tokens_per_s and peak_gib (when known), at each
-    step.
+    step, and ``eval/<name>`` for each number of an evaluation record (``eval_<name>``).
 
     Events reach the file with the first step and then at least every ``flush_seconds``, so a killed run leaves
     its curve; ``resume(step)`` marks the steps after ``step`` as superseded (TensorBoard's purge_step)."""
@@ -151,6 +151,10 @@ class TensorBoardWriter:
         for name in TENSORBOARD_SCALARS + METHOD_SCALARS:
             if record.get(name) is not None:
                 summary = scalar(f"train/{name}", float(record[name]))
+                self.writer.write_event(Event(wall_time=time.time(), step=int(record["step"]), summary=summary))
+        for name, value in record.items():  # an evaluation's numbers: eval_loss -> eval/loss, as the trackers name them
+            if name.startswith("eval_") and isinstance(value, int | float) and not isinstance(value, bool):
+                summary = scalar(f"eval/{name.removeprefix('eval_')}", float(value))
                 self.writer.write_event(Event(wall_time=time.time(), step=int(record["step"]), summary=summary))
         if time.monotonic() - self._flushed >= self.flush_seconds or not self._flushed:
             self.writer.flush()
