@@ -196,8 +196,13 @@ def grpo_train(
                     raise FloatingPointError(
                         f"non-finite GRPO loss or gradient at step {step} (the update was skipped)"
                     )
+                train_s = time.perf_counter() - t0
+                seconds = generate_s + reward_s + train_s
+                tokens = int(rollout.lengths.sum())
                 record = {"step": step, **host_metrics, **metrics, "learning_rate": float(schedule(step - 1))}
-                record |= {"generate_s": generate_s, "reward_s": reward_s, "train_s": time.perf_counter() - t0}
+                record |= {"generate_s": generate_s, "reward_s": reward_s, "train_s": train_s, "step_time_s": seconds,
+                           "tokens": tokens, "tokens_per_s": tokens / seconds, "peak_gib": _peak_gib(),
+                           "total_steps": total}  # fmt: skip
                 generate_s = reward_s = 0.0  # a reused generation costs nothing more
                 history.append(record)
                 for sink in sinks:
@@ -208,3 +213,9 @@ def grpo_train(
     if close_errors:
         raise close_errors[0]
     return TrainResult(trainable, opt_state, step, history)
+
+
+def _peak_gib() -> float | None:
+    """The first local device's peak memory in use so far (GiB), where the backend reports it."""
+    peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
