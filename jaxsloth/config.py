@@ -659,6 +659,10 @@ class TrainConfig(Settings):
     num_iterations: int = setting(1, "grpo: optimizer steps per batch of samples (old log-probs kept)", minimum=1)
     mask_truncated_completions: bool = setting(False, "grpo: leave completions that hit max_completion_length out")
     use_bias_correction_kl: bool = setting(True, "grpo: weigh the KL term by the importance ratio (TRL's default)")
+    sampling_chunks: int = setting(
+        1, "grpo: sample each generation in this many pieces, scoring one piece's rewards on the host while the "
+        "device samples the next (for slow rewards; smaller sampling batches)", minimum=1,
+    )  # fmt: skip
 
     def _validate(self) -> None:
         self._validate_method()

@@ -86,8 +86,8 @@ def test_schema_defaults_are_trls_for_grpo():
 
 
 def test_rewards_score_while_the_next_chunk_samples(monkeypatch):
-    """With gradient_accumulation_steps=2 a generation is sampled in two chunks: the second is dispatched before the
-    first is scored; the sequential order gives the same samples, rewards and trained adapter."""
+    """With sampling_chunks=2 a generation is sampled in two pieces: the second is dispatched before the first is
+    scored; the sequential order gives the same samples, rewards and trained adapter."""
     events = []
     dispatch = grpo_train.start_sampling
 
@@ -107,8 +107,8 @@ def test_rewards_score_while_the_next_chunk_samples(monkeypatch):
         model, tok = jaxsloth.load(demo.MODEL_DIR, profile="cpu", max_seq_length=64)
         model = jaxsloth.add_lora(model, r=4, lora_alpha=8, seed=0)
         tc = TrainConfig(method="grpo", reward_funcs=[length_reward], num_generations=4, max_completion_length=4,
-                         per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1,
-                         learning_rate=1e-2, seed=3)  # fmt: skip
+                         per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1, sampling_chunks=2,
+                         learning_rate=1e-2, seed=3, beta=0.1)  # fmt: skip
         result = grpo_train.grpo_train(model, tok, data, tc, progress=False, overlap=overlap)
         runs[overlap] = (list(events), result)
     # Chunk seeds: seed + 2 x generation + chunk: chunk 1 dispatched before chunk 0 is scored.

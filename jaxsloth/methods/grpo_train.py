@@ -5,9 +5,13 @@ gradient_accumulation_steps``.
 Each generation: per_device_train_batch_size x gradient_accumulation_steps completions (num_generations per prompt)
 are sampled with the current adapter, scored, and trained on as gradient_accumulation_steps micro-batches; with
 num_iterations > 1 the same samples serve that many optimizer steps, their sampling-time log-probs kept as the old
-ones. The generation is sampled in gradient_accumulation_steps chunks (whole groups): chunk j + 1 is dispatched to the
-device (JAX's async dispatch) before chunk j's completions are decoded and scored, so the rewards run on the host while
-the device samples. Every chunk has its own seed, so the samples do not depend on that order.
+ones.
+
+Rewards run on the host while the device works: a generation can be sampled in ``sampling_chunks`` pieces (whole
+groups, each with its own seed, so the samples do not depend on the order), piece j + 1 dispatched to the device
+(JAX's async dispatch) before piece j's completions are decoded and scored; and the reference's and old log-probs
+(beta > 0, num_iterations > 1) are dispatched before the last piece is scored. One piece (the default) samples the
+whole generation in one batch, the fastest on a GPU unless the rewards are slow.
 """
 
 from __future__ import annotations
@@ -81,12 +85,14 @@ def grpo_train(
     callbacks: Sequence[Callable] = (),
     progress: bool = True,
     overlap: bool = True,
+    stop_tokens: Sequence[int] | None = None,
 ) -> TrainResult:
     """Trains ``model``'s adapter with GRPO on ``data`` (rows with "prompt": text or a conversation, and the columns
     the rewards read) -> TrainResult; ``model.trainable`` is updated. Each step's record (TRL's metric names, plus
     generate_s / reward_s / train_s seconds) goes to ``jaxsloth.train``'s sinks (progress bar, output_dir's
     metrics.jsonl and loss.png, report_to's trackers) and to callbacks. overlap=False scores each chunk before the
-    next is dispatched (the same results, without the overlap)."""
+    next is dispatched (the same results, without the overlap). stop_tokens: the ids that end a completion (default: the
+    model's EOS and end-of-turn tokens; () samples every completion to max_completion_length)."""
     from jaxsloth.data import load_records
     from jaxsloth.train.metrics import close_all, standard_callbacks
     from jaxsloth.train.trackers import run_config
@@ -107,8 +113,9 @@ def grpo_train(
             f"multiple of num_generations={g}"
         )
     prompts_per_step = completions // g
-    # Sampled in chunks of whole groups, one per micro-batch where a micro-batch holds whole groups.
-    chunks = accum if per_device % g == 0 else 1
+    chunks = tc.sampling_chunks
+    if prompts_per_step % chunks:
+        raise ValueError(f"sampling_chunks={chunks} does not divide the {prompts_per_step} prompts of a generation")
     per_chunk = prompts_per_step // chunks
     if tc.max_steps is not None:
         total = tc.max_steps
@@ -122,8 +129,8 @@ def grpo_train(
     forward = dict(remat=profile.remat, compute_dtype=profile.dtype, mlp_chunk=profile.mlp_chunk,
                    remat_group=profile.remat_group)  # fmt: skip
     step_fn = make_grpo_step(model.config, lora, grpo_loss_config(tc), optimizer, profile.ops, **forward)
-    logps_fn = make_logps_fn(model.config, lora, profile.ops, **forward) if tc.num_iterations > 1 else None
-    stops = stop_token_ids(model, tokenizer)
+    logps_fn = make_logps_fn(model.config, lora, profile.ops, **forward)
+    stops = stop_token_ids(model, tokenizer) if stop_tokens is None else list(stop_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     names = [reward_name(f) for f in reward_funcs]
     scorer = _Scorer(tokenizer, reward_funcs)
@@ -160,30 +167,36 @@ def grpo_train(
             for j in range(chunks):
                 following = dispatch(j + 1) if overlap and j + 1 < chunks else None
                 rollout = pending()
-                t1 = time.perf_counter()
-                rewards.append(scorer(batch_rows[j * per_chunk : (j + 1) * per_chunk], rollout, g, step))
-                reward_s += time.perf_counter() - t1
-                rollouts.append(rollout)
                 if j + 1 < chunks:
+                    t1 = time.perf_counter()
+                    rewards.append(scorer(batch_rows[j * per_chunk : (j + 1) * per_chunk], rollout, g, step))
+                    reward_s += time.perf_counter() - t1
                     pending = following if following is not None else dispatch(j + 1)
-            generate_s = time.perf_counter() - t0 - reward_s
+                rollouts.append(rollout)
             generation += 1
             rollout = Rollout(
                 [p for r in rollouts for p in r.prompt_ids],
                 [c for r in rollouts for c in r.completion_ids],
                 np.concatenate([r.truncated for r in rollouts]),
             )
-            advantages, host_metrics = group_advantages(np.concatenate(rewards), weights, g, tc.scale_rewards, names)
-            host_metrics |= completion_metrics(rollout.lengths, rollout.truncated)
             batch = completion_batch(
                 rollout.prompt_ids, rollout.completion_ids, tc.max_completion_length, truncated=rollout.truncated,
                 mask_truncated_completions=tc.mask_truncated_completions, pad_token_id=pad,
             )  # fmt: skip
-            batch["advantages"] = advantages
-            order = rng.permutation(len(advantages))  # TRL shuffles the generation batch before splitting it
+            order = rng.permutation(len(rollout.completion_ids))  # TRL shuffles the generation batch to split it
             batch = {k: jnp.asarray(v[order]) for k, v in batch.items()}
-            if logps_fn is not None:
+            # Dispatched before the last chunk is scored, so the device computes them while the host scores.
+            if tc.num_iterations > 1:
                 batch["old_logps"] = logps_fn(trainable, model.params, batch)
+            if tc.beta != 0.0:
+                batch["ref_logps"] = logps_fn(None, model.params, batch)
+            t1 = time.perf_counter()
+            rewards.append(scorer(batch_rows[(chunks - 1) * per_chunk :], rollouts[-1], g, step))
+            reward_s += time.perf_counter() - t1
+            generate_s = time.perf_counter() - t0 - reward_s
+            advantages, host_metrics = group_advantages(np.concatenate(rewards), weights, g, tc.scale_rewards, names)
+            host_metrics |= completion_metrics(rollout.lengths, rollout.truncated)
+            batch["advantages"] = jnp.asarray(advantages[order])
             micro = {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
             for _ in range(tc.num_iterations):
                 if step >= total:
