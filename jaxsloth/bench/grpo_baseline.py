@@ -133,7 +133,7 @@ def run_generate(args) -> dict:
         times.append(time.perf_counter() - t0)
         new = out[:, inputs["input_ids"].shape[1] :]
     tokens = int(new.numel())
-    seconds = statistics.median(times[1:])
+    seconds = statistics.median(times[1:] or times)
     return bench_record(
         args, "hf-generate", mode="sampling", sample_s=seconds, completion_tokens=tokens,
         tokens_per_s=tokens / seconds, first_s=times[0], peak_gib=_peak_gib(), **_versions(),

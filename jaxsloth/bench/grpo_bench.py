@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import statistics
 import string
@@ -125,7 +126,7 @@ def run_sampling(args) -> dict:
         )()  # fmt: skip
         times.append(time.perf_counter() - t0)
     tokens = int(rollout.lengths.sum())
-    seconds = statistics.median(times[1:])
+    seconds = statistics.median(times[1:] or times)
     peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     return bench_record(
         args, "jaxsloth", mode="sampling", sample_s=seconds, completion_tokens=tokens, tokens_per_s=tokens / seconds,
@@ -150,6 +151,42 @@ def bench_record(args, system: str, **fields) -> dict:
     }
 
 
+def markdown_table(records: list[dict]) -> str:
+    """The records as one markdown table per mode: GRPO steps (sampling / training split, peak memory, the step time
+    relative to TRL's on the same workload) and sampling speed (tokens/s, relative to transformers' generate)."""
+    lines = []
+    steps = [r for r in records if r.get("mode") == "step"]
+    if steps:
+        lines += [
+            "| workload | system | sampling s | training s | step s | vs TRL | peak GiB |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in steps:
+            trl = [t for t in steps if t["system"] == "trl" and t["workload"] == r["workload"]]
+            speedup = f"{trl[-1]['step_s'] / r['step_s']:.2f}x" if trl else "-"
+            peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+            lines.append(
+                f"| {r['workload']} | {r['system']} | {r['sample_s']:.1f} | {r['train_s']:.1f} | {r['step_s']:.1f} | "
+                f"{speedup} | {peak} |"
+            )
+    sampling = [r for r in records if r.get("mode") == "sampling"]
+    if sampling:
+        lines += [
+            "",
+            "| workload | system | tokens/s | seconds | vs generate | peak GiB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in sampling:
+            hf = [t for t in sampling if t["system"] == "hf-generate" and t["workload"] == r["workload"]]
+            speedup = f"{r['tokens_per_s'] / hf[-1]['tokens_per_s']:.2f}x" if hf else "-"
+            peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+            lines.append(
+                f"| {r['workload']} | {r['system']} | {r['tokens_per_s']:,.0f} | {r['sample_s']:.1f} | {speedup} | "
+                f"{peak} |"
+            )
+    return "\n".join(lines)
+
+
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """The workload's flags, shared by every GRPO runner."""
     p.add_argument("--arch", default="llama3.2-1b")
@@ -168,7 +205,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p)
     p.add_argument("--profile", default=None, help="jaxsloth GPU profile (default: the device's)")
+    p.add_argument("--table", default=None, help="print the markdown table of this JSONL file's records instead")
     args = p.parse_args(argv)
+    if args.table is not None:
+        with open(args.table) as f:
+            print(markdown_table([json.loads(line) for line in f if line.strip()]))
+        return
     record = run_step(args) if args.mode == "step" else run_sampling(args)
     emit_jsonl([record], args.out, append=True)
 
