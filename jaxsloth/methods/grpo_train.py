@@ -99,6 +99,10 @@ def grpo_train(
 
     if tc.streaming or type(data).__name__ == "IterableDataset":
         raise ValueError("method='grpo': the prompts are read whole; streaming is for SFT")
+    for given, what in ((tc.has_eval_data, "evaluation (eval_dataset / val_set_size)"), (tc.resume, "resume"),
+                        (tc.mesh is not None, "a device mesh (it runs on one device)")):  # fmt: skip
+        if given:
+            raise NotImplementedError(f"method='grpo' has no {what} yet")
     reward_funcs = resolve_reward_funcs(tc.reward_funcs)
     weights = np.ones(len(reward_funcs)) if tc.reward_weights is None else np.asarray(tc.reward_weights, float)
     rows = list(load_records(data, split=tc.split, name=tc.dataset_config))
