@@ -20,8 +20,8 @@ case "${ARGS[0]:-}" in
     timed grpo_1b_jaxsloth 200 "${J[@]}" --arch llama3.2-1b --quant nf4 --steps 2
     timed grpo_1b_trl 260 "${T[@]}" --system trl --arch llama3.2-1b --quant nf4 --steps 1 ;;
   8b)
-    timed grpo_8b_jaxsloth 200 "${J[@]}" --arch llama3.1-8b --quant nf4 --steps 1
-    timed grpo_8b_trl 270 "${T[@]}" --system trl --arch llama3.1-8b --quant nf4 --steps 1 ;;
+    timed grpo_8b_jaxsloth 230 "${J[@]}" --arch llama3.1-8b --quant nf4 --steps 1
+    timed grpo_8b_trl 300 "${T[@]}" --system trl --arch llama3.1-8b --quant nf4 --steps 1 ;;
   *) echo "choose a workload: sampling, 1b or 8b" >&2; exit 2 ;;
 esac
 [ -f "$OUTDIR/grpo.jsonl" ] && "${J[@]:0:3}" --table "$OUTDIR/grpo.jsonl" > "$OUTDIR/grpo_table.md"
