@@ -30,11 +30,6 @@ class Rollout:
         return np.array([len(c) for c in self.completion_ids])
 
 
-def sample_completions(*args, **kwargs) -> Rollout:
-    """``start_sampling``'s samples, waited for."""
-    return start_sampling(*args, **kwargs)()
-
-
 def start_sampling(
     params,
     trainable: dict | None,
