@@ -1,5 +1,5 @@
 """GRPO's samples: G completions per prompt from the current LoRA weights (unmerged) through
-``jaxsloth.generate.generate`` (bucketed lengths, left-padded prompts, KV cache), and their layout as training rows.
+``jaxsloth.generate.generate_async`` (bucketed lengths, left-padded prompts, KV cache), and their layout as training rows.
 """
 
 from __future__ import annotations
