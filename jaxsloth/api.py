@@ -146,6 +146,9 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     prompt + completion is cut to model.max_seq_length; see jaxsloth.methods.preference_train). DPO / KTO's
     reference: ref_model when given, else the adapter-off policy (full fine-tuning: a frozen copy of the initial
     weights); evaluation records TRL's eval_loss, eval_rewards/chosen, ... (jaxsloth.methods.preference_eval).
+    Or "grpo": TRL's GRPO on rows with a "prompt", scored by reward_funcs (callables with TRL's signature, built-in
+    names or "module.path:function"; per_device_train_batch_size counts completions; see
+    jaxsloth.methods.grpo_train).
 
     Under a profile with the unrolled layer loop (Hopper, one device), ``model.params`` is split per layer for the
     run and stacked back when it ends, however it ends (its arrays are replaced, not copied: the device never holds
@@ -176,6 +179,10 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
         )
     if tc.output_dir is not None:
         check_output_dir(Path(tc.output_dir), resume=tc.resume, overwrite=tc.overwrite)
+    if tc.method == "grpo":  # sampling, rewards and steps: its own loop (jaxsloth.methods.grpo_train)
+        from jaxsloth.methods.grpo_train import grpo_train
+
+        return grpo_train(model, tokenizer, data, tc, callbacks=callbacks, progress=progress)
     from jaxsloth.sharding import batch_devices, resolve_mesh
 
     device_mesh = resolve_mesh(tc.mesh)

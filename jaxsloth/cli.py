@@ -156,6 +156,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if lora_set:
             raise ValueError(f"full_finetuning trains every weight, with no adapter: drop {', '.join(lora_set)}")
     out = Path(s["output_dir"])
+    if s["method"] == "grpo":  # reward functions named in the YAML are looked for beside it first
+        from jaxsloth.methods.rewards import resolve_reward_funcs
+
+        where = Path(args.config).resolve().parent if args.config is not None else None
+        s["reward_funcs"] = tuple(resolve_reward_funcs(s["reward_funcs"], where))
     data = _checked_before_loading(s, out)
     model, tokenizer = jaxsloth.load(s["model"], **_api_settings(config.LoadConfig, s))
     if not s["full_finetuning"]:
@@ -202,7 +207,8 @@ def _checked_before_loading(s: dict, out: Path):
     if s["streaming"]:
         return s["data"]
     records = load_records(s["data"], split=s["split"], name=s["dataset_config"])
-    resolve_format(s["format"], records[0], s["dataset_text_field"])
+    if s["method"] != "grpo":  # GRPO's rows are prompts, not one of the SFT formats
+        resolve_format(s["format"], records[0], s["dataset_text_field"])
     return records
 
 

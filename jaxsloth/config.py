@@ -43,8 +43,11 @@ SCHEDULES = ("linear", "cosine", "constant")
 # Experiment trackers report_to can name (jaxsloth.train.trackers), as transformers names them.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
-METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")
 DTYPES = ("bfloat16", "float16", "float32")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # TRL's GRPOConfig.loss_type
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SYNONYMS: set[str] = set()  # every setting's synonyms (see ``setting``)
 
@@ -254,6 +257,21 @@ def _dtype_name(value) -> str:
         return jnp.dtype(value).name
     except TypeError:
         return value  # not a dtype: the choices check names it
+
+
+def _as_tuple(value):
+    """One item or a list (or a comma-separated string, as the CLI gives it) as a tuple."""
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+def _reward_weights(value):
+    """reward_weights (a list, or a comma-separated string) as a tuple of floats."""
+    try:
+        return tuple(float(v) for v in _as_tuple(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"reward_weights must be numbers, got {value!r}") from None
 
 
 def _known_format(value):
@@ -596,9 +614,17 @@ class TrainConfig(Settings):
         False, "end with the adapter of the step with the lowest eval_loss (its checkpoint is never rotated away)"
     )
     # Preference tuning (jaxsloth.methods), in TRL's names and with its defaults (DPOConfig, CPOConfig, KTOConfig).
-    method: str = setting("sft", "sft, or preference tuning: dpo, orpo, simpo (TRL's CPO loss), kto", choices=METHODS)
-    beta: float = setting(0.1, "preference methods: beta (DPO/SimPO/KTO temperature; ORPO's lambda)", above=0.0)
-    loss_type: str = setting("sigmoid", "DPO loss: sigmoid, ipo or hinge", choices=("sigmoid", "ipo", "hinge"))
+    method: str = setting(
+        "sft", "sft, preference tuning: dpo, orpo, simpo (TRL's CPO loss), kto, or grpo (rewards)", choices=METHODS
+    )
+    beta: float | None = setting(
+        None, "preference methods: beta (DPO/SimPO/KTO temperature; ORPO's lambda); grpo: KL coefficient (0: none)",
+        minimum=0.0, default_help="0.1; grpo: 0.0",
+    )  # fmt: skip
+    loss_type: str | None = setting(
+        None, "DPO loss: sigmoid, ipo or hinge; grpo: grpo, bnpo, dr_grpo or dapo",
+        choices=(*DPO_LOSS_TYPES, *GRPO_LOSS_TYPES), default_help="sigmoid; grpo: dapo",
+    )  # fmt: skip
     label_smoothing: float = setting(
         0.0, "DPO / SimPO: probability that a pair's labels are flipped (cDPO)", minimum=0.0, below=0.5
     )
@@ -626,8 +652,39 @@ class TrainConfig(Settings):
         "preference data: string prompts and answers become a user turn and assistant turns, formatted by the "
         "tokenizer's chat template (Axolotl's chatml.* and llama3.* types)",
     )
+    # GRPO (jaxsloth.methods.grpo_train), in TRL's GRPOConfig names and with its defaults; beta and loss_type above.
+    reward_funcs: tuple[str, ...] | object = setting(
+        (), "grpo: reward functions, each a built-in (exact_answer, format) or module.path:function (TRL's signature; "
+        "imported from the YAML file's folder or PYTHONPATH; in Python also callables)", convert=_as_tuple,
+    )  # fmt: skip
+    reward_weights: tuple[float, ...] | object | None = setting(
+        None, "grpo: weight of each reward function", convert=_reward_weights, default_help="1 each"
+    )
+    num_generations: int = setting(8, "grpo: completions sampled per prompt (the group)", minimum=2)
+    max_prompt_length: int | None = setting(
+        None, "grpo: prompt tokens kept (the end of a longer prompt)", minimum=1, default_help="all"
+    )
+    max_completion_length: int = setting(512, "grpo: most tokens sampled per completion", minimum=1)
+    temperature: float = setting(1.0, "grpo: sampling temperature", above=0.0)
+    top_p: float = setting(1.0, "grpo: nucleus sampling (1: off)", above=0.0, maximum=1.0)
+    top_k: int = setting(0, "grpo: sample among the k likeliest tokens (0: off)", minimum=0)
+    min_p: float | None = setting(None, "grpo: drop tokens below min_p x the top probability", minimum=0.0, maximum=1.0)
+    repetition_penalty: float = setting(1.0, "grpo: transformers' repetition penalty while sampling", above=0.0)
+    epsilon: float = setting(0.2, "grpo: clipping range of the importance ratio", minimum=0.0)
+    epsilon_high: float | None = setting(None, "grpo: upper clipping range (DAPO)", minimum=0.0, default_help="epsilon")
+    scale_rewards: str = setting(
+        "group", "grpo: divide advantages by the group's or batch's reward std, or not", choices=GRPO_SCALE_REWARDS
+    )
+    num_iterations: int = setting(1, "grpo: optimizer steps per batch of samples (old log-probs kept)", minimum=1)
+    mask_truncated_completions: bool = setting(False, "grpo: leave completions that hit max_completion_length out")
+    use_bias_correction_kl: bool = setting(True, "grpo: weigh the KL term by the importance ratio (TRL's default)")
+    sampling_chunks: int = setting(
+        1, "grpo: sample each generation in this many pieces, scoring one piece's rewards on the host while the "
+        "device samples the next (for slow rewards; smaller sampling batches)", minimum=1,
+    )  # fmt: skip
 
     def _validate(self) -> None:
+        self._validate_method()
         if self.max_steps is not None and self.num_train_epochs is not None:
             raise ValueError("give max_steps or num_train_epochs, not both")
         if self.warmup_steps and self.warmup_ratio:
@@ -656,6 +713,31 @@ class TrainConfig(Settings):
                     f"{name} needs evaluations during training: give eval_dataset or val_set_size"
                     + (" and eval_strategy='steps'" if self.eval_strategy == "no" else "")
                 )
+
+    def _validate_method(self) -> None:
+        """beta and loss_type default by method (TRL's: 0.1 and sigmoid for preference methods, 0 and dapo for
+        GRPO); the GRPO settings fit together."""
+        grpo = self.method == "grpo"
+        if self.beta is None:
+            object.__setattr__(self, "beta", 0.0 if grpo else 0.1)
+        if self.loss_type is None:
+            object.__setattr__(self, "loss_type", "dapo" if grpo else "sigmoid")
+        if not grpo and self.method != "sft" and self.beta <= 0:
+            raise ValueError(f"beta must be > 0 for method={self.method!r}, got {self.beta}")
+        kinds = GRPO_LOSS_TYPES if grpo else DPO_LOSS_TYPES
+        if self.loss_type not in kinds:
+            raise ValueError(f"loss_type={self.loss_type!r} is not one of method={self.method!r}'s: {', '.join(kinds)}")
+        for v in self.reward_funcs:
+            if not (isinstance(v, str) or callable(v)):
+                raise ValueError(f"reward_funcs: {v!r} is neither a name (module.path:function) nor a callable")
+        if grpo and not self.reward_funcs:
+            raise ValueError(
+                "method='grpo' needs reward_funcs (built-ins: exact_answer, format; or module.path:function)"
+            )
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} reward_funcs"
+            )
 
     @property
     def has_eval_data(self) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +38,9 @@ from pallas_kernels.attention import MASK_VALUE
 log = logging.getLogger("jaxsloth")
 
 
-def _bucket(n: int, least: int = 8) -> int:
-    """n rounded up to a power of two, at least ``least``."""
+def bucket(n: int, least: int = 8) -> int:
+    """n rounded up to a power of two, at least ``least``: the lengths programs are compiled for, so varying
+    lengths share a few compiled shapes."""
     return max(least, 1 << max(0, n - 1).bit_length())
 
 
@@ -357,8 +358,8 @@ _decode_until_jit = jax.jit(_decode_until, static_argnames=_STATIC, donate_argna
 def left_pad(prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Prompts -> (tokens [B, P] int32 left-padded with 0, pads [B]: the first prompt slot of each row), B and P
     rounded up to buckets. Filler rows beyond the prompts hold one token 0."""
-    b = _bucket(len(prompt_ids), least=1)
-    p = _bucket(max(len(ids) for ids in prompt_ids))
+    b = bucket(len(prompt_ids), least=1)
+    p = bucket(max(len(ids) for ids in prompt_ids))
     tokens = np.zeros((b, p), np.int32)
     pads = np.full(b, p - 1, np.int32)
     for i, ids in enumerate(prompt_ids):
@@ -435,7 +436,7 @@ def _program_inputs(
         ops=ops or Ops(),
         lora_rt=lora_rt or LoraRuntime(),
         compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype),
-        new_slots=_bucket(max_new_tokens),
+        new_slots=bucket(max_new_tokens),
     )
     return args, static
 
@@ -453,10 +454,22 @@ def generate(
     first, see ``jaxsloth.lora.with_trainable``) with lora_rt, its runtime (scale); ops: kernel choice (default
     reference); compute_dtype: activations and KV cache (default: the embedding's dtype).
     """
+    return generate_async(params, config, prompt_ids, max_new_tokens=max_new_tokens, **settings)()
+
+
+def generate_async(
+    params, config: ModelConfig, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, **settings
+) -> Callable[[], list[list[int]]]:
+    """``generate`` dispatched without waiting for the device (JAX's async dispatch): returns at once a function
+    that waits and returns ``generate``'s tokens, so the host can work (score rewards) while the device samples."""
     args, static = _program_inputs(params, config, prompt_ids, max_new_tokens=max_new_tokens, **settings)
     out, counts = _generate_padded(*args, jnp.int32(max_new_tokens), **static)
-    out, counts = np.asarray(out), np.asarray(counts)
-    return [out[i, : counts[i]].tolist() for i in range(len(prompt_ids))]
+
+    def result() -> list[list[int]]:
+        tokens, lengths = np.asarray(out), np.asarray(counts)
+        return [tokens[i, : lengths[i]].tolist() for i in range(len(prompt_ids))]
+
+    return result
 
 
 def generate_stream(params, config: ModelConfig, prompt_ids: Sequence[int], *, max_new_tokens: int, **kwargs):

@@ -190,8 +190,9 @@ def test_grpo_step_matches_trl(case):
 
 
 def test_accumulated_step_matches_trl():
-    """The jitted step over two micro-batches (bnpo: each normalised by its own tokens, then / 2) against TRL's
-    ``_compute_loss`` on the two halves with gradient_accumulation_steps=2, gradients accumulated."""
+    """The jitted step over two micro-batches (bnpo: each normalised by its own tokens, then / 2), with the
+    reference's log-probs computed beforehand, against TRL's ``_compute_loss`` on the two halves with
+    gradient_accumulation_steps=2, gradients accumulated."""
     import optax
 
     from jaxsloth.methods.grpo_step import make_grpo_step
@@ -226,6 +227,8 @@ def test_accumulated_step_matches_trl():
     batch = completion_batch(prompt_ids, completion_ids, MAX_COMPLETION)
     batch["advantages"] = out["advantages"].numpy()
     batch["old_logps"] = out["old_per_token_logps"].numpy()
+    # The reference's log-probs computed before the step, as jaxsloth.train's GRPO loop does (adapter off).
+    batch["ref_logps"] = np.asarray(_logps_fn(config)(None, params, {k: jnp.asarray(v) for k, v in batch.items()}))
     micro = {k: jnp.asarray(v.reshape(2, half, *v.shape[1:])) for k, v in batch.items()}
     lora = LoraConfig(r=R, lora_alpha=ALPHA)
     lc = GRPOLossConfig(beta=0.3, epsilon_high=0.28, loss_type="bnpo", max_completion_length=MAX_COMPLETION)

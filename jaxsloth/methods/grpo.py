@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
+from jaxsloth.config import GRPO_LOSS_TYPES as LOSS_TYPES
+from jaxsloth.config import GRPO_SCALE_REWARDS as SCALE_REWARDS
+
 STD_EPS = 1e-4  # TRL's: keeps a group of equal rewards at advantage 0 rather than 0/0
 
 

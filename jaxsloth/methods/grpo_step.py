@@ -77,14 +77,14 @@ def make_grpo_loss_fn(
 ) -> Callable:
     """-> loss_fn(trainable, params, batch, num_items_in_batch, accumulation_steps) -> (loss, metrics) of one
     micro-batch. batch: ``rollout.completion_batch``'s arrays, plus "old_logps" [B, C] when the samples came from
-    earlier weights (num_iterations > 1). forward_kwargs go to ``forward_hidden`` (remat, compute_dtype, ...)."""
+    earlier weights (num_iterations > 1) and "ref_logps" [B, C] when the reference's are computed beforehand. forward_kwargs go to ``forward_hidden`` (remat, compute_dtype, ...)."""
     kwargs = dict(config=config, ops=ops, chunk=chunk, **forward_kwargs)
 
     def loss_fn(trainable, params, batch, num_items_in_batch, accumulation_steps: int = 1):
         p, lora_tree = with_trainable(params, trainable)
         logps, entropies = completion_logps(p, batch, lora=lora_tree, lora_rt=lora.runtime, **kwargs)
-        ref = None
-        if lc.beta != 0.0:
+        ref = batch.get("ref_logps")
+        if lc.beta != 0.0 and ref is None:
             # The reference: the base weights (untrained embeddings too), adapter off.
             ref, _ = completion_logps(params, batch, lora=None, **kwargs)
             ref = jax.lax.stop_gradient(ref)
@@ -107,11 +107,14 @@ def make_logps_fn(
     config: ModelConfig, lora: LoraConfig, ops: Ops = Ops(), chunk: int = LOGPROB_CHUNK, **forward_kwargs
 ):
     """Jitted ``logps(trainable, params, batch) -> [B, C]``: the policy's completion log-probs at sampling time,
-    kept as the old log-probs when one batch of samples serves several steps (num_iterations > 1)."""
+    kept as the old log-probs when one batch of samples serves several steps (num_iterations > 1); trainable None:
+    the reference's (adapter off)."""
 
     def logps(trainable, params, batch):
-        p, lora_tree = with_trainable(params, trainable)
         kw = dict(config=config, ops=ops, chunk=chunk, **forward_kwargs)
+        if trainable is None:
+            return completion_logps(params, batch, lora=None, **kw)[0]
+        p, lora_tree = with_trainable(params, trainable)
         return completion_logps(p, batch, lora=lora_tree, lora_rt=lora.runtime, **kw)[0]
 
     return jax.jit(logps)

@@ -1,11 +1,14 @@
 """Reward functions with TRL's signature, ``f(prompts=..., completions=..., completion_ids=..., **columns) ->
 list[float | None]`` (the dataset's other columns arrive as keyword lists, one value per completion; None = this
 function does not score that completion), their evaluation into one [N, F] array, and two built-ins: a regex format
-reward and an exact-answer reward."""
+reward and an exact-answer reward, also named in settings (``resolve_reward_funcs``)."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -105,4 +108,50 @@ def exact_answer_reward(
         return out
 
     func.__name__ = name
+    return func
+
+
+# The reward format the reasoning recipes (DeepSeek-R1, Unsloth's GRPO notebooks) ask for.
+THINK_ANSWER_FORMAT = r"<think>.*?</think>\s*<answer>.*?</answer>"
+BUILTIN_REWARDS: dict[str, Callable[[], RewardFunc]] = {
+    "exact_answer": exact_answer_reward,
+    "format": lambda: format_reward(THINK_ANSWER_FORMAT, name="format"),
+}
+
+
+def resolve_reward_funcs(specs: Sequence, search_dir: str | os.PathLike | None = None) -> list[RewardFunc]:
+    """Reward functions from the ``reward_funcs`` setting: callables as they are; a built-in's name
+    (``BUILTIN_REWARDS``: exact_answer scores the dataset's "answer" column, format asks for
+    <think>...</think><answer>...</answer>); or "module.path:function", imported with ``search_dir`` (the YAML
+    file's folder) searched first, then sys.path (PYTHONPATH, the working directory). Raises ValueError naming the
+    bad entry."""
+    funcs = []
+    for spec in specs:
+        if callable(spec):
+            funcs.append(spec)
+        elif spec in BUILTIN_REWARDS:
+            funcs.append(BUILTIN_REWARDS[spec]())
+        else:
+            funcs.append(_import_reward(str(spec), search_dir))
+    return funcs
+
+
+def _import_reward(spec: str, search_dir: str | os.PathLike | None) -> RewardFunc:
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise ValueError(
+            f"reward_funcs: {spec!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor module.path:function"
+        )
+    path = [os.fspath(search_dir)] if search_dir is not None else []
+    sys.path[:0] = path
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        where = f" (searched {path[0]} and PYTHONPATH)" if path else " (searched PYTHONPATH)"
+        raise ValueError(f"reward_funcs: cannot import module {module_name!r} of {spec!r}{where}: {e}") from None
+    finally:
+        del sys.path[: len(path)]
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise ValueError(f"reward_funcs: module {module_name!r} ({module.__file__}) has no function {attr!r}")
     return func

@@ -1,16 +1,16 @@
 """GRPO's samples: G completions per prompt from the current LoRA weights (unmerged) through
-``jaxsloth.generate.generate`` (bucketed lengths, left-padded prompts, KV cache), and their layout as training rows.
+``jaxsloth.generate.generate_async`` (bucketed lengths, left-padded prompts, KV cache), and their layout as training rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from jaxsloth.config import LoraConfig
-from jaxsloth.generate import _bucket, generate
+from jaxsloth.generate import bucket, generate_async
 from jaxsloth.lora import with_trainable
 from jaxsloth.models.config import ModelConfig
 
@@ -30,7 +30,7 @@ class Rollout:
         return np.array([len(c) for c in self.completion_ids])
 
 
-def sample_completions(
+def start_sampling(
     params,
     trainable: dict | None,
     config: ModelConfig,
@@ -47,16 +47,17 @@ def sample_completions(
     min_p: float | None = None,
     seed: int = 0,
     **generate_settings,
-) -> Rollout:
-    """Samples num_generations completions of each prompt with the adapter ``trainable`` applied unmerged (None: the
-    base model). top_k 0 and top_p 1 mean no cut, as in TRL. generate_settings: ``generate``'s others (ops,
-    compute_dtype, repetition_penalty)."""
+) -> Callable[[], Rollout]:
+    """Dispatches sampling num_generations completions of each prompt with the adapter ``trainable`` applied unmerged
+    (None: the base model) and returns at once a function that waits for them (the host is free meanwhile). top_k 0
+    and top_p 1 mean no cut, as in TRL. generate_settings: ``generate``'s others (ops, compute_dtype,
+    repetition_penalty)."""
     rows = [list(p) for p in prompt_ids for _ in range(num_generations)]
     lora_kwargs = {}
     if trainable is not None:
         params, lora_tree = with_trainable(params, trainable)
         lora_kwargs = dict(lora=lora_tree, lora_rt=lora.runtime)
-    completions = generate(
+    wait = generate_async(
         params,
         config,
         rows,
@@ -71,8 +72,13 @@ def sample_completions(
         **generate_settings,
     )
     ends = set(stop_tokens) | ({pad_token_id} if pad_token_id is not None else set())
-    truncated = np.array([not c or c[-1] not in ends for c in completions])
-    return Rollout(rows, completions, truncated)
+
+    def rollout() -> Rollout:
+        completions = wait()
+        truncated = np.array([not c or c[-1] not in ends for c in completions])
+        return Rollout(rows, completions, truncated)
+
+    return rollout
 
 
 def completion_batch(
@@ -91,7 +97,7 @@ def completion_batch(
     prompt_length or the longest prompt rounded up to a bucket, so steps compile once per bucket."""
     n, c = len(prompt_ids), max_completion_length
     longest = max(len(p) for p in prompt_ids)
-    p = prompt_length if prompt_length is not None else _bucket(longest)
+    p = prompt_length if prompt_length is not None else bucket(longest)
     if longest > p:
         raise ValueError(f"a prompt has {longest} tokens, more than prompt_length={p}")
     tokens = np.full((n, p + c), pad_token_id, np.int32)
