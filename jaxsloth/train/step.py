@@ -135,6 +135,30 @@ def make_train_step(
     data x fsdp, so micro_batch must divide by data * fsdp. shardings: (trainable, opt_state, params) trees of
     NamedSharding the step is compiled for; the new trainable and opt_state keep theirs.
     """
+    step = train_step_fn(config, lora, tc, profile, optimizer, mesh=mesh)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    t_sh, o_sh, p_sh = shardings
+    rep = replicated(mesh)
+    return jax.jit(
+        step,
+        donate_argnums=(0, 1),
+        in_shardings=(t_sh, o_sh, p_sh, batch_sharding(mesh), rep),
+        out_shardings=(t_sh, o_sh, rep),
+    )
+
+
+def train_step_fn(
+    config: ModelConfig,
+    lora: LoraConfig | None,
+    tc: TrainConfig,
+    profile: Profile,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+) -> Callable:
+    """The step ``make_train_step`` jits, unjitted, for callers that jit it over other argument types (the NNX
+    module state: ``jaxsloth.train.module_step``)."""
     ops = None if mesh is None else ShardedOps(profile.kernels, mesh=mesh)
     grad_fn = jax.value_and_grad(make_loss_fn(config, lora, profile, ops), has_aux=True)
 
@@ -168,16 +192,7 @@ def make_train_step(
         metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm, "finite": finite}
         return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
 
-    if shardings is None:
-        return jax.jit(step, donate_argnums=(0, 1))
-    t_sh, o_sh, p_sh = shardings
-    rep = replicated(mesh)
-    return jax.jit(
-        step,
-        donate_argnums=(0, 1),
-        in_shardings=(t_sh, o_sh, p_sh, batch_sharding(mesh), rep),
-        out_shardings=(t_sh, o_sh, rep),
-    )
+    return step
 
 
 class NonFiniteLossError(FloatingPointError):
