@@ -5,6 +5,7 @@ jaxsloth model trained inside a user's own nnx.Module with nnx.Optimizer."""
 from __future__ import annotations
 
 import collections
+import functools
 import re
 
 import jax
@@ -20,8 +21,17 @@ from jaxsloth.config import LoraConfig, TrainConfig
 from jaxsloth.lora import init_lora
 from jaxsloth.models import decoder
 from jaxsloth.models.config import config_from_hf_dict
-from jaxsloth.models.modules import CausalLM, LoRAParam, NF4Param, module_trees, split, state_like
+from jaxsloth.models.modules import (
+    CausalLM,
+    LoRAParam,
+    NF4Param,
+    module_trees,
+    split,
+    state_like,
+    state_shardings,
+)
 from jaxsloth.profiles import PROFILES
+from jaxsloth.sharding import lora_shardings, param_shardings
 from jaxsloth.train.module_step import init_optimizer_state, make_module_train_step
 from jaxsloth.train.step import make_optimizer, make_train_step
 from tests.tiny_models import hf_config, hf_model, saved_model
@@ -30,13 +40,18 @@ from tests.tolerances import assert_close
 LORA = LoraConfig(r=4, lora_alpha=8.0)
 
 
+@functools.cache
 def _tiny(family: str):
-    """(config, params, trainable with a non-zero B, so every LoRA gradient is non-zero)."""
+    """(config, params, trainable with a non-zero B, so every LoRA gradient is non-zero), built in one jit."""
     config = config_from_hf_dict(hf_config(family).to_dict())
-    params = decoder.init_params(config, jax.random.key(0), std=0.1)
-    trainable = init_lora(config, LORA, jax.random.key(1))
-    trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), trainable)
-    return config, params, trainable
+
+    def build():
+        params = decoder.init_params(config, jax.random.key(0), std=0.1)
+        trainable = init_lora(config, LORA, jax.random.key(1))
+        trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), trainable)
+        return params, trainable
+
+    return config, *jax.jit(build)()
 
 
 def _same_arrays(a, b) -> bool:
@@ -175,6 +190,23 @@ def test_step_over_the_split_state_is_the_functional_step():
     assert [s for s in jax.tree.leaves(shardings)] == [x.sharding for x in jax.tree.leaves(lora_state)]
 
 
+def test_state_shardings_are_the_sharding_rules_of_the_trees():
+    config, params, trainable = _tiny("qwen2")
+    module = CausalLM.from_trees(config, params, trainable, lora=LORA)
+    mesh = jax.sharding.AbstractMesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    for shard_lora in (False, True):
+        shardings = state_shardings(nnx.state(module), mesh, shard_lora)
+        p_sh, t_sh = module_trees(shardings)
+        assert p_sh == param_shardings(params, mesh) and t_sh == lora_shardings(trainable, mesh, shard_lora)
+    spec = lambda v: v.get_value().spec  # noqa: E731
+    assert spec(shardings["layers"]["attention"]["q_proj"]["weight"]) == jax.P(None, "fsdp", None)  # out: 96 / 4
+    assert spec(shardings["embed"]["weight"]) == jax.P(None, "fsdp")  # vocab 131 does not divide: hidden instead
+    assert spec(shardings["layers"]["attention"]["q_proj"]["bias"]) == jax.P()
+    logical = nnx.get_partition_spec(nnx.state(module))
+    assert logical["layers"]["attention"]["q_proj"]["weight"].get_value() == jax.P("layers", "out", "in")
+    assert logical["layers"]["mlp"]["down_proj"]["lora_a"].get_value() == jax.P("layers", "lora_rank", "in")
+
+
 class Classifier(nnx.Module):
     """A user's model: a jaxsloth LoRA model and a linear head on the last token's hidden state."""
 
@@ -223,7 +255,8 @@ def test_one_step_of_tunix_peft_trainer_on_a_jaxsloth_model(tmp_path):
     module = CausalLM.from_trees(config, params, trainable, lora=LORA)
     frozen_before = jax.tree.map(np.asarray, nnx.state(module, nnx.Not(LoRAParam)))
     lora_before = jax.tree.map(np.asarray, nnx.state(module, LoRAParam))
-    expected_loss = float(module.loss({"tokens": _tokens(config, (2, 9)), "targets": _tokens(config, (2, 9), 4)}))
+    loss = nnx.jit(lambda model, tokens, targets: model.loss({"tokens": tokens, "targets": targets}))
+    expected_loss = float(loss(module, _tokens(config, (2, 9)), _tokens(config, (2, 9), 4)))
 
     def loss_fn(model, tokens, targets):
         return model.loss({"tokens": tokens, "targets": targets})
@@ -233,6 +266,7 @@ def test_one_step_of_tunix_peft_trainer_on_a_jaxsloth_model(tmp_path):
     example = {"tokens": np.asarray(_tokens(config, (2, 9))), "targets": np.asarray(_tokens(config, (2, 9), 4))}
     trainer.train([example])
     assert trainer.train_steps == 1
+    trainer.close()
     trained = trainer.model
     assert all(
         np.array_equal(a, np.asarray(b))
@@ -243,4 +277,4 @@ def test_one_step_of_tunix_peft_trainer_on_a_jaxsloth_model(tmp_path):
         for a, b in zip(jax.tree.leaves(lora_before), jax.tree.leaves(nnx.state(trained, LoRAParam)), strict=True)
     ]
     assert all(moved)
-    assert float(trained.loss({"tokens": example["tokens"], "targets": example["targets"]})) < expected_loss
+    assert float(loss(trained, example["tokens"], example["targets"])) < expected_loss

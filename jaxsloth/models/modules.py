@@ -123,9 +123,10 @@ class DecoderLayer(nnx.Module):
         self.attention = Attention({n: linear(n) for n in ATTENTION}, {n: norm(n) for n in QK_NORMS})
         self.mlp = MLP({n: linear(n) for n in MLP_PROJECTIONS}, config.activation)
 
-    def __call__(self, h, *, layer: int, positions=None, segment_ids=None, ops: Ops = Ops(), lora_dropout=0.0):
-        """h: [B, T, D] -> [B, T, D]: ``decoder.decoder_layer`` with this layer's weights; ``layer`` (its index)
-        picks the layer kind (sliding or global attention). One layer only: stacked layers run in CausalLM."""
+    def __call__(self, h, *, layer: int, positions=None, segment_ids=None, ops: Ops = Ops()):
+        """h: [B, T, D] -> [B, T, D]: ``decoder.decoder_layer`` with this layer's own variables (an unrolled layer's
+        LoRA is the model's ``layer_adapters``, which CausalLM applies); ``layer`` (its index) picks the layer kind
+        (sliding or global attention). One layer only: stacked layers run in CausalLM (the layer scan)."""
         if self.stacked:
             raise ValueError("a stacked DecoderLayer holds every layer: run it through CausalLM (the layer scan)")
         lp, ll = _layer_trees(nnx.state(self).to_pure_dict())
@@ -138,7 +139,7 @@ class DecoderLayer(nnx.Module):
         return decoder.decoder_layer(
             h, lp, ll or None, config=self.config, ops=ops, sliding=sliding, positions=positions,
             segment_ids=segment_ids, inv_freq=inv_freq, rope_scaling=scaling, long_rope=long_rope,
-            lora_rt=decoder.LoraRuntime(self.attention.q_proj.lora_scale, lora_dropout),
+            lora_rt=decoder.LoraRuntime(self.attention.q_proj.lora_scale),
         )  # fmt: skip
 
 
@@ -359,3 +360,19 @@ def state_like(like: nnx.State, params: dict | None = None, trainable: dict | No
 def split(model: CausalLM) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graph definition, LoRA state, frozen state): what the jitted step takes (``nnx.merge`` rebuilds the model)."""
     return nnx.split(model, LoRAParam, ...)
+
+
+def state_shardings(state: nnx.State, mesh, shard_lora: bool = False) -> nnx.State:
+    """A CausalLM state's placement on ``mesh`` (a jax.sharding.Mesh or AbstractMesh with an "fsdp" axis): the
+    state's shape with a NamedSharding per array, by ``jaxsloth.sharding``'s rules (frozen weights over fsdp,
+    LoRA replicated unless ``shard_lora``), so the module places its arrays exactly as the functional trees do.
+    ``jax.device_put(state, state_shardings(state, mesh))`` places them; the module step takes these as its
+    ``shardings``."""
+    from jaxsloth.sharding import lora_shardings, param_shardings
+
+    params, trainable = module_trees(state)
+    return state_like(
+        state,
+        params=param_shardings(params, mesh) if params else None,
+        trainable=None if trainable is None else lora_shardings(trainable, mesh, shard_lora),
+    )
