@@ -34,7 +34,7 @@ def test_bench_step_runs_the_module_step_in_the_unrolled_layout(tmp_path):
     out = tmp_path / "step.jsonl"
     step.main(
         ["--model-path", str(ROOT / "jaxsloth" / "demo_assets" / "model"), "--quant", "nf4", "--batch", "1"]
-        + ["--seq", "32", "--steps", "1", "--warmup", "0", "--layer-loop", "unrolled", "--module", "--out", str(out)]
+        + ["--seq", "32", "--steps", "0", "--warmup", "0", "--layer-loop", "unrolled", "--module", "--out", str(out)]
     )
     rec = json.loads(out.read_text().splitlines()[0])
     assert rec["module_step"] and rec["layer_loop"] == "unrolled"

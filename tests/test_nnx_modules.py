@@ -31,7 +31,7 @@ from jaxsloth.models.modules import (
     state_shardings,
 )
 from jaxsloth.profiles import PROFILES
-from jaxsloth.sharding import lora_shardings, param_shardings
+from jaxsloth.sharding import lora_shardings, make_mesh, param_shardings, place_train_state
 from jaxsloth.train.module_step import init_optimizer_state, make_module_train_step
 from jaxsloth.train.step import make_optimizer, make_train_step
 from tests.tiny_models import hf_config, hf_model, saved_model
@@ -103,7 +103,7 @@ def test_nf4_weights_are_frozen_variables_holding_the_packed_arrays():
     model = jaxsloth.add_lora(model, r=4)
     module = model.module
     weight = module.layers.mlp.down_proj.weight
-    assert isinstance(weight, NF4Param)
+    assert isinstance(weight, NF4Param) and "NF4Param" in repr(module)
     assert _same_arrays(weight.get_value(), model.params["layers"]["down_proj"]["weight"])
     assert not any(isinstance(v, NF4Param) for _, v in nnx.state(module, nnx.Param).flat_state())
     _, lora_state, frozen_state = split(module)
@@ -151,7 +151,12 @@ def _forward(config, params, trainable, tokens):
 
 
 def _op_counts(lowered) -> collections.Counter:
-    return collections.Counter(re.findall(r"\b(?:stablehlo|chlo|mhlo)\.[a-z_]+", lowered.as_text()))
+    """Ops of the lowered program (calls included), each distinct private function counted once: lowering may emit
+    one function per call site (``jnp.where``'s) where another trace shares one, the same program either way."""
+    functions = re.split(r"\n  func\.func ", lowered.as_text())
+    bodies = {re.sub(r"@[\w.]+|%[\w#]+|\{[^{}]*\}", "", f.split("{", 1)[-1]) for f in functions[1:]}
+    ops = re.findall(r"\b(?:stablehlo|chlo|mhlo|func|call)\.[a-z_]+", "".join(sorted(bodies)))
+    return collections.Counter(ops)
 
 
 def test_step_over_the_split_state_is_the_functional_step():
@@ -185,9 +190,15 @@ def test_step_over_the_split_state_is_the_functional_step():
     merged = nnx.merge(graphdef, m_state, frozen_state)
     assert not np.array_equal(merged.layers.attention.q_proj.lora_a[...], trainable["layers"]["q_proj"]["a"])
     assert merged.layers.attention.q_proj.weight[...] is params["layers"]["q_proj"]["weight"]
-    # The sharding trees of jaxsloth.sharding map onto the states the same way as the arrays do.
-    shardings = state_like(lora_state, trainable=jax.tree.map(lambda x: x.sharding, trainable))
-    assert [s for s in jax.tree.leaves(shardings)] == [x.sharding for x in jax.tree.leaves(lora_state)]
+    # On a device mesh, compiled for the states' placements (state_shardings): the functional step's program too.
+    mesh = make_mesh("data=1", devices=jax.devices()[:1])
+    p_mesh, t_mesh, o_mesh, (t_sh, o_sh, p_sh) = place_train_state(params, trainable, optimizer, mesh)
+    functional = make_train_step(config, LORA, tc, profile, optimizer, mesh=mesh, shardings=(t_sh, o_sh, p_sh))
+    shardings = (state_shardings(lora_state, mesh), o_sh, state_shardings(frozen_state, mesh))
+    module_step = make_module_train_step(config, LORA, tc, profile, optimizer, mesh=mesh, shardings=shardings)
+    f_lowered = functional.lower(t_mesh, o_mesh, p_mesh, batch, key)
+    m_lowered = module_step.lower(lora_state, o_mesh, frozen_state, batch, key)
+    assert _op_counts(f_lowered) == _op_counts(m_lowered)
 
 
 def test_state_shardings_are_the_sharding_rules_of_the_trees():
