@@ -27,7 +27,6 @@ from jaxsloth.models.modules import (
     NF4Param,
     module_trees,
     split,
-    state_like,
     state_shardings,
 )
 from jaxsloth.profiles import PROFILES
@@ -260,7 +259,11 @@ def test_jaxsloth_model_trains_inside_a_users_nnx_module_with_nnx_optimizer():
 
 
 def test_one_step_of_tunix_peft_trainer_on_a_jaxsloth_model(tmp_path):
-    """Tunix's PeftTrainer finds the LoRAParams, builds nnx.Optimizer(wrt=nnx.LoRAParam) and takes one step."""
+    """Tunix's PeftTrainer finds the LoRAParams, builds nnx.Optimizer(wrt=nnx.LoRAParam) and takes one step.
+
+    google-tunix 0.1.7 works with this JAX and Flax; its declared dependencies pull newer ones, so it runs from a
+    directory of its own: ``pip install --target DIR --no-deps google-tunix google-metrax clu wrapt jaxtyping
+    sentencepiece perfetto wadler_lindig`` (what its trainer imports beyond this venv), then PYTHONPATH=.:DIR."""
     peft_trainer = pytest.importorskip("tunix.sft.peft_trainer", reason="google-tunix is not installed")
     config, params, trainable = _tiny("llama")
     module = CausalLM.from_trees(config, params, trainable, lora=LORA)
