@@ -45,6 +45,21 @@ class Model:
     local_dir: str | None = None  # where `path` (a directory or a Hub id) was read from
     full_finetuning: bool = False  # every weight trains (jaxsloth.load(..., full_finetuning=True)); no adapter
 
+    @property
+    def module(self):
+        """The model as a Flax NNX module (``jaxsloth.models.modules.CausalLM``, running with the profile's ops)
+        over the same arrays as ``params`` and ``trainable``: nothing is copied. Assigning a CausalLM (one trained
+        with nnx.Optimizer, say) makes its arrays the model's ``params`` and ``trainable``."""
+        from jaxsloth.models.modules import CausalLM
+
+        return CausalLM.from_trees(self.config, self.params, self.trainable, lora=self.lora, ops=self.profile.ops)
+
+    @module.setter
+    def module(self, module) -> None:
+        from jaxsloth.models.modules import module_trees
+
+        self.params, self.trainable = module_trees(module)
+
     def generate(self, tokenizer, prompts, max_new_tokens: int = 64, **sampling) -> list[str]:
         """Answers each prompt (KV cache). Returns the new text per prompt.
 

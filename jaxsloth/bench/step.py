@@ -181,7 +181,18 @@ def run(args) -> dict:
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch * args.grad_accum, args.seq))
     targets = np.concatenate([ids[:, 1:], np.full((ids.shape[0], 1), -100)], axis=1)
     batch = {"tokens": ids.astype(np.int32), "targets": targets.astype(np.int32)}
-    if mesh is None:
+    if args.module and (lora is None or mesh is not None):
+        raise SystemExit("--module runs the LoRA step on one device: drop --full-finetuning and --mesh")
+    if args.module:  # the same step over the NNX module's split state (jaxsloth.train.module_step)
+        from jaxsloth.models.modules import CausalLM, split
+        from jaxsloth.train.module_step import init_optimizer_state, make_module_train_step
+
+        _, trainable, params = split(CausalLM.from_trees(config, params, trainable, lora=lora, ops=profile.ops))
+        opt_state = init_optimizer_state(optimizer, trainable)
+        step = make_module_train_step(config, lora, tc, profile, optimizer)
+        batch = jax.tree.map(jnp.asarray, batch)
+        key_of = jax.random.key
+    elif mesh is None:
         opt_state = optimizer.init(trainable)
         step = make_train_step(config, lora, tc, profile, optimizer)
         batch = jax.tree.map(jnp.asarray, batch)
@@ -238,6 +249,7 @@ def run(args) -> dict:
         profile,
         layer_loop,
         **({"attention_blocks": tiles} if tiles else {}),
+        **({"module_step": True} if args.module else {}),
         tokens_per_s=tokens / (ms / 1e3),
         step_ms=ms,
         peak_gib=peak_gib(),
@@ -313,6 +325,7 @@ def main(argv=None) -> None:
         "--context-axis", action="store_true", help="with --mesh: keep a context axis of size 1 (the ring's own cost)"
     )
     p.add_argument("--full-finetuning", action="store_true", help="train every weight, no LoRA (needs --quant bf16)")
+    p.add_argument("--module", action="store_true", help="run the step over the Flax NNX module's split state")
     p.add_argument("--compile-only", action="store_true", help="report XLA's memory plan for the step; do not run")
     p.add_argument("--trace", default=None, help=f"directory: profile {TRACED_STEPS} more steps, summarize device time")
     p.add_argument("--out", default=None)

@@ -168,6 +168,30 @@ def make_train_step(
     shardings: (trainable, opt_state, params) trees of NamedSharding the step is compiled for; the new trainable
     and opt_state keep theirs.
     """
+    step = train_step_fn(config, lora, tc, profile, optimizer, mesh=mesh)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    t_sh, o_sh, p_sh = shardings
+    rep = replicated(mesh)
+    return jax.jit(
+        step,
+        donate_argnums=(0, 1),
+        in_shardings=(t_sh, o_sh, p_sh, batch_sharding(mesh), rep),
+        out_shardings=(t_sh, o_sh, rep),
+    )
+
+
+def train_step_fn(
+    config: ModelConfig,
+    lora: LoraConfig | None,
+    tc: TrainConfig,
+    profile: Profile,
+    optimizer: optax.GradientTransformation,
+    *,
+    mesh: Mesh | None = None,
+) -> Callable:
+    """The step ``make_train_step`` jits, unjitted, for callers that jit it over other argument types (the NNX
+    module state: ``jaxsloth.train.module_step``)."""
     router_aux = config.is_moe and config.output_router_logits  # logged as the metric router_aux_loss
     value_and_grad = jax.value_and_grad(make_mesh_loss_fn(config, lora, profile, mesh, router_aux), has_aux=True)
 
@@ -210,16 +234,7 @@ def make_train_step(
             metrics["router_aux_loss"] = b_sum / n
         return keep(new_trainable, trainable), keep(new_opt, opt_state), metrics
 
-    if shardings is None:
-        return jax.jit(step, donate_argnums=(0, 1))
-    t_sh, o_sh, p_sh = shardings
-    rep = replicated(mesh)
-    return jax.jit(
-        step,
-        donate_argnums=(0, 1),
-        in_shardings=(t_sh, o_sh, p_sh, batch_sharding(mesh), rep),
-        out_shardings=(t_sh, o_sh, rep),
-    )
+    return step
 
 
 class NonFiniteLossError(FloatingPointError):
