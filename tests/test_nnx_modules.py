@@ -19,7 +19,7 @@ from flax import nnx
 import jaxsloth
 from jaxsloth.config import LoraConfig, TrainConfig
 from jaxsloth.lora import init_lora
-from jaxsloth.models import decoder
+from jaxsloth.models import decoder, moe
 from jaxsloth.models.config import config_from_hf_dict
 from jaxsloth.models.modules import (
     CausalLM,
@@ -33,6 +33,7 @@ from jaxsloth.profiles import PROFILES
 from jaxsloth.sharding import lora_shardings, make_mesh, param_shardings, place_train_state
 from jaxsloth.train.module_step import init_optimizer_state, make_module_train_step
 from jaxsloth.train.step import make_optimizer, make_train_step
+from tests.moe_models import MOE_FAMILIES, hf_moe_config
 from tests.tiny_models import hf_config, hf_model, saved_model
 from tests.tolerances import assert_close
 
@@ -42,7 +43,8 @@ LORA = LoraConfig(r=4, lora_alpha=8.0)
 @functools.cache
 def _tiny(family: str):
     """(config, params, trainable with a non-zero B, so every LoRA gradient is non-zero), built in one jit."""
-    config = config_from_hf_dict(hf_config(family).to_dict())
+    hf = hf_moe_config(family) if family in MOE_FAMILIES else hf_config(family)
+    config = config_from_hf_dict(hf.to_dict())
 
     def build():
         params = decoder.init_params(config, jax.random.key(0), std=0.1)
@@ -137,6 +139,27 @@ def test_unrolled_layout_and_gemma2_layers_run_the_functional_core():
     )(per_layer["layers"][1], h)  # fmt: skip
     layer = nnx.jit(lambda layer, h: layer(h, layer=1))(unrolled.layers[1], h)
     np.testing.assert_array_equal(np.asarray(layer), np.asarray(ref))
+
+
+def test_mixture_of_experts_layers_hold_one_matrix_and_adapter_per_expert():
+    config, params, trainable = _tiny("qwen3_moe")  # router + fused gate/up and down experts, LoRA on experts
+    toks = _tokens(config)
+    expected = _forward(config, params, trainable, toks)
+    stacked = CausalLM.from_trees(config, params, trainable, lora=LORA)
+    experts = stacked.layers.mlp.experts_gate_up
+    assert experts.lora_a[...].shape[:2] == (config.num_layers, config.num_experts)
+    assert experts.weight.sharding_names[:2] == ("layers", "experts")
+    assert _same_arrays(module_trees(stacked), (params, trainable))
+    np.testing.assert_array_equal(np.asarray(_call(stacked, toks)), np.asarray(expected))
+    per_layer = decoder.unstack_layers(params)
+    unrolled = CausalLM.from_trees(config, per_layer, trainable, lora=LORA)
+    assert _same_arrays(module_trees(unrolled), (per_layer, trainable))
+    assert_close(np.asarray(_call(unrolled, toks)), np.asarray(expected), "f32_logits")
+    # The MoE block called alone is moe.moe_mlp with that layer's weights (no adapter on an unrolled layer).
+    x = jax.random.normal(jax.random.key(4), (2, 5, config.hidden_size))
+    ref = jax.jit(lambda lp, x: moe.moe_mlp(x, lp, None, config=config, ops=unrolled.ops, lora_scale=0.0)[0])
+    got = nnx.jit(lambda mlp, x: mlp(x))(unrolled.layers[0].mlp, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref(per_layer["layers"][0], x)))
 
 
 @nnx.jit

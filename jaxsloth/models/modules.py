@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxsloth.config import LoraConfig
 from jaxsloth.lora import with_trainable
-from jaxsloth.models import decoder
+from jaxsloth.models import decoder, moe
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.ops import Ops
 from jaxsloth.quant import is_nf4
@@ -68,10 +68,13 @@ class RMSNorm(nnx.Module):
 
 class Linear(nnx.Module):
     """One projection y = x W^T (+ b) + scale * (x A^T) B^T. weight: [out, in] (nnx.Param) or an NF4Weight
-    (NF4Param); bias: [out] or None; lora_a: [r, in], lora_b: [out, r] or None. Stacked: a leading [L] on each."""
+    (NF4Param); bias: [out] or None; lora_a: [r, in], lora_b: [out, r] or None. Stacked: a leading [L] on each;
+    a mixture of experts' projections also lead with [E] (``experts``): one matrix and one adapter per expert."""
 
-    def __init__(self, weight, bias=None, lora_a=None, lora_b=None, *, lora_scale: float = 0.0, stacked=False):
-        lead = _lead(stacked)
+    def __init__(
+        self, weight, bias=None, lora_a=None, lora_b=None, *, lora_scale: float = 0.0, stacked=False, experts=False
+    ):
+        lead = (*_lead(stacked), *(("experts",) if experts else ()))
         self.weight = NF4Param(weight) if is_nf4(weight) else _variable(nnx.Param, weight, (*lead, "out", "in"))
         self.bias = None if bias is None else _variable(nnx.Param, bias, (*lead, "out"))
         self.lora_a = None if lora_a is None else _variable(LoRAParam, lora_a, (*lead, "lora_rank", "in"))
@@ -107,13 +110,31 @@ class MLP(nnx.Module):
         return self.down_proj(act, ops)
 
 
+class MoE(nnx.Module):
+    """A mixture of experts' MLP (``jaxsloth.models.moe``): the router (frozen) and every expert's fused gate/up and
+    down projections, one matrix per expert."""
+
+    def __init__(self, router, projections: dict, config: ModelConfig):
+        self.router = router
+        self.experts_gate_up, self.experts_down = (projections[n] for n in moe.EXPERT_LINEARS)
+        self.config = config
+
+    def __call__(self, x, ops: Ops = Ops()):
+        """x: [B, T, D] (normed, one layer's) -> [B, T, D]."""
+        lp, ll = _layer_trees({"mlp": nnx.state(self).to_pure_dict()})
+        return moe.moe_mlp(x, lp, ll or None, config=self.config, ops=ops, lora_scale=self.experts_down.lora_scale)[0]
+
+
 class DecoderLayer(nnx.Module):
     """Norms, attention and MLP of one layer, or of every layer stacked along a leading axis (``stacked``)."""
 
     def __init__(self, config: ModelConfig, lp: dict, ll: dict | None, lora_scale: float, stacked: bool):
-        def linear(name):
+        def linear(name, experts=False):
             p, ab = lp[name], (ll or {}).get(name, {})
-            return Linear(p["weight"], p.get("bias"), ab.get("a"), ab.get("b"), lora_scale=lora_scale, stacked=stacked)
+            return Linear(
+                p["weight"], p.get("bias"), ab.get("a"), ab.get("b"), lora_scale=lora_scale, stacked=stacked,
+                experts=experts,
+            )  # fmt: skip
 
         def norm(name):
             return RMSNorm(lp[name], config, stacked) if name in lp else None
@@ -121,7 +142,11 @@ class DecoderLayer(nnx.Module):
         self.config, self.stacked = config, stacked
         self.attn_norm, self.mlp_norm, self.attn_post_norm, self.mlp_post_norm = (norm(n) for n in LAYER_NORMS)
         self.attention = Attention({n: linear(n) for n in ATTENTION}, {n: norm(n) for n in QK_NORMS})
-        self.mlp = MLP({n: linear(n) for n in MLP_PROJECTIONS}, config.activation)
+        if config.is_moe:
+            experts = {n: linear(n, experts=True) for n in moe.EXPERT_LINEARS}
+            self.mlp = MoE(linear("router"), experts, config)
+        else:
+            self.mlp = MLP({n: linear(n) for n in MLP_PROJECTIONS}, config.activation)
 
     def __call__(self, h, *, layer: int, positions=None, segment_ids=None, ops: Ops = Ops()):
         """h: [B, T, D] -> [B, T, D]: ``decoder.decoder_layer`` with this layer's own variables (an unrolled layer's
@@ -144,11 +169,13 @@ class DecoderLayer(nnx.Module):
 
 
 class LoRA(nnx.Module):
-    """A projection's stacked LoRA pair (the unrolled layout's adapters): a [L, r, in], b [L, out, r]."""
+    """A projection's stacked LoRA pair (the unrolled layout's adapters): a [L, r, in], b [L, out, r] (an expert
+    projection's: [L, E, ...])."""
 
     def __init__(self, a, b):
-        self.lora_a = _variable(LoRAParam, a, ("layers", "lora_rank", "in"))
-        self.lora_b = _variable(LoRAParam, b, ("layers", "out", "lora_rank"))
+        lead = ("layers", *(("experts",) if a.ndim == 4 else ()))
+        self.lora_a = _variable(LoRAParam, a, (*lead, "lora_rank", "in"))
+        self.lora_b = _variable(LoRAParam, b, (*lead, "out", "lora_rank"))
 
 
 class Embedding(nnx.Module):
