@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jaxsloth.bench.timing import portable_command
+
 SYSTEMS = ("jaxsloth", "trl-peft-bnb", "unsloth")
 DEMO_TOKENIZER = Path(__file__).parents[1] / "demo_assets" / "model"
 BETA = 0.1
@@ -73,7 +75,7 @@ def _common(args, step_s: list[float], peak: float | None) -> dict:
         "timed_steps": len(step_s),
         "warmup": args.warmup,
         "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", "-m", "jaxsloth.bench.preference_baseline", *sys.argv[1:]]),
+        "command": portable_command(),
     }
 
 

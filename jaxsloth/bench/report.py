@@ -335,6 +335,8 @@ TOPICS = {
     "step_h200": "Training step on one H200",
     "long_context_h200": "Long context on one H200, batch 1",
     "step_h200x2": "Training step on two H200s (device mesh; the one-GPU rows ran on GPU 0 of the same host)",
+    "preference_h200": "DPO step on one H200 (`jaxsloth.bench.preference_baseline`)",
+    "families_h200": "Newer families on one H200",
     "kernels/attention_h200": "Attention, forward and forward+backward (`jaxsloth.bench.kernel_attention`)",
     "kernels/attention_tiles_h200": "Attention kernels alone on their fastest tiles (`kernel_attention --tune`)",
     "kernels/nf4_matmul_h200": "NF4 projections with LoRA r=16 (`jaxsloth.bench.kernel_nf4_matmul`)",
