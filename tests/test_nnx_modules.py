@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import functools
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,8 @@ from jaxsloth.models.modules import (
 )
 from jaxsloth.profiles import PROFILES
 from jaxsloth.sharding import lora_shardings, make_mesh, param_shardings, place_train_state
-from jaxsloth.train.module_step import init_optimizer_state, make_module_train_step
+from jaxsloth.train import module_step
+from jaxsloth.train.module_step import init_optimizer_state, make_fit_step, make_module_train_step
 from jaxsloth.train.step import make_optimizer, make_train_step
 from tests.moe_models import MOE_FAMILIES, hf_moe_config
 from tests.tiny_models import hf_config, hf_model, saved_model
@@ -221,6 +223,38 @@ def test_step_over_the_split_state_is_the_functional_step():
     f_lowered = functional.lower(t_mesh, o_mesh, p_mesh, batch, key)
     m_lowered = module_step.lower(lora_state, o_mesh, frozen_state, batch, key)
     assert _op_counts(f_lowered) == _op_counts(m_lowered)
+
+
+def test_jaxsloth_train_runs_the_module_step_over_the_trees(monkeypatch):
+    """``jaxsloth.train`` of a LoRA model compiles the module step (make_fit_step), called with the trees; called
+    directly, it gives the functional step's results bit for bit, and the frozen state is built once."""
+    config, params, trainable = _tiny("llama")
+    profile = PROFILES["cpu"]
+    tc = TrainConfig(learning_rate=1e-2, max_steps=4)
+    optimizer = make_optimizer(tc, LORA, trainable)
+    batch = {"tokens": _tokens(config, (4, 9)), "targets": _tokens(config, (4, 9), seed=4)}
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (the steps donate their inputs)
+    f_out = make_train_step(config, LORA, tc, profile, optimizer)(
+        copy(trainable), optimizer.init(trainable), params, batch, jax.random.key(5)
+    )
+    fit_step = make_fit_step(config, LORA, tc, profile, optimizer)
+    args = (copy(trainable), optimizer.init(trainable), params, batch, jax.random.key(5))
+    compiled = fit_step.lower(*args).compile()
+    frozen = compiled.states.frozen(params)
+    m_out = compiled(*args)
+    assert compiled.states.frozen(params) is frozen  # the same arrays: the same state, not rebuilt per step
+    for a, b in zip(jax.tree.leaves(f_out), jax.tree.leaves(m_out), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(m_out[0]) == jax.tree.structure(trainable)
+
+    built = []
+    real = module_step.make_module_train_step
+    monkeypatch.setattr(module_step, "make_module_train_step", lambda *a, **k: built.append(a) or real(*a, **k))
+    demo = Path(jaxsloth.__file__).parent / "demo_assets"
+    model, tokenizer = jaxsloth.load(demo / "model", profile="cpu", max_seq_length=64)
+    model = jaxsloth.add_lora(model, r=4, seed=1)
+    result = jaxsloth.train(model, tokenizer, str(demo / "train.jsonl"), max_steps=2, progress=False)
+    assert len(built) == 1 and len(result.history) == 2
 
 
 def test_state_shardings_are_the_sharding_rules_of_the_trees():

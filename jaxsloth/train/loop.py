@@ -27,6 +27,7 @@ from jaxsloth.train.checkpoint import Checkpointer, array_to_key, key_to_array
 from jaxsloth.train.evaluate import Evaluator
 from jaxsloth.train.identity import check_identity, run_identity
 from jaxsloth.train.interrupts import InterruptGuard, TrainingInterrupted
+from jaxsloth.train.module_step import make_fit_step
 from jaxsloth.train.step import (
     NonFiniteLossError,
     TrainConfig,
@@ -241,7 +242,9 @@ def fit(
     arrays of ``params`` rather than a copy, and TrainResult.trainable holds the trained weights. A run that fails
     hands the last step's weights back on the exception's ``trained_weights`` (when the failed step had not already
     taken them). Over a mesh the weights and optimizer state are replicated (data-parallel).
-    make_step: builds the step as ``make_train_step`` does (same arguments and signature; e.g. a preference
+    make_step: builds the step as ``make_train_step`` does (same arguments and signature; default: the NNX module
+    step over the model's split state, ``jaxsloth.train.module_step.make_fit_step``, or with full fine-tuning
+    ``make_train_step``; e.g. a preference
     method's, jaxsloth.methods.preference_train); its metrics beyond loss, tokens and grad_norm join each record.
     """
     tc = train_config
@@ -312,7 +315,9 @@ def fit(
                 raise
             saved_at, last_save = step, time.monotonic()
 
-    step_fn = (make_step or make_train_step)(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
+    if make_step is None:  # a LoRA model trains through its NNX module's split state; full fine-tuning on the trees
+        make_step = make_train_step if lora is None else make_fit_step
+    step_fn = make_step(config, lora, tc, profile, optimizer, mesh=mesh, shardings=shardings)
     learning_rate = learning_rate_schedule(tc)
     compiled_steps: dict[tuple[int, int], Callable] = {}  # batch shape -> the step compiled (and checked) for it
     history: list[dict] = []
