@@ -8,6 +8,15 @@ os.environ.setdefault("NPROC", "8")
 import jax
 import pytest
 
+from jaxsloth import compile_cache
+
+# Every test compiles through jaxsloth's persistent cache, as a user's second run does (not only the tests that
+# call jaxsloth.load), and so do the processes tests start (JAX reads its options from the environment there); a
+# warm cache makes the suite's second run skip compiling. JAXSLOTH_COMPILE_CACHE=off runs it cold.
+if compile_cache.enable() is not None:
+    for _name in ("jax_compilation_cache_dir", *compile_cache._THRESHOLDS):
+        os.environ.setdefault(_name.upper(), str(getattr(jax.config, _name)))
+
 # The GPU tests in parts that each finish within ten minutes on one H200 (README, "Tests"):
 # `pytest -m gpu_attention`, `pytest -m gpu_kernels`, `pytest -m gpu_models`; `pytest -m gpu` runs them all.
 GPU_PARTS = {
