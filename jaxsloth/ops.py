@@ -251,6 +251,9 @@ class Ops:
             # One layer's experts dequantized at a time, as bitsandbytes dequantizes before its matmul; rematerialised,
             # so the backward dequantizes again instead of keeping every layer's 16-bit experts as residuals.
             def nf4_grouped(x, weight, group_sizes):
+                # The dequantization needs only the weights: without tying it to the layer's rows, XLA schedules the
+                # unrolled loop's dequantizations early and holds every layer's 16-bit experts at once.
+                x, weight = jax.lax.optimization_barrier((x, weight))
                 return self._call("grouped_matmul", "tiled", x, dequantize_nf4(weight, x.dtype), group_sizes)
 
             y = jax.checkpoint(nf4_grouped)(x, weight, group_sizes)
