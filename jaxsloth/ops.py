@@ -58,8 +58,13 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
     },
     # The 16-bit LoRA linear has no kernel: XLA's three GEMMs beat a fused Triton one (BENCHMARKS.md, LoRA linear).
     "lora_matmul": {"reference": ("pallas_kernels.lora_matmul", "lora_matmul_reference")},
-    # Mixture-of-experts projections: XLA's ragged dot until a grouped kernel is measured faster in the step.
-    "grouped_matmul": {"reference": ("pallas_kernels.grouped_matmul", "grouped_matmul_reference")},
+    # Mixture-of-experts projections: row tiles against their experts' weights in a loop (XLA expands a ragged dot to
+    # every row against every expert: gigabytes and 128x the FLOPs per projection at Qwen3-30B-A3B's 128 experts).
+    "grouped_matmul": {
+        "reference": ("pallas_kernels.grouped_matmul", "grouped_matmul_reference"),
+        "tiled": ("pallas_kernels.grouped_matmul", "grouped_matmul_tiled"),
+    },
+    "grouped_lora": {"reference": ("pallas_kernels.grouped_matmul", "grouped_lora_reference")},
 }
 
 
@@ -246,12 +251,14 @@ class Ops:
             # One layer's experts dequantized at a time, as bitsandbytes dequantizes before its matmul; rematerialised,
             # so the backward dequantizes again instead of keeping every layer's 16-bit experts as residuals.
             def nf4_grouped(x, weight, group_sizes):
-                return self._call("grouped_matmul", "reference", x, dequantize_nf4(weight, x.dtype), group_sizes)
+                # The dequantization needs only the weights: without tying it to the layer's rows, XLA schedules the
+                # unrolled loop's dequantizations early and holds every layer's 16-bit experts at once.
+                x, weight = jax.lax.optimization_barrier((x, weight))
+                return self._call("grouped_matmul", "tiled", x, dequantize_nf4(weight, x.dtype), group_sizes)
 
             y = jax.checkpoint(nf4_grouped)(x, weight, group_sizes)
         else:
-            y = self._call("grouped_matmul", "reference", x, weight, group_sizes)
+            y = self._call("grouped_matmul", "tiled", x, weight, group_sizes)
         if lora is not None:
-            u = self._call("grouped_matmul", "reference", x, lora["a"], group_sizes)
-            y = y + lora_scale * self._call("grouped_matmul", "reference", u, lora["b"], group_sizes)
+            y = y + lora_scale * self._call("grouped_lora", "reference", x, lora["a"], lora["b"], group_sizes)
         return y
