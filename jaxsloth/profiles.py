@@ -74,6 +74,17 @@ class Profile:
         return jnp.dtype(self.compute_dtype)
 
     @property
+    def forward_settings(self) -> dict:
+        """The decoder's memory and precision settings of this profile (``decoder.forward_hidden``'s keywords)."""
+        return dict(
+            remat=self.remat,
+            compute_dtype=self.dtype,
+            mlp_chunk=self.mlp_chunk,
+            remat_group=self.remat_group,
+            dots_layers=self.dots_layers,
+        )
+
+    @property
     def ops(self) -> Ops:
         return Ops(self.kernels)
 

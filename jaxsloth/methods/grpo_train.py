@@ -130,8 +130,7 @@ def grpo_train(
     trainable = model.trainable
     optimizer = make_optimizer(tc_run, lora, trainable)
     opt_state = optimizer.init(trainable)
-    forward = dict(remat=profile.remat, compute_dtype=profile.dtype, mlp_chunk=profile.mlp_chunk,
-                   remat_group=profile.remat_group)  # fmt: skip
+    forward = profile.forward_settings
     step_fn = make_grpo_step(model.config, lora, grpo_loss_config(tc), optimizer, profile.ops, **forward)
     logps_fn = make_logps_fn(model.config, lora, profile.ops, **forward)
     stops = stop_token_ids(model, tokenizer) if stop_tokens is None else list(stop_tokens)

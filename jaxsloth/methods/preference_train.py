@@ -54,16 +54,6 @@ def preference_config(tc: TrainConfig) -> PreferenceConfig:
     )
 
 
-def _forward_kwargs(profile: Profile) -> dict:
-    return dict(
-        remat=profile.remat,
-        compute_dtype=profile.dtype,
-        mlp_chunk=profile.mlp_chunk,
-        remat_group=profile.remat_group,
-        dots_layers=profile.dots_layers,
-    )
-
-
 class BoundStep:
     """A jitted step with trailing arguments bound (the reference model's weights): called, lowered and compiled
     with the SFT step's arguments, as ``fit`` does, while the bound arrays stay arguments of the compiled program
@@ -106,7 +96,7 @@ def make_preference_train_step(
     if mesh is not None:
         raise NotImplementedError("preference tuning runs on one device (or one data-parallel rank): give mesh=None")
     ref_config = None if reference is None else reference.config
-    loss_fn = make_preference_loss_fn(config, lora, pc, profile.ops, ref_config=ref_config, **_forward_kwargs(profile))
+    loss_fn = make_preference_loss_fn(config, lora, pc, profile.ops, ref_config=ref_config, **profile.forward_settings)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     n = tc.gradient_accumulation_steps
     dropout = lora is not None and lora.lora_dropout > 0
@@ -149,7 +139,7 @@ def precompute_reference(
 ) -> np.ndarray:
     """The reference model's (base weights, no adapter) summed completion log-probs of every example, computed once
     in dataset order, ``rows`` examples per forward -> [n, 2] f32 (chosen, rejected; or completion, KL)."""
-    kwargs = _forward_kwargs(profile)
+    kwargs = profile.forward_settings
 
     @jax.jit
     def logps(batch):
@@ -206,7 +196,7 @@ def _evaluator(model, tokenizer, tc, pc, examples, chat, reference, ref_in_step,
     lora = None if model.full_finetuning else dataclasses.replace(model.lora, lora_dropout=0.0)
     ref_config = None if reference is None else reference.config
     loss_fn = make_preference_loss_fn(
-        model.config, lora, pc, model.profile.ops, ref_config=ref_config, **_forward_kwargs(model.profile)
+        model.config, lora, pc, model.profile.ops, ref_config=ref_config, **model.profile.forward_settings
     )
 
     def as_model(trainable, params):

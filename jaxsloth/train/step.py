@@ -111,13 +111,9 @@ def make_loss_fn(
             ops=ops,
             lora=lora_tree,
             **lora_kwargs,
-            remat=profile.remat,
-            compute_dtype=profile.dtype,
+            **profile.forward_settings,
             head_grad=head_grad,
-            mlp_chunk=profile.mlp_chunk,
             loss_chunk=profile.loss_chunk,
-            remat_group=profile.remat_group,
-            dots_layers=profile.dots_layers,
             with_router_aux=with_router_aux,
         )
 
