@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxsloth import compile_cache
 from jaxsloth.config import LoadConfig, LoraConfig, TrainConfig, takes_settings
-from jaxsloth.hub import resolve_model
+from jaxsloth.hub import load_tokenizer, resolve_model
 from jaxsloth.lora import init_lora, merge
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import layers_unstacked, stack_layers, unstack_layers
@@ -99,17 +99,6 @@ def load(path: str | os.PathLike, *, token: str | None = None, **settings):
     model = Model(config, params, prof, max_seq_length, os.fspath(path), local_dir=str(local),
                   full_finetuning=cfg.full_finetuning)  # fmt: skip
     return model, load_tokenizer(local if cfg.tokenizer is None else cfg.tokenizer, token=token)
-
-
-def load_tokenizer(path: str | os.PathLike, revision: str | None = None, token: str | None = None):
-    """The tokenizer saved beside the weights (tokenizer.json etc.) of a model directory or Hub id, or None."""
-    path = resolve_model(path, revision=revision, token=token)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        log.warning("no tokenizer files in %s", path)
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 @takes_settings(LoraConfig)

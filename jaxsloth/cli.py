@@ -65,9 +65,9 @@ def _add_inspect_parser(sub) -> None:
 
 
 def cmd_inspect_data(args: argparse.Namespace) -> int:
-    from jaxsloth.api import load_tokenizer
     from jaxsloth.data import tokenize_dataset
     from jaxsloth.data.inspect import describe_dataset
+    from jaxsloth.hub import load_tokenizer
 
     s = train_settings(args)
     if s["tokenizer"] is not None:

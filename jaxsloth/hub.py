@@ -9,9 +9,12 @@ the cache only.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
+
+log = logging.getLogger("jaxsloth")
 
 # What loading needs from a model repository: everything else (PyTorch .bin/.pth, GGUF, ONNX, images) is skipped.
 MODEL_FILES = (
@@ -118,3 +121,14 @@ def _cached_revisions(cache: Path, repo_id: str) -> list[str]:
     refs = sorted(p.name for p in (repo / "refs").glob("*") if p.is_file())
     snapshots = sorted(p.name[:12] for p in (repo / "snapshots").glob("*") if p.is_dir())
     return refs + snapshots
+
+
+def load_tokenizer(path: str | os.PathLike, revision: str | None = None, token: str | None = None):
+    """The tokenizer saved beside the weights (tokenizer.json etc.) of a model directory or Hub id, or None."""
+    path = resolve_model(path, revision=revision, token=token)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        log.warning("no tokenizer files in %s", path)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

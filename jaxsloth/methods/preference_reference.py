@@ -45,8 +45,7 @@ def _load(model: Any, path: str | os.PathLike, tokenizer: Any) -> Reference:
     """A reference from a model directory or Hub id, in the policy's dtype (NF4 where the policy is), its
     tokenizer (when it has one) checked against the policy's."""
     from converters.hf import load_hf_model
-    from jaxsloth.api import load_tokenizer
-    from jaxsloth.hub import resolve_model
+    from jaxsloth.hub import load_tokenizer, resolve_model
 
     local = resolve_model(path)
     config, params = load_hf_model(local, dtype=model.profile.dtype, load_in_4bit=_quantized(model.params))
