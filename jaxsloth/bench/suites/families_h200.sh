@@ -3,7 +3,8 @@
 #   qwen3  Qwen3-8B QLoRA: jaxsloth, transformers + PEFT + bitsandbytes (both preparations) and Unsloth (`jaxsloth
 #          bench`, as baselines_h200.sh runs them).
 #   gemma3 Gemma-3-12B QLoRA: the same three systems.
-#   moe    Qwen3-30B-A3B QLoRA (attention in NF4, router and experts in bf16, LoRA on attention and every expert):
+#   moe    Qwen3-30B-A3B QLoRA (LoRA on attention and every expert; jaxsloth holds attention and experts in NF4 as its
+#          load_in_4bit loads them, bitsandbytes quantizes the attention only and keeps the fused experts in bf16):
 #          jaxsloth with XLA's ragged dot, jaxsloth with JAX's Pallas Triton lowering of the ragged dot, and
 #          transformers + PEFT (target_parameters on the fused experts) + bitsandbytes without
 #          prepare_model_for_kbit_training (which would upcast the 61 GB of bf16 experts to f32).
