@@ -50,12 +50,20 @@ class ContextOps(ShardedOps):
     def attention(self, q, k, v, *, segment_ids=None, causal=True, sliding_window=None, softcap=None, scale=None):
         if not causal:
             raise ValueError("context parallelism runs causal attention only (decoder training)")
+        n = context_size(self.mesh)
+        if n == 1:
+            # A ring of one device holds the whole sequence: the profile's own attention (cuDNN on the H200) is
+            # exact there, where the ring's two-chunk split would run three flash block pairs (slower: BENCHMARKS.md).
+            return super().attention(
+                q, k, v, segment_ids=segment_ids, causal=True, sliding_window=sliding_window, softcap=softcap,
+                scale=scale,
+            )  # fmt: skip
         return ring_attention(
             self,
             q,
             k,
             v,
-            axis_size=context_size(self.mesh),
+            axis_size=n,
             segment_ids=segment_ids,
             sliding_window=sliding_window,
             softcap=softcap,

@@ -36,7 +36,7 @@ CASES = {
     ),
     "window_context2_fsdp2_data2": ("mistral", "context=2,fsdp=2,data=2", 45, False, "reference", {}),
     "gemma2_softcap_window_packed_context4_data2": ("gemma2", "context=4,data=2", 53, True, "reference", {}),
-    # A context axis of size 1 kept (the GPU suite's ring1): the ring's code with no neighbour.
+    # A context axis of size 1 kept (the GPU suite's ring1): the context path (shard_map, zigzag) with local attention.
     "ring_of_one_data2": ("llama", "context=1,data=2", 27, True, "reference", {}),
     # The Pallas flash kernels (interpret mode) for every block pair, packed and windowed (Gemma 2).
     "pallas_gemma2_packed_context2_data2": ("gemma2", "context=2,data=2", 29, True, "pallas", {}),
@@ -156,6 +156,37 @@ def test_context_parallel_matches_one_device(results, case):
     for key, g in single.items():
         assert np.abs(g).max() > 0, key  # every LoRA weight takes part
         assert_close(mesh[key], g, "f32_grad", err_msg=f"{case} {key}")
+
+
+def test_a_context_axis_of_one_attends_locally(monkeypatch):
+    """With one device on the axis the sequence is whole there: the profile's attention runs, not the ring."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxsloth.context_parallel as cp
+    from converters.hf import load_hf_model
+    from jaxsloth.lora import LoraConfig, init_lora
+    from jaxsloth.profiles import profile_for_device
+    from jaxsloth.sharding import make_mesh
+    from jaxsloth.train.step import make_mesh_loss_fn
+    from tests.tiny_models import saved_model
+
+    def no_ring(*args, **kwargs):
+        raise AssertionError("ring attention ran on a context axis of size 1")
+
+    monkeypatch.setattr(cp, "ring_attention", no_ring)
+    config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32)
+    lora = LoraConfig(r=4, lora_alpha=8.0)
+    trainable = init_lora(config, lora, jax.random.key(0))
+    batch = {k: jnp.asarray(v) for k, v in _batch(config.vocab_size, 2, 21, False, seed=3).items()}
+    profile = profile_for_device(name="cpu")
+    losses = []
+    for mesh in (None, make_mesh("context=1", devices=jax.devices()[:1], context_axis=True)):
+        total, count = jax.jit(make_mesh_loss_fn(config, lora, profile, mesh))(
+            trainable, params, batch, jax.random.key(1)
+        )
+        losses.append(total / count)
+    assert_close(losses[1], losses[0], "f32")
 
 
 def test_bench_suite_entry_points(results):

@@ -15,6 +15,9 @@
 # XLA's memory plan alone, --remat-group 2).
 source "$(dirname "$0")/common.sh" "$@"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95  # above JAX's default cap of 75%: the longest sequences need the card
+# The offloaded layer inputs are 32 x T x 4096 x 2 bytes of pinned host memory (96 GiB at 393,216 tokens), above
+# the host allocator's default 64 GB; the 128 GiB machine leaves the process room beside 112.
+export XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=${XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB:-112}
 WORKLOAD=ring1
 if [ ${#ARGS[@]} -gt 0 ] && [ "${ARGS[0]#--}" = "${ARGS[0]}" ]; then
   WORKLOAD=${ARGS[0]}
