@@ -44,6 +44,20 @@ def test_grouped_matmul_vjp_matches_ragged_dot(sizes, m, n, k, dtype):
         assert not np.any(np.asarray(kernel(x, w), np.float32)[sum(sizes) :])
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_lowers_to_three_triton_kernels(triton_calls, dtype):
+    """Forward, dx and dw each lower to one Triton kernel (default blocks, ragged sizes), without a GPU."""
+    m, k, n, g = 1000, 200, 192, 8
+    x, dy = jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, n), dtype)
+    w, gs = jax.ShapeDtypeStruct((g, n, k), dtype), jax.ShapeDtypeStruct((g,), jnp.int32)
+
+    def f(x, w, gs, dy):
+        y, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, gs, interpret=False), x, w)
+        return y, vjp(dy)
+
+    assert triton_calls(f, x, w, gs, dy) == 3
+
+
 @pytest.mark.parametrize("sizes, rows", [([0, 17, 1, 0, 27], 45), ([5, 0, 20, 0], 33), ([64, 0], 64), ([0, 0], 5)])
 def test_work_items_store_every_row_once(sizes, rows):
     """Each row is stored by exactly one item, and loaded only by the item of its own group."""
