@@ -96,6 +96,23 @@ def _dot(a, b, contract_a: int, contract_b: int):
     return lax.dot_general(a, b, dims, precision=dot_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
+def _mask(shape, rows=None, cols=None):
+    """The [r, c] mask of optional row and column masks (None: every element); None when neither is given."""
+    mask = None if rows is None else jnp.broadcast_to(rows[:, None], shape)
+    if cols is not None:
+        mask = jnp.broadcast_to(cols[None, :], shape) if mask is None else mask & cols[None, :]
+    return mask
+
+
+def _load(ref, mask):
+    return plgpu.load(ref, mask=mask, other=None if mask is None else 0)
+
+
+def _tail(start, block: int, size: int):
+    """Which of ``block`` indices from ``start`` are below ``size``; None when blocks divide ``size`` (no tail)."""
+    return None if size % block == 0 else start + jnp.arange(block) < size
+
+
 def _rows_kernel(tile_ref, group_ref, lo_ref, hi_ref, store_hi_ref, a_ref, w_ref, o_ref, *, q, p, bm, bp, bq, w_t):
     """o[rows of the item, p block] = a[rows, :] @ w[g] over the contraction width q. a: [M, q]; w: [G * p, q]
     (w_t False: w[g] is [p, q]) or [G * q, p] (w_t True: w[g] is [q, p]); o: [M, p]."""
@@ -107,27 +124,23 @@ def _rows_kernel(tile_ref, group_ref, lo_ref, hi_ref, store_hi_ref, a_ref, w_ref
         m0 = tile_ref[item] * bm
         row = m0 + jnp.arange(bm)
         p0 = j * bp
-        p_mask = p0 + jnp.arange(bp) < p
+        p_mask = _tail(p0, bp, p)
         a_rows = (row >= lo) & (row < hi)
 
         def body(s, acc):
             q0 = s * bq
-            q_mask = q0 + jnp.arange(bq) < q
-            a = plgpu.load(a_ref.at[pl.ds(m0, bm), pl.ds(q0, bq)], mask=a_rows[:, None] & q_mask[None, :], other=0)
+            q_mask = _tail(q0, bq, q)
+            a = _load(a_ref.at[pl.ds(m0, bm), pl.ds(q0, bq)], _mask((bm, bq), a_rows, q_mask))
             if w_t:
-                w = plgpu.load(
-                    w_ref.at[pl.ds(g * q + q0, bq), pl.ds(p0, bp)], mask=q_mask[:, None] & p_mask[None, :], other=0
-                )
+                w = _load(w_ref.at[pl.ds(g * q + q0, bq), pl.ds(p0, bp)], _mask((bq, bp), q_mask, p_mask))
                 return acc + _dot(a, w.astype(a.dtype), 1, 0)
-            w = plgpu.load(
-                w_ref.at[pl.ds(g * p + p0, bp), pl.ds(q0, bq)], mask=p_mask[:, None] & q_mask[None, :], other=0
-            )
+            w = _load(w_ref.at[pl.ds(g * p + p0, bp), pl.ds(q0, bq)], _mask((bp, bq), p_mask, q_mask))
             return acc + _dot(a, w.astype(a.dtype), 1, 1)
 
         acc = lax.fori_loop(0, cdiv(q, bq), body, jnp.zeros((bm, bp), jnp.float32))
         out_rows = (row >= lo) & (row < store_hi)
         plgpu.store(
-            o_ref.at[pl.ds(m0, bm), pl.ds(p0, bp)], acc.astype(o_ref.dtype), mask=out_rows[:, None] & p_mask[None, :]
+            o_ref.at[pl.ds(m0, bm), pl.ds(p0, bp)], acc.astype(o_ref.dtype), mask=_mask((bm, bp), out_rows, p_mask)
         )
 
 
@@ -156,23 +169,19 @@ def _dw_kernel(starts_ref, ends_ref, x_ref, dy_ref, dw_ref, *, n, k, bm, bn, bk)
     g, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     start, end = starts_ref[g], ends_ref[g]
     n0, k0 = i * bn, j * bk
-    n_mask = n0 + jnp.arange(bn) < n
-    k_mask = k0 + jnp.arange(bk) < k
+    n_mask, k_mask = _tail(n0, bn, n), _tail(k0, bk, k)
 
     def body(s, acc):
         r0 = start + s * bm
         rows = r0 + jnp.arange(bm) < end
-        dy = plgpu.load(dy_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], mask=rows[:, None] & n_mask[None, :], other=0)
-        x = plgpu.load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], mask=rows[:, None] & k_mask[None, :], other=0)
+        dy = _load(dy_ref.at[pl.ds(r0, bm), pl.ds(n0, bn)], _mask((bm, bn), rows, n_mask))
+        x = _load(x_ref.at[pl.ds(r0, bm), pl.ds(k0, bk)], _mask((bm, bk), rows, k_mask))
         return acc + _dot(dy, x, 0, 0)
 
     steps = (end - start + bm - 1) // bm
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bn, bk), jnp.float32))
-    plgpu.store(
-        dw_ref.at[pl.ds(g * n + n0, bn), pl.ds(k0, bk)],
-        acc.astype(dw_ref.dtype),
-        mask=n_mask[:, None] & k_mask[None, :],
-    )
+    mask = _mask((bn, bk), n_mask, k_mask)
+    plgpu.store(dw_ref.at[pl.ds(g * n + n0, bn), pl.ds(k0, bk)], acc.astype(dw_ref.dtype), mask=mask)
 
 
 def _weight_grad(x, dy, group_sizes, w_shape, w_dtype, block: GroupedMatmulBlock, interpret: bool):
