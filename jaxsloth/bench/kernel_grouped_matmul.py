@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.smoke:  # ragged tiny shapes against ragged_dot itself, in interpret mode
         small = GroupedMatmulBlock(block_m=16, block_n=16, block_k=16, dw_block_m=16, dw_block_n=16, dw_block_k=16)
-        rows = run(list(PROJECTIONS), 13, 6, 3, 40, 12, "float32", 2, (small,), ragged_dot_truth=True)
+        rows = run(args.projections, 13, 6, 3, 40, 12, "float32", 2, (small,), ragged_dot_truth=True)
     else:
         blocks = (GroupedMatmulBlock(), *SWEEP) if args.sweep else (GroupedMatmulBlock(),)
         rows = run(
