@@ -41,6 +41,9 @@ class GroupedMatmulBlock:
 
     block_m: sorted rows per work item (the schedule's tile); block_n: output columns per program; block_k: the
         contraction step. The dx kernel runs the same tiles (its output columns are K, its contraction N).
+    n_fastest: launch the N blocks of one work item next to each other (its rows are read from HBM once, the
+        expert's weight once per item) instead of one N block across all items (each expert's weight block is
+        read once while its items run together, the rows once per N block).
     dw_block_m: rows per step of the weight gradient's loop over a group; dw_block_n / dw_block_k: its dw tile.
     """
 
@@ -49,6 +52,7 @@ class GroupedMatmulBlock:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    n_fastest: bool = False
     dw_block_m: int = 64
     dw_block_n: int = 128
     dw_block_k: int = 128
@@ -70,19 +74,21 @@ def _fit(block: int, size: int) -> int:
 def work_items(group_sizes: jax.Array, rows: int, block_m: int) -> tuple[jax.Array, ...]:
     """The (tile, group) work items of ``rows`` sorted rows in tiles of ``block_m``, each [tiles + groups - 1] int32:
     tile, group, and the item's rows [lo, hi) (empty for the unused items at the end) and [lo, store_hi) it stores
-    (hi, or the tile's end for the item of a tile's last group: rows past the groups' total are written as zeros)."""
+    (hi, or the tile's end for the item of a tile's last group: rows past the groups' total are written as zeros).
+    The searches compare every pair at once: a few hundred tiles and items, one fused op each, where jnp's default
+    search is a loop of tiny kernels, run for every projection of every layer."""
     groups = group_sizes.shape[0]
     tiles = cdiv(rows, block_m)
     totals = jnp.cumsum(group_sizes)
     ends, starts = jnp.minimum(totals, rows), jnp.minimum(totals - group_sizes, rows)
     tile_start = jnp.arange(tiles, dtype=jnp.int32) * block_m
     tile_end = jnp.minimum(tile_start + block_m, rows)
-    first = jnp.minimum(jnp.searchsorted(ends, tile_start, side="right"), groups - 1)
-    last = jnp.minimum(jnp.searchsorted(ends, tile_end - 1, side="right"), groups - 1)
+    first = jnp.minimum(jnp.searchsorted(ends, tile_start, side="right", method="compare_all"), groups - 1)
+    last = jnp.minimum(jnp.searchsorted(ends, tile_end - 1, side="right", method="compare_all"), groups - 1)
     per_tile = last - first + 1
     item_end = jnp.cumsum(per_tile)
     i = jnp.arange(tiles + groups - 1)
-    tile = jnp.minimum(jnp.searchsorted(item_end, i, side="right"), tiles - 1)
+    tile = jnp.minimum(jnp.searchsorted(item_end, i, side="right", method="compare_all"), tiles - 1)
     group = jnp.minimum(first[tile] + i - (item_end - per_tile)[tile], groups - 1)
     valid = i < item_end[-1]
     lo = jnp.maximum(starts[group], tile_start[tile])
@@ -113,10 +119,14 @@ def _tail(start, block: int, size: int):
     return None if size % block == 0 else start + jnp.arange(block) < size
 
 
-def _rows_kernel(tile_ref, group_ref, lo_ref, hi_ref, store_hi_ref, a_ref, w_ref, o_ref, *, q, p, bm, bp, bq, w_t):
+def _rows_kernel(
+    tile_ref, group_ref, lo_ref, hi_ref, store_hi_ref, a_ref, w_ref, o_ref, *, q, p, bm, bp, bq, w_t, n_fastest
+):
     """o[rows of the item, p block] = a[rows, :] @ w[g] over the contraction width q. a: [M, q]; w: [G * p, q]
     (w_t False: w[g] is [p, q]) or [G * q, p] (w_t True: w[g] is [q, p]); o: [M, p]."""
-    item, j = pl.program_id(0), pl.program_id(1)
+    item, j = pl.program_id(1), pl.program_id(0)
+    if not n_fastest:
+        item, j = j, item
     g, lo, hi, store_hi = group_ref[item], lo_ref[item], hi_ref[item], store_hi_ref[item]
 
     @pl.when(store_hi > lo)
@@ -153,11 +163,12 @@ def _grouped_rows(a, w, group_sizes, block: GroupedMatmulBlock, interpret: bool,
         return jnp.zeros((0, p), a.dtype)
     bm, bp, bq = _fit(block.block_m, m), _fit(block.block_n, p), _fit(block.block_k, q)
     items = work_items(group_sizes, m, bm)
-    kernel = functools.partial(_rows_kernel, q=q, p=p, bm=bm, bp=bp, bq=bq, w_t=transpose_w)
+    kernel = functools.partial(_rows_kernel, q=q, p=p, bm=bm, bp=bp, bq=bq, w_t=transpose_w, n_fastest=block.n_fastest)
+    grid = (items[0].shape[0], cdiv(p, bp))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, p), a.dtype),
-        grid=(items[0].shape[0], cdiv(p, bp)),
+        grid=grid[::-1] if block.n_fastest else grid,
         compiler_params=triton_compiler_params(block.num_warps, block.num_stages),
         interpret=interpret,
         name="grouped_matmul_dx" if transpose_w else "grouped_matmul_fwd",

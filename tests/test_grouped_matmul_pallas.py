@@ -4,6 +4,7 @@ the groups' total), and its work items cover every row exactly once."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,15 +20,15 @@ from tests.tolerances import assert_vjp_close
 SMALL = GroupedMatmulBlock(block_m=16, block_n=16, block_k=16, dw_block_m=16, dw_block_n=16, dw_block_k=16)
 
 CASES = [
-    # (group sizes, rows M, N, K, dtype)
-    ([0, 17, 1, 0, 27], 45, 24, 40, "float32"),  # empty first and middle groups, a 1-row group, a partial last tile
-    ([1, 2, 3, 30, 0], 36, 40, 24, "bfloat16"),  # small groups inside one tile, an empty last group
-    ([5, 0, 20, 0], 33, 20, 18, "float16"),  # 8 rows past the total: zero outputs, no gradient
+    # (group sizes, rows M, N, K, dtype, N blocks of an item launched together)
+    ([0, 17, 1, 0, 27], 45, 24, 40, "float32", False),  # empty first and middle groups, a 1-row group, a last tile
+    ([1, 2, 3, 30, 0], 36, 40, 24, "bfloat16", True),  # small groups inside one tile, an empty last group
+    ([5, 0, 20, 0], 33, 20, 18, "float16", False),  # 8 rows past the total: zero outputs, no gradient
 ]
 
 
-@pytest.mark.parametrize("sizes, m, n, k, dtype", CASES)
-def test_grouped_matmul_vjp_matches_ragged_dot(sizes, m, n, k, dtype):
+@pytest.mark.parametrize("sizes, m, n, k, dtype, n_fastest", CASES)
+def test_grouped_matmul_vjp_matches_ragged_dot(sizes, m, n, k, dtype, n_fastest):
     keys = jax.random.split(jax.random.key(len(sizes) + m), 3)
     gs = jnp.array(sizes, jnp.int32)
     x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
@@ -36,7 +37,7 @@ def test_grouped_matmul_vjp_matches_ragged_dot(sizes, m, n, k, dtype):
 
     @jax.jit
     def kernel(x, w):
-        return grouped_matmul(x, w, gs, block=SMALL, interpret=True)
+        return grouped_matmul(x, w, gs, block=dataclasses.replace(SMALL, n_fastest=n_fastest), interpret=True)
 
     assert_vjp_close(
         kernel, lambda x, w: grouped_matmul_reference(x, w, gs), (x, w), dy, jnp.dtype(dtype), ("dx", "dw")
@@ -63,7 +64,8 @@ def test_lowers_to_three_triton_kernels(triton_calls, m, k, n, dtype):
 @pytest.mark.parametrize("sizes, rows", [([0, 17, 1, 0, 27], 45), ([5, 0, 20, 0], 33), ([64, 0], 64), ([0, 0], 5)])
 def test_work_items_store_every_row_once(sizes, rows):
     """Each row is stored by exactly one item, and loaded only by the item of its own group."""
-    tile, group, lo, hi, store_hi = (np.asarray(a) for a in work_items(jnp.array(sizes, jnp.int32), rows, 16))
+    items = jax.jit(work_items, static_argnums=(1, 2))(jnp.array(sizes, jnp.int32), rows, 16)
+    tile, group, lo, hi, store_hi = (np.asarray(a) for a in items)
     assert len(tile) == -(-rows // 16) + len(sizes) - 1
     ends = np.cumsum(sizes)
     stored = np.zeros(rows, int)
@@ -78,8 +80,6 @@ def test_moe_layer_on_pallas_kernel_equals_tiled():
     """The profile's grouped_matmul choice reaches the expert projections (NF4 experts, as QLoRA holds them, with
     per-expert LoRA): the MoE layer's output and its gradients in x and the adapters agree between "tiled" and
     "pallas"."""
-    import dataclasses
-
     from jaxsloth.models.moe import moe_mlp
     from jaxsloth.models.presets import preset
     from jaxsloth.ops import KernelChoice, Ops

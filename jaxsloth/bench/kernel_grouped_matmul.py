@@ -3,11 +3,12 @@ loop the profiles run, at Qwen3-30B-A3B's expert projections in bf16: 2 x 2048 t
 32768 rows sorted by expert with the skewed group sizes of a router (random logits plus a per-expert bias); gate_up
 (K=2048 -> N=1536, gate and up fused as jaxsloth holds them) and down (K=768 -> N=2048).
 
-Per measurement (median device ms): the forward; forward + dx (what the QLoRA step runs: the experts are frozen,
-so no dw); forward + dx + dw. TFLOP/s of forward + dx counts the useful products only (2 x rows x K x N each).
-max_err: the largest difference of y, dx and dw from the tiled loop's (itself tested against ragged_dot; at full size
-XLA's ragged dot would expand every row against every expert). A measurement that fails (a tile Triton cannot fit)
-is recorded with its error and the run goes on.
+Per measurement (median device ms): fwd_ms, the forward; fwd_bwd_ms, forward + dx (what the QLoRA step runs: the
+experts are frozen, so no dw); fwd_dx_dw_ms, forward + dx + dw (for the tiled loop, the default tiles and tiles that
+change the dw kernel; the others share the default's dw kernel). TFLOP/s of forward + dx counts the useful products
+only (2 x rows x K x N each). max_err: the largest difference of y, dx (and dw where timed) from the tiled loop's
+(itself tested against ragged_dot; at full size XLA's ragged dot would expand every row against every expert). A
+measurement that fails (a tile Triton cannot fit) is recorded with its error and the run goes on.
 
     python -m jaxsloth.bench.kernel_grouped_matmul --out gmm.jsonl            # tiled and pallas (default tiles)
     python -m jaxsloth.bench.kernel_grouped_matmul --out gmm.jsonl --sweep    # and pallas at the SWEEP tiles
@@ -32,13 +33,13 @@ PROJECTIONS = {"gate_up": lambda d, i: (d, 2 * i), "down": lambda d, i: (i, d)}
 # Likeliest first: a run cut short by its time limit keeps the measurements that matter most.
 SWEEP = (
     GroupedMatmulBlock(block_m=64, block_n=128, block_k=64),
+    GroupedMatmulBlock(n_fastest=True),
     GroupedMatmulBlock(block_m=128, block_n=256, block_k=64, num_warps=8),
-    GroupedMatmulBlock(block_m=64, block_n=256, block_k=64, num_warps=8),
+    GroupedMatmulBlock(block_m=64, block_n=128, block_k=64, n_fastest=True),
     GroupedMatmulBlock(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=2),
-    GroupedMatmulBlock(block_m=64, block_n=64, block_k=128, num_stages=3),
-    GroupedMatmulBlock(block_m=128, block_n=128, block_k=32, num_stages=4),
     GroupedMatmulBlock(dw_block_m=128, dw_block_n=128, dw_block_k=64, dw_num_warps=8),
 )
+DW_FIELDS = tuple(f.name for f in dataclasses.fields(GroupedMatmulBlock) if f.name.startswith("dw_"))
 
 
 def group_sizes(tokens: int, experts: int, top_k: int, seed: int = 0) -> np.ndarray:
@@ -50,9 +51,9 @@ def group_sizes(tokens: int, experts: int, top_k: int, seed: int = 0) -> np.ndar
     return np.bincount(np.asarray(chosen).reshape(-1), minlength=experts).astype(np.int32)
 
 
-def _impl(impl: str, block: GroupedMatmulBlock, interpret: bool | None):
-    if impl == "pallas":
-        return lambda x, w, gs: grouped_matmul(x, w, gs, block=block, interpret=interpret)
+def _impl(impl: str, block: GroupedMatmulBlock):
+    if impl == "pallas":  # interpret mode without a GPU (--smoke)
+        return lambda x, w, gs: grouped_matmul(x, w, gs, block=block)
     return grouped_matmul_tiled
 
 
@@ -80,20 +81,20 @@ def operands(rows_per_group: np.ndarray, k: int, n: int, dtype, seed: int = 1):
     return x, w, jnp.asarray(rows_per_group), dy
 
 
-def measure(proj, impl, args_, truth, iters, block=GroupedMatmulBlock(), interpret=None) -> tuple[dict, tuple]:
+def measure(proj, impl, args_, truth, iters, block=GroupedMatmulBlock(), with_dw=True) -> tuple[dict, tuple]:
     """One record of ``impl`` on ``args_`` = (x, w, group_sizes, dy), errors against ``truth`` = (y, dx, dw) when
-    given, and ``impl``'s own (y, dx, dw) (None when it failed)."""
+    given (dw only ``with_dw``), and ``impl``'s own (y, dx, dw) (None when it failed or without dw)."""
     x, w, gs, dy = args_
     (m, k), n = x.shape, w.shape[1]
     shape = f"{proj} {m}x{k}->{n} G={w.shape[0]}"
     fields = dict(block=dataclasses.asdict(block) if impl == "pallas" else None)
     try:
-        fwd, fwd_dx, fwd_dx_dw = _fns(_impl(impl, block, interpret))
-        got = jax.block_until_ready(fwd_dx_dw(x, w, gs, dy))
-        max_err = None if truth is None else timing.max_abs_err(got, truth)
+        fwd, fwd_dx, fwd_dx_dw = _fns(_impl(impl, block))
+        got = jax.block_until_ready((fwd_dx_dw if with_dw else fwd_dx)(x, w, gs, dy))
+        max_err = None if truth is None else timing.max_abs_err(got, truth[: len(got)])
         fwd_ms = timing.kernel_ms(fwd, (x, w, gs), iters)
         fwd_dx_ms = timing.kernel_ms(fwd_dx, (x, w, gs, dy), iters)
-        fwd_dx_dw_ms = timing.kernel_ms(fwd_dx_dw, (x, w, gs, dy), iters)
+        fwd_dx_dw_ms = timing.kernel_ms(fwd_dx_dw, (x, w, gs, dy), iters) if with_dw else None
     except Exception as e:  # noqa: BLE001  (one tile Triton cannot compile must not lose the others' records)
         traceback.print_exc()
         return {
@@ -119,7 +120,7 @@ def measure(proj, impl, args_, truth, iters, block=GroupedMatmulBlock(), interpr
         group_rows={"min": int(gs.min()), "max": int(gs.max()), "mean": float(gs.mean())},
         **fields,
     )
-    return record, got
+    return record, got if with_dw else None
 
 
 def run(projections, tokens, experts, top_k, hidden, width, dtype, iters, blocks, ragged_dot_truth=False):
@@ -132,8 +133,9 @@ def run(projections, tokens, experts, top_k, hidden, width, dtype, iters, blocks
         truth = _fns(grouped_matmul_reference)[2](*args_) if ragged_dot_truth else None
         record, tiled = measure(proj, "tiled", args_, truth, iters)
         yield record
-        for block in blocks:
-            yield measure(proj, "pallas", args_, tiled if truth is None else truth, iters, block)[0]
+        for i, block in enumerate(blocks):
+            new_dw = i == 0 or any(getattr(block, f) != getattr(blocks[0], f) for f in DW_FIELDS)
+            yield measure(proj, "pallas", args_, tiled if truth is None else truth, iters, block, new_dw)[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.smoke:  # ragged tiny shapes against ragged_dot itself, in interpret mode
         small = GroupedMatmulBlock(block_m=16, block_n=16, block_k=16, dw_block_m=16, dw_block_n=16, dw_block_k=16)
-        rows = run(args.projections, 13, 6, 3, 40, 12, "float32", 2, (small,), ragged_dot_truth=True)
+        blocks = (small, dataclasses.replace(small, n_fastest=True))
+        rows = run(args.projections, 13, 6, 3, 40, 12, "float32", 2, blocks, ragged_dot_truth=True)
     else:
         blocks = (GroupedMatmulBlock(), *SWEEP) if args.sweep else (GroupedMatmulBlock(),)
         rows = run(
