@@ -46,6 +46,29 @@ def test_grouped_matmul_vjp_matches_ragged_dot(sizes, m, n, k, dtype, n_fastest)
         assert not np.any(np.asarray(kernel(x, w), np.float32)[sum(sizes) :])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("n_fastest", [False, True])
+def test_gpu_matches_ragged_dot(dtype, n_fastest):
+    """The compiled kernels at their default tiles on ragged groups, K and N not multiples of the tiles, 20 rows past
+    the groups' total."""
+    sizes = [0, 300, 1, 0, 77, 129, 0, 400]
+    m, n, k = sum(sizes) + 20, 200, 328
+    keys = jax.random.split(jax.random.key(7), 3)
+    gs = jnp.array(sizes, jnp.int32)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
+    w = (jax.random.normal(keys[1], (len(sizes), n, k), jnp.float32) / np.sqrt(k)).astype(dtype)
+    dy = jax.random.normal(keys[2], (m, n), jnp.float32).astype(dtype)
+    block = GroupedMatmulBlock(n_fastest=n_fastest)
+
+    def kernel(x, w):
+        return grouped_matmul(x, w, gs, block=block, interpret=False)
+
+    assert_vjp_close(
+        kernel, lambda x, w: grouped_matmul_reference(x, w, gs), (x, w), dy, jnp.dtype(dtype), ("dx", "dw")
+    )
+
+
 @pytest.mark.parametrize("m, k, n, dtype", [(1000, 200, 192, jnp.float32), (1024, 256, 512, jnp.bfloat16)])
 def test_lowers_to_three_triton_kernels(triton_calls, m, k, n, dtype):
     """Forward, dx and dw each lower to one Triton kernel (default blocks; masked tails, or none where the blocks
