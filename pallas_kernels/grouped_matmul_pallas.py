@@ -199,6 +199,8 @@ def _weight_grad(x, dy, group_sizes, w_shape, w_dtype, block: GroupedMatmulBlock
     """dw[g] = dy[rows of g]^T @ x[rows of g] -> [G, N, K] in w_dtype (zeros for an empty group)."""
     groups, n, k = w_shape
     m = x.shape[0]
+    if m == 0:
+        return jnp.zeros(w_shape, w_dtype)
     bm, bn, bk = _fit(block.dw_block_m, m), _fit(block.dw_block_n, n), _fit(block.dw_block_k, k)
     totals = jnp.cumsum(group_sizes)
     ends, starts = jnp.minimum(totals, m), jnp.minimum(totals - group_sizes, m)
