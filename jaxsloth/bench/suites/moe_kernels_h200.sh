@@ -12,3 +12,18 @@ S=("$PY" -m jaxsloth.bench.step --arch qwen3-30b-a3b --quant nf4 --batch 2 --seq
    --out "$OUTDIR/moe_step.jsonl")
 timed moe_step_pallas 150 "${S[@]}" --grouped-matmul pallas "${ARGS[@]}"
 timed moe_step_tiled 150 "${S[@]}" --grouped-matmul tiled
+# One line per record on stdout: ms per projection and implementation, tokens/s per step.
+"$PY" - "$OUTDIR" <<'PYEOF'
+import json, pathlib, sys
+
+out = pathlib.Path(sys.argv[1])
+for name in ("grouped_matmul.jsonl", "moe_step.jsonl"):
+    path = out / name
+    for r in (json.loads(line) for line in (path.read_text().splitlines() if path.exists() else []) if line.strip()):
+        if "op" in r:
+            keys = ("impl", "shape", "fwd_ms", "fwd_bwd_ms", "fwd_dx_dw_ms", "max_err", "error")
+            print({k: r[k] for k in keys if r.get(k) is not None}, {k: v for k, v in (r["block"] or {}).items()})
+        else:
+            keys = ("tokens_per_s", "step_ms", "peak_gib", "compile_s", "first_loss")
+            print(r["kernels"]["grouped_matmul"], {k: r.get(k) for k in keys})
+PYEOF
