@@ -59,10 +59,12 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
     # The 16-bit LoRA linear has no kernel: XLA's three GEMMs beat a fused Triton one (BENCHMARKS.md, LoRA linear).
     "lora_matmul": {"reference": ("pallas_kernels.lora_matmul", "lora_matmul_reference")},
     # Mixture-of-experts projections: row tiles against their experts' weights in a loop (XLA expands a ragged dot to
-    # every row against every expert: gigabytes and 128x the FLOPs per projection at Qwen3-30B-A3B's 128 experts).
+    # every row against every expert: gigabytes and 128x the FLOPs per projection at Qwen3-30B-A3B's 128 experts), or
+    # every (tile, expert) work item in one Pallas launch.
     "grouped_matmul": {
         "reference": ("pallas_kernels.grouped_matmul", "grouped_matmul_reference"),
         "tiled": ("pallas_kernels.grouped_matmul", "grouped_matmul_tiled"),
+        "pallas": ("pallas_kernels.grouped_matmul_pallas", "grouped_matmul"),
     },
     "grouped_lora": {"reference": ("pallas_kernels.grouped_matmul", "grouped_lora_reference")},
 }
@@ -96,6 +98,7 @@ class KernelChoice:
     attention: str = "reference"
     cross_entropy: str = "reference"
     nf4_matmul: str = "reference"
+    grouped_matmul: str = "tiled"
     interpret: bool | None = None
     blocks: tuple[tuple[str, object], ...] = ()
 
@@ -245,6 +248,7 @@ class Ops:
         """Per-expert projections of rows sorted by expert: y = x @ W[g]^T + lora_scale * (x @ A[g]^T) @ B[g]^T for
         the rows of group g (PEFT's expert LoRA, factored). x: [M, in]; weight: [G, out, in] or NF4; group_sizes: [G];
         lora: {"a": [G, r, in], "b": [G, out, r]} or None."""
+        impl = self.kernels.grouped_matmul
         if is_nf4(weight):
             from jaxsloth.quant import dequantize_nf4
 
@@ -254,11 +258,11 @@ class Ops:
                 # The dequantization needs only the weights: without tying it to the layer's rows, XLA schedules the
                 # unrolled loop's dequantizations early and holds every layer's 16-bit experts at once.
                 x, weight = jax.lax.optimization_barrier((x, weight))
-                return self._call("grouped_matmul", "tiled", x, dequantize_nf4(weight, x.dtype), group_sizes)
+                return self._call("grouped_matmul", impl, x, dequantize_nf4(weight, x.dtype), group_sizes)
 
             y = jax.checkpoint(nf4_grouped)(x, weight, group_sizes)
         else:
-            y = self._call("grouped_matmul", "tiled", x, weight, group_sizes)
+            y = self._call("grouped_matmul", impl, x, weight, group_sizes)
         if lora is not None:
             y = y + lora_scale * self._call("grouped_lora", "reference", x, lora["a"], lora["b"], group_sizes)
         return y

@@ -132,8 +132,10 @@ _HOPPER = KernelChoice(
 )
 # Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there, on their default tiles.
 # The loss and NF4 take the same plain-XLA paths as Hopper (measured on the H200 only: they win by doing fewer GEMMs
-# and writing no f32 [tokens, N] arrays, which holds on any GPU; the Triton NF4 kernel trails XLA on the H200).
-_AMPERE = KernelChoice.all("pallas", cross_entropy="chunked", nf4_matmul="xla16")
+# and writing no f32 [tokens, N] arrays, which holds on any GPU; the Triton NF4 kernel trails XLA on the H200). Every
+# profile runs the mixture-of-experts projections on the tiled loop (KernelChoice's default) until the Pallas grouped
+# matmul is measured faster in the MoE step.
+_AMPERE = KernelChoice.all("pallas", cross_entropy="chunked", nf4_matmul="xla16", grouped_matmul="tiled")
 
 PROFILES: dict[str, Profile] = {
     # attn_dots: faster than full remat on the 8B QLoRA step at 2 x 2048 for a few GiB more (BENCHMARKS.md, remat);

@@ -137,6 +137,21 @@ def attention_blocks(spec: str, base):
     return dataclasses.replace(base, **settings)
 
 
+def grouped_matmul_blocks(spec: str):
+    """The Pallas grouped matmul tiles ``--grouped-matmul-blocks`` names: a JSON object of ``GroupedMatmulBlock``
+    fields (the rest at their defaults), as ``jaxsloth.bench.kernel_grouped_matmul`` records them."""
+    from pallas_kernels.grouped_matmul_pallas import GroupedMatmulBlock
+
+    try:
+        settings = json.loads(spec)
+    except json.JSONDecodeError:
+        raise ValueError(f"--grouped-matmul-blocks {spec!r}: not a JSON object") from None
+    fields = {f.name for f in dataclasses.fields(GroupedMatmulBlock)}
+    if not isinstance(settings, dict) or set(settings) - fields:
+        raise ValueError(f"--grouped-matmul-blocks: expected GroupedMatmulBlock fields {sorted(fields)}, got {spec}")
+    return GroupedMatmulBlock(**settings)
+
+
 def run(args) -> dict:
     # --model-path: the architecture of a local checkpoint (its config.json); weights stay random, as with --arch.
     config = load_config(args.model_path) if args.model_path else preset(args.arch)
@@ -163,6 +178,9 @@ def run(args) -> dict:
         profile = profile.replace(blocks=(*dict(profile.kernels.blocks, attention=blocks).items(),))
         default = dataclasses.asdict(base)
         tiles = {k: v for k, v in dataclasses.asdict(blocks).items() if v != default[k]}  # what the record names
+    if args.grouped_matmul_blocks:
+        blocks = grouped_matmul_blocks(args.grouped_matmul_blocks)
+        profile = profile.replace(blocks=(*dict(profile.kernels.blocks, grouped_matmul=blocks).items(),))
     if args.full_finetuning and args.quant != "bf16":
         raise SystemExit("--full-finetuning trains 16-bit weights: use --quant bf16")
     lora = None if args.full_finetuning else LoraConfig(r=16, lora_alpha=16.0)
@@ -249,6 +267,7 @@ def run(args) -> dict:
         profile,
         layer_loop,
         **({"attention_blocks": tiles} if tiles else {}),
+        **({"grouped_matmul_blocks": json.loads(args.grouped_matmul_blocks)} if args.grouped_matmul_blocks else {}),
         **({"module_step": True} if args.module else {}),
         tokens_per_s=tokens / (ms / 1e3),
         step_ms=ms,
@@ -316,6 +335,11 @@ def main(argv=None) -> None:
         "--attention-blocks",
         default=None,
         help="Pallas attention tiles: a JSON object of AttentionBlocks fields or a kernel_attention --tune JSONL file",
+    )
+    p.add_argument(
+        "--grouped-matmul-blocks",
+        default=None,
+        help="Pallas grouped matmul tiles (with --grouped-matmul pallas): a JSON object of GroupedMatmulBlock fields",
     )
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up; 0: time the first step alone")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one (long runs: 0)")

@@ -21,6 +21,7 @@ import re
 CATEGORIES = (
     ("attention (cuDNN)", r"cudnn|fmha|flash_fprop|flash_bprop|sdpa"),
     ("attention (Pallas)", r"flash_attention"),
+    ("Pallas: grouped matmul (experts)", r"grouped_matmul"),
     ("GEMM (cuBLAS/cuBLASLt)", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_"),
     ("Pallas: norm / rope / glu / loss / nf4", r"rms_norm|rope|swiglu|geglu|cross_entropy|nf4_matmul|lora_matmul"),
     ("copies / memset", r"memcpy|memset|copy"),
