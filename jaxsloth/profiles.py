@@ -128,13 +128,16 @@ _HOPPER = KernelChoice(
     attention="cudnn",
     cross_entropy="chunked",
     nf4_matmul="xla16",
+    # The Pallas grouped matmul: one launch over every (row tile, expert) item, where the tiled XLA loop runs them one
+    # after another (2.8x the Qwen3-30B-A3B QLoRA step's speed at half its peak on the H200: BENCHMARKS.md).
+    grouped_matmul="pallas",
     blocks=(("attention", _hopper_attention_tiles()),),
 )
 # Ampere/Ada: no cuDNN flash path through XLA for every shape; the Triton kernels run there, on their default tiles.
 # The loss and NF4 take the same plain-XLA paths as Hopper (measured on the H200 only: they win by doing fewer GEMMs
-# and writing no f32 [tokens, N] arrays, which holds on any GPU; the Triton NF4 kernel trails XLA on the H200). Every
-# profile runs the mixture-of-experts projections on the tiled loop (KernelChoice's default) until the Pallas grouped
-# matmul is measured faster in the MoE step.
+# and writing no f32 [tokens, N] arrays, which holds on any GPU; the Triton NF4 kernel trails XLA on the H200). The
+# mixture-of-experts projections stay on the tiled loop (KernelChoice's default) until the Pallas grouped matmul is
+# measured on these cards.
 _AMPERE = KernelChoice.all("pallas", cross_entropy="chunked", nf4_matmul="xla16", grouped_matmul="tiled")
 
 PROFILES: dict[str, Profile] = {

@@ -52,7 +52,7 @@ class GroupedMatmulBlock:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
-    n_fastest: bool = False
+    n_fastest: bool = True  # faster on both Qwen3-30B-A3B projections on the H200 (BENCHMARKS.md)
     dw_block_m: int = 64
     dw_block_n: int = 128
     dw_block_k: int = 128

@@ -340,6 +340,7 @@ TOPICS = {
     "kernels/attention_h200": "Attention, forward and forward+backward (`jaxsloth.bench.kernel_attention`)",
     "kernels/attention_tiles_h200": "Attention kernels alone on their fastest tiles (`kernel_attention --tune`)",
     "kernels/nf4_matmul_h200": "NF4 projections with LoRA r=16 (`jaxsloth.bench.kernel_nf4_matmul`)",
+    "kernels/grouped_matmul_h200": "Mixture-of-experts grouped matmul (`jaxsloth.bench.kernel_grouped_matmul`)",
     "kernels/cross_entropy_h200": "LM-head cross-entropy (`jaxsloth.bench.kernel_cross_entropy`)",
     "kernels/rms_norm_h200": "RMSNorm (`jaxsloth.bench.kernel_rms_norm`)",
     "kernels/glu_h200": "SwiGLU (`jaxsloth.bench.kernel_glu`)",
