@@ -29,7 +29,8 @@ tile.
 Requirements: x in bfloat16 or float16, K a multiple of 64 and the weight's blocksize 64 (``ValueError``
 otherwise; every model's projections qualify). M and N need not be multiples of the tiles: operands are
 zero-padded to whole tiles (a copy only when ragged), the result sliced. LoRA factors, when given, add PEFT's
-16-bit term through ``lora_delta`` in XLA (the LoRA A product is not fused into the kernel).
+16-bit term; the forward kernel computes its A product u = x @ A^T from the x tiles it already holds when
+``MosaicNF4Block.fuse_lora_a`` is set (the rest, u @ B^T and the A and B gradients, are r-wide XLA products).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from pallas_kernels.nf4_matmul import (
     NF4Weight,
     _check_operands,
     dynamic_code_map,
+    pad_rank,
 )
 
 _CHUNK = KERNEL_BLOCKSIZE  # columns of W per scale: one packed [rows, 32] byte tile per chunk
@@ -83,6 +85,7 @@ class MosaicNF4Block:
     bwd_block_n: int = 64
     bwd_block_k: int = 128
     bwd_num_stages: int = 3
+    fuse_lora_a: bool = False
 
     def __post_init__(self):
         multiples = dict(block_m=64, block_n=128, block_k=64, bwd_block_m=64, bwd_block_n=64, bwd_block_k=128)
@@ -95,10 +98,10 @@ class MosaicNF4Block:
                 raise ValueError(f"MosaicNF4Block.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _tiles(dtype) -> tuple:
-    """128-byte rows of 16-bit or 32-bit elements, the wgmma operand layout (the 32-bit one is the staging
+def _tiles(dtype, row_bytes: int = 128) -> tuple:
+    """Rows of ``row_bytes`` (32, 64 or 128), swizzled: the wgmma operand layout (the 32-bit one is the staging
     tile's word view: the same bytes)."""
-    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
+    return (plgpu.TilingTransform((8, row_bytes // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(row_bytes))
 
 
 def block_scales(w: NF4Weight) -> jax.Array:
@@ -144,14 +147,19 @@ def _stage_chunk(words: jax.Array, stage_values, stage_words, cols: int, dtype, 
         stage_words[:, pl.ds(cols // 2, _CHUNK // 2)] = words
 
 
-def _matmul_kernel(a, packed, scales_t, out_shape, *, bm, bc, step, n_steps, transposed, stages, interpret, name):
-    """The shared kernel of both directions.
+def _matmul_kernel(
+    a, packed, scales_t, lora_a, out_shape, *, bm, bc, step, n_steps, transposed, stages, interpret, name
+):
+    """The shared kernel of both directions; returns the product, or (product, a @ lora_a^T) with ``lora_a``.
 
     a: [Mp, n_steps * step] 16-bit (x or dy); packed: [Np, K/2] uint8; scales_t: [K/64, Np] f32.
     Forward (``transposed``): output columns are W rows; step s reads x[:, s step : +step] and each warpgroup's
     W[rows of its half, s step : +step], multiplied as a @ W^T. Backward: output columns are W columns; step s
     reads dy[:, s step : +step] and W[s step : +step, columns of the warpgroup's half], multiplied as a @ W.
     bm: rows per CTA; bc: output columns per CTA (two warpgroups of bc / 2).
+    lora_a: None, or (forward only) the LoRA A factor [rp, K] (rp a multiple of 16): warpgroup 0 also accumulates
+    u = x @ A^T from the x tiles already in shared memory (x read once for W and A); every CTA does (an rp-wide
+    wgmma beside the decode, which bounds the kernel) and those of the first column block write u [Mp, rp].
     """
     dtype = a.dtype
     bw = bc // 2
@@ -161,9 +169,21 @@ def _matmul_kernel(a, packed, scales_t, out_shape, *, bm, bc, step, n_steps, tra
     scale_rows = step // _CHUNK if transposed else bc // _CHUNK  # [scale_rows, scale_cols] of scales_t per step
     scale_cols = bc if transposed else step
     row_layout = plgpu.Layout.WGMMA.reduce(1)
+    fused = lora_a is not None
+    rp = lora_a.shape[0] if fused else 0
 
-    def kernel(a_ref, packed_ref, scales_ref, out_ref, smem, bars):
-        a_smem, packed_smem, scale_smem, (stage_values, stage_words), out_smem = smem
+    def kernel(*refs):
+        if fused:
+            a_ref, packed_ref, scales_ref, lora_ref, out_ref, u_ref, smem, bars = refs
+            *smem, lora_smem = smem
+            *bars, lora_bar = bars
+            # u's staging tile: warpgroup 0's staging buffers, free once its last wgmma has read them.
+            (stage_values, stage_words, u_smem) = smem.pop(3)
+        else:
+            a_ref, packed_ref, scales_ref, out_ref, smem, bars = refs
+            smem = list(smem)
+            (stage_values, stage_words) = smem.pop(3)
+        a_smem, packed_smem, scale_smem, out_smem = smem
         a_bar, packed_bar, scale_bar, consumed = bars
         m0, c0 = lax.axis_index("m") * bm, lax.axis_index("c") * bc
         wg = lax.axis_index("wg")
@@ -174,6 +194,10 @@ def _matmul_kernel(a, packed, scales_t, out_shape, *, bm, bc, step, n_steps, tra
 
             def issue(s, slot):
                 plgpu.copy_gmem_to_smem(a_ref.at[pl.ds(m0, bm), pl.ds(s * step, step)], a_smem.at[slot], a_bar.at[slot])
+                if fused:
+                    plgpu.copy_gmem_to_smem(
+                        lora_ref.at[:, pl.ds(s * step, step)], lora_smem.at[slot], lora_bar.at[slot]
+                    )
                 if transposed:
                     scale_src = scales_ref.at[pl.ds(s * (step // _CHUNK), scale_rows), pl.ds(c0, bc)]
                 else:
@@ -205,7 +229,7 @@ def _matmul_kernel(a, packed, scales_t, out_shape, *, bm, bc, step, n_steps, tra
         def compute(w: int):
             plgpu.set_max_registers(232, action="increase")
 
-            def accumulate(acc_ref):
+            def accumulate(acc_ref, u_acc=None):
                 @pl.loop(jnp.int32(0), jnp.int32(n_steps))
                 def _(s):
                     slot, buf = lax.rem(s, stages), lax.rem(s, 2)
@@ -222,6 +246,9 @@ def _matmul_kernel(a, packed, scales_t, out_shape, *, bm, bc, step, n_steps, tra
                         _stage_chunk(_decoded_words(codes, scale, dtype), values, words, c * _CHUNK, dtype, interpret)
                     plgpu.commit_smem()  # the staged tile, visible to the wgmma's async proxy
                     plgpu.barrier_wait(a_bar.at[slot])
+                    if u_acc is not None:  # issued first: the wait below leaves only the main product in flight
+                        plgpu.barrier_wait(lora_bar.at[slot])
+                        plgpu.wgmma(u_acc, a_smem.at[slot], lora_smem.at[slot].transpose((1, 0)))
                     plgpu.wgmma(acc_ref, a_smem.at[slot], values.transpose((1, 0)) if transposed else values)
                     # The wgmma runs while the next tile decodes into the other staging buffer; the previous one
                     # has then read its ring slot and staging buffer, which are released for reuse.
@@ -233,18 +260,27 @@ def _matmul_kernel(a, packed, scales_t, out_shape, *, bm, bc, step, n_steps, tra
 
                 plgpu.wgmma_wait(0)
                 plgpu.barrier_arrive(consumed.at[(n_steps - 1) % stages])
-                return acc_ref[...]
+                return acc_ref[...], None if u_acc is None else u_acc[...]
 
-            acc = pl.run_scoped(accumulate, plgpu.ACC((bm, bw), jnp.float32))
+            accs = [plgpu.ACC((bm, bw), jnp.float32)] + ([plgpu.ACC((bm, rp), jnp.float32)] if fused and w == 0 else [])
+            acc, u = pl.run_scoped(accumulate, *accs)
             out_smem.at[w][...] = acc.astype(dtype)
+            if u is not None:
+                u_smem[...] = u.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[w], out_ref.at[pl.ds(m0, bm), pl.ds(c0 + w * bw, bw)])
+            if u is not None:
+
+                @pl.when(lax.axis_index("c") == 0)
+                def _():
+                    plgpu.copy_smem_to_gmem(u_smem, u_ref.at[pl.ds(m0, bm)])
+
             plgpu.wait_smem_to_gmem(0)
 
         pl.when(wg == 0)(functools.partial(compute, 0))
         pl.when(wg == 1)(functools.partial(compute, 1))
 
-    smem = (
+    smem = [
         plgpu.SMEM((stages, bm, step), dtype, transforms=_tiles(dtype)),
         plgpu.SMEM((stages, 2, chunks, w_rows, _CHUNK // 2), jnp.uint8),
         plgpu.SMEM((stages, scale_rows, scale_cols), jnp.float32),
@@ -253,17 +289,28 @@ def _matmul_kernel(a, packed, scales_t, out_shape, *, bm, bc, step, n_steps, tra
             plgpu.SMEM((2, 2, w_rows, w_cols // 2), jnp.uint32, transforms=_tiles(jnp.uint32)),
         ),
         plgpu.SMEM((2, bm, bw), dtype, transforms=_tiles(dtype)),
-    )
+    ]
     bars = (
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=(stages, 2, chunks)),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
     )
+    out_type = jax.ShapeDtypeStruct(out_shape, dtype)
+    operands = (a, packed, scales_t)
+    if fused:
+        if rp % 16 or rp > 32 or bm * rp > 2 * w_rows * w_cols:
+            raise ValueError(f"the fused LoRA A product takes padded ranks 16 or 32 within the staging tiles, got {rp}")
+        staging = plgpu.RefUnion(*smem[3].refs, plgpu.SMEM((bm, rp), dtype, transforms=_tiles(dtype, rp * 2)))
+        smem = (*smem[:3], staging, smem[4], plgpu.SMEM((stages, rp, step), dtype, transforms=_tiles(dtype)))
+        bars += (plgpu.Barrier(num_barriers=stages),)
+        out_type = (out_type, jax.ShapeDtypeStruct((out_shape[0], rp), dtype))
+        operands += (lora_a,)
+    smem = tuple(smem)
     grid = (out_shape[0] // bm, out_shape[1] // bc)
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+        out_type=out_type,
         scratch_types=(smem, bars),
         grid=grid,
         grid_names=("m", "c"),
@@ -272,7 +319,7 @@ def _matmul_kernel(a, packed, scales_t, out_shape, *, bm, bc, step, n_steps, tra
         interpret=plgpu.InterpretGPUParams() if interpret else None,
         kernel_name=name,
     )
-    return call(a, packed, scales_t)
+    return call(*operands)
 
 
 def _divisor_step(block: int, total: int, unit: int) -> int:
@@ -297,17 +344,19 @@ def _weight_operands(w: NF4Weight, rows: int, cols: int) -> tuple[jax.Array, jax
     return packed, scales_t
 
 
-def forward(x: jax.Array, w: NF4Weight, block: MosaicNF4Block, interpret: bool) -> jax.Array:
-    """x [M, K] @ dequant(W)^T -> [M, N] in x.dtype."""
+def forward(x: jax.Array, w: NF4Weight, lora_a: jax.Array | None, block: MosaicNF4Block, interpret: bool):
+    """x [M, K] @ dequant(W)^T -> y [M, N] in x.dtype; with lora_a [rp, K] (rp a multiple of 16) also
+    u = x @ lora_a^T [M, rp] in x.dtype, from the same kernel: (y, u)."""
     (m, k), (n, _) = x.shape, w.shape
     bm, bn = block.block_m, block.block_n
     bk = _divisor_step(block.block_k, k, _CHUNK)
     mp, np_ = cdiv(m, bm) * bm, cdiv(n, bn) * bn
     packed, scales_t = _weight_operands(w, np_, k)
-    y = _matmul_kernel(
+    out = _matmul_kernel(
         _pad_to(x, (mp, k)),
         packed,
         scales_t,
+        lora_a,
         (mp, np_),
         bm=bm,
         bc=bn,
@@ -318,7 +367,9 @@ def forward(x: jax.Array, w: NF4Weight, block: MosaicNF4Block, interpret: bool) 
         interpret=interpret,
         name="nf4_matmul_fwd_mgpu",
     )
-    return y[:m, :n]
+    if lora_a is None:
+        return out[:m, :n]
+    return out[0][:m, :n], out[1][:m]
 
 
 def backward_dx(dy: jax.Array, w: NF4Weight, block: MosaicNF4Block, interpret: bool) -> jax.Array:
@@ -332,6 +383,7 @@ def backward_dx(dy: jax.Array, w: NF4Weight, block: MosaicNF4Block, interpret: b
         _pad_to(dy, (mp, np_)),
         packed,
         scales_t,
+        None,
         (mp, kp),
         bm=bm,
         bc=bkx,
@@ -347,7 +399,7 @@ def backward_dx(dy: jax.Array, w: NF4Weight, block: MosaicNF4Block, interpret: b
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _base_matmul(treedef, block: MosaicNF4Block, interpret: bool, x, *leaves):
-    return forward(x, treedef.unflatten(leaves), block, interpret)
+    return forward(x, treedef.unflatten(leaves), None, block, interpret)
 
 
 def _base_matmul_fwd(treedef, block, interpret, x, *leaves):
@@ -361,6 +413,38 @@ def _base_matmul_bwd(treedef, block, interpret, leaves, dy):
 
 
 _base_matmul.defvjp(_base_matmul_fwd, _base_matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _base_matmul_and_lora_a(treedef, block: MosaicNF4Block, interpret: bool, x, lora_a, *leaves):
+    """(x @ dequant(W)^T, x @ lora_a^T), both in x.dtype, from one forward kernel."""
+    return forward(x, treedef.unflatten(leaves), lora_a, block, interpret)
+
+
+def _base_matmul_and_lora_a_fwd(treedef, block, interpret, x, lora_a, *leaves):
+    out = _base_matmul_and_lora_a(treedef, block, interpret, x, lora_a, *leaves)
+    return out, (x, lora_a, leaves)
+
+
+def _base_matmul_and_lora_a_bwd(treedef, block, interpret, res, cotangents):
+    x, lora_a, leaves = res
+    dy, du = cotangents
+    dx = backward_dx(dy, treedef.unflatten(leaves), block, interpret)
+    # The LoRA A product's gradients in x.dtype, as XLA's autodiff of PEFT's 16-bit einsum computes them.
+    dx = dx + jnp.dot(du.astype(x.dtype), lora_a)
+    da = lax.dot_general(du.astype(x.dtype), x, (((0,), (0,)), ((), ())))
+    return (dx, da, *(None for _ in leaves))
+
+
+_base_matmul_and_lora_a.defvjp(_base_matmul_and_lora_a_fwd, _base_matmul_and_lora_a_bwd)
+
+
+def fuses_lora_a(block: MosaicNF4Block, k: int, rank: int) -> bool:
+    """Whether the forward kernel takes the LoRA A product at this rank: u's [block_m, rank] tile (rank padded to
+    16 or 32) is staged in warpgroup 0's W staging buffers, and wider ranks' A tiles exceed shared memory."""
+    rp = max(16, 1 << max(rank - 1, 0).bit_length())
+    staging = block.block_n * _divisor_step(block.block_k, k, _CHUNK)  # two [block_n / 2, step] buffers
+    return rp <= 32 and block.block_m * rp <= staging
 
 
 def check_supported(x: jax.Array, w: NF4Weight) -> None:
@@ -385,19 +469,27 @@ def nf4_matmul_mosaic(
     interpret: bool | None = None,
     block: MosaicNF4Block | None = None,
 ) -> jax.Array:
-    """x @ dequant(W)^T through the Mosaic GPU kernels, plus lora_scale * (x @ lora_a^T) @ lora_b^T in XLA.
+    """x @ dequant(W)^T + lora_scale * (x @ lora_a^T) @ lora_b^T through the Mosaic GPU kernels.
 
     x: [..., K] bfloat16 or float16; w: one NF4Weight of shape (N, K), K a multiple of 64, blocksize 64; lora_a:
     [r, K], lora_b: [N, r] (PEFT layouts). Returns [..., N] in x.dtype, in PEFT's 16-bit order (the base product
-    and the LoRA term each rounded to x.dtype, then added), as ``nf4_matmul_xla16``. Gradients flow to x (the
-    dx kernel), lora_a and lora_b; the NF4 arrays are frozen.
+    and the LoRA term each rounded to x.dtype, then added), as ``nf4_matmul_xla16``. With ``block.fuse_lora_a``
+    the forward kernel also computes u = x @ lora_a^T (x read once); otherwise u is an XLA product. Gradients
+    flow to x (the dx kernel), lora_a and lora_b; the NF4 arrays are frozen.
     """
     _check_operands(x, w, lora_a, lora_b)
     check_supported(x, w)
     n, k = w.shape
+    block = block or MosaicNF4Block()
     x2 = x.reshape(-1, k)
     leaves, treedef = jax.tree.flatten(w)
-    y = _base_matmul(treedef, block or MosaicNF4Block(), resolve_interpret(interpret), x2, *leaves)
-    if lora_a is not None:
-        y = y + lora_delta(x2, lora_a, lora_b, lora_scale)
+    static = (treedef, block, resolve_interpret(interpret))
+    if lora_a is not None and block.fuse_lora_a and fuses_lora_a(block, k, lora_a.shape[0]):
+        a, b = pad_rank(lora_a, lora_b, x.dtype)
+        y, u = _base_matmul_and_lora_a(*static, x2, a, *leaves)
+        y = y + lora_scale * jnp.einsum("mr,nr->mn", u, b)  # lora_delta's second product
+    else:
+        y = _base_matmul(*static, x2, *leaves)
+        if lora_a is not None:
+            y = y + lora_delta(x2, lora_a, lora_b, lora_scale)
     return y.astype(x.dtype).reshape(*x.shape[:-1], n)

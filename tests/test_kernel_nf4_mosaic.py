@@ -4,6 +4,8 @@ its lowering for Hopper, and the benchmark's entry points. Nothing here runs the
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,7 @@ SMALL = MosaicNF4Block(
     bwd_block_k=128,
     bwd_num_stages=2,
 )
+FUSED = dataclasses.replace(SMALL, fuse_lora_a=True)
 
 
 def _case(m, k, n, r, dtype, double_quant, seed):
@@ -44,26 +47,26 @@ def _case(m, k, n, r, dtype, double_quant, seed):
 
 
 @pytest.mark.parametrize(
-    "m,k,n,r,dtype,double_quant,via_ops",
+    "m,k,n,r,dtype,double_quant,via_ops,block",
     [
         # M = 70 over 64-row tiles, N = 150 over 128 (forward) and 64 (dx's N step), K = 192: three forward K steps
-        # through a two-deep ring and dx columns padded from 192 to 256.
-        (70, 192, 150, 0, jnp.bfloat16, True, False),
-        # float16, absmax without double quantization, LoRA in PEFT's order, through the dispatch's "mosaic"
+        # through a two-deep ring and dx columns padded from 192 to 256; the LoRA A product in the forward kernel.
+        (70, 192, 150, 8, jnp.bfloat16, True, False, FUSED),
+        # float16, absmax without double quantization, the LoRA A product in XLA, through the dispatch's "mosaic"
         # choice (Ops.linear with leading axes, the block config from the KernelChoice).
-        (40, 128, 200, 8, jnp.float16, False, True),
+        (40, 128, 200, 8, jnp.float16, False, True, SMALL),
     ],
 )
-def test_matches_reference_interpret(m, k, n, r, dtype, double_quant, via_ops):
+def test_matches_reference_interpret(m, k, n, r, dtype, double_quant, via_ops, block):
     q, x, lora, dy = _case(m, k, n, r, dtype, double_quant, seed=m + n)
     w = dequantize_nf4(q, dtype)  # jaxsloth.quant's dequantization, then plain matmuls
-    ops = Ops(KernelChoice(nf4_matmul="mosaic", interpret=True, blocks=(("nf4_matmul_mosaic", SMALL),)))
+    ops = Ops(KernelChoice(nf4_matmul="mosaic", interpret=True, blocks=(("nf4_matmul_mosaic", block),)))
 
     def kernel(x, *ab):
         if via_ops:
             lora = {"a": ab[0], "b": ab[1]} if ab else None
             return ops.linear(x.reshape(2, -1, k), q, lora=lora, lora_scale=0.75).reshape(m, n)
-        return nf4_matmul_mosaic(x, q, *(ab or (None, None)), 0.75, interpret=True, block=SMALL)
+        return nf4_matmul_mosaic(x, q, *(ab or (None, None)), 0.75, interpret=True, block=block)
 
     def reference(x, *ab):
         return lora_matmul_reference(x, w, *ab, 0.75) if ab else jnp.dot(x, w.T)
@@ -109,6 +112,17 @@ def test_lowers_for_hopper_on_cpu_without_a_16bit_weight():
     text = jax.jit(f).trace(x, q, dy).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
     assert f"{n}x{k}xbf16" not in text and f"{k}x{n}xbf16" not in text
+
+    # With the LoRA A product fused, the forward's only XLA matmul is u @ B^T (rank 16); ranks past 32 take the
+    # XLA product, x @ A^T.
+    def forward(x, a, b, q, fuse):
+        return nf4_matmul_mosaic(x, q, a, b, 2.0, interpret=False, block=MosaicNF4Block(fuse_lora_a=fuse))
+
+    for r, fuse, dots in ((16, True, 1), (16, False, 2), (64, True, 2)):
+        a, b = jax.ShapeDtypeStruct((r, k), jnp.float32), jax.ShapeDtypeStruct((n, r), jnp.float32)
+        lowered = jax.jit(forward, static_argnums=4).trace(x, a, b, q, fuse).lower(lowering_platforms=("cuda",))
+        text = lowered.as_text()
+        assert text.count("custom_call @mosaic_gpu") == 1 and text.count("stablehlo.dot_general") == dots, (r, fuse)
 
 
 def test_benchmark_entry_points(tmp_path, capsys, monkeypatch):
