@@ -126,10 +126,13 @@ def test_lowers_for_hopper_on_cpu_without_a_16bit_weight():
 
 
 def test_benchmark_entry_points(tmp_path, capsys, monkeypatch):
-    # The GPU suite's kernel calls (nf4_mosaic_h200.sh) at tiny shapes: the check and the timed table, each timing
-    # one call (the interpreter takes seconds per call).
+    # The GPU suite's calls (nf4_mosaic_h200.sh) at tiny shapes: the check and the timed table, each timing one call
+    # (the interpreter takes seconds per call); the step's `--op nf4_matmul=mosaic` as jaxsloth.bench.step applies it.
     from jaxsloth.bench import timing
     from jaxsloth.bench.kernel_nf4_matmul import main
+    from jaxsloth.profiles import profile_for_device
+
+    assert profile_for_device(name="h200", nf4_matmul="mosaic").ops.kernels.nf4_matmul == "mosaic"
 
     def one_call_ms(fn, args, iters):
         jax.block_until_ready(fn(*args))
@@ -142,3 +145,30 @@ def test_benchmark_entry_points(tmp_path, capsys, monkeypatch):
     main(["--smoke", "--impls", "mosaic", "--out", str(out)])
     lines = out.read_text().splitlines()
     assert len(lines) == 1 and '"impl": "mosaic"' in lines[0] and '"block_m": 64' in lines[0]
+
+
+def _on_hopper() -> bool:
+    return jax.default_backend() == "gpu" and any(h in jax.devices()[0].device_kind for h in ("H100", "H200", "H800"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _on_hopper(), reason="wgmma: Hopper only")
+@pytest.mark.parametrize(
+    "m,k,n,r,block",
+    [
+        (300, 1024, 520, 16, MosaicNF4Block()),
+        (300, 1024, 520, 16, MosaicNF4Block(fuse_lora_a=True)),
+        (129, 4096, 1024, 0, MosaicNF4Block(block_m=128, block_n=256, bwd_block_m=128, bwd_block_k=256)),
+    ],
+)
+def test_matches_reference_gpu(m, k, n, r, block):
+    q, x, lora, dy = _case(m, k, n, r, jnp.bfloat16, True, seed=7)
+    w = dequantize_nf4(q, jnp.bfloat16)
+
+    def kernel(x, *ab):
+        return nf4_matmul_mosaic(x, q, *(ab or (None, None)), 0.75, interpret=False, block=block)
+
+    def reference(x, *ab):
+        return lora_matmul_reference(x, w, *ab, 0.75) if ab else jnp.dot(x, w.T)
+
+    assert_vjp_close(kernel, reference, (x, *lora), dy, jnp.bfloat16, ("dx", "dlora_a", "dlora_b")[: 1 + len(lora)])
