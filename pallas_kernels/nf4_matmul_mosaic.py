@@ -12,11 +12,12 @@ in XLA, to f32 scales (as bitsandbytes' dequantize_4bit decodes it before its ke
 Each CTA runs three warpgroups. A memory warpgroup streams, through a ``num_stages``-deep ring in shared memory
 (TMA), the 16-bit operand tile (x, or dy for the backward) and the packed-byte and scale tiles of the W slice of
 the step. Two compute warpgroups each own half of the CTA's output columns: each decodes its own W slice in
-registers (nibble shift and mask, the 16-level table as a select tree, times the block scale in f32, rounded to
-x.dtype exactly as ``nf4_dequantize_reference``), stores it to its shared-memory staging tile and runs the wgmma
-of the shared operand tile against it with f32 accumulation. The forward stages W[n, k] tiles and multiplies by
-their transpose; the backward stages the same kind of tile for its own (N step, K columns) and multiplies it as
-is, so no 16-bit W ever reaches HBM.
+registers (the 16-level table as a select tree on the code's bits, times the block scale in f32, rounded to
+x.dtype exactly as ``nf4_dequantize_reference``), stores it to one of its two shared-memory staging tiles and
+issues the wgmma of the shared operand tile against it with f32 accumulation, which runs while the next step
+decodes into the other staging tile. The forward stages W[n, k] tiles and multiplies by their transpose; the
+backward stages the same kind of tile for its own (N step, K columns) and multiplies it as is, so no 16-bit W ever
+reaches HBM.
 
 Why the bytes become 32-bit words: each packed byte decodes to two adjacent 16-bit values. Mosaic GPU register
 arrays cannot interleave two [R, C/2] arrays into one [R, C], but one 32-bit word per byte, the first value in
@@ -27,7 +28,8 @@ there the words are split into 16-bit pairs in registers and written through the
 tile.
 
 Requirements: x in bfloat16 or float16, K a multiple of 64 and the weight's blocksize 64 (``ValueError``
-otherwise; every model's projections qualify). M and N need not be multiples of the tiles: operands are
+otherwise; the projections of the common models qualify: their hidden and intermediate sizes are multiples of
+64). M and N need not be multiples of the tiles: operands are
 zero-padded to whole tiles (a copy only when ragged), the result sliced. LoRA factors, when given, add PEFT's
 16-bit term; the forward kernel computes its A product u = x @ A^T from the x tiles it already holds when
 ``MosaicNF4Block.fuse_lora_a`` is set (the rest, u @ B^T and the A and B gradients, are r-wide XLA products).
@@ -57,7 +59,6 @@ from pallas_kernels.nf4_matmul import (
 )
 
 _CHUNK = KERNEL_BLOCKSIZE  # columns of W per scale: one packed [rows, 32] byte tile per chunk
-_WG_ROWS = 64  # the wgmma M tile
 _MEMORY_WG = 2
 
 
@@ -117,13 +118,18 @@ def block_scales(w: NF4Weight) -> jax.Array:
     return scale.reshape(n, k // _CHUNK)
 
 
-def _nf4_level(codes: jax.Array) -> jax.Array:
-    """codes in [0, 16) -> the f32 NF4 level: a tree of selects on the 4 code bits (registers have no table)."""
-    level = [jnp.float32(v) for v in NF4_CODE]
-    for bit in range(4):
-        take_odd = (codes & (1 << bit)) != 0
-        level = [jnp.where(take_odd, level[2 * j + 1], level[2 * j]) for j in range(len(level) // 2)]
-    return level[0]
+def _nf4_level(packed: jax.Array, shift: int) -> jax.Array:
+    """The f32 NF4 level of the 4-bit code at bit ``shift`` of each packed byte: a tree of selects on the code's
+    bits (registers have no table). Built depth-first, so about one partial result per level is live at a time
+    beside the wgmma accumulator, instead of the 8 a level-by-level tree holds."""
+    high = [(packed & (1 << (bit + shift))) != 0 for bit in range(4)]
+
+    def pick(bit: int, base: int):
+        if bit < 0:
+            return jnp.float32(NF4_CODE[base])
+        return jnp.where(high[bit], pick(bit - 1, base + (1 << bit)), pick(bit - 1, base))
+
+    return pick(3, 0)
 
 
 def _decoded_words(packed: jax.Array, scale: jax.Array, dtype) -> jax.Array:
@@ -131,11 +137,11 @@ def _decoded_words(packed: jax.Array, scale: jax.Array, dtype) -> jax.Array:
     two values of byte j rounded to ``dtype``, column 2j (the high nibble) in the low 16 bits."""
     p = packed.astype(jnp.uint32)
 
-    def value_bits(codes):
-        value = (_nf4_level(codes.astype(jnp.int32)) * scale).astype(dtype)
+    def value_bits(shift):
+        value = (_nf4_level(p, shift) * scale).astype(dtype)
         return lax.bitcast_convert_type(value, jnp.uint16).astype(jnp.uint32)
 
-    return value_bits((p >> 4) & 15) | (value_bits(p & 15) << 16)
+    return value_bits(4) | (value_bits(0) << 16)
 
 
 def _stage_chunk(words: jax.Array, stage_values, stage_words, cols: int, dtype, interpret: bool) -> None:
