@@ -89,7 +89,8 @@ class KernelChoice:
 
     ``interpret`` runs Pallas kernels in interpret mode (CPU tests). ``blocks`` holds per-op block configs for the
     Pallas kernels (op name -> a frozen block dataclass, or a ``BlocksByHeadDim`` table for attention, whose tiles
-    and backends depend on the head dim); an op without one runs on its kernel's default blocks.
+    and backends depend on the head dim; "nf4_matmul_mosaic" for the Mosaic NF4 kernels); an op without one runs on
+    its kernel's default blocks.
     """
 
     rms_norm: str = "reference"
