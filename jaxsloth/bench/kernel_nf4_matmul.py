@@ -55,11 +55,12 @@ SWEEP = (
     NF4MatmulBlock(bwd_block_n=32, bwd_block_k=256),
     NF4MatmulBlock(bwd_block_m=64, bwd_block_n=64, bwd_block_k=128, bwd_num_warps=4),
 )
-# The Mosaic kernel beside its default (256 rows per decoded W tile): the LoRA A product fused into the forward, and
-# 128 rows x twice the columns.
+# The Mosaic kernel beside its default (256 rows per decoded W tile, 128 accumulator registers per thread): the LoRA A
+# product fused into the forward, and 128-row tiles (half the accumulator, in case the default's decode spills
+# registers, for twice the decode work per row).
 MOSAIC_SWEEP = (
     MosaicNF4Block(fuse_lora_a=True),
-    MosaicNF4Block(block_m=128, block_n=256, bwd_block_m=128, bwd_block_k=256),
+    MosaicNF4Block(block_m=128, bwd_block_m=128),
 )
 # --smoke runs the interpreter on CPU: the least tiles the kernels take.
 MOSAIC_SMOKE = MosaicNF4Block(
