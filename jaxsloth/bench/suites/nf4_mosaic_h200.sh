@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The NF4 projection's Mosaic GPU kernels on one H200 (at most about seven minutes): their output and gradients against the
-# reference first (`check ... PASS/FAIL` lines in logs/nf4_mosaic_check.log, exit 1 on a failure), then forward and
-# forward+backward at the 8B QLoRA shapes (4096 tokens; q, k_v, gate_up, down; LoRA r=16) against the XLA path
-# (xla16) and the Triton kernel (pallas), the 8B QLoRA step with the kernels and with the XLA path, and last the
+# The NF4 projection's Mosaic GPU kernels on one H200 (at most about seven minutes): their output and gradients
+# against the reference first (`check ... PASS/FAIL` lines in logs/nf4_mosaic_check.log, exit 1 on a failure), then
+# forward and forward+backward at the 8B QLoRA shapes (4096 tokens; q, k_v, gate_up, down; LoRA r=16) against the XLA
+# path (xla16) and the Triton kernel (pallas), the 8B QLoRA step with the kernels and with the XLA path, and last the
 # kernels' other configurations (LoRA A fused into the forward; 128-row tiles).
 # Records: OUT/nf4_mosaic.jsonl, OUT/nf4_mosaic_step.jsonl, OUT/nf4_mosaic_tiles.jsonl.
 #   bash jaxsloth/bench/suites/nf4_mosaic_h200.sh [--tree DIR] [--out DIR]
