@@ -55,6 +55,8 @@ _IMPLEMENTATIONS: dict[str, dict[str, tuple[str, str]]] = {
         "reference": ("pallas_kernels.nf4_matmul", "nf4_matmul_reference"),
         "pallas": ("pallas_kernels.nf4_matmul", "nf4_matmul"),
         "xla16": ("pallas_kernels.nf4_matmul", "nf4_matmul_xla16"),  # PEFT's 16-bit order (the GPU profiles')
+        # Hopper only (wgmma): the weight decoded in registers, PEFT's order; a profile choice once measured faster.
+        "mosaic": ("pallas_kernels.nf4_matmul_mosaic", "nf4_matmul_mosaic"),
     },
     # The 16-bit LoRA linear has no kernel: XLA's three GEMMs beat a fused Triton one (BENCHMARKS.md, LoRA linear).
     "lora_matmul": {"reference": ("pallas_kernels.lora_matmul", "lora_matmul_reference")},
@@ -89,7 +91,8 @@ class KernelChoice:
 
     ``interpret`` runs Pallas kernels in interpret mode (CPU tests). ``blocks`` holds per-op block configs for the
     Pallas kernels (op name -> a frozen block dataclass, or a ``BlocksByHeadDim`` table for attention, whose tiles
-    and backends depend on the head dim); an op without one runs on its kernel's default blocks.
+    and backends depend on the head dim; "nf4_matmul_mosaic" for the Mosaic NF4 kernels); an op without one runs on
+    its kernel's default blocks.
     """
 
     rms_norm: str = "reference"
@@ -153,10 +156,12 @@ class Ops:
 
     def _call(self, op: str, impl: str, *args, **kwargs):
         fn = _resolve(op, impl)
-        if impl == "pallas":
+        if impl in ("pallas", "mosaic"):
             kwargs["interpret"] = self.kernels.interpret
-            # The block-pair ops run the attention kernels, on the attention op's tiles.
-            block = self.kernels.block_for("attention" if op.startswith("attention") else op, args[0])
+            # The block-pair ops run the attention kernels, on the attention op's tiles; a Mosaic kernel's tiles
+            # are the "<op>_mosaic" entry.
+            key = "attention" if op.startswith("attention") else op
+            block = self.kernels.block_for(key if impl == "pallas" else f"{key}_{impl}", args[0])
             if block is not None:
                 kwargs["block"] = block
         return fn(*args, **kwargs)

@@ -121,6 +121,8 @@ def _hopper_attention_tiles() -> BlocksByHeadDim:
 # than XLA); the token-chunked loss with the gradient in the forward pass (two GEMMs where the fused Pallas loss
 # runs three: faster than the full-logits loss at a fraction of its memory); XLA for SwiGLU (its fused elementwise
 # backward beat the kernel) and the XLA NF4 path in PEFT's 16-bit order (no f32 [tokens, N] products).
+# nf4_matmul="mosaic" (the weight decoded in registers by Mosaic GPU kernels) is an opt-in until the H200 measures it
+# faster in the step (`--op nf4_matmul=mosaic`; jaxsloth/bench/suites/nf4_mosaic_h200.sh).
 _HOPPER = KernelChoice(
     rms_norm="pallas",
     rope="pallas",

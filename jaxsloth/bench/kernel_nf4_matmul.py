@@ -12,6 +12,9 @@ depend on their values) in double-quant layout.
     python -m jaxsloth.bench.kernel_nf4_matmul --out nf4.jsonl            # the table
     python -m jaxsloth.bench.kernel_nf4_matmul --out sweep.jsonl --sweep  # launch configurations, Pallas only
     python -m jaxsloth.bench.kernel_nf4_matmul --out smoke.jsonl --smoke  # tiny, CPU (interpret mode)
+    python -m jaxsloth.bench.kernel_nf4_matmul --check --impls mosaic     # kernel vs reference; exit 1 if off
+
+``mosaic`` is the Mosaic GPU kernel (Hopper): ``--sweep --impls mosaic`` times its MOSAIC_SWEEP tiles.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pallas_kernels.nf4_matmul import (
     nf4_matmul_reference,
     nf4_matmul_xla16,
 )
+from pallas_kernels.nf4_matmul_mosaic import MosaicNF4Block, nf4_matmul_mosaic
 
 # (name, in K, out N) of the Llama-3.1-8B projections.
 SHAPES_8B = (
@@ -51,6 +55,19 @@ SWEEP = (
     NF4MatmulBlock(bwd_block_n=32, bwd_block_k=256),
     NF4MatmulBlock(bwd_block_m=64, bwd_block_n=64, bwd_block_k=128, bwd_num_warps=4),
 )
+# The Mosaic kernel beside its default (256 rows per decoded W tile, 128 accumulator registers per thread): the LoRA A
+# product fused into the forward, and 128-row tiles (half the accumulator, in case the default's decode spills
+# registers, for twice the decode work per row).
+MOSAIC_SWEEP = (
+    MosaicNF4Block(fuse_lora_a=True),
+    MosaicNF4Block(block_m=128, bwd_block_m=128),
+)
+# --smoke runs the interpreter on CPU: the least tiles the kernels take.
+MOSAIC_SMOKE = MosaicNF4Block(
+    block_m=64, block_n=128, num_stages=2, bwd_block_m=64, bwd_block_n=64, bwd_block_k=128, bwd_num_stages=2
+)
+# The --check shapes (M, K, N): ragged M and N against every tile, then an 8B projection.
+CHECK_SHAPES = ((300, 1024, 520), (4096, 4096, 1024))
 
 
 def _inputs(m: int, k: int, n: int, r: int, dtype):
@@ -77,6 +94,8 @@ def _op(impl: str, nf4: NF4Weight, dtype, block: NF4MatmulBlock, interpret):
     would try to constant-fold (the dequantization at compile time) and so time something else."""
     if impl == "pallas":
         return lambda x, a, b, w: nf4_matmul(x, w, a, b, 2.0, interpret=interpret, block=block), (nf4,)
+    if impl == "mosaic":  # the Mosaic GPU kernels, PEFT's 16-bit order as xla16
+        return lambda x, a, b, w: nf4_matmul_mosaic(x, w, a, b, 2.0, interpret=interpret, block=block), (nf4,)
     if impl == "xla_dequant_matmul":
         return lambda x, a, b, w: nf4_matmul_reference(x, w, a, b, 2.0), (nf4,)
     if impl == "xla16":  # the profiles' XLA path: table-gather dequant, PEFT's 16-bit order, custom VJP
@@ -97,8 +116,9 @@ def _temp_bytes(fn, args) -> int | None:
     return None if stats is None else int(stats.temp_size_in_bytes)
 
 
-def measure(impl, name, m, k, n, r, dtype, iters, block=NF4MatmulBlock(), interpret=None) -> dict:
+def measure(impl, name, m, k, n, r, dtype, iters, block=None, interpret=None) -> dict:
     dtype = jnp.dtype(dtype)
+    block = block or (MosaicNF4Block() if impl == "mosaic" else NF4MatmulBlock())
     nf4, x, a, b, dy = _inputs(m, k, n, r, dtype)
     op, weights = _op(impl, nf4, dtype, block, interpret)
     args = (x, a, b, *weights)
@@ -129,8 +149,32 @@ def measure(impl, name, m, k, n, r, dtype, iters, block=NF4MatmulBlock(), interp
         fwd_temp_bytes=_temp_bytes(fwd, args),
         fwd_bwd_temp_bytes=_temp_bytes(fwd_bwd, args_ct),
         max_err=max_err,
-        block=dataclasses.asdict(block) if impl == "pallas" else None,
+        block=dataclasses.asdict(block) if impl in ("pallas", "mosaic") else None,
     )
+
+
+def check(impl: str, shapes, dtype="bfloat16", block=None) -> bool:
+    """``impl``'s output and gradients (dx, dA, dB) against the reference at each (M, K, N), r = 16: prints one
+    line per shape; True when every relative error (max abs error / max abs reference) is within a few bf16
+    steps. A kernel that decodes or tiles wrongly is off by O(1)."""
+    ok = True
+    dtype = jnp.dtype(dtype)
+    for m, k, n in shapes:
+        nf4, x, a, b, dy = _inputs(m, k, n, 16, dtype)
+        got_op, got_w = _op(impl, nf4, dtype, block, None)
+        ref_op, ref_w = _op("xla_dequant_matmul", nf4, dtype, None, None)
+        got = timing.jit_fwd_and_fwd_bwd(got_op, num_diff=3)[1](x, a, b, *got_w, dy)
+        want = timing.jit_fwd_and_fwd_bwd(ref_op, num_diff=3)[1](x, a, b, *ref_w, dy)
+        rel = [
+            float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))) / jnp.max(jnp.abs(w)))
+            for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+        ]
+        passed = max(rel) <= 2**-5
+        ok &= passed
+        names = ("y", "dx", "dA", "dB")
+        detail = " ".join(f"{name}={e:.2e}" for name, e in zip(names, rel, strict=True))
+        print(f"check {impl} M{m}xK{k}xN{n}: relative error {detail}: {'PASS' if passed else 'FAIL'}", flush=True)
+    return ok
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,18 +188,29 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=["pallas", "xla_dequant_matmul", "xla16", "bf16_lora_xla"],
     )
+    parser.add_argument("--check", action="store_true", help="only check each impl against the reference")
     args = parser.parse_args(argv)
 
     impls = tuple(args.impls)
+    if args.check:
+        shapes, block = ([(37, 192, 200)], MOSAIC_SMOKE) if args.smoke else (CHECK_SHAPES, None)
+        if not all([check(impl, shapes, args.dtype, block if impl == "mosaic" else None) for impl in impls]):
+            raise SystemExit(1)
+        return
     shapes = [s for s in SHAPES_8B if s[0] in args.proj]
     if args.smoke:
-        jobs = [(impl, "smoke", 37, 192, 200, 8, "bfloat16", 2) for impl in impls]
-    elif args.sweep:
         jobs = [
-            ("pallas", name, m, k, n, args.rank, args.dtype, args.iters, block)
+            (impl, "smoke", 37, 192, 200, 8, "bfloat16", 2, MOSAIC_SMOKE if impl == "mosaic" else None)
+            for impl in impls
+        ]
+    elif args.sweep:
+        sweeps = {"pallas": SWEEP, "mosaic": MOSAIC_SWEEP}
+        jobs = [
+            (impl, name, m, k, n, args.rank, args.dtype, args.iters, block)
+            for impl in (impls if set(impls) <= set(sweeps) else ("pallas",))
             for m in args.tokens
             for name, k, n in shapes
-            for block in SWEEP
+            for block in sweeps[impl]
         ]
     else:
         jobs = [

@@ -2,6 +2,7 @@
 # The other kernels on one H200, each against its XLA reference at the 8B step's sizes (about six minutes):
 # RMSNorm, SwiGLU, RoPE, the LM-head loss and the NF4 projections. Records: OUT/kernels.jsonl.
 #   bash jaxsloth/bench/suites/kernels_h200.sh [--tree DIR] [--out DIR]
+# The NF4 Mosaic GPU kernel has its own suite (nf4_mosaic_h200.sh: this one already takes about six minutes).
 source "$(dirname "$0")/common.sh" "$@"
 K="$OUTDIR/kernels.jsonl"
 timed rms_norm 50 "$PY" -m jaxsloth.bench.kernel_rms_norm --rows 16384 --out "$OUTDIR/rms_norm.jsonl"
