@@ -31,7 +31,7 @@ from jaxsloth.train.metrics import read_records
 from tests.tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"generate_s", "reward_s", "train_s", "step_time_s", "tokens_per_s", "peak_gib"}
+TIMING = {"generate_s", "reward_s", "train_s", "step_time_s", "tokens_per_s", "peak_gib", "eval_runtime_s"}
 PROMPTS = [{"prompt": [{"role": "user", "content": c}]} for c in demo.LETTERS[:8]]
 
 
@@ -44,22 +44,74 @@ def _model():
     return jaxsloth.add_lora(model, r=4, lora_alpha=8, seed=0), tok
 
 
+TRAIN_ROWS = [{**r, "split": "train"} for r in PROMPTS]
+EVAL_ROWS = [{"prompt": [{"role": "user", "content": c}], "split": "eval"} for c in demo.LETTERS[8:12]]
+
+
 def _trainer(out, reward=length_reward, **args):
     model, tok = _model()
     config = GRPOConfig(
         output_dir=str(out), num_generations=4, per_device_train_batch_size=8, max_completion_length=4,
-        temperature=4.0, learning_rate=1e-2, max_steps=6, num_iterations=2, beta=0.04, seed=5, **args,
+        temperature=4.0, learning_rate=1e-2, max_steps=6, num_iterations=2, beta=0.04, seed=5, eval_strategy="steps",
+        eval_steps=2, per_device_eval_batch_size=8, **args,
     )  # fmt: skip
-    return GRPOTrainer(model, reward, args=config, train_dataset=PROMPTS, processing_class=tok)
+    return GRPOTrainer(model, reward, args=config, train_dataset=TRAIN_ROWS, eval_dataset=EVAL_ROWS,
+                       processing_class=tok)  # fmt: skip
 
 
 def _rows(out) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_records(Path(out) / "metrics.jsonl")]
 
 
-def test_sigterm_mid_generation_and_while_scoring_resume_exactly(tmp_path):
-    reference = _trainer(tmp_path / "ref")
+def _trl_metric_names() -> set[str]:
+    """The metric names TRL's GRPOTrainer logs (``self._metrics[mode]["name"]``), read from its source."""
+    import trl.trainer.grpo_trainer as source
+
+    text = Path(source.__file__).read_text()
+    names = set(re.findall(r'_metrics\[mode\]\["([^"]+)"\]', text))
+    return names | {f"rewards/length_reward/{s}" for s in ("mean", "std")}  # f"rewards/{reward_func_name}/mean"
+
+
+def _check_evals(evals: list[dict], seen: list) -> None:
+    """The eval records against TRL's names and, from the completions the reward function saw (``seen``: each eval
+    batch's completion token counts and rewards), TRL's formulas."""
+    ours = {k.removeprefix("eval_") for k in evals[0]} - {"step", "loss", "runtime_s"}
+    assert ours <= _trl_metric_names(), ours - _trl_metric_names()
+    assert {"reward", "reward_std", "rewards/length_reward/mean", "rewards/length_reward/std", "frac_reward_zero_std",
+            "completions/mean_length", "completions/clipped_ratio", "entropy", "clip_ratio/region_mean", "kl"} <= ours  # fmt: skip
+    assert len(seen) == 2 * len(evals)  # 4 prompts, 2 per batch (8 completions): 2 batches per evaluation
+    for i, record in enumerate(evals):
+        batches = seen[2 * i : 2 * i + 2]
+        assert_close(record["eval_reward"], np.mean([np.mean(r) for _, r in batches]), "f32")
+        assert_close(record["eval_rewards/length_reward/mean"], record["eval_reward"], "f32")
+        assert_close(record["eval_reward_std"], np.mean([np.std(r, ddof=1) for _, r in batches]), "f32")
+        assert_close(record["eval_completions/mean_length"], np.mean([np.mean(n) for n, _ in batches]), "f32")
+        assert record["eval_entropy"] > 0 and record["eval_kl"] >= 0 and record["eval_runtime_s"] > 0
+        # TRL's eval loss (ratio 1, dapo, beta * KL besides): -sum_i A_i n_i / sum_i n_i + beta * mean KL per batch,
+        # A the group-normalised reward; transformers' evaluation loop weighs batches by their completions (equal here).
+        policy = []
+        for n, r in batches:
+            groups = np.asarray(r).reshape(-1, 4)
+            adv = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)
+            policy.append(-np.sum(adv.reshape(-1) * np.asarray(n)) / np.sum(n))
+        assert_close(record["eval_loss"], np.mean(policy) + 0.04 * record["eval_kl"], "f32")
+
+
+def test_sigterm_mid_generation_and_while_scoring_resume_exactly_with_trl_evals(tmp_path):
+    seen = []  # each eval batch's (completion token counts, rewards) in the uninterrupted run
+
+    def watched_reward(prompts, completions, completion_ids, split, **kwargs):
+        rewards = length_reward(prompts, completions)
+        if split[0] == "eval":
+            seen.append(([len(c) for c in completion_ids], rewards))
+        return rewards
+
+    watched_reward.__name__ = "length_reward"
+    reference = _trainer(tmp_path / "ref", reward=watched_reward)
     reference.train()
+    evals = [r for r in read_records(tmp_path / "ref" / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    _check_evals(evals, seen)
     out = tmp_path / "run"
 
     # 1. SIGTERM as step 3's record reaches the logs: step 3 trained on generation 2's samples, which step 4 reuses.
@@ -75,11 +127,11 @@ def test_sigterm_mid_generation_and_while_scoring_resume_exactly(tmp_path):
     reader = Checkpointer(out / "checkpoints")
     assert reader.read_meta(3)["reuse"]["done"] == 1  # the reused generation's batch is kept, one step trained on it
     reader.close()
-    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 2, 3]  # step 2's evaluation too
 
     # 2. SIGTERM while generation 3 (for step 5) is being scored: the checkpoint keeps step 4, before its sampling.
-    def reward_then_sigterm(prompts, completions, trainer_state, **kwargs):
-        if trainer_state.global_step == 4:
+    def reward_then_sigterm(prompts, completions, trainer_state, split, **kwargs):
+        if trainer_state.global_step == 4 and split[0] == "train":
             signal.raise_signal(signal.SIGTERM)
         return length_reward(prompts, completions)
 
@@ -87,75 +139,14 @@ def test_sigterm_mid_generation_and_while_scoring_resume_exactly(tmp_path):
     with pytest.raises(TrainingInterrupted) as e:
         _trainer(out, reward=reward_then_sigterm).train(resume_from_checkpoint=True)
     assert e.value.saved_step == 4
-    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 2, 3, 4, 4]
 
     final = _trainer(out)
     final.train(resume_from_checkpoint=True)
-    assert _rows(out) == _rows(tmp_path / "ref")  # every step once, the same samples, rewards and losses
-    assert len(_rows(out)) == 6 and len({r["loss"] for r in _rows(out)}) > 1
+    assert _rows(out) == _rows(tmp_path / "ref")  # every step and evaluation once: the same samples and losses
+    assert len({r["loss"] for r in _rows(out) if "loss" in r}) > 1
     for x, y in zip(jax.tree.leaves(final.model.trainable), jax.tree.leaves(reference.model.trainable), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _trl_metric_names() -> set[str]:
-    """The metric names TRL's GRPOTrainer logs (``self._metrics[mode]["name"]``), read from its source."""
-    import trl.trainer.grpo_trainer as source
-
-    text = Path(source.__file__).read_text()
-    names = set(re.findall(r'_metrics\[mode\]\["([^"]+)"\]', text))
-    names |= {f"rewards/length_reward/{s}" for s in ("mean", "std")}  # f"rewards/{reward_func_name}/mean"
-    return names
-
-
-def test_eval_records_have_trls_names_and_values(tmp_path):
-    seen = []  # (eval batch's completions' token counts, their rewards)
-
-    def reward(prompts, completions, completion_ids, split, **kwargs):
-        rewards = length_reward(prompts, completions)
-        if split[0] == "eval":
-            seen.append(([len(c) for c in completion_ids], rewards))
-        return rewards
-
-    reward.__name__ = "length_reward"
-    eval_rows = [{"prompt": [{"role": "user", "content": c}], "split": "eval"} for c in demo.LETTERS[8:13]]
-    model, tok = _model()
-    config = GRPOConfig(
-        output_dir=str(tmp_path / "o"), num_generations=4, per_device_train_batch_size=8, max_completion_length=4,
-        temperature=4.0, learning_rate=1e-2, max_steps=2, seed=5, eval_strategy="steps", eval_steps=1,
-        per_device_eval_batch_size=8,
-    )  # fmt: skip
-    train_rows = [{**r, "split": "train"} for r in PROMPTS]
-    trainer = GRPOTrainer(model, reward, args=config, train_dataset=train_rows, eval_dataset=eval_rows,
-                          processing_class=tok)  # fmt: skip
-    trainer.train()
-    evals = [r for r in read_records(tmp_path / "o" / "metrics.jsonl") if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [1, 2]
-    assert len(seen) == 6  # 5 prompts, 2 per batch (8 completions): 3 batches per evaluation
-    ours = {k.removeprefix("eval_") for k in evals[0]} - {"step", "loss", "runtime_s"}
-    assert ours <= _trl_metric_names(), ours - _trl_metric_names()
-    assert {"reward", "reward_std", "rewards/length_reward/mean", "rewards/length_reward/std", "frac_reward_zero_std",
-            "completions/mean_length", "completions/clipped_ratio", "entropy", "clip_ratio/region_mean"} <= ours  # fmt: skip
-    assert "kl" not in ours  # TRL logs kl only with beta != 0
-    for record, batches in zip(evals, (seen[:3], seen[3:]), strict=True):
-        means = [np.mean(r) for _, r in batches]
-        stds = [np.std(r, ddof=1) for _, r in batches]
-        lengths = [np.mean(n) for n, _ in batches]
-        # TRL's eval loss (ratio 1, dapo): -sum_i A_i n_i / sum_i n_i per batch, A the group-normalised reward;
-        # transformers' evaluation loop weighs each batch by its completions.
-        losses, weights = [], []
-        for n, r in batches:
-            groups = np.asarray(r).reshape(-1, 4)
-            adv = (groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)
-            losses.append(-np.sum(adv.reshape(-1) * np.asarray(n)) / np.sum(n))
-            weights.append(len(n))
-        assert_close(record["eval_reward"], np.mean(means), "f32")
-        assert_close(record["eval_rewards/length_reward/mean"], np.mean(means), "f32")
-        assert_close(record["eval_reward_std"], np.mean(stds), "f32")
-        assert_close(record["eval_completions/mean_length"], np.mean(lengths), "f32")
-        assert_close(record["eval_loss"], np.average(losses, weights=weights), "f32")
-        assert 0.0 < record["eval_entropy"] and record["eval_runtime_s"] > 0
-    # The same seeds at every evaluation: only the adapter changed between the two.
-    assert seen[0][0] != seen[3][0] or seen[0][1] != seen[3][1] or seen[1][0] != seen[4][0]
 
 
 def test_val_set_size_holds_out_prompts():
@@ -183,7 +174,7 @@ def _mesh_scenario(workdir: Path) -> None:
         "single": dict(mesh=make_mesh("data=1", devices=jax.devices()[:1]), per_device_train_batch_size=8,
                        sampling_chunks=2),
         "data2": dict(mesh="data=2", per_device_train_batch_size=4, output_dir=str(workdir / "o"),
-                      eval_dataset=PROMPTS[:3], per_device_eval_batch_size=4),
+                      eval_dataset=EVAL_ROWS[:3], per_device_eval_batch_size=4),
     }  # fmt: skip
     for name, settings in runs.items():
         model, tok = _model()
