@@ -12,6 +12,11 @@ groups, each with its own seed, so the samples do not depend on the order), piec
 (JAX's async dispatch) before piece j's completions are decoded and scored; and the reference's and old log-probs
 (beta > 0, num_iterations > 1) are dispatched before the last piece is scored. One piece (the default) samples the
 whole generation in one batch, the fastest on a GPU unless the rewards are slow.
+
+On a data mesh of n devices (``grpo_mesh``) each piece is split again over the devices: piece j's part d samples on
+device d from seed + (generation x sampling_chunks + j) x n + d, so one device with sampling_chunks x n pieces
+samples the very same completions. Checkpoints may fall inside a generation that serves several steps: its batch is
+saved with them (``grpo_state``), so a resumed run trains on the same samples.
 """
 
 from __future__ import annotations
