@@ -221,3 +221,15 @@ def test_two_device_data_mesh_matches_one_device(tmp_path):
 
 if __name__ == "__main__":
     _mesh_scenario(Path(sys.argv[1]))
+
+
+def test_cli_and_yaml_take_grpo_eval_resume_and_checkpoint_settings(tmp_path):
+    from jaxsloth import cli
+
+    config = tmp_path / "grpo.yaml"
+    config.write_text("method: grpo\nreward_funcs: [format]\neval_steps: 2\nnum_generations_eval: 2\n")
+    argv = ["train", str(config), "--model", "m", "--data", "d.jsonl", "--eval-dataset", "e.jsonl",
+            "--save-total-limit", "2", "--resume-from-checkpoint", "o/checkpoints/4", "--output-dir", "o"]  # fmt: skip
+    s = cli.train_settings(cli.build_parser().parse_args(argv))
+    assert (s["eval_dataset"], s["eval_steps"], s["num_generations_eval"]) == ("e.jsonl", 2, 2)
+    assert (s["save_total_limit"], str(s["resume"])) == (2, "o/checkpoints/4")
