@@ -340,12 +340,12 @@ def grpo_train(
                     with guard.hold(f"finishing step {step + 1}"):
                         trainable, opt_state, metrics = step_fn(trainable, opt_state, params, gen.micro)
                         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        if not metrics["finite"] and tc.on_nonfinite == "stop":  # the state is the last step's
+                            raise FloatingPointError(
+                                f"non-finite GRPO loss or gradient at step {step + 1} (the update was skipped)"
+                            )
                         step += 1
                         gen.done += 1
-                        if not metrics["finite"] and tc.on_nonfinite == "stop":
-                            raise FloatingPointError(
-                                f"non-finite GRPO loss or gradient at step {step} (the update was skipped)"
-                            )
                         train_s = time.perf_counter() - t0
                         first = gen.done == 1  # a reused generation costs nothing more
                         generate_s, reward_s = (gen.generate_s, gen.reward_s) if first else (0.0, 0.0)
