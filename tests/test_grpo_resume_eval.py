@@ -142,7 +142,7 @@ def test_sigterm_mid_generation_and_while_scoring_resume_exactly_with_trl_evals(
     assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 2, 3, 4, 4]
 
     final = _trainer(out)
-    final.train(resume_from_checkpoint=True)
+    final.train(resume_from_checkpoint=str(out / "checkpoints" / "4"))  # TRL's checkpoint path
     assert _rows(out) == _rows(tmp_path / "ref")  # every step and evaluation once: the same samples and losses
     assert len({r["loss"] for r in _rows(out) if "loss" in r}) > 1
     for x, y in zip(jax.tree.leaves(final.model.trainable), jax.tree.leaves(reference.model.trainable), strict=True):
