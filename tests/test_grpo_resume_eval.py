@@ -112,6 +112,11 @@ def test_sigterm_mid_generation_and_while_scoring_resume_exactly_with_trl_evals(
     evals = [r for r in read_records(tmp_path / "ref" / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
     _check_evals(evals, seen)
+    # trainer.evaluate() samples from the same seeds: the run's last evaluation, of the same adapter.
+    once = reference.evaluate()
+    assert {k: v for k, v in once.items() if k != "eval_runtime"} == {
+        k: v for k, v in evals[-1].items() if k not in ("step", "eval_runtime_s")
+    }
     out = tmp_path / "run"
 
     # 1. SIGTERM as step 3's record reaches the logs: step 3 trained on generation 2's samples, which step 4 reuses.

@@ -141,6 +141,19 @@ class GRPOTrainer:
         metrics = {"train_runtime": runtime, "train_loss": loss, "train_steps_per_second": result.step / runtime}
         return TrainOutput(result.step, loss, metrics)
 
+    def evaluate(self, eval_dataset=None) -> dict[str, float | None]:
+        """TRL's evaluation of the adapter as it is now on eval_dataset (default: the trainer's): {"eval_loss",
+        "eval_reward", "eval_rewards/<name>/mean", ..., "eval_runtime"}, the values a run's evaluation of this
+        adapter records (``jaxsloth.methods.grpo_eval``)."""
+        from jaxsloth.methods.grpo_train import evaluate_grpo
+
+        data = self.eval_dataset if eval_dataset is None else _as_list(eval_dataset)
+        if data is None:
+            raise ValueError("GRPOTrainer.evaluate needs an eval_dataset (here or in GRPOTrainer(...))")
+        start = time.perf_counter()
+        metrics = evaluate_grpo(self.model, self.tokenizer, data, **self.settings)
+        return {**metrics, "eval_runtime": time.perf_counter() - start}
+
     def save_model(self, output_dir: str | os.PathLike | None = None):
         """The adapter in PEFT format with the tokenizer (default: output_dir)."""
         out = output_dir if output_dir is not None else self.settings.get("output_dir", "trainer_output")

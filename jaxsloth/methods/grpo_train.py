@@ -98,6 +98,53 @@ def _merged(rollouts: Sequence[Rollout]) -> Rollout:
     )
 
 
+class _Sampler:
+    """Samples and scores prompts as the run's settings say, each batch split over the sampling devices (the mesh's,
+    or the default device) and laid out as the loss's rows. params: the frozen weights, replicated over ``mesh``."""
+
+    def __init__(self, model: Any, tokenizer, tc: TrainConfig, params, mesh, stop_tokens: Sequence[int] | None):
+        self.model, self.tokenizer, self.tc, self.params, self.mesh = model, tokenizer, tc, params, mesh
+        self.devices = mesh_devices(mesh) or [None]
+        self.stops = stop_token_ids(model, tokenizer) if stop_tokens is None else list(stop_tokens)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        reward_funcs = resolve_reward_funcs(tc.reward_funcs)
+        self.names = [reward_name(f) for f in reward_funcs]
+        self.weights = np.ones(len(reward_funcs)) if tc.reward_weights is None else np.asarray(tc.reward_weights, float)
+        self.score = _Scorer(tokenizer, reward_funcs)
+
+    def token_ids(self, row: dict) -> list[int]:
+        ids = prompt_token_ids(self.tokenizer, row["prompt"])
+        return ids if self.tc.max_prompt_length is None else ids[-self.tc.max_prompt_length :]  # the end, as TRL
+
+    def views(self, trainable) -> list[tuple]:
+        """(params, trainable) on each sampling device."""
+        if self.mesh is None:
+            return [(self.params, trainable)]
+        return list(zip(device_views(self.params, self.devices), device_views(trainable, self.devices), strict=True))
+
+    def dispatch(self, on: list[tuple], prompt_ids: list, seed: int, num_generations: int) -> Callable[[], Rollout]:
+        """Dispatches sampling ``prompt_ids`` split over the devices (part d on device d from seed + d) -> a
+        function that waits for the samples."""
+        tc, profile, waits = self.tc, self.model.profile, []
+        for d, idx in enumerate(np.array_split(np.arange(len(prompt_ids)), len(on))):
+            if len(idx):
+                waits.append(start_sampling(
+                    on[d][0], on[d][1], self.model.config, self.model.lora, [prompt_ids[i] for i in idx],
+                    num_generations=num_generations, max_completion_length=tc.max_completion_length,
+                    stop_tokens=self.stops, pad_token_id=self.pad, temperature=tc.temperature, top_p=tc.top_p,
+                    top_k=tc.top_k, min_p=tc.min_p, repetition_penalty=tc.repetition_penalty, seed=seed + d,
+                    ops=profile.ops, compute_dtype=profile.dtype,
+                ))  # fmt: skip
+        return lambda: _merged([w() for w in waits])
+
+    def rows_batch(self, rollout: Rollout) -> dict[str, np.ndarray]:
+        """The loss's rows of ``rollout`` (``rollout.completion_batch``)."""
+        return completion_batch(
+            rollout.prompt_ids, rollout.completion_ids, self.tc.max_completion_length, truncated=rollout.truncated,
+            mask_truncated_completions=self.tc.mask_truncated_completions, pad_token_id=self.pad,
+        )  # fmt: skip
+
+
 def grpo_train(
     model: Any,
     tokenizer,
@@ -138,8 +185,6 @@ def grpo_train(
     mesh = grpo_mesh(tc.mesh)
     devices = mesh_devices(mesh) or [None]
     n_dev = len(devices)
-    reward_funcs = resolve_reward_funcs(tc.reward_funcs)
-    weights = np.ones(len(reward_funcs)) if tc.reward_weights is None else np.asarray(tc.reward_weights, float)
     rows = list(load_records(data, split=tc.split, name=tc.dataset_config))
     if not rows or "prompt" not in rows[0]:
         raise ValueError("method='grpo': every row of the data needs a 'prompt' (text or a conversation)")
@@ -181,43 +226,11 @@ def grpo_train(
     if mesh is not None:
         step_fn = sharded_step(step_fn, shardings, mesh)
     logps_fn = make_logps_fn(model.config, lora, ops, **forward)
-    stops = stop_token_ids(model, tokenizer) if stop_tokens is None else list(stop_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    names = [reward_name(f) for f in reward_funcs]
-    scorer = _Scorer(tokenizer, reward_funcs)
+    sampler = _Sampler(model, tokenizer, tc, params, mesh, stop_tokens)
+    scorer, weights, names = sampler.score, sampler.weights, sampler.names
     rng = np.random.default_rng(tc.seed)
     order = PromptOrder(len(rows), prompts_per_step, rng)
     schedule = learning_rate_schedule(tc_run)
-
-    def token_ids(row: dict) -> list[int]:
-        ids = prompt_token_ids(tokenizer, row["prompt"])
-        return ids if tc.max_prompt_length is None else ids[-tc.max_prompt_length :]  # the end, as TRL kept it
-
-    def views(trainable) -> list[tuple]:
-        """(params, trainable) on each sampling device."""
-        if mesh is None:
-            return [(params, trainable)]
-        return list(zip(device_views(params, devices), device_views(trainable, devices), strict=True))
-
-    def dispatch(on: list[tuple], prompt_ids: list, seed: int, num_generations: int) -> Callable[[], Rollout]:
-        """Dispatches sampling ``prompt_ids`` split over the devices (part d on device d from seed + d)."""
-        waits = []
-        for d, idx in enumerate(np.array_split(np.arange(len(prompt_ids)), len(on))):
-            if len(idx):
-                waits.append(start_sampling(
-                    on[d][0], on[d][1], model.config, lora, [prompt_ids[i] for i in idx],
-                    num_generations=num_generations, max_completion_length=tc.max_completion_length,
-                    stop_tokens=stops, pad_token_id=pad, temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k,
-                    min_p=tc.min_p, repetition_penalty=tc.repetition_penalty, seed=seed + d, ops=profile.ops,
-                    compute_dtype=profile.dtype,
-                ))  # fmt: skip
-        return lambda: _merged([w() for w in waits])
-
-    def rows_batch(rollout: Rollout) -> dict[str, np.ndarray]:
-        return completion_batch(
-            rollout.prompt_ids, rollout.completion_ids, tc.max_completion_length, truncated=rollout.truncated,
-            mask_truncated_completions=tc.mask_truncated_completions, pad_token_id=pad,
-        )  # fmt: skip
 
     def place_micro(arrays: dict) -> dict:
         """[accumulation, rows, ...] arrays onto the devices, rows split over the mesh."""
@@ -227,12 +240,12 @@ def grpo_train(
         """Samples, scores and lays out one generation (advancing the prompt order and the generation count)."""
         nonlocal generation
         batch_rows = [rows[i] for i in order.next()]
-        prompt_ids = [token_ids(r) for r in batch_rows]
-        on = views(trainable)
+        prompt_ids = [sampler.token_ids(r) for r in batch_rows]
+        on = sampler.views(trainable)
 
         def start(j: int) -> Callable[[], Rollout]:
             seed = tc.seed + generation * chunks * n_dev + j * n_dev
-            return dispatch(on, prompt_ids[j * per_chunk : (j + 1) * per_chunk], seed, g)
+            return sampler.dispatch(on, prompt_ids[j * per_chunk : (j + 1) * per_chunk], seed, g)
 
         t0 = time.perf_counter()
         rollouts, rewards, reward_s = [], [], 0.0
@@ -249,7 +262,7 @@ def grpo_train(
         generation += 1
         rollout = _merged(rollouts)
         shuffle = rng.permutation(len(rollout.completion_ids))  # TRL shuffles the generation batch to split it
-        batch = place_rows({k: v[shuffle] for k, v in rows_batch(rollout).items()}, mesh)
+        batch = place_rows({k: v[shuffle] for k, v in sampler.rows_batch(rollout).items()}, mesh)
         # Dispatched before the last chunk is scored, so the device computes them while the host scores.
         if tc.num_iterations > 1:
             batch["old_logps"] = logps_fn(trainable, params, batch)
@@ -268,8 +281,7 @@ def grpo_train(
 
     evaluator = None
     if eval_rows is not None:
-        evaluator = _evaluator(model, tc, eval_rows, params, n_dev, mesh, ops, forward, lc, scorer,
-                               weights, names, token_ids, views, dispatch, rows_batch, per_device)  # fmt: skip
+        evaluator = _evaluator(sampler, eval_rows, ops, per_device)
 
     out = Path(tc.output_dir) if tc.output_dir is not None else None
     held = contextlib.ExitStack()  # the output directory's lock, held until training ends however it ends
@@ -416,17 +428,17 @@ def _restore(ckpt: Checkpointer, found: tuple, identity: dict, trainable, opt_st
     return state["trainable"], state["opt_state"], int(meta["step"]), int(meta["generation"]), gen
 
 
-def _evaluator(model, tc, eval_rows, params, n_dev, mesh, ops, forward, lc, scorer, weights, names, token_ids,
-               views, dispatch, rows_batch, per_device) -> GRPOEvaluator:  # fmt: skip
+def _evaluator(sampler: _Sampler, eval_rows: list[dict], ops, per_device: int) -> GRPOEvaluator:
     """The run's GRPOEvaluator: TRL's eval batches (per_device_eval_batch_size completions per device)."""
+    tc, model, params, mesh = sampler.tc, sampler.model, sampler.params, sampler.mesh
     g = tc.num_generations_eval or tc.num_generations
-    per_batch = (tc.per_device_eval_batch_size or per_device) * n_dev
+    per_batch = (tc.per_device_eval_batch_size or per_device) * len(sampler.devices)
     if per_batch % g:
         raise ValueError(
             f"per_device_eval_batch_size x devices = {per_batch} eval completions per batch is not a multiple of "
             f"num_generations_eval={g}"
         )
-    loss_fn = make_grpo_loss_fn(model.config, model.lora, lc, ops, **forward)
+    loss_fn = make_grpo_loss_fn(model.config, model.lora, grpo_loss_config(tc), ops, **model.profile.forward_settings)
 
     @jax.jit
     def loss(trainable, params, arrays):
@@ -434,14 +446,39 @@ def _evaluator(model, tc, eval_rows, params, n_dev, mesh, ops, forward, lc, scor
         return loss_fn(trainable, params, arrays, jnp.sum(arrays["completion_mask"].astype(jnp.float32)), 1)
 
     def rollouts(trainable, rows: list[dict], seed: int, step: int):
-        rollout = dispatch(views(trainable), [token_ids(r) for r in rows], seed, g)()
-        return rollout, scorer(rows, rollout, g, step)
+        rollout = sampler.dispatch(sampler.views(trainable), [sampler.token_ids(r) for r in rows], seed, g)()
+        return rollout, sampler.score(rows, rollout, g, step)
 
     return GRPOEvaluator(
-        eval_rows, prompts_per_batch=per_batch // g, num_generations=g, devices=n_dev, rollouts=rollouts,
-        batch=rows_batch, loss=lambda trainable, arrays: loss(trainable, params, place_rows(arrays, mesh)),
-        reward_weights=weights, reward_names=names, scale_rewards=tc.scale_rewards, every=tc.eval_steps,
+        eval_rows, prompts_per_batch=per_batch // g, num_generations=g, devices=len(sampler.devices),
+        rollouts=rollouts, batch=sampler.rows_batch,
+        loss=lambda trainable, arrays: loss(trainable, params, place_rows(arrays, mesh)),
+        reward_weights=sampler.weights, reward_names=sampler.names, scale_rewards=tc.scale_rewards,
+        every=tc.eval_steps,
     )  # fmt: skip
+
+
+def evaluate_grpo(model: Any, tokenizer, data, *, stop_tokens: Sequence[int] | None = None, **settings) -> dict:
+    """{"eval_loss", "eval_reward", "eval_rewards/<name>/mean", ...} of ``model``'s adapter as it is now on the
+    prompts of ``data``, sampled and scored as a GRPO run with these settings (TrainConfig fields: reward_funcs,
+    num_generations_eval, per_device_eval_batch_size, mesh, ...) evaluates (``grpo_eval``: the same seeds, so the
+    values equal that run's evaluation of the same adapter)."""
+    from jaxsloth.data import load_records
+    from jaxsloth.sharding import put, replicated
+    from jaxsloth.train.evaluate import _DURING_TRAINING
+
+    tc = TrainConfig(**{k: v for k, v in settings.items() if k not in _DURING_TRAINING} | {"method": "grpo"})
+    if model.trainable is None:
+        raise ValueError("the model has no adapter to evaluate: call jaxsloth.add_lora(model, ...) first")
+    mesh = grpo_mesh(tc.mesh)
+    params, trainable, ops = model.params, model.trainable, model.profile.ops
+    if mesh is not None:
+        params, trainable = put((params, trainable), replicated(mesh))
+        ops = ShardedOps(model.profile.kernels, mesh=mesh)
+    rows = list(load_records(data, split=tc.eval_split or tc.split, name=tc.dataset_config))
+    sampler = _Sampler(model, tokenizer, tc, params, mesh, stop_tokens)
+    evaluator = _evaluator(sampler, rows, ops, tc.per_device_train_batch_size or tc.num_generations)
+    return {f"eval_{k}": v for k, v in evaluator.metrics(trainable, step=0).items()}
 
 
 def _consumed(tree) -> bool:
