@@ -183,8 +183,7 @@ def grpo_train(
                 "eval_reward in the evaluation records instead"
             )
     mesh = grpo_mesh(tc.mesh)
-    devices = mesh_devices(mesh) or [None]
-    n_dev = len(devices)
+    n_dev = 1 if mesh is None else mesh.size
     rows = list(load_records(data, split=tc.split, name=tc.dataset_config))
     if not rows or "prompt" not in rows[0]:
         raise ValueError("method='grpo': every row of the data needs a 'prompt' (text or a conversation)")
