@@ -269,6 +269,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             profile=model.profile,
             checkpoint_dir=None if out is None else str(out / "checkpoints"),
             save_every=tc.save_steps,
+            keep=tc.save_total_limit,
             resume=tc.resume is not False,
             callbacks=cbs,
             mesh=device_mesh,

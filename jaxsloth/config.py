@@ -553,6 +553,7 @@ class TrainConfig(Settings):
         aliases=("save_every",),
         minimum=0,
     )
+    save_total_limit: int = setting(3, "checkpoints kept: the latest N (and the best evaluated step)", minimum=1)
     resume: bool | str | os.PathLike = setting(
         False,
         "continue the run in output_dir from its latest checkpoint (none there: start fresh), or from the checkpoint "
@@ -661,6 +662,9 @@ class TrainConfig(Settings):
         None, "grpo: weight of each reward function", convert=_reward_weights, default_help="1 each"
     )
     num_generations: int = setting(8, "grpo: completions sampled per prompt (the group)", minimum=2)
+    num_generations_eval: int | None = setting(
+        None, "grpo: completions sampled per eval prompt", minimum=1, default_help="num_generations"
+    )
     max_prompt_length: int | None = setting(
         None, "grpo: prompt tokens kept (the end of a longer prompt)", minimum=1, default_help="all"
     )

@@ -75,7 +75,8 @@ class GRPOTrainer:
     given the adapter in ``peft_config`` or jaxsloth's default); reward_funcs: one or a list of callables with TRL's
     signature (``jaxsloth.methods.rewards``), built-in names or "module.path:function"; train_dataset: rows with
     "prompt" (text or a conversation) and any columns the rewards read; processing_class: the tokenizer (default:
-    the model's); callbacks: jaxsloth's, cb(record)."""
+    the model's); eval_dataset: rows as train_dataset's, evaluated as TRL does (``jaxsloth.methods.grpo_eval``);
+    callbacks: jaxsloth's, cb(record)."""
 
     def __init__(
         self,
@@ -104,8 +105,9 @@ class GRPOTrainer:
         self.settings, _, ignored = self.args.to_settings(model)
         self.settings["reward_funcs"] = tuple(funcs)
         ignored += sorted(k for k in self.args.values if k in _NO_EFFECT and k not in ("bf16", "fp16"))
-        if eval_dataset is not None:
-            ignored.append("eval_dataset (no evaluation loop for GRPO yet)")
+        self.eval_dataset = None if eval_dataset is None else _as_list(eval_dataset)
+        if self.eval_dataset is not None:
+            self.settings["eval_dataset"] = self.eval_dataset
         if ignored:
             warnings.warn(f"GRPOTrainer: ignored (no effect in jaxsloth): {', '.join(ignored)}", stacklevel=2)
         self.train_config = TrainConfig(**self.settings)  # every setting checked before training
@@ -113,10 +115,24 @@ class GRPOTrainer:
         self.train_dataset = _as_list(train_dataset)
         self.history: list[dict] = []
 
-    def train(self) -> TrainOutput:
+    def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> TrainOutput:
+        """GRPO over train_dataset, evaluated on eval_dataset as eval_strategy / eval_steps say (records with TRL's
+        eval_ names). resume_from_checkpoint: True continues the run in output_dir from its latest checkpoint (none
+        yet: a fresh start), a path (output_dir/checkpoints/<step>) from that checkpoint; None or False start fresh,
+        refused over another run's checkpoints unless GRPOConfig(overwrite_output_dir=True)."""
+        from jaxsloth.train.run_dir import check_output_dir
+
+        settings = dict(self.settings)
+        if resume_from_checkpoint not in (None, False):
+            settings["resume"] = resume_from_checkpoint
+            settings.pop("overwrite", None)  # as in transformers' scripts, an asked-for resume wins over it
+        if settings.get("output_dir") is not None:
+            asks = ("train(resume_from_checkpoint=True)", "GRPOConfig(overwrite_output_dir=True)")
+            resume, overwrite = settings.get("resume", False), settings.get("overwrite", False)
+            check_output_dir(settings["output_dir"], resume=resume, overwrite=overwrite, asks=asks)
         start = time.perf_counter()
         result = api.train(
-            self.model, self.tokenizer, self.train_dataset, callbacks=self.callbacks, progress=False, **self.settings
+            self.model, self.tokenizer, self.train_dataset, callbacks=self.callbacks, progress=False, **settings
         )
         self.history = result.history
         runtime = time.perf_counter() - start
@@ -124,6 +140,19 @@ class GRPOTrainer:
         loss = sum(losses) / len(losses) if losses else math.nan
         metrics = {"train_runtime": runtime, "train_loss": loss, "train_steps_per_second": result.step / runtime}
         return TrainOutput(result.step, loss, metrics)
+
+    def evaluate(self, eval_dataset=None) -> dict[str, float | None]:
+        """TRL's evaluation of the adapter as it is now on eval_dataset (default: the trainer's): {"eval_loss",
+        "eval_reward", "eval_rewards/<name>/mean", ..., "eval_runtime"}, the values a run's evaluation of this
+        adapter records (``jaxsloth.methods.grpo_eval``)."""
+        from jaxsloth.methods.grpo_train import evaluate_grpo
+
+        data = self.eval_dataset if eval_dataset is None else _as_list(eval_dataset)
+        if data is None:
+            raise ValueError("GRPOTrainer.evaluate needs an eval_dataset (here or in GRPOTrainer(...))")
+        start = time.perf_counter()
+        metrics = evaluate_grpo(self.model, self.tokenizer, data, **self.settings)
+        return {**metrics, "eval_runtime": time.perf_counter() - start}
 
     def save_model(self, output_dir: str | os.PathLike | None = None):
         """The adapter in PEFT format with the tokenizer (default: output_dir)."""

@@ -37,7 +37,7 @@ _DIRECT = (
     "warmup_steps", "warmup_ratio", "num_train_epochs", "max_steps", "save_steps", "packing", "seed",
     "dataset_text_field", "dataset_num_proc", "weight_decay", "max_grad_norm", "adam_beta1", "adam_beta2",
     "adam_epsilon", "run_name", "project", "eval_strategy", "eval_steps", "per_device_eval_batch_size",
-    "load_best_model_at_end",
+    "load_best_model_at_end", "save_total_limit",
 )  # fmt: skip
 # transformers' name -> TrainConfig's.
 _RENAMED = {"overwrite_output_dir": "overwrite"}
@@ -46,7 +46,7 @@ _RENAMED = {"overwrite_output_dir": "overwrite"}
 _NO_EFFECT = {
     "logging_steps", "logging_strategy", "logging_first_step", "logging_dir", "gradient_checkpointing",
     "gradient_checkpointing_kwargs", "remove_unused_columns", "dataloader_num_workers", "dataloader_pin_memory",
-    "disable_tqdm", "save_strategy", "save_total_limit", "do_train",
+    "disable_tqdm", "save_strategy", "do_train",
 }  # fmt: skip
 _ADAMW = {"adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit",
           "paged_adamw_32bit", "adamw_apex_fused", "adamw_torch_xla", "adamw"}  # fmt: skip

@@ -186,6 +186,11 @@ class Checkpointer:
         )
         return out.state, dict(out.meta)
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON meta of a step alone (what a caller needs to know the shapes of the state to restore)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out.meta)
+
     def close(self) -> None:
         if self._manager is not None:
             self._manager.close()
