@@ -30,7 +30,7 @@ import numpy as np
 from jaxsloth.config import TrainConfig
 from jaxsloth.generate import prompt_token_ids, stop_token_ids
 from jaxsloth.methods.grpo import GRPOLossConfig, completion_metrics, group_advantages
-from jaxsloth.methods.grpo_step import make_grpo_step, make_logps_fn
+from jaxsloth.methods.grpo_step import grpo_forward_settings, make_grpo_step, make_logps_fn
 from jaxsloth.methods.rewards import resolve_reward_funcs, reward_name, score
 from jaxsloth.methods.rollout import Rollout, completion_batch, start_sampling
 from jaxsloth.train.loop import TrainResult
@@ -130,7 +130,7 @@ def grpo_train(
     trainable = model.trainable
     optimizer = make_optimizer(tc_run, lora, trainable)
     opt_state = optimizer.init(trainable)
-    forward = profile.forward_settings
+    forward = grpo_forward_settings(profile.forward_settings)
     step_fn = make_grpo_step(model.config, lora, grpo_loss_config(tc), optimizer, profile.ops, **forward)
     logps_fn = make_logps_fn(model.config, lora, profile.ops, **forward)
     stops = stop_token_ids(model, tokenizer) if stop_tokens is None else list(stop_tokens)
