@@ -2,6 +2,7 @@
 bucket + max_completion_length slots, each prompt's slots held once for its G rows), the LM head's backward without
 an f32 copy of the head, the log-prob passes; and G completions per prompt against transformers' greedy generate."""
 
+import dataclasses
 import functools
 
 import jax
@@ -13,8 +14,10 @@ from jaxsloth import generate as gen
 from jaxsloth.methods import grpo_step
 from jaxsloth.models.config import ModelConfig
 from jaxsloth.models.decoder import init_params
-from tests.test_generate import _hf_greedy
-from tests.tiny_models import hf_model, saved_model
+from tests.test_longrope import ORIG
+from tests.test_longrope import _hf_generate as hf_generate
+from tests.test_longrope import _model as longrope_model
+from tests.tiny_models import hf_model
 
 CONFIG = ModelConfig(
     model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
@@ -39,11 +42,15 @@ def _kv_bytes(rows_slots: int) -> int:
     return 2 * CONFIG.num_layers * CONFIG.num_kv_heads * CONFIG.head_dim * 2 * rows_slots
 
 
-def test_sampling_cache_is_exact_shared_and_in_the_compute_dtype():
+def test_sampling_cache_is_exact_shared_compute_dtype_and_most_of_the_memory():
+    """The cache: the shared prompt slots [L, U, P] and each row's new slots [L, B, NEW], in bf16. The compiled
+    program's temporaries: that cache, one layer's slice of it read by the decode step's attention, and a small
+    remainder; a cache of every row's prompt and NEW's bucket (B x (P + 128): the rows' prompts repeated, the slots
+    rounded up) would alone exceed the bound."""
     args, static = _sampling_program()
-    static = dict(static)
-    new_slots, copies = static.pop("new_slots"), static.pop("copies")
-    state, pads = jax.eval_shape(functools.partial(gen._start, new_slots=new_slots, copies=copies, **static), *args)
+    rest = {k: v for k, v in static.items() if k not in ("new_slots", "copies")}
+    start = functools.partial(gen._start, new_slots=static["new_slots"], copies=static["copies"], **rest)
+    state, pads = jax.eval_shape(start, *args)
     (prompt_k, own_k), (prompt_v, own_v) = state["cache_k"], state["cache_v"]
     kv = (CONFIG.num_kv_heads, CONFIG.head_dim)
     assert prompt_k.shape == prompt_v.shape == (CONFIG.num_layers, U, 64, *kv)
@@ -51,12 +58,6 @@ def test_sampling_cache_is_exact_shared_and_in_the_compute_dtype():
     assert {a.dtype for a in (prompt_k, prompt_v, own_k, own_v)} == {jnp.dtype(jnp.bfloat16)}
     assert pads.shape == (U * G,)
 
-
-def test_sampling_program_memory_is_the_cache_and_little_more():
-    """The compiled program's temporaries: the shared prompt slots (U x P) and each row's new slots (B x NEW), one
-    layer's slice of them read by the decode step's attention, and a small remainder. A cache of every row's prompt and NEW's bucket (B x (P + 128), the rows' prompts repeated
-    and the slots rounded up) would alone exceed the bound."""
-    args, static = _sampling_program()
     memory = gen._generate_padded.lower(*args, jnp.int32(NEW), **static).compile().memory_analysis()
     exact = _kv_bytes(U * 64 + U * G * NEW)
     bound = exact * (1 + 1 / CONFIG.num_layers) + 2**19  # + the tiny model's weights' and sampling's temporaries
@@ -65,14 +66,15 @@ def test_sampling_program_memory_is_the_cache_and_little_more():
 
 
 def test_g_completions_per_prompt_match_transformers_greedy():
-    """num_return_sequences rows share their prompt's cache slots (sliding window and softcaps: Gemma 2)."""
-    path = saved_model("gemma2")
+    """num_return_sequences rows share their prompt's cache slots and each gives transformers' greedy answer to its
+    prompt alone; Phi-3's LongRoPE re-prefills the rows that cross the original context, shared slots included."""
+    path = longrope_model()
     config, params = load_hf_model(path, dtype=jnp.float32)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (5, 13, 2)]
-    ours = gen.generate(params, config, prompts, max_new_tokens=9, num_return_sequences=3)
-    hf = _hf_greedy(hf_model(path), prompts, 9)
-    assert ours == [row for row in hf for _ in range(3)]
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (5, ORIG - 2)]
+    ours = gen.generate(params, config, prompts, max_new_tokens=6, num_return_sequences=3)
+    hf = hf_model(path)
+    assert ours == [hf_generate(hf, p, 6)[0] for p in prompts for _ in range(3)]
 
 
 def test_head_backward_keeps_the_head_in_the_compute_dtype():
@@ -92,9 +94,10 @@ def test_logps_run_in_passes_of_a_micro_batch(monkeypatch):
     """A whole generation's log-probs run LOGPS_TOKENS tokens at a time: the same values, fewer temporaries."""
     from jaxsloth.config import LoraConfig
 
-    params = init_params(CONFIG, jax.random.key(0), jnp.float32)
+    config = dataclasses.replace(CONFIG, num_layers=1, layer_types=())
+    params = init_params(config, jax.random.key(0), jnp.float32)
     rng = np.random.default_rng(0)
-    rows, p, c = 8, 8, 8
+    rows, p, c = 4, 16, 16
     batch = {
         "tokens": jnp.asarray(rng.integers(3, 200, (rows, p + c)), jnp.int32),
         "positions": jnp.broadcast_to(jnp.arange(p + c, dtype=jnp.int32), (rows, p + c)),
@@ -104,7 +107,7 @@ def test_logps_run_in_passes_of_a_micro_batch(monkeypatch):
     runs = {}
     for budget in (10**9, 2 * (p + c)):
         monkeypatch.setattr(grpo_step, "LOGPS_TOKENS", budget)
-        fn = grpo_step.make_logps_fn(CONFIG, LoraConfig(r=4))
+        fn = grpo_step.make_logps_fn(config, LoraConfig(r=4), chunk=8)
         runs[budget] = (fn(None, params, batch), fn.lower(None, params, batch).compile().memory_analysis())
     (whole, whole_mem), (passes, passes_mem) = runs.values()
     np.testing.assert_allclose(passes, whole, rtol=1e-5, atol=1e-5)
