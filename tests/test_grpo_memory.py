@@ -28,7 +28,7 @@ U, G, PROMPT, NEW = 2, 16, 60, 100  # the prompt bucket is 64; NEW's bucket (128
 
 @functools.cache
 def _sampling_program():
-    params = init_params(CONFIG, jax.random.key(0), jnp.bfloat16)
+    params = init_params(CONFIG, jax.random.key(0), jnp.float32)  # the cache follows the compute dtype, not these
     prompts = [[3 + i] * PROMPT for i in range(U)]
     args, static = gen._program_inputs(
         params, CONFIG, prompts, max_new_tokens=NEW, temperature=1.0, num_return_sequences=G, exact_length=True,
