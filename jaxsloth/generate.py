@@ -118,15 +118,22 @@ def warp_logits(logits, temperature, top_k, top_p, min_p=0.0):
 
 def sample_logits(logits, key, temperature, top_k, top_p, min_p=0.0):
     """logits: [B, V] f32 -> next tokens [B] int32: greedy (argmax) when temperature <= 0, else a sample from
-    ``warp_logits``. All settings may be traced values."""
+    ``warp_logits``, or from logits / temperature when no setting cuts (top_k >= V, top_p >= 1, min_p <= 0: as
+    transformers adds no warper then, and without sorting the whole vocabulary at every step). All settings may be
+    traced values."""
 
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+    def warped(_):
+        return jax.random.categorical(key, warp_logits(logits, temperature, top_k, top_p, min_p), axis=-1)
+
+    def plain(_):
+        return jax.random.categorical(key, logits / temperature, axis=-1)
+
     def sample(_):
-        return jax.random.categorical(key, warp_logits(logits, temperature, top_k, top_p, min_p), axis=-1).astype(
-            jnp.int32
-        )
+        cuts = (top_k < logits.shape[-1]) | (top_p < 1.0) | (min_p > 0.0)
+        return jax.lax.cond(cuts, warped, plain, None).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
