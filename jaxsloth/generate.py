@@ -4,9 +4,11 @@ Shapes are bucketed (batch, prompt length and max_new_tokens rounded up to power
 setting is a traced value, so repeated calls with similar sizes reuse one compiled program.
 
 Layout: prompts are left-padded to P slots, so every row's last prompt token sits in slot P - 1 and new token n
-goes to slot P + n for all rows at once. The cache is [L, B, S, Hk, hd] with S = P + N; a row's key slot j is
-visible from query slot i iff pad_b <= j <= i (and i - j < window on sliding layers): slot differences equal
-position differences inside a row, so this is exactly the unpadded causal / sliding-window mask.
+goes to slot P + n for all rows at once. The cache covers slots 0 .. P + N - 1 in two parts: the prompts' slots
+[L, U, P, Hk, hd], one entry per distinct prompt (``num_return_sequences`` rows sample each), and each row's new
+tokens [L, B, N, Hk, hd]. A row's key slot j is visible from query slot i iff pad_b <= j <= i (and i - j < window on
+sliding layers): slot differences equal position differences inside a row, so this is exactly the unpadded causal /
+sliding-window mask.
 """
 
 from __future__ import annotations
@@ -44,29 +46,43 @@ def bucket(n: int, least: int = 8) -> int:
     return max(least, 1 << max(0, n - 1).bit_length())
 
 
-def cached_attention(q, cache_k, cache_v, q_slot, pads, *, sliding_window=None, softcap=None, scale=None):
+def cached_attention(
+    q, cache_k, cache_v, q_slot, pads, *, prompt_k=None, prompt_v=None, sliding_window=None, softcap=None, scale=None
+):
     """Attention of new queries over a KV cache, with ``attention_reference``'s math.
 
     q: [B, T, Hq, hd] at slots q_slot .. q_slot + T - 1 (q_slot a traced scalar); cache_k, cache_v: [B, S, Hk, hd]
-    (already holding these queries' keys); pads: [B] int, the first valid slot of each row. Causal, GQA (query heads
-    grouped [Hk, Hq // Hk]), optional sliding window (i - j < window) and tanh softcap; softmax in f32.
-    Returns [B, T, Hq, hd] in q.dtype.
+    (already holding these queries' keys); pads: [B] int, the first valid slot of each row. With prompt_k, prompt_v
+    [U, P, Hk, hd] (slots 0 .. P - 1 shared by each prompt's B / U consecutive rows), the cache holds slots P .. P + S
+    - 1. Causal, GQA (query heads grouped [Hk, Hq // Hk]), optional sliding window (i - j < window) and tanh softcap;
+    softmax in f32. Returns [B, T, Hq, hd] in q.dtype.
     """
     b, t, hq, d = q.shape
     s, hk = cache_k.shape[1], cache_k.shape[2]
     scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, t, hk, hq // hk, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, cache_k, preferred_element_type=jnp.float32)
+    u, p = (1, 0) if prompt_k is None else prompt_k.shape[:2]
+    if prompt_k is not None:
+        qu = qg.reshape(u, b // u, *qg.shape[1:])
+        shared = jnp.einsum("uctkgd,upkd->uckgtp", qu, prompt_k, preferred_element_type=jnp.float32)
+        scores = jnp.concatenate([shared.reshape(b, *shared.shape[2:]), scores], axis=-1)
+    scores = scores * scale
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
     i = q_slot + jnp.arange(t)[:, None]
-    j = jnp.arange(s)[None, :]
+    j = jnp.arange(p + s)[None, :]
     mask = (j <= i)[None] & (j[None] >= pads[:, None, None])
     if sliding_window is not None:
         mask &= ((i - j) < sliding_window)[None]
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(cache_v.dtype), cache_v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs[..., p:], cache_v, preferred_element_type=jnp.float32)
+    if prompt_k is not None:
+        shared = probs[..., :p].reshape(u, b // u, *probs.shape[1:-1], p)
+        out += jnp.einsum("uckgtp,upkd->uctkgd", shared, prompt_v, preferred_element_type=jnp.float32).reshape(
+            out.shape
+        )
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
@@ -102,15 +118,22 @@ def warp_logits(logits, temperature, top_k, top_p, min_p=0.0):
 
 def sample_logits(logits, key, temperature, top_k, top_p, min_p=0.0):
     """logits: [B, V] f32 -> next tokens [B] int32: greedy (argmax) when temperature <= 0, else a sample from
-    ``warp_logits``. All settings may be traced values."""
+    ``warp_logits``, or from logits / temperature when no setting cuts (top_k >= V, top_p >= 1, min_p <= 0: as
+    transformers adds no warper then, and without sorting the whole vocabulary at every step). All settings may be
+    traced values."""
 
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+    def warped(_):
+        return jax.random.categorical(key, warp_logits(logits, temperature, top_k, top_p, min_p), axis=-1)
+
+    def plain(_):
+        return jax.random.categorical(key, logits / temperature, axis=-1)
+
     def sample(_):
-        return jax.random.categorical(key, warp_logits(logits, temperature, top_k, top_p, min_p), axis=-1).astype(
-            jnp.int32
-        )
+        cuts = (top_k < logits.shape[-1]) | (top_p < 1.0) | (min_p > 0.0)
+        return jax.lax.cond(cuts, warped, plain, None).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, sample, greedy, None)
 
@@ -125,6 +148,17 @@ def _pick(logits, key, seen, sampling):
 
 
 # --- the jitted program --------------------------------------------------------------------------------------------
+
+
+def _grouped(tree, period: int):
+    """The layer scan's steps: [L, ...] leaves as they are when every step is one layer (a [L, 1, ...] view costs
+    XLA:CPU a copy of every stacked weight, inside the decode loop), else ``group_layers``' [L / period, period, ...]."""
+    return tree if period == 1 else group_layers(tree, period)
+
+
+def _member(group, j: int, period: int):
+    """Layer ``j`` of one scan step of ``_grouped`` layers."""
+    return group if period == 1 else layer_slice(group, j)
 
 
 def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_rt, compute_dtype):
@@ -144,8 +178,8 @@ def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_
         lp_group, ll_group = xs
         ks, vs = [], []
         for j in range(period):
-            lp = layer_slice(lp_group, j)
-            ll = None if ll_group is None else layer_slice(ll_group, j)
+            lp = _member(lp_group, j, period)
+            ll = None if ll_group is None else _member(ll_group, j, period)
             inv_freq, rope_scaling, long_rope = ropes[slidings[j]]
             q, k, v = attention_inputs(
                 h,
@@ -173,8 +207,8 @@ def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_
         return h, (jnp.stack(ks), jnp.stack(vs))
 
     h = embed(params, tokens, config, compute_dtype)
-    layers = group_layers(params["layers"], period)
-    lora_g = None if lora_layers is None else group_layers(lora_layers, period)
+    layers = _grouped(params["layers"], period)
+    lora_g = None if lora_layers is None else _grouped(lora_layers, period)
     h, (ks, vs) = jax.lax.scan(step, h, (layers, lora_g))
     h = jax.lax.dynamic_slice_in_dim(h, last, 1, axis=1)
     h = ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
@@ -182,21 +216,30 @@ def _prefill(params, lora_layers, tokens, pads, last=None, *, config, ops, lora_
     return logits_from_hidden(params, h[:, 0], config), ks.reshape(flat), vs.reshape(flat)
 
 
+def _split_cache(cache):
+    """A cache argument -> (shared prompt part [L, U, P, Hk, hd] or None, per-row part [L, B, S, Hk, hd])."""
+    return cache if isinstance(cache, tuple) else (None, cache)
+
+
 def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, config, ops, lora_rt, compute_dtype):
-    """token: [B] at cache slot ``slot`` -> (logits [B, V], updated caches)."""
+    """token: [B] at cache slot ``slot`` -> (logits [B, V], updated caches). cache_k, cache_v: [L, B, S, Hk, hd], or
+    (the prompts' [L, U, P, Hk, hd], each shared by B / U consecutive rows; the rows' own [L, B, S, Hk, hd] from slot
+    P on), returned in the same form."""
     positions = (slot - pads)[:, None].astype(jnp.int32)
     period = layer_period(config)
     slidings = config.sliding_layers[:period]
     ropes = {s: rope_setup(config, positions + 1, s) for s in set(slidings)}
     kw = dict(config=config, ops=ops, lora_rt=lora_rt)
+    (prompt_k, own_k), (prompt_v, own_v) = _split_cache(cache_k), _split_cache(cache_v)
+    first = 0 if prompt_k is None else prompt_k.shape[2]  # the slot of the rows' own cache's first entry
 
     def step(carry, xs):
-        h, cache_k, cache_v = carry
+        h, own_k, own_v = carry
         lp_group, ll_group, g = xs
         for j in range(period):
             layer = g * period + j
-            lp = layer_slice(lp_group, j)
-            ll = None if ll_group is None else layer_slice(ll_group, j)
+            lp = _member(lp_group, j, period)
+            ll = None if ll_group is None else _member(ll_group, j, period)
             inv_freq, rope_scaling, long_rope = ropes[slidings[j]]
             q, k, v = attention_inputs(
                 h,
@@ -208,35 +251,39 @@ def _decode_step(params, lora_layers, token, slot, pads, cache_k, cache_v, *, co
                 long_rope=long_rope,
                 **kw,
             )
-            at = (layer, 0, slot, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), at)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), at)
+            at = (layer, 0, slot - first, 0, 0)
+            own_k = jax.lax.dynamic_update_slice(own_k, k[None].astype(own_k.dtype), at)
+            own_v = jax.lax.dynamic_update_slice(own_v, v[None].astype(own_v.dtype), at)
             a = cached_attention(
                 q,
-                cache_k[layer],
-                cache_v[layer],
+                own_k[layer],
+                own_v[layer],
                 slot,
                 pads,
+                prompt_k=None if prompt_k is None else prompt_k[layer],
+                prompt_v=None if prompt_v is None else prompt_v[layer],
                 sliding_window=config.window_for(slidings[j]),
                 softcap=config.attn_logit_softcap,
                 scale=config.attention_scale,
             )
             h = layer_output(h, a, lp, ll, **kw)
-        return (h, cache_k, cache_v), None
+        return (h, own_k, own_v), None
 
     h = embed(params, token[:, None], config, compute_dtype)
-    layers = group_layers(params["layers"], period)
-    lora_g = None if lora_layers is None else group_layers(lora_layers, period)
-    (h, cache_k, cache_v), _ = jax.lax.scan(
-        step, (h, cache_k, cache_v), (layers, lora_g, jnp.arange(config.num_layers // period))
+    layers = _grouped(params["layers"], period)
+    lora_g = None if lora_layers is None else _grouped(lora_layers, period)
+    (h, own_k, own_v), _ = jax.lax.scan(
+        step, (h, own_k, own_v), (layers, lora_g, jnp.arange(config.num_layers // period))
     )
     h = ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
-    return logits_from_hidden(params, h[:, 0], config), cache_k, cache_v
+    if prompt_k is not None:
+        own_k, own_v = (prompt_k, own_k), (prompt_v, own_v)
+    return logits_from_hidden(params, h[:, 0], config), own_k, own_v
 
 
 def _next_logits(params, lora_layers, token, seq, slot, pads, done, cache_k, cache_v, **kw):
     """The decode step of ``token`` [B] at cache slot ``slot``; seq [B, S] holds the tokens up to it of every
-    row not ``done`` -> (logits [B, V], updated caches).
+    row not ``done`` -> (logits [B, V], updated caches, in ``_decode_step``'s forms).
 
     Longrope (Phi-3): the step at which a row's length first exceeds the original context switches that row to
     the long factors for the whole sequence, which changes every cached key and value (keys are rotated, and the
@@ -251,7 +298,7 @@ def _next_logits(params, lora_layers, token, seq, slot, pads, done, cache_k, cac
 
     def refill(_):
         logits, ks, vs = _prefill(params, lora_layers, seq, pads, slot, **kw)
-        return logits, ks.astype(cache_k.dtype), vs.astype(cache_v.dtype)
+        return logits, _like(ks, cache_k), _like(vs, cache_v)
 
     if config.rope.kind != "longrope":
         return decode(None)
@@ -260,17 +307,46 @@ def _next_logits(params, lora_layers, token, seq, slot, pads, done, cache_k, cac
     return jax.lax.cond(crossing, refill, decode, None)
 
 
+def _like(full, cache):
+    """A recomputed [L, B, S, Hk, hd] cache in the form and dtype of ``cache``: a shared prompt part keeps the first
+    row of each prompt's rows (their prompt slots see the same tokens at the same positions)."""
+    prompt, own = _split_cache(cache)
+    if prompt is None:
+        return full.astype(own.dtype)
+    p, copies = prompt.shape[2], own.shape[1] // prompt.shape[1]
+    return full[:, ::copies, :p].astype(prompt.dtype), full[:, :, p:].astype(own.dtype)
+
+
 def _start(
-    params, lora_layers, tokens, pads, live, stop_mask, sampling, key, *, config, ops, lora_rt, compute_dtype, new_slots
+    params,
+    lora_layers,
+    tokens,
+    pads,
+    live,
+    stop_mask,
+    sampling,
+    key,
+    *,
+    config,
+    ops,
+    lora_rt,
+    compute_dtype,
+    new_slots,
+    copies=1,
 ):
-    """Prefill and the first new token -> the decode state. tokens: [B, P] left-padded, pads: [B], live: [B] bool
-    (False: a filler row), stop_mask: [V] bool, sampling: (temperature, top_k, top_p, min_p, repetition_penalty)."""
+    """Prefill and the first new token -> (the decode state, the rows' pads [B]). tokens: [U, P] left-padded distinct
+    prompts, pads: [U], each prompt sampled by ``copies`` consecutive rows (B = U x copies); live: [B] bool (False: a
+    filler row), stop_mask: [V] bool, sampling: (temperature, top_k, top_p, min_p, repetition_penalty).
+
+    The KV cache, in the compute dtype, is the prefill's keys and values of the U prompts [L, U, P, Hk, hd], each
+    shared by its rows, and the rows' own [L, B, new_slots, Hk, hd] for the new tokens (``_decode_step``): no prompt
+    is held more than once, and nothing holds the prompt's keys twice."""
     kw = dict(config=config, ops=ops, lora_rt=lora_rt, compute_dtype=compute_dtype)
-    b, p = tokens.shape
     logits, ks, vs = _prefill(params, lora_layers, tokens, pads, **kw)
-    cache_shape = (config.num_layers, b, p + new_slots, config.num_kv_heads, config.head_dim)
-    cache_k = jnp.zeros(cache_shape, ks.dtype).at[:, :, :p].set(ks)
-    cache_v = jnp.zeros(cache_shape, vs.dtype).at[:, :, :p].set(vs)
+    tokens, pads, logits = (jnp.repeat(x, copies, axis=0) for x in (tokens, pads, logits))
+    b, p = tokens.shape
+    own = (config.num_layers, b, new_slots, *ks.shape[3:])
+    cache_k, cache_v = (ks, jnp.zeros(own, ks.dtype)), (vs, jnp.zeros(own, vs.dtype))
     # The repetition penalty sees each row's prompt (not its padding) and every token it produces.
     valid = jnp.arange(p)[None, :] >= pads[:, None]
     v = config.vocab_size
@@ -287,13 +363,13 @@ def _start(
         key=key,
         seen=seen,
         prompt=tokens,
-    )
+    ), pads
 
 
 def _decode_until(params, lora_layers, state, pads, until, stop_mask, sampling, *, config, ops, lora_rt, compute_dtype):
     """Decodes until every row is done or ``until`` (traced) tokens exist -> the state."""
     kw = dict(config=config, ops=ops, lora_rt=lora_rt, compute_dtype=compute_dtype)
-    p = state["cache_k"].shape[2] - state["out"].shape[1]
+    p = state["cache_k"][0].shape[2]  # the prompts' slots
 
     def cond(s):
         return (s["n"] < until) & ~jnp.all(s["done"])
@@ -324,7 +400,7 @@ def _decode_until(params, lora_layers, state, pads, until, stop_mask, sampling, 
 _STATIC = ("config", "ops", "lora_rt", "compute_dtype")
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "new_slots"))
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "new_slots", "copies"))
 def _generate_padded(
     params,
     lora_layers,
@@ -341,17 +417,20 @@ def _generate_padded(
     lora_rt,
     compute_dtype,
     new_slots,
+    copies,
 ):
     """The whole batch in one program -> (new tokens [B, new_slots], counts [B]: how many each row produced)."""
     kw = dict(config=config, ops=ops, lora_rt=lora_rt, compute_dtype=compute_dtype)
-    state = _start(params, lora_layers, tokens, pads, live, stop_mask, sampling, key, new_slots=new_slots, **kw)
+    state, pads = _start(
+        params, lora_layers, tokens, pads, live, stop_mask, sampling, key, new_slots=new_slots, copies=copies, **kw
+    )
     state = _decode_until(params, lora_layers, state, pads, max_new, stop_mask, sampling, **kw)
     return state["out"], state["counts"]
 
 
 # Streaming runs the same two stages as separate programs, the decode one once per token (its state donated, so the
 # KV cache is updated in place).
-_start_jit = jax.jit(_start, static_argnames=(*_STATIC, "new_slots"))
+_start_jit = jax.jit(_start, static_argnames=(*_STATIC, "new_slots", "copies"))
 _decode_until_jit = jax.jit(_decode_until, static_argnames=_STATIC, donate_argnames=("state",))
 
 
@@ -385,11 +464,15 @@ def _program_inputs(
     lora_rt: LoraRuntime | None = None,
     ops: Ops | None = None,
     compute_dtype=None,
+    num_return_sequences: int = 1,
+    exact_length: bool = False,
 ) -> tuple[tuple, dict]:
     """Validated (positional, static) arguments of ``_start`` for these prompts; the one list of ``generate``'s
     and ``generate_stream``'s settings."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: pass at least one prompt")
     for i, ids in enumerate(prompt_ids):
@@ -426,7 +509,7 @@ def _program_inputs(
         None if lora is None else lora["layers"],
         jnp.asarray(tokens),
         jnp.asarray(pads),
-        jnp.asarray(np.arange(tokens.shape[0]) < len(prompt_ids)),
+        jnp.asarray(np.arange(tokens.shape[0] * num_return_sequences) < len(prompt_ids) * num_return_sequences),
         jnp.asarray(stop_mask),
         sampling,
         jax.random.key(seed),
@@ -436,7 +519,8 @@ def _program_inputs(
         ops=ops or Ops(),
         lora_rt=lora_rt or LoraRuntime(),
         compute_dtype=None if compute_dtype is None else jnp.dtype(compute_dtype),
-        new_slots=bucket(max_new_tokens),
+        new_slots=max_new_tokens if exact_length else bucket(max_new_tokens),
+        copies=num_return_sequences,
     )
     return args, static
 
@@ -452,7 +536,11 @@ def generate(
     (transformers': > 1 discourages tokens already in the row) applies to greedy and sampled decoding alike;
     stop_tokens; lora: the decoder's LoRA tree ({"layers": ...}; swap trained embed / lm_head copies into params
     first, see ``jaxsloth.lora.with_trainable``) with lora_rt, its runtime (scale); ops: kernel choice (default
-    reference); compute_dtype: activations and KV cache (default: the embedding's dtype).
+    reference); compute_dtype: activations and KV cache (default: the embedding's dtype); num_return_sequences:
+    completions per prompt (transformers' name), each prompt's consecutive in the output, its prompt run once through
+    the prefill; exact_length: the KV cache holds exactly the prompt bucket + max_new_tokens slots (one program per
+    max_new_tokens, for a fixed length such as GRPO's) instead of max_new_tokens rounded up to a bucket (a program
+    shared by similar lengths).
     """
     return generate_async(params, config, prompt_ids, max_new_tokens=max_new_tokens, **settings)()
 
@@ -465,9 +553,11 @@ def generate_async(
     args, static = _program_inputs(params, config, prompt_ids, max_new_tokens=max_new_tokens, **settings)
     out, counts = _generate_padded(*args, jnp.int32(max_new_tokens), **static)
 
+    rows = len(prompt_ids) * static["copies"]
+
     def result() -> list[list[int]]:
         tokens, lengths = np.asarray(out), np.asarray(counts)
-        return [tokens[i, : lengths[i]].tolist() for i in range(len(prompt_ids))]
+        return [tokens[i, : lengths[i]].tolist() for i in range(rows)]
 
     return result
 
@@ -476,9 +566,11 @@ def generate_stream(params, config: ModelConfig, prompt_ids: Sequence[int], *, m
     """``generate`` for one prompt, yielding each new token (an int) as soon as it is decoded; the same tokens as
     ``generate(params, config, [prompt_ids], ...)[0]``. kwargs: ``generate``'s settings."""
     args, static = _program_inputs(params, config, [prompt_ids], max_new_tokens=max_new_tokens, **kwargs)
-    new_slots = static.pop("new_slots")
-    params, lora_layers, _, pads, _, stop_mask, sampling, _ = args
-    state = _start_jit(*args, new_slots=new_slots, **static)
+    new_slots, copies = static.pop("new_slots"), static.pop("copies")
+    if copies != 1:
+        raise ValueError(f"generate_stream streams one completion: num_return_sequences={copies} is for generate")
+    params, lora_layers, _, _, _, stop_mask, sampling, _ = args
+    state, pads = _start_jit(*args, new_slots=new_slots, copies=copies, **static)
     for n in range(1, max_new_tokens + 1):
         if n > 1:
             state = _decode_until_jit(params, lora_layers, state, pads, jnp.int32(n), stop_mask, sampling, **static)

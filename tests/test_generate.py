@@ -134,6 +134,17 @@ def test_sample_logits_respects_top_k_and_top_p():
     np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits), axis=-1))
 
 
+def test_sampling_without_cuts_draws_what_the_warper_draws():
+    """No top_k, top_p or min_p cut: the sample skips the vocabulary sort and draws the tokens the warper's
+    unchanged logits give for the same keys."""
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 50)), jnp.float32)
+    sample = jax.jit(gen.sample_logits)
+    for s in range(20):
+        key = jax.random.key(s)
+        expected = jax.random.categorical(key, gen.warp_logits(logits, 1.3, 50, 1.0, 0.0), axis=-1)
+        np.testing.assert_array_equal(sample(logits, key, 1.3, 50, 1.0, 0.0), expected)
+
+
 def test_compiles_once_per_bucket():
     config, params = load_hf_model(saved_model("llama"), dtype=jnp.float32)
     rng = np.random.default_rng(5)

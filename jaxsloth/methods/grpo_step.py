@@ -5,6 +5,11 @@ accumulated over micro-batches in one jitted function, and the SFT step's AdamW 
 Rows are laid out as ``rollout.completion_batch`` makes them: [left-padded prompt (P) | completion padded on the
 right (C)]. Only the C hidden states that predict completion tokens reach the LM head, in chunks of ``chunk`` rows,
 so no [tokens, vocab] logits exist.
+
+Memory: the rollout's KV cache sets GRPO's peak, so the step keeps below it: each layer's input is the only
+activation a micro-batch keeps for the backward (``grpo_forward_settings``), the LM head runs on GRPO_LOGPROB_CHUNK
+rows at a time (each f32 [chunk, vocab] block is held about three times over in the backward), and the log-probs of
+a whole generation (``make_logps_fn``) run a micro-batch's worth of tokens at a time.
 """
 
 from __future__ import annotations
@@ -18,13 +23,26 @@ import optax
 from jaxsloth.config import LoraConfig
 from jaxsloth.lora import with_trainable
 from jaxsloth.methods.grpo import GRPOLossConfig, grpo_loss
-from jaxsloth.methods.logprobs import LOGPROB_CHUNK
+from jaxsloth.methods.logprobs import head_logits
 from jaxsloth.models.config import ModelConfig
-from jaxsloth.models.decoder import forward_hidden, logits_from_hidden
+from jaxsloth.models.decoder import forward_hidden
 from jaxsloth.ops import Ops
 
+# 256 rows x a 128K vocabulary: 125 MiB per f32 logits block; the [256, D] x [D, V] products stay large enough to run
+# at the GEMM's full rate.
+GRPO_LOGPROB_CHUNK = 256
+# Tokens per pass of ``make_logps_fn``: one training micro-batch's worth at the default workload (8 x 1024).
+LOGPS_TOKENS = 8192
 
-def token_logps_entropy(params, hidden, targets, *, config: ModelConfig, chunk: int = LOGPROB_CHUNK):
+
+def grpo_forward_settings(forward: dict) -> dict:
+    """A profile's ``forward_settings`` for GRPO's steps: remat "full" (each layer's input kept, as TRL's gradient
+    checkpointing) where the profile keeps more ("dots", "attn_dots"): at Llama-3.1-8B's shape attn_dots keeps
+    6.5 GiB for 8 x 1024 tokens against full's 2 GiB, and training is a small part of a GRPO step beside sampling."""
+    return {**forward, "remat": "full"} if forward.get("remat") in ("dots", "attn_dots") else dict(forward)
+
+
+def token_logps_entropy(params, hidden, targets, *, config: ModelConfig, chunk: int = GRPO_LOGPROB_CHUNK):
     """hidden: [N, D], targets: [N] -> (log p(target) [N] f32, entropy of the next-token distribution [N] f32,
     no gradient), one [chunk, vocab] block of logits at a time."""
     n = hidden.shape[0]
@@ -35,7 +53,7 @@ def token_logps_entropy(params, hidden, targets, *, config: ModelConfig, chunk: 
     @jax.checkpoint
     def one(xs):
         h, t = xs
-        z = logits_from_hidden(params, h, config)
+        z = head_logits(params, h, config)
         lse = jax.nn.logsumexp(z, axis=1)
         picked = jnp.take_along_axis(z, t[:, None], axis=1)[:, 0]
         zs = jax.lax.stop_gradient(z)
@@ -46,7 +64,7 @@ def token_logps_entropy(params, hidden, targets, *, config: ModelConfig, chunk: 
     return logps.reshape(-1)[:n], entropy.reshape(-1)[:n]
 
 
-def completion_logps(params, batch: dict, *, config: ModelConfig, chunk: int = LOGPROB_CHUNK, **forward_kwargs):
+def completion_logps(params, batch: dict, *, config: ModelConfig, chunk: int = GRPO_LOGPROB_CHUNK, **forward_kwargs):
     """batch: tokens, positions, segment_ids [B, P + C], completion_ids [B, C] -> (per-token log-probs [B, C],
     entropies [B, C]) of the completion tokens. forward_kwargs (lora=None: the reference) go to ``forward_hidden``."""
     b, c = batch["completion_ids"].shape
@@ -72,7 +90,7 @@ def make_grpo_loss_fn(
     lora: LoraConfig,
     lc: GRPOLossConfig,
     ops: Ops = Ops(),
-    chunk: int = LOGPROB_CHUNK,
+    chunk: int = GRPO_LOGPROB_CHUNK,
     **forward_kwargs,
 ) -> Callable:
     """-> loss_fn(trainable, params, batch, num_items_in_batch, accumulation_steps) -> (loss, metrics) of one
@@ -104,18 +122,26 @@ def make_grpo_loss_fn(
 
 
 def make_logps_fn(
-    config: ModelConfig, lora: LoraConfig, ops: Ops = Ops(), chunk: int = LOGPROB_CHUNK, **forward_kwargs
+    config: ModelConfig, lora: LoraConfig, ops: Ops = Ops(), chunk: int = GRPO_LOGPROB_CHUNK, **forward_kwargs
 ):
     """Jitted ``logps(trainable, params, batch) -> [B, C]``: the policy's completion log-probs at sampling time,
     kept as the old log-probs when one batch of samples serves several steps (num_iterations > 1); trainable None:
-    the reference's (adapter off)."""
+    the reference's (adapter off). The B rows run in passes of at most LOGPS_TOKENS tokens (a divisor of B rows,
+    at least one), so a whole generation's forward never holds more than a training micro-batch's activations."""
 
     def logps(trainable, params, batch):
         kw = dict(config=config, ops=ops, chunk=chunk, **forward_kwargs)
+        rows, width = batch["tokens"].shape
+        per_pass = max(d for d in range(1, rows + 1) if rows % d == 0 and (d == 1 or d * width <= LOGPS_TOKENS))
+        keys = ("tokens", "positions", "segment_ids", "completion_ids")
+        passes = {k: batch[k].reshape(rows // per_pass, per_pass, *batch[k].shape[1:]) for k in keys}
         if trainable is None:
-            return completion_logps(params, batch, lora=None, **kw)[0]
-        p, lora_tree = with_trainable(params, trainable)
-        return completion_logps(p, batch, lora=lora_tree, lora_rt=lora.runtime, **kw)[0]
+            p, lora_kw = params, dict(lora=None)
+        else:
+            p, lora_tree = with_trainable(params, trainable)
+            lora_kw = dict(lora=lora_tree, lora_rt=lora.runtime)
+        out = jax.lax.map(lambda part: completion_logps(p, part, **lora_kw, **kw)[0], passes)
+        return out.reshape(rows, -1)
 
     return jax.jit(logps)
 
@@ -126,7 +152,7 @@ def make_grpo_step(
     lc: GRPOLossConfig,
     optimizer: optax.GradientTransformation,
     ops: Ops = Ops(),
-    chunk: int = LOGPROB_CHUNK,
+    chunk: int = GRPO_LOGPROB_CHUNK,
     **forward_kwargs,
 ) -> Callable:
     """Jitted ``step(trainable, opt_state, params, batches) -> (trainable, opt_state, metrics)``; batches: the

@@ -41,7 +41,7 @@ from jaxsloth.methods.grpo import GRPOLossConfig, completion_metrics, group_adva
 from jaxsloth.methods.grpo_eval import GRPOEvaluator, hold_out
 from jaxsloth.methods.grpo_mesh import device_views, grpo_mesh, mesh_devices, place_rows, sharded_step
 from jaxsloth.methods.grpo_state import Generation, PromptOrder, PromptsIdentity
-from jaxsloth.methods.grpo_step import make_grpo_loss_fn, make_grpo_step, make_logps_fn
+from jaxsloth.methods.grpo_step import grpo_forward_settings, make_grpo_loss_fn, make_grpo_step, make_logps_fn
 from jaxsloth.methods.rewards import resolve_reward_funcs, reward_name, score
 from jaxsloth.methods.rollout import Rollout, completion_batch, start_sampling
 from jaxsloth.sharding import ShardedOps, place_train_state
@@ -215,7 +215,7 @@ def grpo_train(
     lora, profile = model.lora, model.profile
     params, trainable = model.params, model.trainable
     optimizer = make_optimizer(tc_run, lora, trainable)
-    forward, lc = profile.forward_settings, grpo_loss_config(tc)
+    forward, lc = grpo_forward_settings(profile.forward_settings), grpo_loss_config(tc)
     if mesh is None:
         opt_state, ops = optimizer.init(trainable), profile.ops
     else:
@@ -437,7 +437,13 @@ def _evaluator(sampler: _Sampler, eval_rows: list[dict], ops, per_device: int) -
             f"per_device_eval_batch_size x devices = {per_batch} eval completions per batch is not a multiple of "
             f"num_generations_eval={g}"
         )
-    loss_fn = make_grpo_loss_fn(model.config, model.lora, grpo_loss_config(tc), ops, **model.profile.forward_settings)
+    loss_fn = make_grpo_loss_fn(
+        model.config,
+        model.lora,
+        grpo_loss_config(tc),
+        ops,
+        **grpo_forward_settings(model.profile.forward_settings),
+    )
 
     @jax.jit
     def loss(trainable, params, arrays):

@@ -2,7 +2,7 @@
 
 The fused cross-entropy ops (``ops.cross_entropy``, pallas_kernels/cross_entropy.py) return one scalar sum per
 call, while preference losses need one sum per sequence; so the tokens are walked here in chunks of
-``chunk`` rows, each chunk's f32 logits built by ``logits_from_hidden`` (the decoder's LM head with its softcap)
+``chunk`` rows, each chunk's f32 logits built by ``head_logits`` (the decoder's LM head with its softcap)
 and reduced to the target's log-prob at once. Each chunk is rematerialised (``jax.checkpoint``) so neither pass
 holds more than one [chunk, vocab] block; a segment sum then gives one value per sequence.
 """
@@ -13,11 +13,45 @@ import jax
 import jax.numpy as jnp
 
 from jaxsloth.models.config import ModelConfig
-from jaxsloth.models.decoder import forward_hidden, logits_from_hidden
+from jaxsloth.models.decoder import forward_hidden, lm_head
 from jaxsloth.ops import Ops
 
 IGNORE_INDEX = -100
 LOGPROB_CHUNK = 1024
+
+
+@jax.custom_vjp
+def _head_product(hidden, head):
+    """hidden: [N, D], head: [V, D] in the compute dtype -> hidden @ head.T [N, V] f32 (f32 accumulation)."""
+    return jnp.einsum("nd,vd->nv", hidden, head, preferred_element_type=jnp.float32)
+
+
+def _head_product_fwd(hidden, head):
+    return _head_product(hidden, head), (hidden, head)
+
+
+def _head_product_bwd(res, dz):
+    # The f32 logits' gradient goes into both products in the compute dtype (f32 accumulation), as a 16-bit autocast
+    # backward does: autodiff's product of an f32 gradient with a 16-bit head makes XLA widen the whole [V, D] head to
+    # f32 (a second copy of the head, 1 GiB at a 128K vocabulary), held through the chunk loop.
+    hidden, head = res
+    dz = dz.astype(hidden.dtype)
+    dh = jnp.einsum("nv,vd->nd", dz, head, preferred_element_type=jnp.float32).astype(hidden.dtype)
+    dw = jnp.einsum("nv,nd->vd", dz, hidden, preferred_element_type=jnp.float32).astype(head.dtype)
+    return dh, dw
+
+
+_head_product.defvjp(_head_product_fwd, _head_product_bwd)
+
+
+def head_logits(params, hidden, config: ModelConfig) -> jax.Array:
+    """hidden: [N, D] -> logits [N, V] f32 (final softcap applied): ``decoder.logits_from_hidden``'s values, with a
+    backward that keeps the head in the compute dtype (``_head_product``)."""
+    logits = _head_product(hidden, lm_head(params, config).astype(hidden.dtype))
+    if config.final_logit_softcap is not None:
+        c = config.final_logit_softcap
+        logits = c * jnp.tanh(logits / c)
+    return logits
 
 
 def token_logps(params, hidden, targets, *, config: ModelConfig, chunk: int = LOGPROB_CHUNK) -> jax.Array:
@@ -30,7 +64,7 @@ def token_logps(params, hidden, targets, *, config: ModelConfig, chunk: int = LO
     @jax.checkpoint
     def one(xs):
         h, t = xs
-        z = logits_from_hidden(params, h, config)
+        z = head_logits(params, h, config)
         picked = jnp.take_along_axis(z, jnp.maximum(t, 0)[:, None], axis=1)[:, 0]
         return jnp.where(t != IGNORE_INDEX, picked - jax.nn.logsumexp(z, axis=1), 0.0)
 

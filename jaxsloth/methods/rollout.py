@@ -1,5 +1,6 @@
 """GRPO's samples: G completions per prompt from the current LoRA weights (unmerged) through
-``jaxsloth.generate.generate_async`` (bucketed lengths, left-padded prompts, KV cache), and their layout as training rows.
+``jaxsloth.generate.generate_async`` (left-padded prompts, each run once through the prefill; a KV cache of exactly
+prompt bucket + max_completion_length slots in the compute dtype), and their layout as training rows.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def start_sampling(
     wait = generate_async(
         params,
         config,
-        rows,
+        [list(p) for p in prompt_ids],
+        num_return_sequences=num_generations,
         max_new_tokens=max_completion_length,
         temperature=temperature,
         top_p=None if top_p is None or top_p >= 1.0 else top_p,
@@ -68,6 +70,7 @@ def start_sampling(
         min_p=min_p,
         stop_tokens=stop_tokens,
         seed=seed,
+        exact_length=True,  # one max_completion_length: a KV cache of exactly P + C slots, not C's bucket
         **lora_kwargs,
         **generate_settings,
     )
