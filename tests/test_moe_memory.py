@@ -95,3 +95,28 @@ def test_unrolled_qlora_step_keeps_no_layers_dequantized_experts():
 def _with_layers(config, n: int):
     types = config.layer_types[:1] * n if config.layer_types else config.layer_types
     return dataclasses.replace(config, num_layers=n, layer_types=types)
+
+
+def test_grouped_matmul_loops_hold_no_accumulator_beyond_their_layer():
+    """Layers of tiled grouped matmuls under remat, as the step runs its experts: each extra layer holds its input
+    (the remat checkpoint), not the zero accumulators of its forward, recomputed and backward loops (XLA shares one
+    zero constant between every loop and copies it for each at the start of the program, unless the accumulator is
+    created after the loop's input)."""
+    from pallas_kernels.grouped_matmul import grouped_matmul_tiled
+
+    rows, width, groups = 1024, 128, 8
+    gs = jax.ShapeDtypeStruct((groups,), jnp.int32)
+    x = jax.ShapeDtypeStruct((rows, width), jnp.float32)
+
+    def temp(layers: int) -> int:
+        def loss(x, ws, gs):
+            for w in ws:  # frozen experts: the gradient is the rows'
+                x = jax.checkpoint(lambda x, w: x + jnp.tanh(grouped_matmul_tiled(x, w, gs)))(x, w)
+            return jnp.sum(x)
+
+        ws = [jax.ShapeDtypeStruct((groups, width, width), jnp.float32)] * layers
+        return jax.jit(jax.grad(loss)).lower(x, ws, gs).compile().memory_analysis().temp_size_in_bytes
+
+    per_layer = (temp(4) - temp(1)) / 3
+    one_layer_input = rows * width * 4
+    assert per_layer < 1.5 * one_layer_input, f"{per_layer / one_layer_input:.2f} layer inputs held per layer"
