@@ -62,15 +62,16 @@ def _compiled_plan_bytes(config, profile, batch: int, seq: int) -> int:
     return stats.argument_size_in_bytes + stats.temp_size_in_bytes
 
 
-def test_moe_estimate_follows_the_compiled_plan(monkeypatch):
-    """Qwen3-30B-A3B's QLoRA step at 2 x 2048 on the H200 profile (LoRA r=16 on attention and every expert), two of
-    its layers at full width: the estimate, less the XLA workspace it reserves, within 15% of XLA's plan. The GPU
+@pytest.mark.parametrize("layers", [1, 2])
+def test_moe_estimate_follows_the_compiled_plan(monkeypatch, layers):
+    """Qwen3-30B-A3B's QLoRA step at 2 x 2048 on the H200 profile (LoRA r=16 on attention and every expert), one and
+    two of its layers at full width: the estimate, less the XLA workspace it reserves, within 15% of XLA's plan. The GPU
     kernels that do not run on CPU take their XLA references; attention takes a stand-in of flash attention's size."""
     monkeypatch.setattr(
         pallas_kernels.attention, "attention_reference", lambda q, k, v, *a, **kw: _flash_sized_attention(q, k, v)
     )
     profile = profile_for_device(name="h200", rms_norm="reference", rope="reference", attention="reference")
-    config = _qwen3_moe_layers(2)
+    config = _qwen3_moe_layers(layers)
     plan = _compiled_plan_bytes(config, profile, batch=2, seq=2048)
     est = estimate_step_memory(config, profile, batch=2, seq_len=2048, quantized=True)
     model = est.device_gib * GIB - XLA_WORKSPACE_BYTES
