@@ -23,15 +23,16 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
   (4 K e), the travelling f32 dK/dV accumulators and their copy in transit (16 K), and the f32 output / dQ
   accumulator with its log-sum-exp (4 Hq hd + 4 Hq). Weights are replicated over the context axis.
 - mixture of experts (``_moe_terms``, fitted to XLA's compiled plan of the Qwen3-30B-A3B QLoRA step at 2 x 2048
-  with 2 to 16 of its layers; tests/test_memory_model.py): the MLP of the layer in flight works on k routed rows per
-  token, k x [4 D e (gathered rows, expert outputs, their gradients) + 5 I e (gate/up, activation, gradients) + 8 I
-  (the activation's f32 intermediates)] per token instead of 6 F e; the experts of that layer dequantized to 16 bits
-  (QLoRA), fixed (the remat policies save no expert output: only the attention projections carry names). And 8 bytes per trained adapter value: XLA copies the donated AdamW moments
-  before the update writes them in place (the update reads them from two fusions), and schedules the copies at the
-  start of the step; with 8-bit moments the update holds them dequantized to f32 instead. Expert adapters make this
-  a GiB-scale term (0.6 billion values at r=16 in Qwen3-30B-A3B); the same copies of a dense model's adapters are a
-  few hundred MiB, inside the dense terms' fit. Each layer's f32 adapters are sliced from the stacked tree before the
-  layer and held until its backward, which frees them as it writes their gradient: the gradient's 4 bytes count both.
+  with 2 to 16 of its layers; tests/test_memory_model.py checks one and two): the MLP of the layer in flight works on
+  k routed rows per token, k x [4 D e (gathered rows, expert outputs, their gradients) + 5 I e (gate/up, activation,
+  gradients) + 8 I (the activation's f32 intermediates)] per token instead of 6 F e; the experts of that layer
+  dequantized to 16 bits (QLoRA), fixed. The remat policies save no expert output (only the attention projections
+  carry names). And 8 bytes per trained adapter value: XLA copies the donated AdamW moments before the update
+  writes them in place (the update reads them from two fusions) and schedules the copies at the start of the step;
+  with 8-bit moments the update holds them dequantized to f32 instead. Expert adapters make this a GiB-scale term
+  (0.6 billion values at r=16 in Qwen3-30B-A3B); the same copies of a dense model's adapters are a few hundred MiB,
+  inside the dense terms' fit. Each layer's f32 adapters are sliced from the stacked tree before the layer and held
+  until its backward, which frees them as it writes their gradient: the gradient's 4 bytes count both.
 Checked against the H200 (8B QLoRA; BENCHMARKS.md, long context, and tests/test_long_context.py): the estimate stays
 above every long-context measurement and XLA's compiled plan for 600,000 tokens, and within 20% of them; the
 "gradients in flight" term is 2 D e, which keeps it so. It falls below one configuration no profile uses: offload
