@@ -95,3 +95,58 @@ def test_unrolled_qlora_step_keeps_no_layers_dequantized_experts():
 def _with_layers(config, n: int):
     types = config.layer_types[:1] * n if config.layer_types else config.layer_types
     return dataclasses.replace(config, num_layers=n, layer_types=types)
+
+
+def test_grouped_matmul_loops_hold_no_accumulator_beyond_their_layer():
+    """Layers of tiled grouped matmuls under remat, as the step runs its experts: each extra layer holds its input
+    (the remat checkpoint), not the zero accumulators of its forward, recomputed and backward loops (XLA shares one
+    zero constant between every loop and copies it for each at the start of the program, unless the accumulator is
+    created after the loop's input)."""
+    from pallas_kernels.grouped_matmul import grouped_matmul_tiled
+
+    rows, width, groups = 1024, 128, 8
+    gs = jax.ShapeDtypeStruct((groups,), jnp.int32)
+    x = jax.ShapeDtypeStruct((rows, width), jnp.float32)
+
+    def temp(layers: int) -> int:
+        def loss(x, ws, gs):
+            for w in ws:  # frozen experts: the gradient is the rows'
+                x = jax.checkpoint(lambda x, w: x + jnp.tanh(grouped_matmul_tiled(x, w, gs)))(x, w)
+            return jnp.sum(x)
+
+        ws = [jax.ShapeDtypeStruct((groups, width, width), jnp.float32)] * layers
+        return jax.jit(jax.grad(loss)).lower(x, ws, gs).compile().memory_analysis().temp_size_in_bytes
+
+    per_layer = (temp(4) - temp(1)) / 3
+    one_layer_input = rows * width * 4
+    assert per_layer < 1.5 * one_layer_input, f"{per_layer / one_layer_input:.2f} layer inputs held per layer"
+
+
+def test_moe_layers_hold_only_their_inputs():
+    """Layers of the expert MLP under remat, in bf16 with frozen experts (a nonlinearity before each, as the norm in
+    the decoder): each extra layer holds its input (the remat checkpoint), not zero buffers of its loops or of its
+    row gather's gradient scatter hoisted to the program start."""
+    from jaxsloth.models.moe import moe_mlp
+    from jaxsloth.ops import KernelChoice, Ops
+
+    config = _small_qwen3_moe()
+    tokens, d = 512, config.hidden_size
+    x = jax.ShapeDtypeStruct((1, tokens, d), jnp.bfloat16)
+    shapes = {n: (e, o, i) for n, (e, o, i) in expert_shapes(config).items()}
+    layer = {n: {"weight": jax.ShapeDtypeStruct(s, jnp.bfloat16)} for n, s in shapes.items()}
+    layer["router"] = {"weight": jax.ShapeDtypeStruct((config.num_experts, d), jnp.bfloat16)}
+
+    def temp(layers: int) -> int:
+        def mlp(x, lp):
+            return x + moe_mlp(jnp.tanh(x), lp, None, config=config, ops=Ops(KernelChoice()), lora_scale=0.0)[0]
+
+        def loss(x, lps):
+            for lp in lps:
+                x = jax.checkpoint(mlp)(x, lp)
+            return jnp.sum(x)
+
+        return jax.jit(jax.grad(loss)).lower(x, [layer] * layers).compile().memory_analysis().temp_size_in_bytes
+
+    per_layer = (temp(4) - temp(1)) / 3
+    layer_input = tokens * d * 2
+    assert per_layer < 1.5 * layer_input, f"{per_layer / layer_input:.2f} layer inputs held per layer"

@@ -17,9 +17,11 @@ select them in an MoE model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsloth.models.config import ModelConfig
 
@@ -91,6 +93,27 @@ def load_balancing_loss(stats: RouterStats, config: ModelConfig) -> jax.Array:
     return config.num_experts * jnp.sum((stats.counts / rows) * (stats.probs / rows))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gather_rows(x, index, rows: int):
+    """x[index] (x: [rows, D], index: [M] int32 -> [M, D]), whose backward scatters into zeros created from the
+    incoming gradient: the zeros autodiff would scatter into are one constant that XLA shares between every layer,
+    copies for each, and holds from the start of the step until that layer's backward."""
+    return x[index]
+
+
+def _gather_rows_fwd(x, index, rows):
+    return x[index], index
+
+
+def _gather_rows_bwd(rows, index, dy):
+    zero, _ = jax.lax.optimization_barrier((jnp.zeros((), dy.dtype), dy))
+    dx = jnp.broadcast_to(zero, (rows, dy.shape[1])).at[index].add(dy)
+    return dx, np.zeros(index.shape, jax.dtypes.float0)
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
 def moe_mlp(x, lp, ll, *, config: ModelConfig, ops, lora_scale: float, token_mask=None):
     """x: [B, T, D] (the normed MLP input) -> (MLP output [B, T, D], RouterStats of this layer).
 
@@ -110,7 +133,7 @@ def moe_mlp(x, lp, ll, *, config: ModelConfig, ops, lora_scale: float, token_mas
     def proj(name, rows):
         return ops.grouped_matmul(rows, lp[name]["weight"], group_sizes, lora.get(name), lora_scale)
 
-    gate_up = proj("experts_gate_up", x2[token])
+    gate_up = proj("experts_gate_up", _gather_rows(x2, token, b * t))
     act = ops.glu(gate_up[:, :inter], gate_up[:, inter:], activation=config.activation)
     out = proj("experts_down", act)
     # transformers scales each expert's output by its routing weight, casts to the hidden dtype, then sums per token.

@@ -22,6 +22,17 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
   ring attention adds, per local token of the layer in flight, the K/V block received plus the one in transit
   (4 K e), the travelling f32 dK/dV accumulators and their copy in transit (16 K), and the f32 output / dQ
   accumulator with its log-sum-exp (4 Hq hd + 4 Hq). Weights are replicated over the context axis.
+- mixture of experts (``_moe_terms``, fitted to XLA's compiled plan of the Qwen3-30B-A3B QLoRA step at 2 x 2048
+  with 2 to 16 of its layers; tests/test_memory_model.py checks one and two): the MLP of the layer in flight works on
+  k routed rows per token, k x [4 D e (gathered rows, expert outputs, their gradients) + 5 I e (gate/up, activation,
+  gradients) + 8 I (the activation's f32 intermediates)] per token instead of 6 F e; the experts of that layer
+  dequantized to 16 bits (QLoRA), fixed. The remat policies save no expert output (only the attention projections
+  carry names). And 8 bytes per trained adapter value: XLA copies the donated AdamW moments before the update
+  writes them in place (the update reads them from two fusions) and schedules the copies at the start of the step;
+  with 8-bit moments the update holds them dequantized to f32 instead. Expert adapters make this a GiB-scale term
+  (0.6 billion values at r=16 in Qwen3-30B-A3B); the same copies of a dense model's adapters are a few hundred MiB,
+  inside the dense terms' fit. Each layer's f32 adapters are sliced from the stacked tree before the layer and held
+  until its backward, which frees them as it writes their gradient: the gradient's 4 bytes count both.
 Checked against the H200 (8B QLoRA; BENCHMARKS.md, long context, and tests/test_long_context.py): the estimate stays
 above every long-context measurement and XLA's compiled plan for 600,000 tokens, and within 20% of them; the
 "gradients in flight" term is 2 D e, which keeps it so. It falls below one configuration no profile uses: offload
@@ -38,6 +49,7 @@ from jaxsloth.models.moe import expert_shapes
 from jaxsloth.profiles import Profile
 
 GIB = 2**30
+XLA_WORKSPACE_BYTES = GIB  # reserved beside XLA's plan (GEMM workspaces, allocator slack): in ``fixed``
 _CE_TILE = 8192  # the Pallas loss's vocabulary chunk (CrossEntropyBlocks.chunk_v)
 
 
@@ -97,6 +109,17 @@ def _trained_bytes(config: ModelConfig, lora_r: int | None, e: int, profile: Pro
     return (8 + _moment_bytes(profile)) * lora_r * _lora_width(config) * config.num_layers
 
 
+def _moe_terms(config: ModelConfig, quantized: bool, lora_r: int | None, e: int) -> tuple[float, float]:
+    """(fixed bytes, per-token bytes of the layer in flight) of a mixture of experts' MLP, beyond the dense terms
+    (see the module docstring)."""
+    d, i, k = config.hidden_size, config.moe_intermediate_size, config.num_experts_per_tok
+    per_token = k * (4 * d * e + 5 * i * e + 8 * i)
+    fixed = sum(n * o * c for n, o, c in expert_shapes(config).values()) * e if quantized else 0.0
+    if lora_r is not None:
+        fixed += 8.0 * lora_r * _lora_width(config) * config.num_layers  # the moment copies (or f32 dequantized)
+    return fixed, per_token
+
+
 def _saved_by_policy(config: ModelConfig, profile: Profile, e: int) -> float:
     """Per-token bytes a remat policy keeps for every layer beyond the residual checkpoint: the projection outputs
     it saves by name ("dots": all, and the attention output and its f32 log-sum-exp per head; "attn_dots": q, k, v,
@@ -138,12 +161,16 @@ def estimate_step_memory(
     D, F, L = config.hidden_size, _mlp_width(config), config.num_layers
     K, Hq, g = config.num_kv_heads * config.head_dim, config.num_heads, max(profile.remat_group, 1)
     tokens = -(-batch * seq_len // context)  # this device's share
-    fixed = _weights_bytes(config, quantized, e) + _trained_bytes(config, lora_r, e, profile) + GIB
+    fixed = _weights_bytes(config, quantized, e) + _trained_bytes(config, lora_r, e, profile) + XLA_WORKSPACE_BYTES
     residual = (L / g) * D * e
     layer = (6 * D + 2 * K) * e + 2 * D * e + 4 * Hq
     # Ring attention's buffers, for the one layer whose attention runs (not per layer of a remat group).
     ring = 4 * K * e + 16 * K + 4 * Hq * config.head_dim + 4 * Hq if context > 1 else 0
-    if profile.mlp_chunk:
+    if config.is_moe:  # routed rows, never tiled by mlp_chunk
+        moe_fixed, moe_layer = _moe_terms(config, quantized, lora_r, e)
+        fixed += moe_fixed
+        layer += moe_layer
+    elif profile.mlp_chunk:
         fixed += min(profile.mlp_chunk, tokens) * 6 * F * e
     else:
         layer += 6 * F * e
