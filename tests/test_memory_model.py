@@ -98,3 +98,29 @@ def test_every_preset_has_an_estimate(name):
     h200 = PROFILES["h200"]
     assert estimate_step_memory(config, h200, batch=2, seq_len=2048, quantized=True).device_gib < 139
     assert longest_sequence(config, h200, batch=2, quantized=True, device_gib=139, host_gib=120).tokens >= 2048
+
+
+def test_host_memory_is_capped_by_xla_pinned_allocator(monkeypatch):
+    """Offloaded checkpoints live in XLA's pinned host memory, capped at XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (64 by
+    default): a machine with more RAM still cannot hold more there, and the error says which variable raises it."""
+    import os
+    import types
+
+    import jax
+
+    from jaxsloth.train import memory
+
+    gpu = types.SimpleNamespace(memory_stats=lambda: {"bytes_limit": 140 * memory.GIB})
+    monkeypatch.setattr(jax, "local_devices", lambda: [gpu])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / memory.GIB
+    monkeypatch.delenv(memory.PINNED_HOST_LIMIT_ENV, raising=False)
+    assert memory.machine_memory_gib() == (140.0, min(0.85 * ram, 64.0))
+    monkeypatch.setenv(memory.PINNED_HOST_LIMIT_ENV, "0.5")
+    assert memory.machine_memory_gib() == (140.0, min(0.85 * ram, 0.5))
+    monkeypatch.setenv(memory.PINNED_HOST_LIMIT_ENV, "lots")
+    with pytest.raises(ValueError, match="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB='lots'"):
+        memory.machine_memory_gib()
+    config = _qwen3_moe_layers(1)
+    profile = profile_for_device(name="h200").replace(remat="offload", mlp_chunk=8192, loss_chunk=16384)
+    with pytest.raises(MemoryError, match="XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"):
+        memory.check_fits(config, profile, batch=1, seq_len=400_000, quantized=True, device_gib=140.0, host_gib=0.5)

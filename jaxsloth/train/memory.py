@@ -227,8 +227,31 @@ def longest_sequence(
     return Longest(tokens, "device" if dev_tokens <= host_tokens else "host")
 
 
+# Pinned host buffers (offloaded checkpoints) come from XLA's host allocator, capped at this variable's value in GiB.
+PINNED_HOST_LIMIT_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+PINNED_HOST_LIMIT_DEFAULT = 64.0
+_HOST_HINT = (
+    f"; the host figure is the smaller of 85% of RAM and XLA's pinned-memory cap ({PINNED_HOST_LIMIT_ENV}, default "
+    f"{PINNED_HOST_LIMIT_DEFAULT:.0f}), which that variable raises"
+)
+
+
+def pinned_host_limit_gib() -> float:
+    """XLA's cap on pinned host memory in GiB (``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB``, read when the GPU client starts)."""
+    import os
+
+    value = os.environ.get(PINNED_HOST_LIMIT_ENV)
+    if value is None:
+        return PINNED_HOST_LIMIT_DEFAULT
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{PINNED_HOST_LIMIT_ENV}={value!r} is not a number of GiB") from None
+
+
 def machine_memory_gib() -> tuple[float, float] | None:
-    """(device, host) memory in GiB, or None where the backend reports no device limit (CPU)."""
+    """(device, host) memory in GiB, or None where the backend reports no device limit (CPU). Host: what pinned
+    buffers may take, 85% of RAM (not all of it can be pinned) or XLA's pinned-memory cap if lower."""
     import os
 
     import jax
@@ -237,7 +260,7 @@ def machine_memory_gib() -> tuple[float, float] | None:
     if "bytes_limit" not in stats:
         return None
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return stats["bytes_limit"] / GIB, 0.85 * host  # pinned host buffers cannot take all of RAM
+    return stats["bytes_limit"] / GIB, min(0.85 * host, pinned_host_limit_gib())
 
 
 def check_fits(
@@ -274,7 +297,7 @@ def check_fits(
         f"mlp_chunk={profile.mlp_chunk}, loss_chunk={profile.loss_chunk}, remat_group={profile.remat_group}); "
         f"this machine has {device_gib:.0f} and {host_gib:.0f}. The longest that fits is about {longest.tokens:,} "
         f"tokens ({longest.limited_by} memory is the limit); long_context settings and remat_group=2 lower the "
-        "per-token cost."
+        "per-token cost" + (_HOST_HINT if longest.limited_by == "host" else "") + "."
     )
 
 
@@ -300,5 +323,8 @@ def check_compiled_plan(
         f"batch {batch} x {seq_len:,} tokens: XLA's compiled step needs {device:.1f} GiB of device memory "
         f"({stats.temp_size_in_bytes / GIB:.1f} temporaries + {stats.argument_size_in_bytes / GIB:.1f} arguments) "
         f"and {host:.1f} GiB of pinned host memory; this machine allows {device_gib:.1f} and {host_gib:.1f} "
-        "(the device figure is JAX's allocator cap: XLA_PYTHON_CLIENT_MEM_FRACTION raises it, default 0.75)." + hint
+        "(the device figure is JAX's allocator cap: XLA_PYTHON_CLIENT_MEM_FRACTION raises it, default 0.75"
+        + (_HOST_HINT if host > host_gib else "")
+        + ")."
+        + hint
     )
