@@ -177,6 +177,18 @@ def group_layers(tree, period: int):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // period, period, *x.shape[1:]), tree)
 
 
+def scan_steps(tree, period: int):
+    """The layer scan's xs: [L, ...] leaves as they are when every step is one layer (a [L, 1, ...] view of the
+    stacked arrays makes XLA copy every one of them before the loop: the whole stacked weights, held the whole step),
+    else ``group_layers``' [L / period, period, ...]."""
+    return tree if period == 1 else group_layers(tree, period)
+
+
+def scan_member(group, j: int, period: int):
+    """Layer ``j`` of one scan step of ``scan_steps``."""
+    return group if period == 1 else layer_slice(group, j)
+
+
 LAYER_LOOPS = ("scan", "unrolled", "auto")
 
 
@@ -550,12 +562,12 @@ def forward_hidden(
 
         def step(h, xs):
             lp_group, ll_group, idx = xs
-            lps = [layer_slice(lp_group, j) for j in range(period)]
-            lls = None if ll_group is None else [layer_slice(ll_group, j) for j in range(period)]
+            lps = [scan_member(lp_group, j, period) for j in range(period)]
+            lls = None if ll_group is None else [scan_member(ll_group, j, period) for j in range(period)]
             return run_group(h, lps, lls, idx)
 
-        layers = group_layers(params["layers"], period)
-        lora_layers = None if lora is None else group_layers(lora["layers"], period)
+        layers = scan_steps(params["layers"], period)
+        lora_layers = None if lora is None else scan_steps(lora["layers"], period)
         h, router = jax.lax.scan(_remat(step, remat), h, (layers, lora_layers, jnp.arange(groups)))
         router = None if router is None else jax.tree.map(lambda x: jnp.sum(x, axis=0), router)
     hidden = ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)
