@@ -1,5 +1,5 @@
-"""The dense LoRA step's memory plan: buffers XLA would hold for no reason (compiled on abstract inputs: nothing
-is allocated). The 8B plans these guard are in BENCHMARKS.md (training step memory)."""
+"""The dense LoRA step's memory plan: no buffer XLA holds for no reason (compiled on abstract inputs: nothing is
+allocated)."""
 
 from __future__ import annotations
 
