@@ -15,7 +15,7 @@ from jaxsloth.lora import init_lora
 from jaxsloth.models.decoder import init_params, unstack_layers
 from jaxsloth.models.presets import preset
 from jaxsloth.profiles import profile_for_device
-from jaxsloth.train.step import make_optimizer, make_train_step
+from jaxsloth.train.step import make_loss_fn, make_optimizer, make_train_step
 
 LAYERS = 4
 
@@ -78,3 +78,20 @@ def test_scan_holds_no_copy_of_the_stacked_weights():
     stacked = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["layers"]))
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < stacked / 2, f"temporaries {temp / 2**20:.1f} MiB vs stacked weights {stacked / 2**20:.1f} MiB"
+
+
+def test_unrolled_layers_save_no_lora_slices(capsys):
+    """The unrolled loop slices each layer's LoRA from the stacked tree inside the layer's remat: the forward saves
+    no f32 slice for the backward (every layer's, held from its forward to its backward: 4 bytes per LoRA value)."""
+    config = _small_llama()
+    profile = profile_for_device(name="cpu", remat="attn_dots", layer_loop="unrolled", compute_dtype="bfloat16")
+    lora = LoraConfig(r=16, lora_alpha=16.0)
+    params = unstack_layers(init_params(config, jax.random.key(0), profile.dtype))
+    trainable = init_lora(config, lora, jax.random.key(1))
+    tokens = jnp.zeros((1, 32), jnp.int32)
+    loss = make_loss_fn(config, lora, profile)
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda tr: loss(tr, params, {"tokens": tokens, "targets": tokens}, None)[0], trainable
+    )
+    slices = [line for line in capsys.readouterr().out.splitlines() if "layer_slice" in line]
+    assert not slices, f"{len(slices)} LoRA slices saved for the backward, e.g. {slices[0]}"

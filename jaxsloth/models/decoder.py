@@ -22,6 +22,7 @@ Mixture-of-experts models (``config.is_moe``) have no gate/up/down_proj: their M
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -548,12 +549,19 @@ def forward_hidden(
         # Unstacked layers (``unstack_layers``): a Python loop, every projection reading its own weight buffer.
         # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
         # into a buffer of their own, forward and backward; the loop reads them in place (BENCHMARKS.md, layer loop).
-        group, group_dots = _remat(run_group, remat), _remat(run_group, "dots")
+        def run_stacked_lora(h, lps, lora_layers, idx, first: int):
+            """run_group with this group's LoRA sliced from the stacked tree inside the remat: the backward slices
+            again instead of holding every layer's f32 slices from its forward."""
+            lls = None if lora_layers is None else [layer_slice(lora_layers, first + j) for j in range(period)]
+            return run_group(h, lps, lls, idx)
+
         router = []
         for g in range(groups):
             lps = params["layers"][g * period : (g + 1) * period]
-            lls = None if lora is None else [layer_slice(lora["layers"], g * period + j) for j in range(period)]
-            h, stats = (group_dots if g * period < dots_layers else group)(h, lps, lls, g)
+            run = functools.partial(run_stacked_lora, first=g * period)  # a static slice: its gradient is a pad
+            h, stats = _remat(run, "dots" if g * period < dots_layers else remat)(
+                h, lps, None if lora is None else lora["layers"], g
+            )
             router.append(stats)
         router = None if router[0] is None else sum(router[1:], router[0])
     else:

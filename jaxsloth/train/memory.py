@@ -29,8 +29,8 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
   dequantized to 16 bits (QLoRA), fixed. The remat policies save no expert output (only the attention projections
   carry names). With 8-bit moments, 8 bytes per trained adapter value: the update holds the moments dequantized to
   f32, a GiB-scale term for expert adapters (0.6 billion values at r=16 in Qwen3-30B-A3B); f32 moments are updated
-  in place (jaxsloth.train.optim8bit). Each layer's f32 adapters are sliced from the stacked tree before the layer
-  and held until its backward, which frees them as it writes their gradient: the gradient's 4 bytes count both.
+  in place (jaxsloth.train.optim8bit). Each layer's f32 adapters are sliced from the stacked tree inside its remat,
+  so no slice is held from a layer's forward to its backward; the gradient's 4 bytes are in the trained bytes.
 Checked against the H200 (8B QLoRA; BENCHMARKS.md, long context, and tests/test_long_context.py): the estimate stays
 above every long-context measurement and XLA's compiled plan for 600,000 tokens, and within 20% of them; the
 "gradients in flight" term is 2 D e, which keeps it so. It falls below one configuration no profile uses: offload
