@@ -73,7 +73,7 @@ def test_adamw_updates_the_donated_moments_in_place(compiled_step):
 
 def test_scan_holds_no_copy_of_the_stacked_weights():
     """The layer scan over one layer per step reads the stacked frozen weights in place: its temporaries stay under
-    half of them (a copy of the whole stack before the loop was held through the step)."""
+    half of them (XLA:CPU copies the whole stack before the loop when the scan reads a [L, 1, ...] view of it)."""
     compiled, params = _compiled_step("full", "scan")
     stacked = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["layers"]))
     temp = compiled.memory_analysis().temp_size_in_bytes

@@ -180,8 +180,8 @@ def group_layers(tree, period: int):
 
 def scan_steps(tree, period: int):
     """The layer scan's xs: [L, ...] leaves as they are when every step is one layer (a [L, 1, ...] view of the
-    stacked arrays makes XLA copy every one of them before the loop: the whole stacked weights, held the whole step),
-    else ``group_layers``' [L / period, period, ...]."""
+    stacked arrays makes XLA:CPU copy every one of them before the loop: the whole stacked weights, held through the
+    step), else ``group_layers``' [L / period, period, ...]."""
     return tree if period == 1 else group_layers(tree, period)
 
 
