@@ -22,6 +22,7 @@ Mixture-of-experts models (``config.is_moe``) have no gate/up/down_proj: their M
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -175,6 +176,18 @@ def layer_period(config: ModelConfig, remat_group: int = 1) -> int:
 def group_layers(tree, period: int):
     """[L, ...] leaves -> [L / period, period, ...], the scan's per-step slices."""
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // period, period, *x.shape[1:]), tree)
+
+
+def scan_steps(tree, period: int):
+    """The layer scan's xs: [L, ...] leaves as they are when every step is one layer (a [L, 1, ...] view of the
+    stacked arrays makes XLA:CPU copy every one of them before the loop: the whole stacked weights, held through the
+    step), else ``group_layers``' [L / period, period, ...]."""
+    return tree if period == 1 else group_layers(tree, period)
+
+
+def scan_member(group, j: int, period: int):
+    """Layer ``j`` of one scan step of ``scan_steps``."""
+    return group if period == 1 else layer_slice(group, j)
 
 
 LAYER_LOOPS = ("scan", "unrolled", "auto")
@@ -536,12 +549,19 @@ def forward_hidden(
         # Unstacked layers (``unstack_layers``): a Python loop, every projection reading its own weight buffer.
         # The scan below slices the stacked weights per step, which XLA:GPU does by copying each layer's weights
         # into a buffer of their own, forward and backward; the loop reads them in place (BENCHMARKS.md, layer loop).
-        group, group_dots = _remat(run_group, remat), _remat(run_group, "dots")
+        def run_stacked_lora(h, lps, lora_layers, idx, first: int):
+            """run_group with this group's LoRA sliced from the stacked tree inside the remat: the backward slices
+            again instead of holding every layer's f32 slices from its forward."""
+            lls = None if lora_layers is None else [layer_slice(lora_layers, first + j) for j in range(period)]
+            return run_group(h, lps, lls, idx)
+
         router = []
         for g in range(groups):
             lps = params["layers"][g * period : (g + 1) * period]
-            lls = None if lora is None else [layer_slice(lora["layers"], g * period + j) for j in range(period)]
-            h, stats = (group_dots if g * period < dots_layers else group)(h, lps, lls, g)
+            run = functools.partial(run_stacked_lora, first=g * period)  # a static slice: its gradient is a pad
+            h, stats = _remat(run, "dots" if g * period < dots_layers else remat)(
+                h, lps, None if lora is None else lora["layers"], g
+            )
             router.append(stats)
         router = None if router[0] is None else sum(router[1:], router[0])
     else:
@@ -550,12 +570,12 @@ def forward_hidden(
 
         def step(h, xs):
             lp_group, ll_group, idx = xs
-            lps = [layer_slice(lp_group, j) for j in range(period)]
-            lls = None if ll_group is None else [layer_slice(ll_group, j) for j in range(period)]
+            lps = [scan_member(lp_group, j, period) for j in range(period)]
+            lls = None if ll_group is None else [scan_member(ll_group, j, period) for j in range(period)]
             return run_group(h, lps, lls, idx)
 
-        layers = group_layers(params["layers"], period)
-        lora_layers = None if lora is None else group_layers(lora["layers"], period)
+        layers = scan_steps(params["layers"], period)
+        lora_layers = None if lora is None else scan_steps(lora["layers"], period)
         h, router = jax.lax.scan(_remat(step, remat), h, (layers, lora_layers, jnp.arange(groups)))
         router = None if router is None else jax.tree.map(lambda x: jnp.sum(x, axis=0), router)
     hidden = ops.rms_norm(h, params["final_norm"], eps=config.rms_norm_eps, weight_offset=config.norm_weight_offset)

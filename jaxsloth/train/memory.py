@@ -27,12 +27,10 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
   k routed rows per token, k x [4 D e (gathered rows, expert outputs, their gradients) + 5 I e (gate/up, activation,
   gradients) + 8 I (the activation's f32 intermediates)] per token instead of 6 F e; the experts of that layer
   dequantized to 16 bits (QLoRA), fixed. The remat policies save no expert output (only the attention projections
-  carry names). And 8 bytes per trained adapter value: XLA copies the donated AdamW moments before the update
-  writes them in place (the update reads them from two fusions) and schedules the copies at the start of the step;
-  with 8-bit moments the update holds them dequantized to f32 instead. Expert adapters make this a GiB-scale term
-  (0.6 billion values at r=16 in Qwen3-30B-A3B); the same copies of a dense model's adapters are a few hundred MiB,
-  inside the dense terms' fit. Each layer's f32 adapters are sliced from the stacked tree before the layer and held
-  until its backward, which frees them as it writes their gradient: the gradient's 4 bytes count both.
+  carry names). With 8-bit moments, 8 bytes per trained adapter value: the update holds the moments dequantized to
+  f32, a GiB-scale term for expert adapters (0.6 billion values at r=16 in Qwen3-30B-A3B); f32 moments are updated
+  in place (jaxsloth.train.optim8bit). Each layer's f32 adapters are sliced from the stacked tree inside its remat,
+  so no slice is held from a layer's forward to its backward; the gradient's 4 bytes are in the trained bytes.
 Checked against the H200 (8B QLoRA; BENCHMARKS.md, long context, and tests/test_long_context.py): the estimate stays
 above every long-context measurement and XLA's compiled plan for 600,000 tokens, and within 20% of them; the
 "gradients in flight" term is 2 D e, which keeps it so. It falls below one configuration no profile uses: offload
@@ -109,14 +107,16 @@ def _trained_bytes(config: ModelConfig, lora_r: int | None, e: int, profile: Pro
     return (8 + _moment_bytes(profile)) * lora_r * _lora_width(config) * config.num_layers
 
 
-def _moe_terms(config: ModelConfig, quantized: bool, lora_r: int | None, e: int) -> tuple[float, float]:
+def _moe_terms(
+    config: ModelConfig, quantized: bool, lora_r: int | None, e: int, profile: Profile
+) -> tuple[float, float]:
     """(fixed bytes, per-token bytes of the layer in flight) of a mixture of experts' MLP, beyond the dense terms
     (see the module docstring)."""
     d, i, k = config.hidden_size, config.moe_intermediate_size, config.num_experts_per_tok
     per_token = k * (4 * d * e + 5 * i * e + 8 * i)
     fixed = sum(n * o * c for n, o, c in expert_shapes(config).values()) * e if quantized else 0.0
-    if lora_r is not None:
-        fixed += 8.0 * lora_r * _lora_width(config) * config.num_layers  # the moment copies (or f32 dequantized)
+    if lora_r is not None and profile.optimizer_state == "8bit":
+        fixed += 8.0 * lora_r * _lora_width(config) * config.num_layers  # the moments dequantized to f32
     return fixed, per_token
 
 
@@ -167,7 +167,7 @@ def estimate_step_memory(
     # Ring attention's buffers, for the one layer whose attention runs (not per layer of a remat group).
     ring = 4 * K * e + 16 * K + 4 * Hq * config.head_dim + 4 * Hq if context > 1 else 0
     if config.is_moe:  # routed rows, never tiled by mlp_chunk
-        moe_fixed, moe_layer = _moe_terms(config, quantized, lora_r, e)
+        moe_fixed, moe_layer = _moe_terms(config, quantized, lora_r, e, profile)
         fixed += moe_fixed
         layer += moe_layer
     elif profile.mlp_chunk:
