@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxsloth.bench import report
-from jaxsloth.bench.timing import portable_command
+from jaxsloth.bench.timing import portable_command, portable_path
 from jaxsloth.config import PROFILE_OVERRIDES
 
 SYSTEMS = ("jaxsloth", "hf-peft", "hf-peft-bnb", "unsloth")
@@ -152,7 +152,7 @@ class Bench:
         self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}
         self.runner, self.log = runner, log
         self.run_id = datetime.datetime.now().isoformat(timespec="seconds")
-        self.bench_command = bench_command or " ".join(["jaxsloth", "bench"] + sys.argv[1:])
+        self.bench_command = bench_command or shlex.join(["jaxsloth", "bench", *map(portable_path, sys.argv[1:])])
         self.unavailable: dict[str, str] = {}
         self.records: list[dict] = []
 
@@ -410,7 +410,7 @@ def _cmd_run(argv: list[str]) -> int:
         start_seq=args.start_seq,
         max_seq=args.max_seq,
         resolution=args.resolution,
-        bench_command=shlex.join(["jaxsloth", "bench", *argv]),
+        bench_command=shlex.join(["jaxsloth", "bench", *map(portable_path, argv)]),
     )
     print(report.markdown_report([r for r in records if "skipped" not in r]))
     print(f"results: {Path(args.out_dir) / 'results.jsonl'}; report.md and plots in {args.out_dir}")

@@ -63,13 +63,13 @@ def portable_command(argv: Sequence[str] | None = None) -> str:
         if script.is_relative_to(ROOT):
             module = ".".join(script.relative_to(ROOT).with_suffix("").parts)
             head, argv = ["python", "-m", module], argv[1:]
-    return shlex.join(head + [_portable_path(a) for a in argv])
+    return shlex.join(head + [portable_path(a) for a in argv])
 
 
-def _portable_path(arg: str) -> str:
+def portable_path(arg: str) -> str:
     if "=" in arg and arg.startswith("-"):  # --flag=/some/path
         flag, value = arg.split("=", 1)
-        return f"{flag}={_portable_path(value)}"
+        return f"{flag}={portable_path(value)}"
     if not os.path.isabs(arg):
         return arg
     path = Path(arg).resolve()
