@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,7 +46,7 @@ from jaxsloth.methods.rollout import Rollout, completion_batch, start_sampling
 from jaxsloth.sharding import ShardedOps, place_train_state
 from jaxsloth.train.checkpoint import Checkpointer
 from jaxsloth.train.identity import check_identity, run_identity
-from jaxsloth.train.interrupts import InterruptGuard, TrainingInterrupted
+from jaxsloth.train.interrupts import InterruptGuard
 from jaxsloth.train.loop import SAVE_EVERY_SECONDS, TrainResult
 from jaxsloth.train.run_dir import (
     check_output_dir,
@@ -56,6 +55,7 @@ from jaxsloth.train.run_dir import (
     run_lock,
     set_aside_later_checkpoints,
 )
+from jaxsloth.train.saving import RunSaver, consumed
 from jaxsloth.train.step import learning_rate_schedule, make_optimizer
 
 log = logging.getLogger("jaxsloth")
@@ -314,30 +314,21 @@ def grpo_train(
                 cb.resume(step)
         # The state of the last completed step: what every checkpoint holds, whatever interrupts the loop.
         committed = (order.state_dict(), generation, gen)
-        saved_at, last_save, start_step = step, time.monotonic(), step
+        start_step = step
         guard = InterruptGuard()
-        save_failed = False
+        saver = RunSaver(ckpt, guard, identity, step)
 
-        def save() -> None:
-            nonlocal saved_at, last_save, save_failed
-            if ckpt is None or step == saved_at or save_failed:  # a failed write is not retried (disk full)
-                return
-            if _consumed((trainable, opt_state)):
-                log.warning("the interrupted step had already taken the state of step %d: nothing new saved", step)
-                return
+        def contents() -> tuple[dict, dict]:
             prompts, gen_count, pending = committed
             state = {"trainable": trainable, "opt_state": opt_state, "order": prompts["order"]}
             meta = {"step": step, "generation": gen_count, "position": prompts["position"], "rng": prompts["rng"],
                     "reuse": None}  # fmt: skip
             if pending is not None:
                 state["reuse"], meta["reuse"] = pending.to_checkpoint()
-            with guard.hold(f"saving the checkpoint of step {step} (stopping now keeps step {saved_at}'s)"):
-                try:
-                    ckpt.save(step, state, meta, identity)
-                except OSError:
-                    save_failed = True
-                    raise
-                saved_at, last_save = step, time.monotonic()
+            return state, meta
+
+        def save() -> None:
+            saver.save(step, (trainable, opt_state), contents)
 
         failure: BaseException | None = None
         with guard:
@@ -373,10 +364,7 @@ def grpo_train(
                             sink(record)
                     if evaluator is not None and evaluator.due(step):
                         evals.append(evaluator.evaluate(step, trainable, sinks))
-                    due = (tc.save_steps and step % tc.save_steps == 0) or (
-                        time.monotonic() - last_save >= SAVE_EVERY_SECONDS
-                    )
-                    if due:
+                    if saver.due(step, tc.save_steps, SAVE_EVERY_SECONDS):
                         save()
                     guard.check()  # a signal held during the step or the save stops the run here, its step recorded
                 if evaluator is not None and step > start_step and evaluator.last_step != step:
@@ -385,22 +373,11 @@ def grpo_train(
                 failure = e
                 if isinstance(e, KeyboardInterrupt) and ckpt is not None:
                     log.warning("%s at step %d: saving a checkpoint", e or "interrupted", step)
-            if ckpt is not None:
-                try:  # at the end, on Ctrl-C / SIGTERM and on any crash: nothing trained is lost
-                    save()
-                except BaseException as e:  # noqa: BLE001 - the first failure is the one raised
-                    if failure is None:
-                        failure = e
-                    else:
-                        log.error("could not save the checkpoint of step %d: %s", step, e)
-        if isinstance(failure, KeyboardInterrupt):
-            signum = getattr(failure, "signum", signal.SIGINT)
-            kept = saved_at if ckpt is not None and saved_at > 0 else None
-            failure = TrainingInterrupted(signum, saved_step=kept if kept == step else None, kept_step=kept)
+            failure = saver.finish(step, failure, save)
         if failure is not None:
             raise failure
     finally:
-        if not _consumed(trainable):
+        if not consumed(trainable):
             model.trainable = trainable
         if ckpt is not None:
             ckpt.close()
@@ -484,11 +461,6 @@ def evaluate_grpo(model: Any, tokenizer, data, *, stop_tokens: Sequence[int] | N
     sampler = _Sampler(model, tokenizer, tc, params, mesh, stop_tokens)
     evaluator = _evaluator(sampler, rows, ops, tc.per_device_train_batch_size or tc.num_generations)
     return {f"eval_{k}": v for k, v in evaluator.metrics(trainable, step=0).items()}
-
-
-def _consumed(tree) -> bool:
-    """Whether a step that was cut short already took (donated) these buffers."""
-    return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
 
 
 def _peak_gib() -> float | None:

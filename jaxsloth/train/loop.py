@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -26,8 +25,9 @@ from jaxsloth.sharding import batch_devices, context_size, place_train_state, pu
 from jaxsloth.train.checkpoint import Checkpointer, array_to_key, key_to_array
 from jaxsloth.train.evaluate import Evaluator
 from jaxsloth.train.identity import check_identity, run_identity
-from jaxsloth.train.interrupts import InterruptGuard, TrainingInterrupted
+from jaxsloth.train.interrupts import InterruptGuard
 from jaxsloth.train.module_step import make_fit_step
+from jaxsloth.train.saving import RunSaver, consumed
 from jaxsloth.train.step import (
     NonFiniteLossError,
     TrainConfig,
@@ -154,11 +154,6 @@ SAVE_EVERY_SECONDS = 30 * 60
 
 def _loader_state(loader) -> dict | None:
     return loader.state_dict() if hasattr(loader, "state_dict") else None
-
-
-def _consumed(tree) -> bool:
-    """Whether a step that was cut short already took (donated) these buffers."""
-    return any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(tree))
 
 
 @contextlib.contextmanager
@@ -288,32 +283,18 @@ def fit(
 
     # The state of the last completed step: what every checkpoint holds, whatever interrupts the loop.
     data_state = _loader_state(loader)
-    saved_at = step
-    last_save = time.monotonic()
     guard = InterruptGuard()
-
-    save_failed = False
+    saver = RunSaver(ckpt, guard, identity, step)
 
     def save() -> None:
-        nonlocal saved_at, last_save, save_failed
-        if ckpt is None or step == saved_at or save_failed:  # a failed write is not retried (disk full)
-            return
-        if _consumed((trainable, opt_state)):
-            log.warning("the interrupted step had already taken the state of step %d: nothing new saved", step)
-            return
-        what = f"saving the checkpoint of step {step} (stopping now keeps step {saved_at}'s)"
-        with guard.hold(what):
-            try:
-                ckpt.save(
-                    step,
-                    {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)},
-                    {"step": step, "data": data_state, "eval": evaluator and evaluator.tracker.state_dict()},
-                    identity,
-                )
-            except OSError:
-                save_failed = True
-                raise
-            saved_at, last_save = step, time.monotonic()
+        saver.save(
+            step,
+            (trainable, opt_state),
+            lambda: (
+                {"trainable": trainable, "opt_state": opt_state, "key": key_to_array(key)},
+                {"step": step, "data": data_state, "eval": evaluator and evaluator.tracker.state_dict()},
+            ),
+        )
 
     if make_step is None:  # a LoRA model trains through its NNX module's split state; full fine-tuning on the trees
         make_step = make_train_step if lora is None else make_fit_step
@@ -407,10 +388,7 @@ def fit(
                         )
                         guard.check()
                         break
-                due = (save_every and step % save_every == 0) or (
-                    save_every_seconds and time.monotonic() - last_save >= save_every_seconds
-                )
-                if due:
+                if saver.due(step, save_every, save_every_seconds):
                     save()
                 guard.check()  # a signal held during the step or the save stops the run here, its step recorded
             if evaluator is not None and step > start_step and evaluator.last_step != step:
@@ -419,23 +397,13 @@ def fit(
             failure = e
             if isinstance(e, KeyboardInterrupt) and ckpt is not None:
                 log.warning("%s at step %d: saving a checkpoint", e or "interrupted", step)
-        if ckpt is not None:
-            # At the end, on Ctrl-C / SIGTERM and on any crash: nothing trained is lost.
-            try:
-                save()
-            except BaseException as e:  # noqa: BLE001 - the first failure is the one raised
-                if failure is None:
-                    failure = e
-                else:
-                    log.error("could not save the checkpoint of step %d: %s", step, e)
-            finally:
+        try:
+            failure = saver.finish(step, failure, save)
+        finally:
+            if ckpt is not None:
                 ckpt.close()
-    if isinstance(failure, KeyboardInterrupt):
-        signum = getattr(failure, "signum", signal.SIGINT)
-        kept = saved_at if ckpt is not None and saved_at > 0 else None
-        failure = TrainingInterrupted(signum, saved_step=kept if kept == step else None, kept_step=kept)
     if failure is not None:
-        if full and not _consumed(trainable):
+        if full and not consumed(trainable):
             failure.trained_weights = trainable
         raise failure
     best_step = None if evaluator is None else evaluator.tracker.best_step
