@@ -254,6 +254,13 @@ class Ops:
         the rows of group g (PEFT's expert LoRA, factored). x: [M, in]; weight: [G, out, in] or NF4; group_sizes: [G];
         lora: {"a": [G, r, in], "b": [G, out, r]} or None."""
         impl = self.kernels.grouped_matmul
+
+        def base(x, w, group_sizes):
+            chosen = impl
+            if impl == "pallas" and max(x.size, w.size, x.shape[0] * w.shape[1]) >= 2**31:
+                chosen = "tiled"  # the kernel addresses its operands with int32 offsets
+            return self._call("grouped_matmul", chosen, x, w, group_sizes)
+
         if is_nf4(weight):
             from jaxsloth.quant import dequantize_nf4
 
@@ -263,11 +270,11 @@ class Ops:
                 # The dequantization needs only the weights: without tying it to the layer's rows, XLA schedules the
                 # unrolled loop's dequantizations early and holds every layer's 16-bit experts at once.
                 x, weight = jax.lax.optimization_barrier((x, weight))
-                return self._call("grouped_matmul", impl, x, dequantize_nf4(weight, x.dtype), group_sizes)
+                return base(x, dequantize_nf4(weight, x.dtype), group_sizes)
 
             y = jax.checkpoint(nf4_grouped)(x, weight, group_sizes)
         else:
-            y = self._call("grouped_matmul", impl, x, weight, group_sizes)
+            y = base(x, weight, group_sizes)
         if lora is not None:
             y = y + lora_scale * self._call("grouped_lora", "reference", x, lora["a"], lora["b"], group_sizes)
         return y

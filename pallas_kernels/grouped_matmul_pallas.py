@@ -251,6 +251,12 @@ def grouped_matmul(
             f"grouped_matmul: expected x [M, K], w [G, N, K], group_sizes [G]; got x {x.shape}, w {w.shape}, "
             f"group_sizes {group_sizes.shape}"
         )
+    largest = max(x.size, w.size, x.shape[0] * w.shape[1])
+    if largest >= 2**31:  # Triton addresses the operands with int32 offsets: larger ones would wrap around silently
+        raise ValueError(
+            f"grouped_matmul: x {x.shape} and w {w.shape} make an operand of {largest:,} elements, beyond the "
+            "kernel's int32 offsets (2**31); use the tiled loop (grouped_matmul='tiled')"
+        )
     return _grouped_matmul(
         x, w, group_sizes.astype(jnp.int32), block or GroupedMatmulBlock(), resolve_interpret(interpret)
     )

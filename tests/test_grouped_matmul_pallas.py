@@ -138,3 +138,24 @@ def test_moe_layer_on_pallas_kernel_equals_tiled():
     assert_close(y, y_ref, "f32")
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
         assert_close(got, want, "f32_grad")
+
+
+def test_operands_beyond_int32_offsets_are_refused():
+    x = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((256, 2048, 4096), jnp.bfloat16)  # 2**31 elements
+    gs = jax.ShapeDtypeStruct((256,), jnp.int32)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        jax.eval_shape(grouped_matmul, x, w, gs)
+
+
+def test_dispatch_takes_the_tiled_loop_beyond_int32_offsets(monkeypatch):
+    """A profile that picks the kernel still runs a model whose experts exceed its offsets: on the tiled loop."""
+    from jaxsloth.ops import KernelChoice, Ops
+
+    called = []
+    monkeypatch.setattr(Ops, "_call", lambda self, op, impl, *a, **kw: called.append(impl) or a[0][:, :1])
+    ops = Ops(KernelChoice(grouped_matmul="pallas"))
+    x = jnp.zeros((4, 4096), jnp.bfloat16)
+    ops.grouped_matmul(x, jnp.zeros((2, 8, 4096), jnp.bfloat16), jnp.array([2, 2]))
+    ops.grouped_matmul(x, jax.ShapeDtypeStruct((256, 2048, 4096), jnp.bfloat16), jnp.zeros(256, jnp.int32))
+    assert called == ["pallas", "tiled"]
