@@ -197,6 +197,17 @@ def test_xla_flags_are_part_of_the_record_and_its_label(monkeypatch):
     assert report.config_label(rec) == "remat=dots; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
 
 
+def test_kernel_table_names_the_tiles_of_a_sweep():
+    # A tile sweep measures one kernel in several configurations: without its tiles its rows read as duplicates.
+    block = {"block_m": 256, "block_n": 128, "block_k": 64, "num_stages": 3, "fuse_lora_a": True}
+    base = {"op": "nf4_matmul", "impl": "mosaic", "shape": "M4096xK4096xN1024xr16", "fwd_ms": 0.2, "block": block}
+    swept = dict(base, command="python -m jaxsloth.bench.kernel_nf4_matmul --sweep --impls mosaic")
+    plain = dict(base, command="python -m jaxsloth.bench.kernel_nf4_matmul --impls mosaic")
+    table = report.kernel_table("NVIDIA H200", "nf4_matmul", [swept, plain])
+    assert "| mosaic (256x128x64, LoRA A fused) |" in table
+    assert "| mosaic |" in table
+
+
 def test_committed_results_and_benchmarks_md(tmp_path):
     records = report.load_records([RESULTS])
     assert len(records) >= 9

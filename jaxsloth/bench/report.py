@@ -374,6 +374,17 @@ def _ms(x) -> str:
     return _fmt(x, ".3f")
 
 
+def _impl_label(rec: dict) -> str:
+    """The kernel's name; a tile sweep's rows (one kernel, several configurations) also name their tiles."""
+    name = rec.get("kernel") or rec.get("impl", "?")
+    block = rec.get("block")
+    if "--sweep" not in (rec.get("command") or "") or not isinstance(block, dict):
+        return name
+    tiles = "x".join(str(block[k]) for k in ("block_m", "block_n", "block_k") if k in block)
+    flags = ["LoRA A fused" if k == "fuse_lora_a" else k for k, v in block.items() if v is True]
+    return f"{name} ({', '.join([tiles, *flags])})"
+
+
 def kernel_table(gpu: str, op: str, rows: list[dict]) -> str:
     """One markdown table of kernel micro-benchmark rows (``timing.kernel_record``, or the tuner's rows): times,
     throughput, temporaries and error against the reference, with the date and command of each."""
@@ -384,7 +395,7 @@ def kernel_table(gpu: str, op: str, rows: list[dict]) -> str:
     cmds = _Commands()
     lines = [f"#### {op} on {gpu}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.get("shape", "?"), r.get("kernel") or r.get("impl", "?"), r.get("dtype", "bfloat16")]
+        cells = [r.get("shape", "?"), _impl_label(r), r.get("dtype", "bfloat16")]
         if tune:
             settings = r.get("settings") or {}
             cells += [_ms(r.get("ms")), ", ".join(f"{k}={v}" for k, v in settings.items())]

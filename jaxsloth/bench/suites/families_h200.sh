@@ -24,7 +24,7 @@ case "${ARGS[0]:-qwen3}" in
   moe)
     mkdir -p "$MOE"
     S=("$PY" -m jaxsloth.bench.step --arch qwen3-30b-a3b --quant nf4 --batch 2 --seq 2048 --steps 3 --warmup 1)
-    timed moe_jaxsloth 150 "${S[@]}" --out "$MOE/results.jsonl"
+    timed moe_jaxsloth 360 "${S[@]}" --out "$MOE/results.jsonl"
     timed moe_hf_peft_bnb 200 "$PY" -m jaxsloth.bench.torch_baseline --arch qwen3-30b-a3b --system hf-peft-bnb \
       --variant plain --batch 2 --seq 2048 --steps 3 --warmup 1 --out "$MOE/results.jsonl" ;;
   *) echo "unknown workload ${ARGS[0]}: choose qwen3, gemma3 or moe" >&2; exit 2 ;;
