@@ -153,6 +153,13 @@ def _stage_chunk(words: jax.Array, stage_values, stage_words, cols: int, dtype, 
         stage_words[:, pl.ds(cols // 2, _CHUNK // 2)] = words
 
 
+# jit: a step calls these kernels at hundreds of sites (every layer's projections, forward, recompute and backward),
+# and Mosaic GPU lowers each call about a second at a time in Python; as one jitted function per configuration,
+# every site of the same shapes calls a single lowered function, so a step lowers each distinct kernel once.
+@functools.partial(
+    jax.jit,
+    static_argnames=("out_shape", "bm", "bc", "step", "n_steps", "transposed", "stages", "interpret", "name"),
+)
 def _matmul_kernel(
     a, packed, scales_t, lora_a, out_shape, *, bm, bc, step, n_steps, transposed, stages, interpret, name
 ):

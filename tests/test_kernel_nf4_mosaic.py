@@ -125,6 +125,32 @@ def test_lowers_for_hopper_on_cpu_without_a_16bit_weight():
         assert text.count("custom_call @mosaic_gpu") == 1 and text.count("stablehlo.dot_general") == dots, (r, fuse)
 
 
+def test_sites_of_one_shape_share_one_lowered_kernel():
+    # Mosaic GPU lowers a kernel in Python in about a second; a training step calls these kernels at hundreds of
+    # sites (an 8B step did not finish compiling in 190 s when each site lowered its own). Sites of equal shapes
+    # and tiles now call one lowered function: eight chained projections lower one forward and one dx kernel.
+    n = k = 1024
+    nblocks = n * k // 64
+    q = NF4Weight(
+        packed=jax.ShapeDtypeStruct((n * k // 2,), jnp.uint8),
+        absmax=jax.ShapeDtypeStruct((nblocks,), jnp.uint8),
+        nested_absmax=jax.ShapeDtypeStruct((nblocks // 256,), jnp.float32),
+        offset=jax.ShapeDtypeStruct((), jnp.float32),
+        shape=(n, k),
+    )
+
+    def loss(x, q):
+        h = x
+        for _ in range(8):
+            h = jnp.tanh(nf4_matmul_mosaic(h, q, interpret=False))  # nonlinear: the backward needs each forward
+        return h.astype(jnp.float32).sum()
+
+    x = jax.ShapeDtypeStruct((512, k), jnp.bfloat16)
+    text = jax.jit(jax.grad(loss)).trace(x, q).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2
+    assert text.count("nf4_matmul_fwd_mgpu") >= 1 and text.count("nf4_matmul_dx_mgpu") >= 1
+
+
 def test_benchmark_entry_points(tmp_path, capsys, monkeypatch):
     # The GPU suite's calls (nf4_mosaic_h200.sh) at tiny shapes: the check and the timed table, each timing one call
     # (the interpreter takes seconds per call); the step's `--op nf4_matmul=mosaic` as jaxsloth.bench.step applies it.
