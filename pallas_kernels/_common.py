@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -14,6 +16,14 @@ def default_interpret() -> bool:
 
 def resolve_interpret(interpret: bool | None) -> bool:
     return default_interpret() if interpret is None else bool(interpret)
+
+
+def lowered_once(*static_argnames: str):
+    """Decorator for a function that launches a kernel: a jit over it with these arguments static. A training step
+    calls each kernel at hundreds of sites (every layer's forward, recompute and backward), and Pallas lowers every
+    call in Python (Triton tens of milliseconds, Mosaic GPU about a second); as one jitted function, all sites of
+    the same shapes and settings call a single lowered function, so a step lowers each distinct kernel once."""
+    return functools.partial(jax.jit, static_argnames=static_argnames)
 
 
 def cdiv(a: int, b: int) -> int:

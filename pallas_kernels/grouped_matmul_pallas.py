@@ -32,7 +32,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, dot_precision, next_power_of_2, resolve_interpret, triton_compiler_params
+from pallas_kernels._common import (
+    cdiv,
+    dot_precision,
+    lowered_once,
+    next_power_of_2,
+    resolve_interpret,
+    triton_compiler_params,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +161,7 @@ def _rows_kernel(
         )
 
 
+@lowered_once("block", "interpret", "transpose_w")
 def _grouped_rows(a, w, group_sizes, block: GroupedMatmulBlock, interpret: bool, transpose_w: bool):
     """a [M, Q] rows sorted by group times w[g]^T (w [G, P, Q]) or w[g] (transpose_w: w [G, Q, P]) -> [M, P]."""
     m, q = a.shape
@@ -195,6 +203,7 @@ def _dw_kernel(starts_ref, ends_ref, x_ref, dy_ref, dw_ref, *, n, k, bm, bn, bk)
     plgpu.store(dw_ref.at[pl.ds(g * n + n0, bn), pl.ds(k0, bk)], acc.astype(dw_ref.dtype), mask=mask)
 
 
+@lowered_once("w_shape", "w_dtype", "block", "interpret")
 def _weight_grad(x, dy, group_sizes, w_shape, w_dtype, block: GroupedMatmulBlock, interpret: bool):
     """dw[g] = dy[rows of g]^T @ x[rows of g] -> [G, N, K] in w_dtype (zeros for an empty group)."""
     groups, n, k = w_shape

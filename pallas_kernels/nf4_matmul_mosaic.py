@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import cdiv, resolve_interpret
+from pallas_kernels._common import cdiv, lowered_once, resolve_interpret
 from pallas_kernels.lora_matmul import lora_delta
 from pallas_kernels.nf4_matmul import (
     KERNEL_BLOCKSIZE,
@@ -153,13 +153,7 @@ def _stage_chunk(words: jax.Array, stage_values, stage_words, cols: int, dtype, 
         stage_words[:, pl.ds(cols // 2, _CHUNK // 2)] = words
 
 
-# jit: a step calls these kernels at hundreds of sites (every layer's projections, forward, recompute and backward),
-# and Mosaic GPU lowers each call about a second at a time in Python; as one jitted function per configuration,
-# every site of the same shapes calls a single lowered function, so a step lowers each distinct kernel once.
-@functools.partial(
-    jax.jit,
-    static_argnames=("out_shape", "bm", "bc", "step", "n_steps", "transposed", "stages", "interpret", "name"),
-)
+@lowered_once("out_shape", "bm", "bc", "step", "n_steps", "transposed", "stages", "interpret", "name")
 def _matmul_kernel(
     a, packed, scales_t, lora_a, out_shape, *, bm, bc, step, n_steps, transposed, stages, interpret, name
 ):

@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, next_power_of_2, resolve_interpret, triton_compiler_params
+from pallas_kernels._common import cdiv, lowered_once, next_power_of_2, resolve_interpret, triton_compiler_params
 
 # The whole row lives in registers; past this a row would spill.
 MAX_HIDDEN = 8192
@@ -130,6 +130,7 @@ def _bwd_kernel(*refs, n_rows, d, block_rows, block_d, steps, weight_offset, has
     plgpu.store(dw_ref.at[pid, cols], dw, mask=cols < d)
 
 
+@lowered_once("eps", "weight_offset", "interpret", "block")
 def _forward(x2, r2, weight, eps, weight_offset, interpret, block):
     n, d = x2.shape
     rows, warps, _, _ = block.resolved(d)
@@ -159,6 +160,7 @@ def _forward(x2, r2, weight, eps, weight_offset, interpret, block):
     )(*inputs)
 
 
+@lowered_once("weight_offset", "interpret", "block")
 def _backward(x2, weight, rstd, dy2, ds2, weight_offset, interpret, block):
     n, d = x2.shape
     _, _, rows, warps = block.resolved(d)

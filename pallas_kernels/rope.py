@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, next_power_of_2, resolve_interpret, triton_compiler_params
+from pallas_kernels._common import cdiv, lowered_once, next_power_of_2, resolve_interpret, triton_compiler_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +94,7 @@ def _rope_kernel(
         )
 
 
+@lowered_once("sign", "scaling", "interpret", "block")
 def _apply(q3, k3, pos, inv_freq, *, sign, scaling, interpret, block):
     """q3: [M, Hq, hd], k3: [M, Hk, hd], pos: [M] int32 -> rotated (q3, k3) in one pallas_call."""
     m = q3.shape[0]

@@ -59,10 +59,17 @@ def test_suite_step_workload_runs_jaxsloth_and_trl(tmp_path):
 def test_sampling_runners(tmp_path):
     out = tmp_path / "grpo.jsonl"
     common = ["--model-path", str(DEMO_MODEL), "--quant", "bf16", "--mode", "sampling", *TINY, "--steps", "1"]
-    grpo_bench.main([*common, "--profile", "cpu", "--out", str(out)])
+    trace = tmp_path / "trace"
+    grpo_bench.main([*common, "--profile", "cpu", "--trace", str(trace), "--out", str(out)])
     grpo_baseline.main([*common, "--system", "hf-generate", "--out", str(out)])
     jax_rec, hf_rec = _records(out)
     assert (jax_rec["system"], hf_rec["system"]) == ("jaxsloth", "hf-generate")
+    # --trace: one more sampling profiled; device time per decode step, whole and by kind of kernel
+    per_step = jax_rec["trace_per_decode_step_ms"]
+    assert per_step["kernels"] > 0 and per_step["span"] > 0 and len(per_step) > 2
+    assert json.loads((trace / "summary.json").read_text())["steps"] == 4  # --completion-len decode steps
+    with pytest.raises(SystemExit):
+        grpo_bench.main([*common, "--mode", "step", "--trace", str(trace)])
     for r in (jax_rec, hf_rec):  # every completion runs to its full length: 2 prompts x 2 x 4 tokens
         assert r["completion_tokens"] == 16 and r["tokens_per_s"] > 0
     assert "| vs generate |" in grpo_bench.markdown_table([jax_rec, hf_rec])

@@ -116,21 +116,44 @@ def run_sampling(args) -> dict:
     model = _model(args)
     tokenizer = char_tokenizer(model.config.vocab_size)
     prompt_ids = [tokenizer(p)["input_ids"] for p in workload_prompts(args.prompts, args.prompt_len)]
+
+    def sample(seed: int):
+        return start_sampling(
+            model.params, model.trainable, model.config, model.lora, prompt_ids, num_generations=args.generations,
+            max_completion_length=args.completion_len, seed=seed, ops=model.profile.ops,
+            compute_dtype=model.profile.dtype,
+        )()  # fmt: skip
+
     times, rollout = [], None
     for i in range(args.steps + 1):
         t0 = time.perf_counter()
-        rollout = start_sampling(
-            model.params, model.trainable, model.config, model.lora, prompt_ids, num_generations=args.generations,
-            max_completion_length=args.completion_len, seed=i, ops=model.profile.ops,
-            compute_dtype=model.profile.dtype,
-        )()  # fmt: skip
+        rollout = sample(i)
         times.append(time.perf_counter() - t0)
     tokens = int(rollout.lengths.sum())
     seconds = statistics.median(times[1:] or times)
     peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    trace = {}
+    if args.trace:  # one more sampling under the profiler, after the timed ones: where each decode step's time goes
+        from jaxsloth.bench import trace_summary
+
+        with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+            sample(args.steps + 1)
+        # Per decode step: device time by kind of kernel, and the trace's span, whose excess over the kernels'
+        # time is the device waiting (launches, host work) rather than computing.
+        summary = trace_summary.summarize(trace_summary.find_trace(args.trace), steps=args.completion_len, top=40)
+        with open(os.path.join(args.trace, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        trace = {
+            "trace_per_decode_step_ms": {
+                "kernels": round(summary["kernel_ms_per_step"], 3),
+                "span": round(summary["span_ms_per_step"], 3),
+                **summary["by_category_ms"],
+            }
+        }
+        print(json.dumps(trace), flush=True)
     return bench_record(
         args, "jaxsloth", mode="sampling", sample_s=seconds, completion_tokens=tokens, tokens_per_s=tokens / seconds,
-        first_s=times[0], peak_gib=None if peak is None else peak / 2**30, **_jax_versions(),
+        first_s=times[0], peak_gib=None if peak is None else peak / 2**30, **trace, **_jax_versions(),
     )  # fmt: skip
 
 
@@ -206,7 +229,12 @@ def main(argv=None) -> None:
     add_workload_args(p)
     p.add_argument("--profile", default=None, help="jaxsloth GPU profile (default: the device's)")
     p.add_argument("--table", default=None, help="print the markdown table of this JSONL file's records instead")
+    p.add_argument(
+        "--trace", default=None, help="sampling: directory; profile one more sampling, summarize device time"
+    )
     args = p.parse_args(argv)
+    if args.trace and args.mode != "sampling":
+        p.error("--trace profiles the sampling mode only (--mode sampling)")
     if args.table is not None:
         with open(args.table) as f:
             print(markdown_table([json.loads(line) for line in f if line.strip()]))

@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import cdiv, dot_precision, next_power_of_2, resolve_interpret
+from pallas_kernels._common import cdiv, dot_precision, lowered_once, next_power_of_2, resolve_interpret
 from pallas_kernels.attention import triton
 from pallas_kernels.attention.common import MASK_VALUE, AttentionBlocks, Static
 
@@ -30,6 +30,7 @@ def _mosaic():
     return mosaic
 
 
+@lowered_once("st")
 def _forward(q, k, v, segs, st: Static):
     """Padded q [B, Tp, Hq, D], k, v [B, Sp, Hk, D] -> (out [B, Tp, Hq, D], lse [B, Hq, Tp] f32, log2 units)."""
     if st.blocks.fwd_backend == "mosaic":
@@ -37,6 +38,7 @@ def _forward(q, k, v, segs, st: Static):
     return triton.forward(q, k, v, segs, st)
 
 
+@lowered_once("st")
 def _backward_dkv(q, k, v, do, lse, delta, segs, st: Static):
     """dK, dV [B, Sp, Hk, D] for padded inputs, lse and delta [B, Hq, Tp] f32."""
     if st.blocks.dkv_backend == "mosaic":
@@ -44,6 +46,7 @@ def _backward_dkv(q, k, v, do, lse, delta, segs, st: Static):
     return triton.dkv(q, k, v, do, lse, delta, segs, st)
 
 
+@lowered_once("st")
 def _backward_dq(q, k, v, do, lse, delta, segs, st: Static):
     """dQ [B, Tp, Hq, D] for padded inputs."""
     if st.blocks.dq_backend == "mosaic":
