@@ -90,19 +90,24 @@ def test_unsupported_operands_raise():
         MosaicNF4Block(block_n=64)
 
 
-def test_lowers_for_hopper_on_cpu_without_a_16bit_weight():
-    # Both kernels lowered for an H200 at an 8B projection (gate/up: N = 14336): wgmma shapes, layouts and the
-    # shared-memory plan are checked at lowering, so a tile the hardware cannot take fails here. No 16-bit [N, K]
-    # array exists anywhere in the program: the weight is decoded inside the kernels only.
-    n, k, m = 14336, 4096, 2000
+def _abstract_nf4(n: int, k: int) -> NF4Weight:
+    """An [n, k] NF4 weight of shapes only (blocksize 64, double-quantized), for lowering without arrays."""
     nblocks = n * k // 64
-    q = NF4Weight(
+    return NF4Weight(
         packed=jax.ShapeDtypeStruct((n * k // 2,), jnp.uint8),
         absmax=jax.ShapeDtypeStruct((nblocks,), jnp.uint8),
         nested_absmax=jax.ShapeDtypeStruct((nblocks // 256,), jnp.float32),
         offset=jax.ShapeDtypeStruct((), jnp.float32),
         shape=(n, k),
     )
+
+
+def test_lowers_for_hopper_on_cpu_without_a_16bit_weight():
+    # Both kernels lowered for an H200 at an 8B projection (gate/up: N = 14336): wgmma shapes, layouts and the
+    # shared-memory plan are checked at lowering, so a tile the hardware cannot take fails here. No 16-bit [N, K]
+    # array exists anywhere in the program: the weight is decoded inside the kernels only.
+    n, k, m = 14336, 4096, 2000
+    q = _abstract_nf4(n, k)
     x, dy = jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((m, n), jnp.bfloat16)
 
     def f(x, q, dy):
@@ -129,15 +134,8 @@ def test_sites_of_one_shape_share_one_lowered_kernel():
     # Mosaic GPU lowers a kernel in Python in about a second; a training step calls these kernels at hundreds of
     # sites (an 8B step did not finish compiling in 190 s when each site lowered its own). Sites of equal shapes
     # and tiles now call one lowered function: eight chained projections lower one forward and one dx kernel.
-    n = k = 1024
-    nblocks = n * k // 64
-    q = NF4Weight(
-        packed=jax.ShapeDtypeStruct((n * k // 2,), jnp.uint8),
-        absmax=jax.ShapeDtypeStruct((nblocks,), jnp.uint8),
-        nested_absmax=jax.ShapeDtypeStruct((nblocks // 256,), jnp.float32),
-        offset=jax.ShapeDtypeStruct((), jnp.float32),
-        shape=(n, k),
-    )
+    k = 1024
+    q = _abstract_nf4(k, k)
 
     def loss(x, q):
         h = x

@@ -15,6 +15,7 @@ from jaxsloth.models.moe import expert_shapes
 from jaxsloth.models.presets import preset
 from jaxsloth.profiles import profile_for_device
 from jaxsloth.train.step import make_optimizer, make_train_step
+from tests.abstract_step import compile_abstract_step
 
 
 def _small_qwen3_moe():
@@ -66,17 +67,9 @@ def test_lora_step_temporaries_do_not_scale_with_experts_times_rows():
 def _qlora_step_temp(config, profile, lora, tc) -> int:
     """Temporaries of the QLoRA step (every expert matrix NF4, as the bench builds them) at 1 x 256 tokens."""
     from jaxsloth.bench.step import build_params
-    from jaxsloth.models.decoder import unstack_layers
 
     params = jax.eval_shape(lambda k: build_params(config, "nf4", profile.dtype, k), jax.random.key(0))
-    if profile.unrolled_layers:
-        params = jax.eval_shape(unstack_layers, params)
-    trainable = jax.eval_shape(lambda k: init_lora(config, lora, k), jax.random.key(1))
-    optimizer = make_optimizer(tc, lora, trainable, profile.optimizer_state)
-    tokens = jax.ShapeDtypeStruct((1, 256), jnp.int32)
-    step = make_train_step(config, lora, tc, profile, optimizer)
-    args = (trainable, jax.eval_shape(optimizer.init, trainable), params, {"tokens": tokens, "targets": tokens})
-    compiled = step.lower(*args, jax.eval_shape(lambda: jax.random.key(2))).compile()
+    compiled, _ = compile_abstract_step(config, profile, params, tokens=256, lora=lora, tc=tc)
     return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -15,7 +15,8 @@ from jaxsloth.lora import init_lora
 from jaxsloth.models.decoder import init_params, unstack_layers
 from jaxsloth.models.presets import preset
 from jaxsloth.profiles import profile_for_device
-from jaxsloth.train.step import make_loss_fn, make_optimizer, make_train_step
+from jaxsloth.train.step import make_loss_fn
+from tests.abstract_step import compile_abstract_step
 
 LAYERS = 4
 
@@ -41,14 +42,7 @@ def _compiled_step(remat: str, layer_loop: str):
     profile = profile_for_device(name="cpu", remat=remat, layer_loop=layer_loop)
     lora, tc = LoraConfig(r=16, lora_alpha=16.0), TrainConfig(learning_rate=2e-4, max_steps=10)
     params = jax.eval_shape(lambda k: init_params(config, k, profile.dtype), jax.random.key(0))
-    if profile.unrolled_layers:
-        params = jax.eval_shape(unstack_layers, params)
-    trainable = jax.eval_shape(lambda k: init_lora(config, lora, k), jax.random.key(1))
-    optimizer = make_optimizer(tc, lora, trainable, profile.optimizer_state)
-    tokens = jax.ShapeDtypeStruct((1, 32), jnp.int32)
-    step = make_train_step(config, lora, tc, profile, optimizer)
-    args = (trainable, jax.eval_shape(optimizer.init, trainable), params, {"tokens": tokens, "targets": tokens})
-    return step.lower(*args, jax.eval_shape(lambda: jax.random.key(2))).compile(), params
+    return compile_abstract_step(config, profile, params, tokens=32, lora=lora, tc=tc)
 
 
 @pytest.fixture(scope="module", params=[("attn_dots", "unrolled"), ("full", "scan")], ids=["unrolled", "scan"])
