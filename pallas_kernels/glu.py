@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, resolve_interpret, triton_compiler_params
+from pallas_kernels._common import cdiv, lowered_once, resolve_interpret, triton_compiler_params
 
 _SQRT_2_OVER_PI = 0.7978845608028654
 _GELU_CUBIC = 0.044715
@@ -84,10 +84,11 @@ def _bwd_kernel(g_ref, u_ref, do_ref, dg_ref, du_ref, *, block_rows, block_cols,
     plgpu.store(du_ref.at[idx], (do * act).astype(du_ref.dtype), mask=ok)
 
 
-def _launch(kernel, inputs, out_dtypes, rows, cols, warps, name, interpret):
+@lowered_once("kernel", "kind", "out_dtypes", "rows", "cols", "warps", "name", "interpret")
+def _launch(inputs, *, kernel, kind, out_dtypes, rows, cols, warps, name, interpret):
     n, f = inputs[0].shape
     return pl.pallas_call(
-        functools.partial(kernel, block_rows=rows, block_cols=cols),
+        functools.partial(kernel, block_rows=rows, block_cols=cols, kind=kind),
         out_shape=[jax.ShapeDtypeStruct((n, f), dtype) for dtype in out_dtypes],
         grid=(cdiv(n, rows), cdiv(f, cols)),
         compiler_params=triton_compiler_params(num_warps=warps, num_stages=1),
@@ -97,9 +98,16 @@ def _launch(kernel, inputs, out_dtypes, rows, cols, warps, name, interpret):
 
 
 def _forward(g2, u2, kind, interpret, block):
-    kernel = functools.partial(_fwd_kernel, kind=kind)
     (out,) = _launch(
-        kernel, (g2, u2), (g2.dtype,), block.block_rows, block.block_cols, block.num_warps, f"{kind}_fwd", interpret
+        (g2, u2),
+        kernel=_fwd_kernel,
+        kind=kind,
+        out_dtypes=(g2.dtype,),
+        rows=block.block_rows,
+        cols=block.block_cols,
+        warps=block.num_warps,
+        name=f"{kind}_fwd",
+        interpret=interpret,
     )
     return out
 
@@ -115,9 +123,17 @@ def _glu_fwd(g2, u2, kind, interpret, block):
 
 def _glu_bwd(kind, interpret, block, res, do):
     g2, u2 = res
-    kernel = functools.partial(_bwd_kernel, kind=kind)
-    rows, cols, warps = block.bwd_block_rows, block.bwd_block_cols, block.bwd_num_warps
-    dg, du = _launch(kernel, (g2, u2, do), (g2.dtype, u2.dtype), rows, cols, warps, f"{kind}_bwd", interpret)
+    dg, du = _launch(
+        (g2, u2, do),
+        kernel=_bwd_kernel,
+        kind=kind,
+        out_dtypes=(g2.dtype, u2.dtype),
+        rows=block.bwd_block_rows,
+        cols=block.bwd_block_cols,
+        warps=block.bwd_num_warps,
+        name=f"{kind}_bwd",
+        interpret=interpret,
+    )
     return dg, du
 
 

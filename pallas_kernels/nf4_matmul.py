@@ -44,7 +44,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import cdiv, dot_precision, next_power_of_2, resolve_interpret, triton_compiler_params
+from pallas_kernels._common import (
+    cdiv,
+    dot_precision,
+    lowered_once,
+    next_power_of_2,
+    resolve_interpret,
+    triton_compiler_params,
+)
 from pallas_kernels.lora_matmul import lora_delta
 
 # The 16 NF4 levels (QLoRA, arXiv:2305.14314 section 3): quantiles of N(0, 1) scaled to [-1, 1], with an
@@ -387,6 +394,7 @@ def _w_operands(packed, absmax, nested_absmax, offset, st: KernelStatic) -> list
     return ops
 
 
+@lowered_once("st")
 def forward(x, w_ops, a, b, st: KernelStatic):
     """Returns y [M, N] and, with LoRA, uc = (x @ A^T).astype(x.dtype) [M, R] (R = padded rank)."""
     (m, k), (n, _) = x.shape, st.shape
@@ -431,6 +439,7 @@ def forward(x, w_ops, a, b, st: KernelStatic):
     return outs[0], (outs[1] if fuse else uc)
 
 
+@lowered_once("k", "st")
 def backward_dx(dy, w_ops, a, b, k: int, st: KernelStatic):
     """Returns dx [M, K] and, with LoRA, sv = (s dy @ B).astype(dy.dtype) [M, R]."""
     m, n = dy.shape

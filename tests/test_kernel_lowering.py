@@ -5,8 +5,11 @@ Triton), and 17 s with 17. These lower for the GPU on CPU (the ``triton_calls`` 
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.attention import AttentionBlocks, attention
+from pallas_kernels.glu import swiglu
+from pallas_kernels.nf4_matmul import nf4_matmul
 from pallas_kernels.rms_norm import rms_norm
 from pallas_kernels.rope import rope
 
@@ -15,7 +18,7 @@ def _norm_rope_kernels(triton_calls, layers: int) -> int:
     def loss(x, w, q, k, pos, inv_freq):
         total = 0.0
         for _ in range(layers):
-            x = rms_norm(x, w, interpret=False)
+            x = swiglu(rms_norm(x, w, interpret=False), x, interpret=False)
             q, k = rope(q * x[..., :1, None], k, pos, inv_freq, interpret=False)
             total = total + jnp.sum(jnp.tanh(q).astype(jnp.float32)) + jnp.sum(k.astype(jnp.float32))
         return total
@@ -32,9 +35,9 @@ def _norm_rope_kernels(triton_calls, layers: int) -> int:
 
 
 def test_norm_and_rope_sites_share_their_kernels(triton_calls):
-    # Two layers or eight: the same few kernels (norm and rope, forward and backward), not one per site.
+    # Two layers or eight: the same few kernels (norm, SwiGLU and rope, forward and backward), not one per site.
     two = _norm_rope_kernels(triton_calls, 2)
-    assert 4 <= two <= 6
+    assert 6 <= two <= 8
     assert _norm_rope_kernels(triton_calls, 8) == two
 
 
@@ -54,3 +57,24 @@ def test_attention_sites_share_their_kernels(triton_calls):
     two = _attention_kernels(triton_calls, 2)
     assert 3 <= two <= 4  # forward, dK/dV, dQ
     assert _attention_kernels(triton_calls, 6) == two
+
+
+def _nf4_kernels(triton_calls, layers: int) -> int:
+    from jaxsloth.quant import quantize_nf4
+
+    w = quantize_nf4(np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32), blocksize=64)
+
+    def loss(x, a, b):
+        for _ in range(layers):
+            x = jnp.tanh(nf4_matmul(x, w, a, b, 2.0, interpret=False))
+        return jnp.sum(x.astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((40, 128), jnp.bfloat16)
+    a, b = jax.ShapeDtypeStruct((16, 128), jnp.float32), jax.ShapeDtypeStruct((128, 16), jnp.float32)
+    return triton_calls(jax.grad(loss, argnums=(0, 1, 2)), x, a, b)
+
+
+def test_nf4_matmul_sites_share_their_kernels(triton_calls):
+    two = _nf4_kernels(triton_calls, 2)
+    assert 2 <= two <= 3  # forward (with the LoRA A product) and dx
+    assert _nf4_kernels(triton_calls, 6) == two
