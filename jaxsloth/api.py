@@ -160,6 +160,8 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     """
     from jaxsloth.data import BatchLoader, streaming_loader, tokenize_dataset
     from jaxsloth.train.evaluate import make_evaluator, split_off
+    from jaxsloth.train import host_embedding
+    from jaxsloth.train.host_embedding import check_host_embedding
     from jaxsloth.train.loop import fit
     from jaxsloth.train.metrics import close_all, standard_callbacks
     from jaxsloth.train.run_dir import (
@@ -252,6 +254,11 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     unroll = model.profile.unrolled_layers and device_mesh is None and not layers_unstacked(model.params)
     if unroll:
         model.params = unstack_layers(model.params, consume=True)
+    # embedding="host": the frozen table leaves the device for the run (consumed, so its memory is freed) and
+    # comes back after it, for generation.
+    if model.profile.embedding == "host":
+        check_host_embedding(model.config, None if model.full_finetuning else model.trainable, device_mesh)
+        model.params = host_embedding.to_host(model.params, consume=True)
     result = None
     try:
         if first:
@@ -288,6 +295,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
             model.params = result.trainable
         if unroll and not _deleted(model.params):
             model.params = stack_layers(model.params, consume=True)
+        model.params = host_embedding.to_device(model.params)
         held.close()
     if close_errors:
         raise close_errors[0]

@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from jaxsloth import ops
 from jaxsloth.data.formats import FORMATS, resolve_format
 from jaxsloth.models.decoder import LAYER_LOOPS, LINEARS, REMAT_POLICIES, LoraRuntime
-from jaxsloth.profiles import LONG_CONTEXT, PROFILES, Profile, profile_for_device
+from jaxsloth.profiles import EMBEDDING_PLACES, LONG_CONTEXT, PROFILES, Profile, profile_for_device
 from jaxsloth.train.optim8bit import OPTIMIZER_STATES
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -335,7 +335,12 @@ _PROFILE_FIELDS_ELSEWHERE = {
     "kernels": "kernels and the per-op fields",
     "micro_batch": "per_device_train_batch_size",
 }
-_PROFILE_CHOICES = {"remat": REMAT_POLICIES, "layer_loop": LAYER_LOOPS, "optimizer_state": OPTIMIZER_STATES}
+_PROFILE_CHOICES = {
+    "remat": REMAT_POLICIES,
+    "layer_loop": LAYER_LOOPS,
+    "optimizer_state": OPTIMIZER_STATES,
+    "embedding": EMBEDDING_PLACES,
+}
 
 
 def _override_fields() -> list[tuple]:

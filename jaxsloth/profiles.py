@@ -20,6 +20,9 @@ from jaxsloth.train.optim8bit import OPTIMIZER_STATES
 from pallas_kernels.attention.common import AttentionBlocks
 
 
+EMBEDDING_PLACES = ("device", "host")
+
+
 @dataclasses.dataclass(frozen=True)
 class Profile:
     """name: profile name; compute_dtype: activations and frozen weights; kernels: implementation per op;
@@ -32,7 +35,10 @@ class Profile:
     (BENCHMARKS.md, layer loop); dots_layers: the first this many layers remat "dots" (every
     projection output kept) while the rest use ``remat``, a memory budget between the two that needs the unrolled
     loop; optimizer_state: how AdamW stores its two moments: float32, or 8bit (blockwise int8 with a dynamic
-    quantization map, as bitsandbytes' Adam8bit: about a quarter of the memory; jaxsloth.train.optim8bit)."""
+    quantization map, as bitsandbytes' Adam8bit: about a quarter of the memory; jaxsloth.train.optim8bit);
+    embedding: where the frozen input embedding table lives while training: on the "device", or on the "host", where
+    each batch's rows are looked up before the step (no device copy of the table: 1 GiB at Llama-3 8B; models with
+    an untied LM head; jaxsloth.train.host_embedding)."""
 
     name: str
     compute_dtype: str = "bfloat16"
@@ -45,6 +51,7 @@ class Profile:
     layer_loop: str = "scan"
     dots_layers: int = 0
     optimizer_state: str = "float32"
+    embedding: str = "device"
 
     def __post_init__(self):
         if self.layer_loop not in LAYER_LOOPS:
@@ -59,6 +66,8 @@ class Profile:
             raise ValueError(
                 f"unknown optimizer_state {self.optimizer_state!r}; choose one of: {', '.join(OPTIMIZER_STATES)}"
             )
+        if self.embedding not in EMBEDDING_PLACES:
+            raise ValueError(f"unknown embedding {self.embedding!r}; choose one of: {', '.join(EMBEDDING_PLACES)}")
         if self.compute_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"unsupported compute_dtype {self.compute_dtype!r}")
 

@@ -286,6 +286,23 @@ def test_memory_vs_length_plot(tmp_path):
     assert path.stat().st_size > 10_000
 
 
+def test_step_with_the_embedding_on_the_host_plans_less_device_memory(tmp_path):
+    # --embedding host: the table leaves the step's arguments; the record names the setting.
+    from jaxsloth.bench import step
+
+    out = tmp_path / "plan.jsonl"
+    common = ["--model-path", str(DEMO_MODEL), "--quant", "nf4", "--batch", "1", "--seq", "16", "--out", str(out)]
+    step.main([*common, "--compile-only"])
+    step.main([*common, "--compile-only", "--embedding", "host"])
+    device, host = (json.loads(line) for line in out.read_text().splitlines())
+    assert device["embedding"] == "device" and host["embedding"] == "host"
+    cfg = json.loads((DEMO_MODEL / "config.json").read_text())
+    e = 4  # the CPU profile computes in float32
+    saved = (device["compiled_argument_gib"] - host["compiled_argument_gib"]) * 2**30
+    assert saved == pytest.approx((cfg["vocab_size"] - 16) * cfg["hidden_size"] * e, abs=512)  # XLA aligns buffers
+    assert host["model_estimate"]["host_fixed_gib"] * 2**30 == cfg["vocab_size"] * cfg["hidden_size"] * e
+
+
 def test_step_compile_only_reports_xla_memory_plan(tmp_path):
     # --compile-only: XLA's plan for lengths too slow to run; it must agree with what the step really holds.
     from jaxsloth.bench import step
@@ -313,6 +330,9 @@ def test_step_trace_summarizes_where_device_time_goes(tmp_path):
     summary = json.loads((trace_dir / "summary.json").read_text())
     assert summary["steps"] == step.TRACED_STEPS and summary["kernel_ms_per_step"] > 0
     assert rec["trace_by_category_ms"] == summary["by_category_ms"]
+    assert {k: rec[k] for k in step.TRACE_TIMES} == {k: summary[k] for k in step.TRACE_TIMES}
+    assert 0 <= summary["copy_hidden_ms_per_step"] <= summary["copy_ms_per_step"]
+    assert summary["compute_busy_ms_per_step"] <= summary["busy_ms_per_step"] <= summary["span_ms_per_step"] + 1e-3
     assert sum(summary["by_category_ms"].values()) == pytest.approx(summary["kernel_ms_per_step"], rel=1e-3, abs=1e-3)
     assert summary["top_kernels"] and all(k["ms"] >= 0 for k in summary["top_kernels"])
     # The same summary from the command line, and a clear error where no trace was recorded.
@@ -354,6 +374,22 @@ def test_trace_categories_on_gpu_kernel_names(tmp_path):
         "Pallas: norm / rope / glu / loss / nf4": 0.5,
         "XLA fusions (elementwise, dequantize, optimizer)": 0.5,
     }
+
+
+def test_trace_summary_measures_how_much_copy_time_compute_hides():
+    # Two compute kernels on one stream (0-4 ms, 6-8 ms) and offload copies on another: one wholly under a kernel,
+    # one half under, one in the idle gap. Hidden = 1 + 1 + 0 ms of the 4 ms of copies; busy = 8 of the 8 ms span.
+    from jaxsloth.bench import trace_summary
+
+    events = [
+        {"name": "nvjet_gemm", "ts": 0, "dur": 4000, "tid": 1},
+        {"name": "loop_add_fusion", "ts": 6000, "dur": 2000, "tid": 1},
+        {"name": "MemcpyD2H", "ts": 1000, "dur": 1000, "tid": 2},
+        {"name": "MemcpyH2D", "ts": 3000, "dur": 2000, "tid": 2},
+        {"name": "MemcpyD2H", "ts": 5000, "dur": 1000, "tid": 2},
+    ]
+    o = trace_summary.copy_overlap(events)
+    assert o == {"copy_us": 4000, "copy_hidden_us": 2000.0, "compute_busy_us": 6000, "busy_us": 8000}
 
 
 def test_step_attention_blocks_from_json_or_a_tune_file(tmp_path):

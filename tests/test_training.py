@@ -44,7 +44,7 @@ def _run(config, params, trainable, steps, **kw):
     tc = TrainConfig(
         learning_rate=kw.pop("lr", 3e-3), max_steps=steps, gradient_accumulation_steps=2, **kw.pop("tc", {})
     )
-    return fit(config, params, trainable, loader, lora=LORA, train_config=tc, profile=PROFILE, **kw)
+    return fit(config, params, trainable, loader, lora=LORA, train_config=tc, profile=kw.pop("profile", PROFILE), **kw)
 
 
 def test_loss_falls_and_is_reproducible():

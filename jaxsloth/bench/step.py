@@ -43,6 +43,7 @@ from jaxsloth.sharding import (  # noqa: E402
     put_key,
     shard_batch,
 )
+from jaxsloth.train.host_embedding import check_host_embedding, step_params, to_host, with_embedded  # noqa: E402
 from jaxsloth.train.memory import estimate_step_memory  # noqa: E402
 from jaxsloth.train.step import make_optimizer, make_train_step  # noqa: E402
 
@@ -195,10 +196,16 @@ def run(args) -> dict:
         trainable, params = params, {}
     else:
         trainable = init_lora(config, lora, jax.random.key(1))
+    if profile.embedding == "host":  # as jaxsloth.train runs it: the table on the host, its rows in each batch
+        check_host_embedding(config, None if lora is None else trainable, mesh)
+        host_params = to_host(params, consume=True)
+        params = step_params(host_params)
     optimizer = make_optimizer(tc, lora, trainable, profile.optimizer_state)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch * args.grad_accum, args.seq))
     targets = np.concatenate([ids[:, 1:], np.full((ids.shape[0], 1), -100)], axis=1)
     batch = {"tokens": ids.astype(np.int32), "targets": targets.astype(np.int32)}
+    if profile.embedding == "host":
+        batch = with_embedded(batch, host_params)
     if args.module and (lora is None or mesh is not None):
         raise SystemExit("--module runs the LoRA step on one device: drop --full-finetuning and --mesh")
     if args.module:  # the same step over the NNX module's split state (jaxsloth.train.module_step)
@@ -260,7 +267,7 @@ def run(args) -> dict:
         trace = trace_summary.summarize(trace_summary.find_trace(args.trace), steps=TRACED_STEPS, top=40)
         with open(os.path.join(args.trace, "summary.json"), "w") as f:
             json.dump(trace, f, indent=1)
-        print(json.dumps({k: trace[k] for k in ("kernel_ms_per_step", "span_ms_per_step", "by_category_ms")}))
+        print(json.dumps({k: trace[k] for k in ("kernel_ms_per_step", *TRACE_TIMES, "by_category_ms")}))
     return _record(
         args,
         model_name,
@@ -282,7 +289,13 @@ def run(args) -> dict:
         mesh=None if mesh is None else dict(mesh.shape),
         devices=1 if mesh is None else mesh.size,
         **({"trace_by_category_ms": trace["by_category_ms"]} if trace else {}),
+        **({k: trace[k] for k in TRACE_TIMES} if trace else {}),
     )
+
+
+# The trace's per-step device times a record keeps beside its by-category sums.
+TRACE_TIMES = ("span_ms_per_step", "busy_ms_per_step", "compute_busy_ms_per_step", "copy_ms_per_step",
+               "copy_hidden_ms_per_step")  # fmt: skip
 
 
 def _record(args, model_name: str, profile, layer_loop: str, **fields) -> dict:

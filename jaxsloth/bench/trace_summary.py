@@ -11,6 +11,7 @@ tracks (the GPU's streams; on a CPU-only run, every track), and sums kernel time
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import gzip
 import json
@@ -66,6 +67,41 @@ def device_pids(process_names: dict[int, str]) -> set[int]:
     return {pid for pid, name in process_names.items() if re.search(r"gpu|/device:", name, re.I)}
 
 
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Sorted, disjoint (start, end) covering the same time as ``intervals``."""
+    out: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def _covered(start: float, end: float, union: list[tuple[float, float]]) -> float:
+    """How much of [start, end) the disjoint sorted ``union`` covers."""
+    i = max(bisect.bisect_right(union, (start, float("inf"))) - 1, 0)
+    total = 0.0
+    while i < len(union) and union[i][0] < end:
+        total += max(0.0, min(end, union[i][1]) - max(start, union[i][0]))
+        i += 1
+    return total
+
+
+def copy_overlap(events: list[dict]) -> dict:
+    """Microseconds of host/device copies and how many of them ran while a kernel ran: whether offloaded
+    activations travel behind compute or stall it. Also the busy time (any device work) against the span."""
+    is_copy = [_category(e["name"]) == "copies / memset" for e in events]
+    compute = _union([(e["ts"], e["ts"] + e["dur"]) for e, c in zip(events, is_copy) if not c])
+    copies = [e for e, c in zip(events, is_copy) if c]
+    return {
+        "copy_us": sum(e["dur"] for e in copies),
+        "copy_hidden_us": sum(_covered(e["ts"], e["ts"] + e["dur"], compute) for e in copies),
+        "compute_busy_us": sum(b - a for a, b in compute),
+        "busy_us": sum(b - a for a, b in _union([(e["ts"], e["ts"] + e["dur"]) for e in events])),
+    }
+
+
 def summarize(path: str | pathlib.Path, steps: int = 1, top: int = 30) -> dict:
     """Per-category and per-kernel device milliseconds per step (totals over the trace divided by ``steps``)."""
     events, names = load_events(path)
@@ -84,6 +120,7 @@ def summarize(path: str | pathlib.Path, steps: int = 1, top: int = 30) -> dict:
     total = sum(by_name.values())
     span = (max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)) if events else 0.0
     per_step = lambda us: us / 1e3 / steps  # noqa: E731  (microseconds over the trace -> ms per step)
+    overlap = copy_overlap(events)
     return {
         "trace": pathlib.Path(path).name,  # the file name only: a record names no machine directory
         "device_tracks": sorted(names[p] for p in pids) if pids else "none found: every track counted",
@@ -91,6 +128,11 @@ def summarize(path: str | pathlib.Path, steps: int = 1, top: int = 30) -> dict:
         "kernel_ms_per_step": per_step(total),
         "span_ms_per_step": per_step(span),
         "by_category_ms": {k: round(per_step(v), 3) for k, v in by_category.most_common()},
+        # Device busy time (any kernel or copy), compute alone, and copies: total and the part a kernel hid.
+        "busy_ms_per_step": round(per_step(overlap["busy_us"]), 3),
+        "compute_busy_ms_per_step": round(per_step(overlap["compute_busy_us"]), 3),
+        "copy_ms_per_step": round(per_step(overlap["copy_us"]), 3),
+        "copy_hidden_ms_per_step": round(per_step(overlap["copy_hidden_us"]), 3),
         "top_kernels": [
             {
                 "name": n[:160],

@@ -474,9 +474,13 @@ def decoder_layer(
 
 def embed(params, tokens, config: ModelConfig, dtype=None):
     """tokens: [B, T] int -> [B, T, D]."""
-    h = jnp.take(params["embed"], tokens, axis=0)
-    if dtype is not None:
-        h = h.astype(dtype)
+    return embedded_rows(jnp.take(params["embed"], tokens, axis=0), config, dtype)
+
+
+def embedded_rows(rows, config: ModelConfig, dtype=None):
+    """The embedding table's rows of each token [B, T, D] -> the decoder's input (cast, and scaled where the family
+    scales it): what ``embed`` returns, for rows looked up elsewhere (the host, ``jaxsloth.train.host_embedding``)."""
+    h = rows if dtype is None else rows.astype(dtype)
     if config.scale_embeddings:
         h = h * jnp.asarray(math.sqrt(config.hidden_size), dtype=h.dtype)
     return h
@@ -499,9 +503,11 @@ def forward_hidden(
     remat_group: int = 1,
     dots_layers: int = 0,
     with_router_stats: bool = False,
+    embedded=None,
 ):
     """tokens: [B, T] int32 -> final-normed hidden states [B, T, D]; with ``with_router_stats`` (mixtures of
-    experts), (hidden, ``moe.RouterStats`` summed over layers).
+    experts), (hidden, ``moe.RouterStats`` summed over layers). embedded: the embedding table's rows of ``tokens``
+    [B, T, D], looked up by the caller (the table kept on the host); then ``params["embed"]`` is not read.
 
     positions: [B, T] (default arange; packed rows restart per segment); segment_ids: [B, T] (packing; no attention
     across segments); lora: LoRA tree or None; remat: none / dots / attn_dots / full / offload, applied per scan step
@@ -513,7 +519,10 @@ def forward_hidden(
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     lengths = example_lengths(positions, segment_ids) if config.rope.kind == "longrope" else None
-    h = embed(params, tokens, config, compute_dtype)
+    if embedded is None:
+        h = embed(params, tokens, config, compute_dtype)
+    else:
+        h = embedded_rows(embedded, config, compute_dtype)
     period = layer_period(config, remat_group)
     groups = config.num_layers // period
     slidings = config.sliding_layers[:period]
@@ -613,7 +622,8 @@ def loss_sum_and_count(
     with_router_aux: bool = False,
     **kwargs,
 ):
-    """batch: tokens, targets (next-token labels, -100 = no loss), optional positions and segment_ids, all [B, T].
+    """batch: tokens, targets (next-token labels, -100 = no loss), optional positions and segment_ids, all [B, T],
+    and optional "embedded": the embedding table's rows of the tokens [B, T, D] (``jaxsloth.train.host_embedding``).
 
     Returns (sum of token losses, number of counted tokens). The Pallas loss never builds the logits; ``loss_chunk``
     also tiles the tokens (each tile rematerialised), so the loss's temporaries stay bounded at any length.
@@ -630,6 +640,7 @@ def loss_sum_and_count(
         positions=batch.get("positions"),
         segment_ids=batch.get("segment_ids"),
         with_router_stats=aux,
+        embedded=batch.get("embedded"),
         **kwargs,
     )
     if aux:

@@ -29,6 +29,7 @@ from jaxsloth.config import TrainConfig
 from jaxsloth.data import BatchLoader, TokenizedDataset
 from jaxsloth.models.decoder import layers_unstacked, stack_layers, unstack_layers
 from jaxsloth.sharding import ShardedOps, batch_devices, shard_batch
+from jaxsloth.train.host_embedding import step_params, with_embedded
 from jaxsloth.train.step import make_loss_fn
 
 log = logging.getLogger("jaxsloth")
@@ -138,9 +139,11 @@ class Evaluator:
     def loss(self, trainable, params) -> tuple[float, int]:
         """(token-weighted mean loss over every batch, counted tokens)."""
         sums = []
+        device_params = step_params(params)  # a host embedding table: its rows travel with each batch
         for batch in self.batches:
+            batch = with_embedded(batch, params)
             device_batch = jax.tree.map(jnp.asarray, batch) if self.mesh is None else shard_batch(batch, self.mesh)
-            sums.append(self.loss_sum_and_count(trainable, params, device_batch))
+            sums.append(self.loss_sum_and_count(trainable, device_params, device_batch))
         sums = jax.device_get(sums)
         total, count = sum(float(s) for s, _ in sums), sum(int(c) for _, c in sums)
         return total / max(count, 1), count

@@ -24,6 +24,7 @@ from jaxsloth.quant import is_nf4
 from jaxsloth.sharding import batch_devices, context_size, place_train_state, put_key, shard_batch
 from jaxsloth.train.checkpoint import Checkpointer, array_to_key, key_to_array
 from jaxsloth.train.evaluate import Evaluator
+from jaxsloth.train.host_embedding import check_host_embedding, step_params, to_host, with_embedded
 from jaxsloth.train.identity import check_identity, run_identity
 from jaxsloth.train.interrupts import InterruptGuard
 from jaxsloth.train.module_step import make_fit_step
@@ -245,6 +246,11 @@ def fit(
     tc = train_config
     identity = run_identity(config, params, lora, tc, loader)
     full = trainable is None
+    if profile.embedding == "host":
+        check_host_embedding(config, trainable, mesh)
+        if make_step is not None:  # a method's step reads its own batch format, without the looked-up rows
+            raise ValueError("embedding='host' is for supervised fine-tuning; use embedding='device' with this method")
+        params = to_host(params)
     if full:  # every weight trains: no copy of the model beside it
         trainable, params = params, {}
     else:
@@ -257,6 +263,7 @@ def fit(
         opt_state = optimizer.init(trainable)
     else:
         params, trainable, opt_state, shardings = place_train_state(params, trainable, optimizer, mesh, shard_lora)
+    train_params = step_params(params)  # what the step takes: the table's zero-row placeholder when on the host
     key = jax.random.key(tc.seed)
     step = 0
     ckpt = Checkpointer(checkpoint_dir, keep=keep) if checkpoint_dir else None
@@ -345,10 +352,10 @@ def fit(
                 next_key, sub = jax.random.split(key)
                 t0 = time.perf_counter()
                 if mesh is None:
-                    device_batch = jax.tree.map(jnp.asarray, batch)
+                    device_batch = jax.tree.map(jnp.asarray, with_embedded(batch, params))
                 else:
                     device_batch, sub = shard_batch(batch, mesh), put_key(sub, mesh)
-                args = (trainable, opt_state, params, device_batch, sub)
+                args = (trainable, opt_state, train_params, device_batch, sub)
                 if (n_seq, seq_len) not in compiled_steps:
                     micro = n_seq // tc.gradient_accumulation_steps // batch_devices(mesh)
                     with _oom_explained(n_seq, seq_len, profile):

@@ -10,6 +10,7 @@ activation (2 for bf16), g = remat_group (layers per residual checkpoint):
   XLA fuses each tensor's update; the compiled plan check sees them), 1 GiB of XLA workspace, and the tiles of the MLP
   (3 F e per tiled token, x2 for gradients) and of the loss (the Pallas loss's [tile, 8192] gradient buffer; the
   chunked loss's [1024, V] f32 logits and their 16-bit gradient, beyond a layer's recompute temporaries).
+- the input embedding table (V D e) moves from the device to the host with ``embedding="host"`` (untied heads).
 - per token, residual checkpoints: (L / g) D e; on the host when remat is "offload", else on the device.
 - per token, the recomputed scan step during backward: g x [(6 D + 2 K) e (normed input, q, k, v, attention
   output, o, residual) + 2 D e (gradients in flight) + 4 Hq (attention log-sum-exp)], plus 6 F e when the MLP
@@ -58,6 +59,7 @@ class MemoryEstimate:
     fixed_gib: float
     device_bytes_per_token: float
     host_bytes_per_token: float
+    host_fixed_gib: float = 0.0  # the input embedding table kept on the host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +164,9 @@ def estimate_step_memory(
     K, Hq, g = config.num_kv_heads * config.head_dim, config.num_heads, max(profile.remat_group, 1)
     tokens = -(-batch * seq_len // context)  # this device's share
     fixed = _weights_bytes(config, quantized, e) + _trained_bytes(config, lora_r, e, profile) + XLA_WORKSPACE_BYTES
+    # The input embedding kept on the host (untied head; jaxsloth.train.host_embedding): its rows come with the batch.
+    host_table = config.vocab_size * D * e if profile.embedding == "host" and not config.tie_word_embeddings else 0
+    fixed -= host_table
     residual = (L / g) * D * e
     layer = (6 * D + 2 * K) * e + 2 * D * e + 4 * Hq
     # Ring attention's buffers, for the one layer whose attention runs (not per layer of a remat group).
@@ -197,10 +202,11 @@ def estimate_step_memory(
     host_pt = residual if profile.remat == "offload" else 0.0
     return MemoryEstimate(
         device_gib=(fixed + device_pt * tokens) / GIB,
-        host_gib=host_pt * tokens / GIB,
+        host_gib=(host_table + host_pt * tokens) / GIB,
         fixed_gib=fixed / GIB,
         device_bytes_per_token=device_pt,
         host_bytes_per_token=host_pt,
+        host_fixed_gib=host_table / GIB,
     )
 
 
@@ -222,7 +228,8 @@ def longest_sequence(
         config, profile, batch=batch, seq_len=context, quantized=quantized, lora_r=lora_r, context=context
     )
     dev_tokens = (device_gib - est.fixed_gib) * GIB / est.device_bytes_per_token
-    host_tokens = host_gib * GIB / est.host_bytes_per_token if est.host_bytes_per_token else float("inf")
+    host_left = (host_gib - est.host_fixed_gib) * GIB
+    host_tokens = host_left / est.host_bytes_per_token if est.host_bytes_per_token else float("inf")
     tokens = max(int(min(dev_tokens, host_tokens) * context / batch) // 1024 * 1024, 0)
     return Longest(tokens, "device" if dev_tokens <= host_tokens else "host")
 
