@@ -15,6 +15,7 @@ traced() {
   shift 2
   timed "$name" "$limit" "${S[@]}" --trace "$OUTDIR/traces/$name" "$@"
   find "$OUTDIR/traces/$name" -type f ! -name summary.json -delete 2>/dev/null
+  find "$OUTDIR/traces/$name" -mindepth 1 -type d -empty -delete 2>/dev/null
 }
 for w in "${ARGS[@]:-lean8b host8b dots8b lean_mistral dots1b gemma2}"; do
   for name in $w; do
