@@ -195,6 +195,10 @@ def test_xla_flags_are_part_of_the_record_and_its_label(monkeypatch):
     assert report.config_label(rec) == "remat=dots; layers=scan; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
     rec["layer_loop"] = "unrolled"
     assert report.config_label(rec) == "remat=dots; XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true"
+    # 8-bit moments and the host embedding are off the profile's defaults, so the label names them.
+    lean = _rec("jaxsloth", 10000.0, 6.7, remat="offload", profile="h200", optimizer_state="8bit", embedding="host")
+    assert report.config_label(lean) == "remat=offload; optimizer_state=8bit; embedding=host"
+    assert report.config_label(dict(lean, optimizer_state="float32", embedding="device")) == "remat=offload"
 
 
 def test_kernel_table_names_the_tiles_of_a_sweep():

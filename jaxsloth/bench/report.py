@@ -132,7 +132,8 @@ def config_label(rec: dict) -> str:
         if default is None or getattr(default.kernels, op, impl) != impl:
             changed.setdefault(impl, []).append(op)
     parts += [f"{','.join(ops)}={impl}" for impl, ops in changed.items()]
-    for field in ("mlp_chunk", "loss_chunk", "remat_group", "dots_layers"):  # tiling and budgets off the profile's
+    fields = ("mlp_chunk", "loss_chunk", "remat_group", "dots_layers", "optimizer_state", "embedding")
+    for field in fields:  # tiling, budgets and placement off the profile's
         if rec.get(field) is not None and (default is None or getattr(default, field, None) != rec[field]):
             parts.append(f"{field}={rec[field]}")
     loop = rec.get("layer_loop", "scan")  # a record without the field ran the scan
