@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where each training-step target stands: one traced step per workload on one H200 (h200 profile, batch 2 x 2048),
 # device time per step by kernel kind against the step's span (jaxsloth.bench.trace_summary). About eight minutes.
-#   bash jaxsloth/bench/suites/traces_h200.sh [--tree DIR] [--out DIR] [workload ...]   (default: all of them)
+#   bash jaxsloth/bench/suites/traces_h200.sh [--tree DIR] [--out DIR] [workload ...] [-- step flags for each]
+# (default: every workload), e.g. `... lean8b -- --layer-loop unrolled`.
 # Workloads: lean8b (8B QLoRA, offloaded layer inputs, 8-bit moments, the embedding table on the host), host8b (8B
 # QLoRA, the default profile with the table on the host), dots8b (8B QLoRA, remat dots), lean_mistral (Mistral-7B
 # QLoRA, as lean8b), dots1b (Llama-3.2-1B LoRA, remat dots), gemma2 (Gemma-2-9B LoRA, default).
@@ -10,14 +11,19 @@
 source "$(dirname "$0")/common.sh" "$@"
 S=("$PY" -m jaxsloth.bench.step --batch 2 --seq 2048 --profile h200 --steps 3 --warmup 1 --out "$OUTDIR/step.jsonl")
 lean=(--remat offload --optimizer-state 8bit --embedding host)
+NAMES=() EXTRA=()
+for i in "${!ARGS[@]}"; do
+  if [ "${ARGS[$i]}" = "--" ]; then EXTRA=("${ARGS[@]:$((i + 1))}"); break; fi
+  NAMES+=("${ARGS[$i]}")
+done
 traced() {
   local name=$1 limit=$2
   shift 2
-  timed "$name" "$limit" "${S[@]}" --trace "$OUTDIR/traces/$name" "$@"
+  timed "$name" "$limit" "${S[@]}" --trace "$OUTDIR/traces/$name" "$@" "${EXTRA[@]}"
   find "$OUTDIR/traces/$name" -type f ! -name summary.json -delete 2>/dev/null
   find "$OUTDIR/traces/$name" -mindepth 1 -type d -empty -delete 2>/dev/null
 }
-for w in "${ARGS[@]:-lean8b host8b dots8b lean_mistral dots1b gemma2}"; do
+for w in "${NAMES[@]:-lean8b host8b dots8b lean_mistral dots1b gemma2}"; do
   for name in $w; do
     case "$name" in
       lean8b) traced lean8b 110 --arch llama3.1-8b --quant nf4 "${lean[@]}" ;;
