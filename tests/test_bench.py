@@ -364,6 +364,7 @@ def test_trace_categories_on_gpu_kernel_names(tmp_path):
             "dur": 1000,
         },
         {"ph": "X", "pid": 1, "tid": 1, "name": "rms_norm_fwd", "ts": 4000, "dur": 500},
+        {"ph": "X", "pid": 1, "tid": 1, "name": "flash_dkv_mgpu", "ts": 5000, "dur": 1000},  # a Mosaic GPU kernel
         {"ph": "X", "pid": 1, "tid": 2, "name": "loop_multiply_fusion_3", "ts": 4500, "dur": 500},
         {"ph": "X", "pid": 2, "tid": 1, "name": "PjitFunction(step)", "ts": 0, "dur": 9000},
     ]
@@ -371,10 +372,11 @@ def test_trace_categories_on_gpu_kernel_names(tmp_path):
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     s = trace_summary.summarize(path, steps=1)
-    assert s["kernel_ms_per_step"] == pytest.approx(5.0) and s["span_ms_per_step"] == pytest.approx(5.0)
+    assert s["kernel_ms_per_step"] == pytest.approx(6.0) and s["span_ms_per_step"] == pytest.approx(6.0)
     assert s["by_category_ms"] == {
         "GEMM (cuBLAS/cuBLASLt)": 3.0,
         "attention (cuDNN)": 1.0,
+        "attention (Pallas)": 1.0,
         "Pallas: norm / rope / glu / loss / nf4": 0.5,
         "XLA fusions (elementwise, dequantize, optimizer)": 0.5,
     }

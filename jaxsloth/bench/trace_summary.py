@@ -21,7 +21,7 @@ import re
 # First match wins; matched against the lower-cased kernel name.
 CATEGORIES = (
     ("attention (cuDNN)", r"cudnn|fmha|flash_fprop|flash_bprop|sdpa"),
-    ("attention (Pallas)", r"flash_attention"),
+    ("attention (Pallas)", r"flash_attention|flash_(fwd|dkv|dq)_mgpu"),
     ("Pallas: grouped matmul (experts)", r"grouped_matmul"),
     ("GEMM (cuBLAS/cuBLASLt)", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_"),
     ("Pallas: norm / rope / glu / loss / nf4", r"rms_norm|rope|swiglu|geglu|cross_entropy|nf4_matmul|lora_matmul"),
