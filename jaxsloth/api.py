@@ -159,9 +159,8 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     both layouts, beyond one projection's stack while they are converted).
     """
     from jaxsloth.data import BatchLoader, streaming_loader, tokenize_dataset
-    from jaxsloth.train.evaluate import make_evaluator, split_off
     from jaxsloth.train import host_embedding
-    from jaxsloth.train.host_embedding import check_host_embedding
+    from jaxsloth.train.evaluate import make_evaluator, split_off
     from jaxsloth.train.loop import fit
     from jaxsloth.train.metrics import close_all, standard_callbacks
     from jaxsloth.train.run_dir import (
@@ -257,7 +256,9 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     # embedding="host": the frozen table leaves the device for the run (consumed, so its memory is freed) and
     # comes back after it, for generation.
     if model.profile.embedding == "host":
-        check_host_embedding(model.config, None if model.full_finetuning else model.trainable, device_mesh)
+        host_embedding.check_host_embedding(
+            model.config, None if model.full_finetuning else model.trainable, device_mesh
+        )
         model.params = host_embedding.to_host(model.params, consume=True)
     result = None
     try:

@@ -19,7 +19,6 @@ from jaxsloth.ops import BlocksByHeadDim, KernelChoice, Ops
 from jaxsloth.train.optim8bit import OPTIMIZER_STATES
 from pallas_kernels.attention.common import AttentionBlocks
 
-
 EMBEDDING_PLACES = ("device", "host")
 
 

@@ -113,3 +113,21 @@ def test_embedding_is_a_setting_of_the_profile():
     assert LoadConfig(embedding="host").build_profile().embedding == "host"
     with pytest.raises(ValueError, match="embedding"):
         LoadConfig(embedding="disk")
+
+
+def test_api_training_keeps_the_table_on_the_host_and_gives_it_back(tmp_path):
+    import jaxsloth
+    from jaxsloth import demo
+
+    data = str(demo.MODEL_DIR.parent / "train.jsonl")
+    losses, embeds = {}, {}
+    for place in ("device", "host"):
+        model, tokenizer = jaxsloth.load(demo.MODEL_DIR, profile="cpu", embedding=place, max_seq_length=64)
+        model = jaxsloth.add_lora(model, r=2)
+        result = jaxsloth.train(model, tokenizer, data, max_steps=3, progress=False, report_to="none")
+        losses[place] = [r["loss"] for r in result.history]
+        embeds[place] = model.params["embed"]
+    assert losses["host"] == losses["device"]
+    # After the run the table is a device array again, for generation, with the same values.
+    assert isinstance(embeds["host"], jax.Array)
+    np.testing.assert_array_equal(np.asarray(embeds["host"]), np.asarray(embeds["device"]))

@@ -214,7 +214,9 @@ def grpo_train(
     tc_run = dataclasses.replace(tc, max_steps=total, num_train_epochs=None)
     lora, profile = model.lora, model.profile
     if profile.embedding == "host":
-        raise ValueError("embedding='host' is for supervised fine-tuning; GRPO samples with the embedding on the device")
+        raise ValueError(
+            "embedding='host' is for supervised fine-tuning; GRPO samples with the embedding on the device"
+        )
     params, trainable = model.params, model.trainable
     optimizer = make_optimizer(tc_run, lora, trainable)
     forward, lc = grpo_forward_settings(profile.forward_settings), grpo_loss_config(tc)
