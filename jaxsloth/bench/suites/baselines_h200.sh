@@ -6,11 +6,12 @@
 #   bash jaxsloth/bench/suites/baselines_h200.sh [--tree DIR] [--out DIR] [llama|mistral|gemma|lean|lean_mistral]
 # lean: the 8B QLoRA step with jaxsloth's leanest settings (layer inputs offloaded to the host, 8-bit AdamW moments,
 # the input embedding table on the host) against Unsloth; lean_mistral: the same for Mistral-7B. Default: llama.
+# Words after lean or lean_mistral are more jaxsloth step flags, e.g. `lean --layer-loop unrolled`.
 # Records: OUT/baselines_<workload>/results.jsonl, with report.md and plots beside them.
 source "$(dirname "$0")/common.sh" "$@"
 [ -d "$TREE/.whl" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
   "$TREE"/.whl/*.whl > "$OUTDIR/logs/pip.log" 2>&1
-LEAN="--remat offload --optimizer-state 8bit --embedding host"
+LEAN="--remat offload --optimizer-state 8bit --embedding host ${ARGS[*]:1}"  # words after the workload: more flags
 B=("$PY" -m jaxsloth.bench.cli --batch 2 --seq 2048 --steps 5 --timeout 240)
 case "${ARGS[0]:-llama}" in
   llama) timed baselines_llama 590 "${B[@]}" --arch llama3.1-8b --quant nf4 --systems jaxsloth,hf-peft-bnb,unsloth \
