@@ -10,13 +10,7 @@ import pytest
 from jaxsloth.lora import LoraConfig, init_lora, with_trainable
 from jaxsloth.models import init_params
 from jaxsloth.models.config import config_from_hf_dict
-from jaxsloth.models.decoder import (
-    forward_hidden,
-    layers_unstacked,
-    loss_sum_and_count,
-    stack_layers,
-    unstack_layers,
-)
+from jaxsloth.models.decoder import layers_unstacked, loss_sum_and_count, stack_layers, unstack_layers
 from jaxsloth.ops import KernelChoice, Ops
 from jaxsloth.profiles import Profile, profile_for_device
 from tests.test_models_kernels import CONFIGS, quantize_projections
@@ -184,17 +178,3 @@ def test_memory_model_counts_dots_layers_between_the_two_policies():
     attn, dots = gib(remat="attn_dots"), gib(remat="dots")
     assert gib(remat="attn_dots", dots_layers=16) == pytest.approx((attn + dots) / 2)
     assert gib(remat="attn_dots", dots_layers=32) == pytest.approx(dots)
-
-
-def test_unrolled_offload_reads_each_groups_weights_only_after_its_input():
-    # One optimization barrier per layer group ties its weights to its input under offload remat (so XLA cannot
-    # decode many layers' NF4 weights ahead while it hides the transfers); other policies have none of their own.
-    config, params = _model("llama", quantized=True)
-    unstacked = unstack_layers(params)
-    tokens = jnp.zeros((1, 8), jnp.int32)
-
-    def barriers(remat):
-        jaxpr = jax.make_jaxpr(lambda p: forward_hidden(p, tokens, config=config, remat=remat))(unstacked)
-        return str(jaxpr).count("optimization_barrier")
-
-    assert barriers("offload") - barriers("full") == config.num_layers

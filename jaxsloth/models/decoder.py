@@ -562,11 +562,6 @@ def forward_hidden(
             """run_group with this group's LoRA sliced from the stacked tree inside the remat: the backward slices
             again instead of holding every layer's f32 slices from its forward."""
             lls = None if lora_layers is None else [layer_slice(lora_layers, first + j) for j in range(period)]
-            if remat == "offload":
-                # The group's weights are read only once its input is here. Otherwise XLA's latency-hiding scheduler,
-                # covering the offloaded inputs' transfers, decodes the NF4 weights of many layers ahead and holds
-                # them (the unrolled offload step peaked 8 GiB above the scan on the H200; BENCHMARKS.md).
-                h, lps = jax.lax.optimization_barrier((h, lps))
             return run_group(h, lps, lls, idx)
 
         router = []
