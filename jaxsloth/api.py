@@ -184,6 +184,10 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
         )
     if tc.output_dir is not None:
         check_output_dir(Path(tc.output_dir), resume=tc.resume, overwrite=tc.overwrite)
+    if model.profile.embedding == "host" and tc.method != "sft":
+        raise ValueError(
+            f"embedding='host' is for supervised fine-tuning; method={tc.method!r} keeps the embedding on the device"
+        )
     if tc.method == "grpo":  # sampling, rewards and steps: its own loop (jaxsloth.methods.grpo_train)
         from jaxsloth.methods.grpo_train import grpo_train
 

@@ -129,3 +129,13 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_grpo_refuses_the_embedding_on_the_host(tmp_path, prompts_file, capsys):
+    # GRPO samples with the embedding on the device: embedding=host (an SFT setting) is a one-line error.
+    args = ["train", "--model", demo.MODEL_DIR, "--data", prompts_file, "--method", "grpo", "--profile", "cpu",
+            "--reward-funcs", "exact_answer", "--embedding", "host", "--output-dir", tmp_path / "o"]  # fmt: skip
+    assert cli.main([str(a) for a in args]) != 0
+    err = capsys.readouterr().err
+    assert "embedding='host' is for supervised fine-tuning; method='grpo'" in err, err
+    assert len(err.strip().splitlines()) == 1, err  # refused before the data is read
