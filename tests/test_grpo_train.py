@@ -138,4 +138,4 @@ def test_grpo_refuses_the_embedding_on_the_host(tmp_path, prompts_file, capsys):
     assert cli.main([str(a) for a in args]) != 0
     err = capsys.readouterr().err
     assert "embedding='host' is for supervised fine-tuning; method='grpo'" in err, err
-    assert len(err.strip().splitlines()) == 1, err  # refused before the data is read
+    assert err.strip().splitlines()[-1].startswith("jaxsloth train: error: embedding='host'") and "Traceback" not in err
