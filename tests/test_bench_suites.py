@@ -55,3 +55,31 @@ def test_before_after_alternates_base_and_head_and_tables_them(tmp_path):
     table = done.stdout[done.stdout.index("| measurement") :]
     assert "| 8B QLoRA step, tokens/s | 1,000.000 (n=2) | 1,100.000 (n=2) | 1.100 |" in table
     assert "| Gemma-2 attention T=8192, fwd+bwd ms | 5.000 (n=2) | 4.000 (n=2) | 0.800 |" in table
+
+
+def test_mesh_suite_runs_each_point_on_the_first_gpus_with_the_batch_per_gpu(tmp_path):
+    # mesh_h200x8.sh: every point of a scaling curve on the first N GPUs, 2 sequences per GPU, one mesh axis of N.
+    log = tmp_path / "calls.jsonl"
+    fake = tmp_path / "python"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps([os.environ.get('CUDA_VISIBLE_DEVICES'), sys.argv[1:]]) + '\\n')\n"
+    )
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake))
+    subprocess.run(
+        ["bash", str(SUITES / "mesh_h200x8.sh"), "--out", str(tmp_path / "out"), "data", "70b8", "--", "--steps", "2"],
+        check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+
+    def flag(argv, name):
+        return argv[argv.index(name) + 1]
+
+    assert [c[0] for c in calls] == ["0", "0,1", "0,1,2,3", "0,1,2,3,4,5,6,7", "0,1,2,3,4,5,6,7"]
+    assert [flag(a, "--mesh") for _, a in calls] == ["data=1", "data=2", "data=4", "data=8", "fsdp=8"]
+    assert [flag(a, "--batch") for _, a in calls] == ["2", "4", "8", "16", "8"]
+    assert flag(calls[-1][1], "--arch") == "llama3.1-70b" and all(a[-2:] == ["--steps", "2"] for _, a in calls)
+    bad = subprocess.run(["bash", str(SUITES / "mesh_h200x8.sh"), "--out", str(tmp_path), "nine"], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "unknown workload nine" in bad.stderr
