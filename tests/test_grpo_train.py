@@ -139,3 +139,20 @@ def test_grpo_refuses_the_embedding_on_the_host(tmp_path, prompts_file, capsys):
     err = capsys.readouterr().err
     assert "embedding='host' is for supervised fine-tuning; method='grpo'" in err, err
     assert err.strip().splitlines()[-1].startswith("jaxsloth train: error: embedding='host'") and "Traceback" not in err
+
+
+def test_grpo_keeps_adamws_moments_in_8_bits_when_the_profile_says_so():
+    # optimizer_state="8bit" reaches GRPO's optimizer as it reaches the SFT and preference steps.
+    import jax
+
+    data = [{"prompt": [{"role": "user", "content": c}], "answer": demo.shift(c)} for c in demo.LETTERS[:4]]
+    dtypes = {}
+    for state in ("float32", "8bit"):
+        model, tok = jaxsloth.load(demo.MODEL_DIR, profile="cpu", max_seq_length=64, optimizer_state=state)
+        model = jaxsloth.add_lora(model, r=64, seed=0)  # adapters of >= 4096 values: smaller ones keep f32 moments
+        tc = TrainConfig(method="grpo", reward_funcs=["exact_answer"], num_generations=2, max_completion_length=2,
+                         per_device_train_batch_size=4, max_steps=1, learning_rate=1e-3)  # fmt: skip
+        result = grpo_train.grpo_train(model, tok, data, tc, progress=False)
+        dtypes[state] = {str(x.dtype) for x in jax.tree.leaves(result.opt_state)}
+    assert "int8" in dtypes["8bit"] or "uint8" in dtypes["8bit"], dtypes
+    assert not {"int8", "uint8"} & dtypes["float32"], dtypes

@@ -218,7 +218,7 @@ def grpo_train(
             "embedding='host' is for supervised fine-tuning; GRPO samples with the embedding on the device"
         )
     params, trainable = model.params, model.trainable
-    optimizer = make_optimizer(tc_run, lora, trainable)
+    optimizer = make_optimizer(tc_run, lora, trainable, profile.optimizer_state)
     forward, lc = grpo_forward_settings(profile.forward_settings), grpo_loss_config(tc)
     if mesh is None:
         opt_state, ops = optimizer.init(trainable), profile.ops
