@@ -159,6 +159,7 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     both layouts, beyond one projection's stack while they are converted).
     """
     from jaxsloth.data import BatchLoader, streaming_loader, tokenize_dataset
+    from jaxsloth.sharding import batch_devices, resolve_mesh
     from jaxsloth.train import host_embedding
     from jaxsloth.train.evaluate import make_evaluator, split_off
     from jaxsloth.train.loop import fit
@@ -184,16 +185,14 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
         )
     if tc.output_dir is not None:
         check_output_dir(Path(tc.output_dir), resume=tc.resume, overwrite=tc.overwrite)
-    if model.profile.embedding == "host" and tc.method != "sft":
-        raise ValueError(
-            f"embedding='host' is for supervised fine-tuning; method={tc.method!r} keeps the embedding on the device"
+    if model.profile.embedding == "host":  # refused before any data is read
+        host_embedding.check_host_embedding(
+            model.config, None if model.full_finetuning else model.trainable, resolve_mesh(tc.mesh), tc.method
         )
     if tc.method == "grpo":  # sampling, rewards and steps: its own loop (jaxsloth.methods.grpo_train)
         from jaxsloth.methods.grpo_train import grpo_train
 
         return grpo_train(model, tokenizer, data, tc, callbacks=callbacks, progress=progress)
-    from jaxsloth.sharding import batch_devices, resolve_mesh
-
     device_mesh = resolve_mesh(tc.mesh)
     per_device = tc.per_device_train_batch_size
     micro = (model.profile.micro_batch if per_device is None else per_device) * batch_devices(device_mesh)
@@ -260,9 +259,6 @@ def train(model: Model, tokenizer, data, *, callbacks: Sequence = (), progress: 
     # embedding="host": the frozen table leaves the device for the run (consumed, so its memory is freed) and
     # comes back after it, for generation.
     if model.profile.embedding == "host":
-        host_embedding.check_host_embedding(
-            model.config, None if model.full_finetuning else model.trainable, device_mesh
-        )
         model.params = host_embedding.to_host(model.params, consume=True)
     result = None
     try:

@@ -48,6 +48,9 @@ from jaxsloth.train.memory import estimate_step_memory  # noqa: E402
 from jaxsloth.train.step import make_optimizer, make_train_step  # noqa: E402
 
 TRACED_STEPS = 2  # steps recorded by --trace
+# The trace's per-step device times a record keeps beside its by-category sums.
+TRACE_TIMES = ("span_ms_per_step", "busy_ms_per_step", "compute_busy_ms_per_step", "copy_ms_per_step",
+               "copy_hidden_ms_per_step")  # fmt: skip
 # The profile flags, derived from the settings schema: every Profile field and kernel op, and --long-context.
 PROFILE_FLAGS = (*PROFILE_OVERRIDES, *KERNEL_OPS, "long_context")
 
@@ -291,11 +294,6 @@ def run(args) -> dict:
         **({"trace_by_category_ms": trace["by_category_ms"]} if trace else {}),
         **({k: trace[k] for k in TRACE_TIMES} if trace else {}),
     )
-
-
-# The trace's per-step device times a record keeps beside its by-category sums.
-TRACE_TIMES = ("span_ms_per_step", "busy_ms_per_step", "compute_busy_ms_per_step", "copy_ms_per_step",
-               "copy_hidden_ms_per_step")  # fmt: skip
 
 
 def _record(args, model_name: str, profile, layer_loop: str, **fields) -> dict:

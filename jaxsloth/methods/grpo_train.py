@@ -45,6 +45,7 @@ from jaxsloth.methods.rewards import resolve_reward_funcs, reward_name, score
 from jaxsloth.methods.rollout import Rollout, completion_batch, start_sampling
 from jaxsloth.sharding import ShardedOps, place_train_state
 from jaxsloth.train.checkpoint import Checkpointer
+from jaxsloth.train.host_embedding import check_host_embedding
 from jaxsloth.train.identity import check_identity, run_identity
 from jaxsloth.train.interrupts import InterruptGuard
 from jaxsloth.train.loop import SAVE_EVERY_SECONDS, TrainResult
@@ -213,10 +214,8 @@ def grpo_train(
         total = math.ceil(len(rows) / prompts_per_step) * tc.num_iterations * (tc.num_train_epochs or 1)
     tc_run = dataclasses.replace(tc, max_steps=total, num_train_epochs=None)
     lora, profile = model.lora, model.profile
-    if profile.embedding == "host":
-        raise ValueError(
-            "embedding='host' is for supervised fine-tuning; GRPO samples with the embedding on the device"
-        )
+    if profile.embedding == "host":  # sampling reads the table on the device
+        check_host_embedding(model.config, model.trainable, mesh, method="grpo")
     params, trainable = model.params, model.trainable
     optimizer = make_optimizer(tc_run, lora, trainable, profile.optimizer_state)
     forward, lc = grpo_forward_settings(profile.forward_settings), grpo_loss_config(tc)

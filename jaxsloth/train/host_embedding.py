@@ -19,8 +19,12 @@ import numpy as np
 from jaxsloth.models.config import ModelConfig
 
 
-def check_host_embedding(config: ModelConfig, trainable: dict | None, mesh) -> None:
-    """Raises where the table cannot leave the device: a tied LM head, a trained embedding, a device mesh."""
+def check_host_embedding(config: ModelConfig, trainable: dict | None, mesh, method: str | None = "sft") -> None:
+    """Raises where the table cannot leave the device: a method other than SFT (method None: a caller's own step,
+    which reads its own batch format without the looked-up rows), a tied LM head, a trained embedding, a mesh."""
+    if method != "sft":
+        what = "a method's own step" if method is None else f"method={method!r}"
+        raise ValueError(f"embedding='host' is for supervised fine-tuning; {what} keeps the embedding on the device")
     if config.tie_word_embeddings:
         raise ValueError(
             "embedding='host': this model ties its LM head to the input embedding, which the loss reads on the "

@@ -247,9 +247,7 @@ def fit(
     identity = run_identity(config, params, lora, tc, loader)
     full = trainable is None
     if profile.embedding == "host":
-        check_host_embedding(config, trainable, mesh)
-        if make_step is not None:  # a method's step reads its own batch format, without the looked-up rows
-            raise ValueError("embedding='host' is for supervised fine-tuning; use embedding='device' with this method")
+        check_host_embedding(config, trainable, mesh, method="sft" if make_step is None else None)
         params = to_host(params)
     if full:  # every weight trains: no copy of the model beside it
         trainable, params = params, {}
